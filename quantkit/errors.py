@@ -1,0 +1,39 @@
+"""The errors quantkit raises for bad input. The CLI prints them as one line; library code never exits."""
+
+
+class QuantkitError(Exception):
+    """A known failure with a message fit for a user: it names the file/tensor/field and what was expected."""
+
+    exit_code = 1
+
+
+class CheckpointError(QuantkitError):
+    """A source checkpoint is missing, incomplete, corrupt or inconsistent."""
+
+
+class ConfigError(QuantkitError):
+    """config.json / params.json is missing a field or names an unsupported architecture."""
+
+
+class SchemeError(QuantkitError):
+    """A quantization scheme, preset or override is invalid, or a format cannot hold it."""
+
+
+class FormatError(QuantkitError):
+    """A quantized checkpoint (GGUF, GPTQ, AWQ, compressed-tensors) is unreadable or malformed."""
+
+
+class CalibrationError(QuantkitError):
+    """Calibration data is missing, empty or too short."""
+
+
+class OutputExistsError(QuantkitError):
+    """The output path exists and --force was not given."""
+
+    exit_code = 4
+
+
+class CheckFailed(QuantkitError):
+    """A verification or quality gate failed; outputs are kept."""
+
+    exit_code = 3

@@ -1,0 +1,302 @@
+"""Checkpoint: lazy, memory-mapped, validated access to a full-precision source checkpoint.
+
+Layouts:
+- `hf-sharded`: `model-0000N-of-0000M.safetensors` + `model.safetensors.index.json` + `config.json`
+- `hf-single`: `model.safetensors` + `config.json`
+- `consolidated`: `consolidated.safetensors` + `params.json` (mistral-inference)
+- a Hugging Face hub id, resolved through `huggingface_hub` (offline: a clear error)
+
+Tensors are always served under canonical (HF) names and in HF row order: consolidated Q/K rows are permuted
+on read (`arch.interleaved_to_hf`). Nothing is read until `get_tensor` asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantkit.errors import CheckpointError, ConfigError
+from quantkit.model import arch
+from quantkit.model.config import ModelConfig
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+FLOAT_DTYPE_NAMES = ", ".join(SAFETENSORS_DTYPES)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # canonical name
+    file: Path
+    stored_name: str  # name inside the file
+    dtype: str  # safetensors dtype string (BF16, F16, F32, ...)
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header without reading tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 1024 * 1024):
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        if end > data_len:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data section, "
+                f"which has only {data_len} bytes"
+            )
+    return header
+
+
+def _is_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not os.path.exists(text)
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A local directory, or a hub id downloaded through huggingface_hub (clear error when offline)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a model directory, found a file")
+        return path
+    if _is_hub_id(str(spec)):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{spec}: not a local path, and huggingface_hub is not installed to fetch it") from None
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.md"]
+        try:
+            return Path(snapshot_download(str(spec), allow_patterns=patterns))
+        except Exception as e:  # network/offline/auth errors come in many classes
+            kind = type(e).__name__
+            raise CheckpointError(
+                f"{spec}: not a local path and the Hugging Face hub could not be reached ({kind}); "
+                "download it where the network allows and pass the local directory"
+            ) from None
+    raise CheckpointError(f"{spec}: no such file or directory")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    layout: str
+    config: ModelConfig
+    tensors: dict[str, TensorInfo]  # canonical name -> info
+    extra: dict[str, TensorInfo] = field(default_factory=dict)  # tensors not in the architecture (reported, unused)
+
+    # ---- access ----
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not in checkpoint") from None
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, canonical name and HF row order (memory-mapped read)."""
+        info = self.info(name)
+        try:
+            with safe_open(str(info.file), framework="pt") as f:
+                t = f.get_tensor(info.stored_name)
+        except Exception as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.stored_name!r} ({e})") from None
+        if self.layout == "consolidated":
+            if name.endswith("self_attn.q_proj.weight"):
+                t = arch.interleaved_to_hf(t, self.config.num_attention_heads)
+            elif name.endswith("self_attn.k_proj.weight"):
+                t = arch.interleaved_to_hf(t, self.config.num_key_value_heads)
+        return t
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = arch.layer_prefix(i)
+        return {n: self.get_tensor(n) for n in self.tensors if n.startswith(prefix)}
+
+    @cached_property
+    def files(self) -> list[Path]:
+        return sorted({info.file for info in self.tensors.values()} | {info.file for info in self.extra.values()})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        total = 0
+        for info in self.tensors.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+
+    def dtypes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for info in self.tensors.values():
+            out[info.dtype] = out.get(info.dtype, 0) + 1
+        return out
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer.json"):
+            if (self.path / name).exists():
+                return self.path / name
+        return None
+
+    def fingerprint(self) -> str:
+        """A cheap identity of the source: file names, sizes and mtimes (not a content hash)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        h.update(json.dumps(self.config.summary(), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+
+# ---- opening ----
+
+def open_checkpoint(spec: str | Path, validate: bool = True) -> Checkpoint:
+    path = resolve_model_path(spec)
+    if (path / "consolidated.safetensors").exists() and (path / "params.json").exists() and not (path / "config.json").exists():
+        ckpt = _open_consolidated(path)
+    elif (path / "config.json").exists():
+        ckpt = _open_hf(path)
+    elif (path / "params.json").exists():
+        raise CheckpointError(f"{path}: params.json found but no consolidated.safetensors")
+    else:
+        raise CheckpointError(
+            f"{path}: not a model directory: expected config.json (Hugging Face layout) or params.json + "
+            "consolidated.safetensors (mistral-inference layout)"
+        )
+    if validate:
+        validate_checkpoint(ckpt)
+    return ckpt
+
+
+def _infos_from_file(file: Path, header: dict, rename) -> dict[str, TensorInfo]:
+    out = {}
+    for stored, meta in header.items():
+        if stored == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        name = rename(stored)
+        out[name] = TensorInfo(name, file, stored, meta["dtype"], tuple(meta["shape"]), end - start)
+    return out
+
+
+def _open_hf(path: Path) -> Checkpoint:
+    config = ModelConfig.from_file(path / "config.json")
+    index_path = path / "model.safetensors.index.json"
+    infos: dict[str, TensorInfo] = {}
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')") from None
+        shard_names = sorted(set(weight_map.values()))
+        for shard in shard_names:
+            if not (path / shard).exists():
+                missing_tensors = [n for n, s in weight_map.items() if s == shard]
+                raise CheckpointError(
+                    f"{path / shard}: shard listed in the index is missing ({len(missing_tensors)} tensors, "
+                    f"e.g. {missing_tensors[0]!r})"
+                )
+        for shard in shard_names:
+            infos.update(_infos_from_file(path / shard, read_safetensors_header(path / shard), lambda s: s))
+        for name, shard in weight_map.items():
+            if name not in infos:
+                raise CheckpointError(f"{index_path}: names tensor {name!r} in {shard}, but no shard contains it")
+            if infos[name].file.name != shard:
+                raise CheckpointError(
+                    f"{index_path}: says tensor {name!r} is in {shard}, but it is in {infos[name].file.name}"
+                )
+        layout = "hf-sharded"
+    elif (path / "model.safetensors").exists():
+        infos = _infos_from_file(path / "model.safetensors", read_safetensors_header(path / "model.safetensors"), lambda s: s)
+        layout = "hf-single"
+    else:
+        shards = sorted(path.glob("model-*-of-*.safetensors"))
+        if shards:
+            raise CheckpointError(f"{index_path}: missing; {len(shards)} shards found but no index to map them")
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (safetensors weights)")
+    return _split_known(path, layout, config, infos)
+
+
+def _open_consolidated(path: Path) -> Checkpoint:
+    config = ModelConfig.from_file(path / "params.json")
+    file = path / "consolidated.safetensors"
+
+    def rename(stored: str) -> str:
+        try:
+            return arch.from_consolidated(stored)
+        except KeyError:
+            return stored
+
+    infos = _infos_from_file(file, read_safetensors_header(file), rename)
+    return _split_known(path, "consolidated", config, infos)
+
+
+def _split_known(path: Path, layout: str, config: ModelConfig, infos: dict[str, TensorInfo]) -> Checkpoint:
+    expected = config.expected_shapes()
+    known = {n: infos[n] for n in arch.canonical_names(config.num_hidden_layers) if n in infos}
+    extra = {n: i for n, i in infos.items() if n not in expected}
+    del expected
+    return Checkpoint(path=path, layout=layout, config=config, tensors=known, extra=extra)
+
+
+def validate_checkpoint(ckpt: Checkpoint) -> None:
+    """Names, shapes and dtypes against the architecture; raises CheckpointError naming the first problem."""
+    expected = ckpt.config.expected_shapes()
+    missing = [n for n in expected if n not in ckpt.tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{ckpt.path}: tensor {missing[0]!r} is missing{more}")
+    for name, shape in expected.items():
+        info = ckpt.tensors[name]
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{info.file}: tensor {info.stored_name!r} has shape {list(info.shape)}, expected {list(shape)} "
+                "from the config"
+            )
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{info.file}: tensor {info.stored_name!r} has dtype {info.dtype}, expected a float type "
+                f"({FLOAT_DTYPE_NAMES})"
+            )
+
+
+def load_config(spec: str | Path) -> ModelConfig:
+    path = resolve_model_path(spec)
+    for name in ("config.json", "params.json"):
+        if (path / name).exists():
+            return ModelConfig.from_file(path / name)
+    raise ConfigError(f"{path}: no config.json or params.json")

@@ -1,0 +1,99 @@
+"""Format-neutral quantized tensors: what quantizers produce, writers encode, readers return, kernels consume.
+
+Two kinds:
+- `QuantTensor`: integer group-affine weights (RTN/GPTQ/AWQ; the GPTQ/AWQ/compressed-tensors formats).
+  Unsigned codes in [0, 2^bits), integer zero points, one scale per (output row, group):
+      W[o, i] = (codes[o, i] - zeros[o, g_idx[i]]) * scales[o, g_idx[i]]
+  Symmetric schemes have every zero = 2^(bits-1). Codes are stored unpacked (uint8) in the original column
+  order; act-order quantization is expressed by a non-monotonic `g_idx` (as in GPTQ checkpoints).
+- `GGMLTensor`: the raw bytes of a ggml block type (Q4_K, Q8_0, ...), as GGUF stores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class QuantTensor:
+    codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits)
+    scales: torch.Tensor  # float [out, n_groups]
+    zeros: torch.Tensor  # int32/uint8 [out, n_groups], values in [0, 2^bits)
+    bits: int
+    group_size: int  # input columns per group; == in_features for per-channel
+    symmetric: bool
+    g_idx: torch.Tensor | None = None  # int32 [in]; None means i // group_size
+    error: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports (loss, sqnr_db, damp, ...)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def has_act_order(self) -> bool:
+        return self.g_idx is not None and not torch.equal(self.g_idx.long(), self.default_g_idx())
+
+    def default_g_idx(self) -> torch.Tensor:
+        return torch.arange(self.in_features, device=self.codes.device) // self.group_size
+
+    def group_index(self) -> torch.Tensor:
+        return (self.g_idx.long() if self.g_idx is not None else self.default_g_idx())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_index()
+        scales = self.scales.to(torch.float32)[:, g]
+        zeros = self.zeros.to(torch.float32)[:, g]
+        return ((self.codes.to(torch.float32) - zeros) * scales).to(dtype)
+
+    def validate(self, name: str = "tensor") -> None:
+        maxq = (1 << self.bits) - 1
+        out, inp = self.codes.shape
+        expected_groups = -(-inp // self.group_size)
+        problems = []
+        if self.scales.shape != (out, expected_groups):
+            problems.append(f"scales shape {list(self.scales.shape)} != {[out, expected_groups]}")
+        if self.zeros.shape != self.scales.shape:
+            problems.append(f"zeros shape {list(self.zeros.shape)} != scales shape {list(self.scales.shape)}")
+        if int(self.codes.max()) > maxq or int(self.codes.min()) < 0:
+            problems.append(f"codes outside [0, {maxq}]")
+        if int(self.zeros.max()) > maxq or int(self.zeros.min()) < 0:
+            problems.append(f"zeros outside [0, {maxq}]")
+        if self.g_idx is not None and (self.g_idx.shape != (inp,) or int(self.g_idx.max()) >= expected_groups):
+            problems.append("g_idx shape or range invalid")
+        if problems:
+            from quantkit.errors import FormatError
+
+            raise FormatError(f"{name}: invalid quantized tensor: " + "; ".join(problems))
+
+
+@dataclass
+class GGMLTensor:
+    """A tensor in a ggml block type: `data` is the uint8 block bytes, `shape` is numpy order [rows, cols]."""
+
+    type_name: str  # "Q4_K", "Q8_0", "F16", ... (gguf.GGMLQuantizationType member name)
+    shape: tuple[int, ...]
+    data: np.ndarray  # raw bytes as uint8 [rows, bytes_per_row] (or float array for F32/F16/BF16)
+    error: dict[str, Any] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype = GGMLQuantizationType[self.type_name]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(self.data, qtype))).reshape(self.shape).to(dtype)
