@@ -1,0 +1,33 @@
+import pytest
+
+from quantkit.testing import NANO_PATH, llamacpp_bin, shared_data
+
+
+@pytest.fixture(scope="session")
+def nano_path():
+    if not (NANO_PATH / "config.json").exists():
+        pytest.skip("models/mistral-nano is missing")
+    return NANO_PATH
+
+
+@pytest.fixture(scope="session")
+def wikitext_path():
+    path = shared_data("wikitext-2-raw", "wiki.test.raw")
+    if path is None:
+        pytest.skip("../shared/data/wikitext-2-raw is absent (shared data is only on development machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_calib_dir():
+    path = shared_data("pg-english", "calib")
+    if path is None:
+        pytest.skip("../shared/data/pg-english/calib is absent (shared data is only on development machines)")
+    return path
+
+
+def require_llamacpp(*tools: str):
+    for tool in tools:
+        if llamacpp_bin(tool) is None:
+            pytest.skip(f"llama.cpp tool {tool} not built (run scripts/build_llamacpp.sh)")
+    return {tool: llamacpp_bin(tool) for tool in tools}
