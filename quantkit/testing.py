@@ -32,3 +32,124 @@ def llamacpp_convert_script() -> Path | None:
 def shared_data(*parts: str) -> Path | None:
     path = SHARED_DATA.joinpath(*parts)
     return path if path.exists() else None
+
+
+# ---- fixture factory: deterministic random Mistral checkpoints ----
+
+CHECKPOINT_LAYOUTS = ("hf-sharded", "hf-single", "consolidated")
+
+
+def reference_tokenizer_model() -> Path | None:
+    """The real Mistral v1 sentencepiece model: models/mistral-nano's copy, else the one mistral_common ships."""
+    if (NANO_PATH / "tokenizer.model").exists():
+        return NANO_PATH / "tokenizer.model"
+    try:
+        import mistral_common
+    except ImportError:
+        return None
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return path if path.exists() else None
+
+
+def random_state_dict(config, seed: int = 0, dtype=None) -> dict:
+    """Canonical name -> random tensor (HF row order) for `config`, identical for the same seed and config.
+
+    Linears are N(0, 1/in_features), embeddings N(0, 1), norms 1 + N(0, 0.1): logits stay in a sane range.
+    """
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in config.expected_shapes().items():
+        if len(shape) == 1:
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        out[name] = t.to(dtype)
+    return out
+
+
+def make_random_checkpoint(
+    directory,
+    layout: str = "hf-sharded",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 32000,
+    dtype=None,
+    seed: int = 0,
+    sliding_window: int | None = None,
+    shards: int = 2,
+    rope_theta: float = 1e6,
+    architecture: str = "MistralForCausalLM",
+    tokenizer: bool = True,
+) -> Path:
+    """Write a deterministic random checkpoint into `directory` (created) and return its path.
+
+    layout: "hf-sharded" (model-0000N-of-0000M.safetensors + index + config.json), "hf-single"
+    (model.safetensors + config.json) or "consolidated" (consolidated.safetensors + params.json, mistral-inference
+    names and interleaved Q/K rows). The same arguments give the same tensors in every layout. With `tokenizer`,
+    the real Mistral v1 tokenizer.model is copied in (vocab must then be 32000 to use it meaningfully).
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from quantkit.model import arch
+    from quantkit.model.config import ModelConfig
+
+    if layout not in CHECKPOINT_LAYOUTS:
+        raise ValueError(f"layout must be one of {CHECKPOINT_LAYOUTS}, got {layout!r}")
+    dtype = dtype or torch.bfloat16
+    dtype_name = str(dtype).replace("torch.", "")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(
+        architecture=architecture, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        rope_theta=rope_theta, sliding_window=sliding_window, torch_dtype=dtype_name,
+    )
+    state = random_state_dict(config, seed=seed, dtype=dtype)
+    meta = {"format": "pt"}
+    if layout == "consolidated":
+        cons = {}
+        for name, t in state.items():
+            if name.endswith("self_attn.q_proj.weight"):
+                t = arch.hf_to_interleaved(t, heads)
+            elif name.endswith("self_attn.k_proj.weight"):
+                t = arch.hf_to_interleaved(t, kv_heads)
+            cons[arch.to_consolidated(name)] = t.contiguous()
+        save_file(cons, str(directory / "consolidated.safetensors"), metadata=meta)
+        (directory / "params.json").write_text(json.dumps(config.to_params_dict(), indent=2) + "\n")
+    else:
+        (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        (directory / "generation_config.json").write_text(
+            json.dumps({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+        names = list(state)
+        if layout == "hf-single" or shards <= 1:
+            save_file(state, str(directory / "model.safetensors"), metadata=meta)
+        else:
+            shards = min(shards, len(names))
+            bounds = [round(i * len(names) / shards) for i in range(shards + 1)]
+            weight_map = {}
+            for i in range(shards):
+                fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                part = {n: state[n] for n in names[bounds[i]:bounds[i + 1]]}
+                save_file(part, str(directory / fname), metadata=meta)
+                weight_map.update({n: fname for n in part})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer:
+        source = reference_tokenizer_model()
+        if source is not None:
+            shutil.copyfile(source, directory / "tokenizer.model")
+            if layout != "consolidated" and (NANO_PATH / "tokenizer_config.json").exists():
+                shutil.copyfile(NANO_PATH / "tokenizer_config.json", directory / "tokenizer_config.json")
+    return directory
