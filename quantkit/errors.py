@@ -37,3 +37,7 @@ class CheckFailed(QuantkitError):
     """A verification or quality gate failed; outputs are kept."""
 
     exit_code = 3
+
+
+class TokenizerError(QuantkitError):
+    """A tokenizer file is missing or unreadable, or a chat conversation is malformed."""
