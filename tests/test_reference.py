@@ -1,0 +1,127 @@
+"""Reference model: equals transformers' MistralForCausalLM; KV-cache decode and layer-at-a-time equal the full forward."""
+
+import pytest
+import torch
+
+from quantkit.model.checkpoint import open_checkpoint
+from quantkit.model.reference import Transformer
+from quantkit.testing import make_random_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def hf_logits(path, tokens: torch.Tensor, attn: str = "sdpa") -> torch.Tensor:
+    model = transformers.MistralForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def prompts(vocab: int, lengths, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        t = torch.randint(3, vocab, (1, n), generator=gen)
+        t[0, 0] = 1
+        out.append(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A random model with a small sliding window (16) so that a 48-token prompt crosses it."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("sw") / "m", sliding_window=16, seed=1, vocab=512,
+                                  tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("plain") / "m", seed=2)
+
+
+def test_logits_match_transformers_short_prompts(plain):
+    ref = Transformer.from_checkpoint(open_checkpoint(plain), torch.float32)
+    for tokens in prompts(32000, [1, 7, 33]):
+        with torch.no_grad():
+            ours = ref(tokens)
+        assert rel_err(ours, hf_logits(plain, tokens)) <= 1e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logits_match_transformers_beyond_sliding_window(windowed, attn):
+    ckpt = open_checkpoint(windowed)
+    assert ckpt.config.sliding_window == 16
+    ref = Transformer.from_checkpoint(ckpt, torch.float32)
+    (tokens,) = prompts(512, [48], seed=5)
+    with torch.no_grad():
+        ours = ref(tokens)
+    theirs = hf_logits(windowed, tokens, attn)
+    assert rel_err(ours, theirs) <= 1e-4
+    # the window matters: without it the late positions differ
+    ref.config.sliding_window = None
+    try:
+        with torch.no_grad():
+            unwindowed = ref(tokens)
+    finally:
+        ref.config.sliding_window = 16
+    assert rel_err(unwindowed[:, 16:], theirs[:, 16:]) > 1e-3
+    assert rel_err(unwindowed[:, :16], theirs[:, :16]) <= 1e-4
+
+
+def test_consolidated_layout_gives_same_logits(tmp_path, plain):
+    cons = make_random_checkpoint(tmp_path / "c", layout="consolidated", seed=2)
+    (tokens,) = prompts(32000, [20])
+    with torch.no_grad():
+        a = Transformer.from_checkpoint(open_checkpoint(plain), torch.float32)(tokens)
+        b = Transformer.from_checkpoint(open_checkpoint(cons), torch.float32)(tokens)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fixture", ["plain", "windowed"])
+def test_kv_cache_decode_equals_full_forward(fixture, request):
+    path = request.getfixturevalue(fixture)
+    model = Transformer.from_checkpoint(open_checkpoint(path), torch.float32)
+    (tokens,) = prompts(model.config.vocab_size, [40], seed=9)
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(1, 64)
+        pieces = [model(tokens[:, :10])]
+        for pos in range(10, 30):
+            pieces.append(model(tokens[:, pos:pos + 1], start_pos=pos))
+        pieces.append(model(tokens[:, 30:], start_pos=30))
+        model.reset_caches()
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_at_a_time_equals_whole(windowed):
+    model = Transformer.from_checkpoint(open_checkpoint(windowed), torch.float32)
+    (tokens,) = prompts(512, [30], seed=4)
+    with torch.no_grad():
+        whole = model(tokens)
+        h = model.embed(tokens)
+        cos, sin, mask = model.rope_and_mask(tokens.shape[1], dtype=h.dtype)
+        for layer in model.model.layers:
+            h = layer(h, cos, sin, mask)
+        pieces = model.head(h)
+    assert torch.equal(pieces, whole)
+
+
+def test_bf16_forward_close_to_fp32(plain):
+    ckpt = open_checkpoint(plain)
+    (tokens,) = prompts(32000, [16])
+    with torch.no_grad():
+        f32 = Transformer.from_checkpoint(ckpt, torch.float32)(tokens)
+        b16 = Transformer.from_checkpoint(ckpt, torch.bfloat16)(tokens)
+    assert b16.dtype == torch.bfloat16
+    assert rel_err(b16.float(), f32) < 0.05
+
+
+def test_state_dict_names_are_canonical(plain):
+    ckpt = open_checkpoint(plain)
+    model = Transformer.from_checkpoint(ckpt, torch.bfloat16)
+    assert list(model.state_dict()) == ckpt.tensor_names()
+    # same dtype: the checkpoint tensor is assigned, not copied again
+    assert torch.equal(model.model.norm.weight, ckpt.get_tensor("model.norm.weight"))
