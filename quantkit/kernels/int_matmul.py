@@ -1,0 +1,247 @@
+"""Triton W2/W4/W8 group-quantized matmul with fused dequantization: `y = x @ dequant(W)^T`.
+
+Two kernels over the `PackedInt` layout (kernels/pack.py), fp32 accumulation, output in x's dtype:
+  - `_int_gemm_kernel`: tensor-core tiles (`tl.dot`) for prefill / batched decode; optional split-K.
+    When a K-tile lies inside one group (group_size % BLOCK_K == 0, contiguous groups) the tile is multiplied
+    as exact integers (q - z) and the group scale is applied to the [BM, BN] partial product afterwards.
+  - `_int_gemv_kernel`: batch 1-8 decode, no tensor cores: broadcast-multiply-reduce, split-K over many CTAs
+    so the weight stream keeps all SMs busy (the memory-bound case).
+Split-K partials (fp32 [S, M, N]) are summed by `_sum_splits_kernel` (deterministic, no atomics).
+Reference: `quantkit.kernels.pack.int_matmul_ref` — `(x[:, perm].float() @ dequant_packed(p)).to(x.dtype)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels import tune
+from quantkit.kernels.pack import PackedInt
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
+                  BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                  HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr):
+    """[BK, BN] tile of W^T as fp32: exact (q - z) if SCALE_AFTER, else (q - z) * s."""
+    PF: tl.constexpr = 32 // CBITS
+    MASKQ: tl.constexpr = (1 << CBITS) - 1
+    k_ok = kk < K
+    n_ok = offs_n < N
+    packed = tl.load(qw_ptr + (kk // PF)[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+    q = ((packed >> ((kk % PF) * CBITS)[:, None]) & MASKQ).to(tl.float32)
+    if SCALE_AFTER:
+        if HAS_ZEROS:
+            g = kk // group_size  # all equal within the tile; a [BN] load per tile
+            z = tl.load(z_ptr + tl.min(g, 0) * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            w = q - z[None, :]
+        else:
+            w = q - ZP
+    else:
+        if HAS_GIDX:
+            g = tl.load(g_ptr + kk, mask=k_ok, other=0)
+        else:
+            g = kk // group_size
+        gm = k_ok[:, None] & n_ok[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gm, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gm, other=0).to(tl.float32)
+            w = (q - z) * s
+        else:
+            w = (q - ZP) * s
+    return w
+
+
+@triton.jit
+def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
+                     M, N, K, stride_xm, group_size, k_per_split,
+                     BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # grouped ordering: GROUP_M row-tiles share weight tiles in L2
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        kk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
+                          BITS, CBITS, ZP, HAS_ZEROS, HAS_GIDX, SCALE_AFTER)
+        if UPCAST:
+            part = tl.dot(x.to(tl.float32), w, input_precision=DOT_PREC)
+        else:
+            part = tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+        if SCALE_AFTER:
+            s = tl.load(s_ptr + (k0 // group_size) * N + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    omask = m_ok[:, None] & (offs_n < N)[None, :]
+    if SPLIT > 1:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
+                     M, N, K, stride_xm, group_size, k_per_split,
+                     BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    m_ok = offs_m < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        kk = k0 + tl.arange(0, BK)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
+                          BITS, CBITS, ZP, HAS_ZEROS, HAS_GIDX, SCALE_AFTER)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                    other=0.0).to(tl.float32)
+        part = tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if SCALE_AFTER:
+            s = tl.load(s_ptr + (k0 // group_size) * N + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    omask = m_ok[:, None] & (offs_n < N)[None, :]
+    if SPLIT > 1:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out[M, N] = partials[S, M, N].sum(0) (reference: `partials.sum(0).to(out.dtype)`)."""
+    mn = out.numel()
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(mn, block),)](partials, out, mn, SPLIT=partials.shape[0], BLOCK=block)
+
+
+# ---------------------------------------------------------------- launch
+
+
+def _split_for(tiles: int, k: int, bk: int, device, want: int | None = None) -> tuple[int, int]:
+    """(split, k_per_split): enough CTAs to fill the device, each split a multiple of BK."""
+    k_tiles = triton.cdiv(k, bk)
+    if want is None:
+        want = max(1, (2 * tune.sm_count(device)) // max(tiles, 1))
+    split = max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1, 16))
+    per = triton.cdiv(k_tiles, split) * bk
+    return triton.cdiv(k, per), per
+
+
+def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
+    """Configs: ("gemv", BM, BN, BK, warps, split_mul) or ("gemm", BM, BN, BK, warps, stages, split_mul)."""
+    if tune.interpreting():
+        if m <= 8:
+            return [("gemv", triton.next_power_of_2(m), 32, 32, 4, 1)]
+        return [("gemm", 16, 32, 32, 4, 1, 1)]
+    cands: list[tuple] = []
+    if m <= 8:
+        bm = triton.next_power_of_2(m)
+        for bn, bk, warps in ((128, 64, 4), (64, 128, 4), (256, 32, 4), (128, 128, 8), (64, 64, 4)):
+            if bm * bn * bk <= 16384 * (2 if warps == 8 else 1):
+                for mul in (1, 2):
+                    cands.append(("gemv", bm, bn, bk, warps, mul))
+        cands += [("gemm", 16, 64, 128, 4, 4, 1), ("gemm", 16, 128, 64, 4, 4, 1)]
+    elif m <= 64:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        cands += [("gemm", bm, 64, 128, 4, 4, 1), ("gemm", bm, 128, 64, 4, 4, 1), ("gemm", bm, 128, 128, 8, 3, 1),
+                  ("gemm", bm, 256, 64, 8, 3, 1), ("gemm", bm, 64, 64, 4, 5, 1)]
+    else:
+        cands += [("gemm", 128, 128, 64, 8, 3, 0), ("gemm", 128, 256, 64, 8, 3, 0), ("gemm", 64, 128, 64, 4, 4, 0),
+                  ("gemm", 128, 128, 32, 4, 4, 0), ("gemm", 64, 256, 64, 8, 3, 0), ("gemm", 128, 64, 128, 8, 3, 0)]
+    return cands
+
+
+def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) @ dequant(W)^T -> [..., N] in x.dtype, on the device of x."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if p.perm is not None:
+        x2 = x2.index_select(1, p.perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    n = p.out_features
+    if k != p.in_features:
+        raise ValueError(f"int_matmul: x has {k} features, weight expects {p.in_features}")
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    out2 = out.view(m, n)
+    if m == 0:
+        return out.view(*lead, n)
+
+    upcast = tune.interpreting() or x2.dtype == torch.float32
+    dot_prec = "ieee" if x2.dtype == torch.float32 else "tf32"
+    zeros = p.zeros if p.zeros is not None else p.scales  # dummy pointer when symmetric
+    gidx = p.g_idx if p.g_idx is not None else p.qweight  # dummy pointer
+    common = dict(BITS=p.bits, CBITS=p.container_bits, ZP=p.symmetric_zero, HAS_ZEROS=p.zeros is not None,
+                  HAS_GIDX=p.g_idx is not None)
+
+    def launch(cfg, dst=out2):
+        kind = cfg[0]
+        if kind == "gemv":
+            _, bm, bn, bk, warps, mul = cfg
+            tiles = triton.cdiv(n, bn)
+        else:
+            _, bm, bn, bk, warps, stages, mul = cfg
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        if mul == 0:
+            split, per = _split_for(tiles, k, bk, x2.device, 1)
+        else:
+            split, per = _split_for(tiles, k, bk, x2.device)
+            if mul == 2:
+                split, per = _split_for(tiles, k, bk, x2.device, split * 2)
+        scale_after = p.g_idx is None and p.group_size % bk == 0
+        target = dst if split == 1 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+        if kind == "gemv":
+            _int_gemv_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
+                                             p.group_size, per, SCALE_AFTER=scale_after, SPLIT=split,
+                                             BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
+        else:
+            _int_gemm_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
+                                             p.group_size, per, SCALE_AFTER=scale_after, SPLIT=split,
+                                             UPCAST=upcast, DOT_PREC=dot_prec, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                                             num_warps=warps, num_stages=stages, **common)
+        if split > 1:
+            sum_splits(target, dst)
+
+    mbucket = triton.next_power_of_2(m) if m <= 64 else (128 if m <= 128 else 256)
+    key = ("int", mbucket, n, k, p.bits, p.group_size, p.zeros is not None, p.g_idx is not None, x2.dtype,
+           x2.device.type)
+    cfg = tune.pick(key, _candidates(m, n, k, p, x2.device), lambda c: launch(c, torch.empty_like(out2)))
+    launch(cfg)
+    return out.view(*lead, n)

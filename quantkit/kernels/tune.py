@@ -1,0 +1,61 @@
+"""Tiny launch-config picker shared by the kernels.
+
+On a GPU the first call for a key times each candidate config with `triton.testing.do_bench` and remembers the
+fastest (configs that fail to compile are skipped); under TRITON_INTERPRET=1 (CPU tests) the first candidate
+is used without timing. Picking must happen before CUDA-graph capture (the runtime warms up first).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Hashable, Sequence
+
+_CACHE: dict[Hashable, Any] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def sm_count(device) -> int:
+    import torch
+
+    if interpreting() or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick(key: Hashable, candidates: Sequence[Any], run: Callable[[Any], None]) -> Any:
+    """The fastest of `candidates` for `key` (`run(cfg)` launches the kernel once with cfg)."""
+    if key in _CACHE:
+        return _CACHE[key]
+    if interpreting() or len(candidates) == 1:
+        _CACHE[key] = candidates[0]
+        return candidates[0]
+    import triton.testing
+
+    best, best_t, errors = None, float("inf"), []
+    for cfg in candidates:
+        try:
+            t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20)
+        except Exception as e:  # a config the compiler rejects (shared memory, registers) is just skipped
+            errors.append(f"{cfg}: {type(e).__name__}: {e}")
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"no kernel config ran for {key}: " + " | ".join(errors)[:2000])
+    _CACHE[key] = best
+    return best
+
+
+def chosen() -> dict[Hashable, Any]:
+    return dict(_CACHE)

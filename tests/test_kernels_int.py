@@ -1,0 +1,114 @@
+"""Integer W2/W4/W8 kernels (Triton, run by the interpreter on CPU) against their plain torch references."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from quantkit.kernels.pack import dequant_packed, int_matmul_ref, pack_codes, pack_quant_tensor, unpack_codes
+from quantkit.quant.tensor import QuantTensor
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def random_quant_tensor(n, k, bits, group_size, symmetric, act_order=False, scattered_gidx=False, gen=None):
+    gs = k if group_size == -1 else group_size
+    groups = -(-k // gs)
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (n, k), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).to(torch.float16)
+    if symmetric:
+        zeros = torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, maxq + 1, (n, groups), dtype=torch.int32, generator=gen)
+    g_idx = None
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
+    if scattered_gidx:
+        g_idx = torch.randint(0, groups, (k,), dtype=torch.int32, generator=gen)
+    return QuantTensor(codes, scales, zeros, bits, gs, symmetric, g_idx)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_roundtrip_and_dequant_matches_quant_tensor(bits):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    qt = random_quant_tensor(13, 72, bits, 24, symmetric=False, gen=gen)
+    p = pack_quant_tensor(qt)
+    assert torch.equal(unpack_codes(p.qweight, p.container_bits, 72), qt.codes.t().to(torch.int32))
+    assert torch.equal(dequant_packed(p).t(), qt.dequantize())
+    codes = torch.randint(0, 16, (40, 3), dtype=torch.uint8)
+    assert torch.equal(unpack_codes(pack_codes(codes, 4), 4, 40), codes.to(torch.int32))
+
+
+def test_act_order_pack_reorders_rows_and_reference_matches_dense():
+    qt = random_quant_tensor(9, 64, 4, 16, symmetric=False, act_order=True)
+    p = pack_quant_tensor(qt)
+    assert p.perm is not None and p.g_idx is None  # sorted groups are contiguous
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(int_matmul_ref(x, p), x @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+CASES = [
+    # m, n, k, bits, group, sym, act_order, scattered, dtype
+    (1, 67, 256, 4, 128, True, False, False, torch.float16),
+    (3, 45, 128, 4, 32, False, False, False, torch.float16),
+    (5, 33, 192, 8, 64, True, False, False, torch.float32),
+    (8, 40, 128, 4, 64, False, True, False, torch.bfloat16),
+    (19, 37, 128, 4, 128, True, False, False, torch.float16),
+    (21, 29, 96, 8, 32, False, True, False, torch.float32),
+    (17, 50, 64, 4, 32, False, False, True, torch.float16),
+    (2, 31, 64, 2, 32, False, False, False, torch.float16),
+    (4, 24, 72, 3, -1, False, False, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("m,n,k,bits,group,sym,act,scattered,dtype", CASES)
+def test_int_matmul_equals_reference(m, n, k, bits, group, sym, act, scattered, dtype):
+    from quantkit.kernels.int_matmul import int_matmul
+
+    qt = random_quant_tensor(n, k, bits, group, sym, act_order=act, scattered_gidx=scattered)
+    p = pack_quant_tensor(qt).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)  # poisoned: every element must be written
+    got = int_matmul(x, p, out=out)
+    ref = int_matmul_ref(x, p)
+    assert not torch.isnan(got).any()
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel_err(got, ref) <= 1e-2
+    if dtype == torch.float32:
+        assert rel_err(got, ref) <= 1e-5
+
+
+def test_split_k_sum_equals_torch_sum():
+    from quantkit.kernels.int_matmul import sum_splits
+
+    parts = torch.randn(3, 5, 7, device=DEVICE)
+    out = torch.full((5, 7), float("nan"), device=DEVICE, dtype=torch.float16)
+    sum_splits(parts, out)
+    torch.testing.assert_close(out, parts.sum(0).half(), rtol=1e-3, atol=1e-3)
+
+
+def test_int_matmul_batched_leading_dims_and_both_kernels():
+    """3-D activations, and the gemm (m > 8) and gemv (m <= 8) kernels agree with each other."""
+    from quantkit.kernels.int_matmul import int_matmul
+
+    qt = random_quant_tensor(24, 128, 4, 64, symmetric=True)
+    p = pack_quant_tensor(qt).to(DEVICE)
+    x = torch.randn(2, 9, 128, device=DEVICE, dtype=torch.float32)
+    big = int_matmul(x, p)
+    small = int_matmul(x[0, :4], p)
+    assert big.shape == (2, 9, 24)
+    torch.testing.assert_close(big[0, :4], small, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(big, int_matmul_ref(x.reshape(-1, 128), p).reshape(2, 9, 24), rtol=1e-5, atol=1e-5)
