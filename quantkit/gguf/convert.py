@@ -1,0 +1,61 @@
+"""Checkpoint -> GGUF without calibration: stream every tensor through the encoders into the writer.
+
+This is `quantkit convert SRC --format gguf --type BF16|F16|F32|Q8_0` and `quantkit quantize --format gguf --type
+Q4_K_M --method rtn [--imatrix FILE]`. One tensor is in memory at a time (plus the encoder's work buffers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.errors import SchemeError
+from quantkit.gguf.mixes import get_file_type, tensor_types
+from quantkit.gguf.tokenizer_export import GGUFVocab, vocab_from_sentencepiece
+from quantkit.gguf.writer import GGUFFileWriter, display_name
+from quantkit.model.checkpoint import Checkpoint
+
+
+def source_vocab(ckpt: Checkpoint) -> GGUFVocab | None:
+    tok = ckpt.tokenizer_path
+    if tok is None or tok.suffix == ".json":
+        return None  # tokenizer.json-only sources: no SPM vocabulary to export
+    return vocab_from_sentencepiece(tok, ckpt.config.vocab_size)
+
+
+def imatrix_kvs(importance_meta: dict[str, Any] | None) -> list[tuple[str, str, Any]]:
+    """The `quantize.imatrix.*` KVs llama-quantize writes when it used an importance matrix."""
+    if not importance_meta:
+        return []
+    out = [("quantize.imatrix.file", "STRING", str(importance_meta.get("file", "")))]
+    if importance_meta.get("dataset"):
+        out.append(("quantize.imatrix.dataset", "STRING", str(importance_meta["dataset"])))
+    out.append(("quantize.imatrix.entries_count", "INT32", int(importance_meta.get("entries", 0))))
+    out.append(("quantize.imatrix.chunks_count", "INT32", int(importance_meta.get("chunks", 0))))
+    return out
+
+
+def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dict[str, torch.Tensor] | None = None,
+               importance_meta: dict[str, Any] | None = None, pure: bool = False, force: bool = False,
+               types: dict[str, str] | None = None, provenance: dict[str, Any] | None = None,
+               name: str | None = None, progress: bool = True) -> Path:
+    """Convert/quantize a full-precision checkpoint to one GGUF file with the llama-quantize mix of `ftype`."""
+    ft = get_file_type(ftype)
+    if types is None:
+        types = tensor_types(ckpt.config, ft.name, pure=pure, has_imatrix=bool(importance))
+    if importance and not any(t not in ("F32", "F16", "BF16") for t in types.values()):
+        raise SchemeError(f"an importance matrix only applies to quantized types, not {ft.name}")
+    extra = imatrix_kvs(importance_meta)
+    for key, value in (provenance or {}).items():
+        extra.append((f"quantkit.{key}", "STRING", str(value)))
+    writer = GGUFFileWriter(out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt),
+                            name=name or display_name(ckpt.path.name), extra_kvs=extra, importance=importance,
+                            force=force, progress=progress)
+    with writer:
+        for tensor_name in types:
+            weight = ckpt.get_tensor(tensor_name)
+            writer.add(tensor_name, weight)
+            del weight
+        return writer.finish()

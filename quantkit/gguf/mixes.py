@@ -1,0 +1,171 @@
+"""llama-quantize's per-tensor type rules: `tensor_types(config, ftype) -> {canonical name: ggml type name}`.
+
+ref: ggml-org/llama.cpp:src/llama-quant.cpp (`llama_tensor_get_type`, `llama_tensor_get_type_impl`,
+`tensor_type_fallback`), formats.md §2.6. Only the rules that apply to dense llama-architecture models
+(Mistral, Llama) are implemented; IQ/TQ/MoE branches are not. With `pure=True` every quantizable tensor gets
+the default type (only the shape fallback applies), as `llama-quantize --pure`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from quantkit.errors import SchemeError
+from quantkit.model import arch
+from quantkit.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class FileType:
+    name: str  # CLI string: Q4_K_M, Q8_0, BF16, ...
+    llama_ftype: int  # general.file_type (LlamaFileType)
+    default_type: str  # ggml type of the bulk of the weights
+
+
+FILE_TYPES: dict[str, FileType] = {
+    ft.name: ft
+    for ft in (
+        FileType("F32", LlamaFileType.ALL_F32, "F32"),
+        FileType("F16", LlamaFileType.MOSTLY_F16, "F16"),
+        FileType("BF16", LlamaFileType.MOSTLY_BF16, "BF16"),
+        FileType("Q8_0", LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+        FileType("Q4_0", LlamaFileType.MOSTLY_Q4_0, "Q4_0"),
+        FileType("Q4_1", LlamaFileType.MOSTLY_Q4_1, "Q4_1"),
+        FileType("Q5_0", LlamaFileType.MOSTLY_Q5_0, "Q5_0"),
+        FileType("Q5_1", LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
+        FileType("Q2_K", LlamaFileType.MOSTLY_Q2_K, "Q2_K"),
+        FileType("Q3_K_S", LlamaFileType.MOSTLY_Q3_K_S, "Q3_K"),
+        FileType("Q3_K_M", LlamaFileType.MOSTLY_Q3_K_M, "Q3_K"),
+        FileType("Q3_K_L", LlamaFileType.MOSTLY_Q3_K_L, "Q3_K"),
+        FileType("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, "Q4_K"),
+        FileType("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "Q4_K"),
+        FileType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K"),
+        FileType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K"),
+        FileType("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
+    )
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+# block-size fallbacks when a row length (ne[0] = in_features) is not a multiple of the type's block
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def get_file_type(name: str) -> FileType:
+    key = name.upper()
+    if key not in FILE_TYPES:
+        raise SchemeError(f"unknown GGUF type {name!r}; choose one of: {', '.join(FILE_TYPES)}")
+    return FILE_TYPES[key]
+
+
+def block_size(type_name: str) -> int:
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
+
+
+def is_quantized(type_name: str) -> bool:
+    return type_name not in FLOAT_TYPES
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _fallback(type_name: str, ncols: int) -> str:
+    if ncols % block_size(type_name) == 0:
+        return type_name
+    new = _FALLBACK.get(type_name, type_name)
+    if ncols % block_size(new) != 0:
+        return "F16"
+    return new
+
+
+def _mix_type(kind: str, layer: int, ftype: str, default: str, config: ModelConfig, ncols: int,
+              tied: bool, has_imatrix: bool) -> str:
+    n = config.num_hidden_layers
+    n_gqa = config.num_attention_heads // config.num_key_value_heads
+    if kind == "output" or (tied and kind == "token_embd"):
+        if ncols % block_size(default) != 0:
+            return "Q8_0"
+        return default if default == "Q8_0" else "Q6_K"
+    if kind == "attn_v":
+        if ftype == "Q2_K":
+            return "Q4_K" if n_gqa >= 4 else "Q3_K"
+        if ftype == "Q3_K_M":
+            return "Q5_K" if layer < 2 else "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and layer < 4:
+            return "Q5_K"
+        return default
+    if kind == "ffn_down":
+        if ftype == "Q2_K":
+            return "Q3_K"
+        if ftype == "Q3_K_M":
+            return "Q5_K" if layer < n // 16 else "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype == "Q4_K_M":
+            return "Q6_K" if use_more_bits(layer, n) else default
+        if ftype == "Q5_K_M" and use_more_bits(layer, n):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and layer < n // 8:
+            return "Q5_K"
+        if ftype in ("Q4_0", "Q5_0") and has_imatrix and layer < n // 8:
+            return "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        return default
+    if kind == "attn_output":
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, default)
+    return default
+
+
+def _kind(name: str) -> tuple[str, int]:
+    gguf_name = arch.to_gguf(name)
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        return rest.rsplit(".", 1)[0], int(layer)
+    return gguf_name.rsplit(".", 1)[0], -1
+
+
+def tensor_types(config: ModelConfig, ftype: str, pure: bool = False, has_imatrix: bool = False) -> dict[str, str]:
+    """The ggml type of every tensor of a model of `config` in the file type `ftype`, in file order."""
+    ft = get_file_type(ftype)
+    shapes = config.expected_shapes()
+    tied = "lm_head.weight" not in shapes
+    out: dict[str, str] = {}
+    for name in arch.canonical_names(config.num_hidden_layers):
+        if name not in shapes:
+            continue
+        shape = shapes[name]
+        if len(shape) < 2 or name.endswith("norm.weight"):
+            out[name] = "F32"
+            continue
+        if not is_quantized(ft.default_type):
+            out[name] = ft.default_type
+            continue
+        kind, layer = _kind(name)
+        ncols = shape[-1]
+        new = ft.default_type if pure else _mix_type(kind, layer, ft.name, ft.default_type, config, ncols, tied, has_imatrix)
+        out[name] = _fallback(new, ncols)
+    return out
+
+
+def data_bytes(config: ModelConfig, types: dict[str, str], alignment: int = 32) -> int:
+    """Size of the GGUF data section for these types (sum of padded tensor sizes)."""
+    shapes = config.expected_shapes()
+    total = 0
+    for name, t in types.items():
+        total += -(-tensor_nbytes(shapes[name], t) // alignment) * alignment
+    return total
+
+
+def tensor_nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    if shape[-1] % blck:
+        raise SchemeError(f"row length {shape[-1]} is not a multiple of the {type_name} block size {blck}")
+    return rows * (shape[-1] // blck) * size

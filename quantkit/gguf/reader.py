@@ -1,0 +1,354 @@
+"""Read any GGUF file (quantkit's or llama.cpp's) defensively, and serve it as a QuantizedCheckpoint.
+
+The header is parsed here with a bounds check before every read — counts, string and array lengths, dimensions,
+type ids, offsets and sizes are checked against the file size before anything is allocated — so a corrupt or
+hostile file gives one clear `FormatError` naming the field, never a multi-gigabyte allocation. Tensor data is
+memory-mapped and sliced per tensor on demand.
+
+Tensors come back under canonical HF names in HF row order (Q/K rows un-permuted: a row permutation of ggml
+block bytes is exact), as `GGMLTensor` for block types and float `torch.Tensor` for F32/F16/BF16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from quantkit.errors import FormatError
+from quantkit.model import arch
+from quantkit.model.config import ModelConfig
+from quantkit.quant.tensor import GGMLTensor
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 4
+# (struct format, size) of the scalar value types
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
+            7: ("<B", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+STRING, ARRAY = 8, 9
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str  # name in the file
+    shape: tuple[int, ...]  # numpy order (ne reversed)
+    type_name: str
+    offset: int  # absolute file offset of the data
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    kv: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]  # file name -> info, in file order
+    alignment: int
+    data_start: int
+
+
+class _Cursor:
+    def __init__(self, buf, size: int, path: Path):
+        self.buf, self.size, self.pos, self.path = buf, size, 0, path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise FormatError(f"{self.path}: truncated or corrupt GGUF header: {what} needs {n} bytes at offset "
+                              f"{self.pos}, but the file has {self.size} bytes")
+
+    def scalar(self, vtype: int, what: str):
+        fmt, n = _SCALARS[vtype]
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.u64(f"{what} length")
+        if limit is not None and n > limit:
+            raise FormatError(f"{self.path}: {what} is {n} bytes long, more than the {limit} allowed")
+        if n > self.size - self.pos:
+            raise FormatError(f"{self.path}: corrupt GGUF: {what} claims {n} bytes at offset {self.pos}, "
+                              f"but only {self.size - self.pos} bytes remain in the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALARS:
+            v = self.scalar(vtype, what)
+            if vtype == 7:
+                if v not in (0, 1):
+                    raise FormatError(f"{self.path}: {what}: invalid BOOL value {v}")
+                return bool(v)
+            return v
+        if vtype == STRING:
+            return self.string(what)
+        if vtype == ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise FormatError(f"{self.path}: {what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+            etype = self.u32(f"{what} element type")
+            count = self.u64(f"{what} element count")
+            if etype not in _SCALARS and etype not in (STRING, ARRAY):
+                raise FormatError(f"{self.path}: {what}: unknown array element type {etype}")
+            min_size = _SCALARS[etype][1] if etype in _SCALARS else (8 if etype == STRING else 12)
+            if count * min_size > self.size - self.pos:
+                raise FormatError(f"{self.path}: corrupt GGUF: {what} claims {count} elements "
+                                  f"(at least {count * min_size} bytes) at offset {self.pos}, but only "
+                                  f"{self.size - self.pos} bytes remain")
+            if etype in _SCALARS:
+                arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos)
+                self.pos += count * min_size
+                return (arr.astype(bool) if etype == 7 else arr).tolist()
+            return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
+        raise FormatError(f"{self.path}: {what}: unknown value type {vtype}")
+
+
+def parse_gguf(path: str | Path) -> GGUFFile:
+    """Parse and validate a GGUF header; raises FormatError naming the first problem."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        if size < 24:
+            raise FormatError(f"{path}: not a GGUF file (only {size} bytes)")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(buf, size, path)
+    finally:
+        buf.close()
+
+
+def _parse(buf, size: int, path: Path) -> GGUFFile:
+    c = _Cursor(buf, size, path)
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
+    c.pos = 4
+    version = c.u32("version")
+    if version not in (2, 3):
+        raise FormatError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+    n_tensors = c.u64("tensor_count")
+    n_kv = c.u64("metadata_kv_count")
+    # every KV takes >= 8 (key length) + 4 (type) + 1 bytes; every tensor info >= 8 + 4 + 8 + 4 + 8 bytes
+    if n_kv * 13 > size - c.pos:
+        raise FormatError(f"{path}: corrupt GGUF: metadata_kv_count {n_kv} cannot fit in a {size}-byte file")
+    if n_tensors * 32 > size - c.pos:
+        raise FormatError(f"{path}: corrupt GGUF: tensor_count {n_tensors} cannot fit in a {size}-byte file "
+                          f"(at least {n_tensors * 32} bytes of tensor infos)")
+    kv: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}", limit=65535)
+        vtype = c.u32(f"type of {key!r}")
+        if key in kv:
+            raise FormatError(f"{path}: duplicate metadata key {key!r}")
+        kv[key] = c.value(vtype, f"metadata {key!r}")
+    alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    raw_infos = []
+    names = set()
+    for i in range(n_tensors):
+        name = c.string(f"name of tensor #{i}", limit=1024)
+        if name in names:
+            raise FormatError(f"{path}: duplicate tensor name {name!r}")
+        names.add(name)
+        n_dims = c.u32(f"n_dims of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (expected 1..{MAX_DIMS})")
+        ne = [c.u64(f"dimension {j} of tensor {name!r}") for j in range(n_dims)]
+        type_id = c.u32(f"type of tensor {name!r}")
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise FormatError(f"{path}: tensor {name!r} has unknown ggml type id {type_id}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise FormatError(f"{path}: tensor {name!r} has ggml type {qtype.name} with no known block size")
+        offset = c.u64(f"offset of tensor {name!r}")
+        blck, tsize = GGML_QUANT_SIZES[qtype]
+        if any(d == 0 for d in ne) or ne[0] % blck:
+            raise FormatError(f"{path}: tensor {name!r} has dimensions {ne}; ne[0] must be a positive multiple of "
+                              f"the {qtype.name} block size {blck}")
+        n_rows = 1
+        for d in ne[1:]:
+            n_rows *= d
+        if n_rows > size or ne[0] > size * blck:  # cheap overflow guard before multiplying
+            raise FormatError(f"{path}: tensor {name!r} dimensions {ne} are larger than the file could hold")
+        nbytes = ne[0] // blck * tsize * n_rows
+        if offset % alignment:
+            raise FormatError(f"{path}: tensor {name!r} offset {offset} is not a multiple of the alignment {alignment}")
+        raw_infos.append((name, tuple(reversed(ne)), qtype.name, offset, nbytes))
+    data_start = -(-c.pos // alignment) * alignment
+    data_size = size - data_start
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, shape, type_name, offset, nbytes in raw_infos:
+        if offset + nbytes > data_size:
+            raise FormatError(f"{path}: truncated GGUF: tensor {name!r} ({type_name}, {nbytes} bytes at data offset "
+                              f"{offset}) ends past the end of the file (data section has {max(data_size, 0)} bytes)")
+        tensors[name] = GGUFTensorInfo(name, shape, type_name, data_start + offset, nbytes)
+    return GGUFFile(path, version, kv, tensors, alignment, data_start)
+
+
+# ---- as a QuantizedCheckpoint ----
+
+def config_from_kv(kv: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path: Path) -> ModelConfig:
+    gguf_arch = kv.get("general.architecture")
+    if gguf_arch != "llama":
+        raise FormatError(f"{path}: general.architecture is {gguf_arch!r}; quantkit reads 'llama' GGUFs (Mistral, Llama)")
+
+    def get(key: str, default=None, required=True):
+        v = kv.get(f"llama.{key}", default)
+        if v is None and required:
+            raise FormatError(f"{path}: metadata llama.{key} is missing")
+        return v
+
+    n_layers = int(get("block_count"))
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise FormatError(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(get("vocab_size", embd.shape[0], required=False))
+    head_dim = get("attention.key_length", None, required=False) or get("rope.dimension_count", None, required=False)
+    architecture = kv.get("quantkit.architecture")
+    if architecture not in ("MistralForCausalLM", "LlamaForCausalLM"):
+        name = str(kv.get("general.name", "")).lower() + str(kv.get("general.basename", "")).lower()
+        architecture = "MistralForCausalLM" if "mistral" in name else "LlamaForCausalLM"
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads, required=False)),
+        head_dim=int(head_dim) if head_dim else None,
+        rms_norm_eps=float(f"{float(get('attention.layer_norm_rms_epsilon', 1e-5, required=False)):.7g}"),
+        rope_theta=float(get("rope.freq_base", 10000.0, required=False)),
+        max_position_embeddings=int(get("context_length", 32768, required=False)),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=int(kv.get("tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(kv.get("tokenizer.ggml.eos_token_id", 2)),
+        torch_dtype="float32",
+        raw={"gguf": True},
+    )
+
+
+def unpermute_rows(name: str, rows: np.ndarray | torch.Tensor, config: ModelConfig):
+    """GGUF -> HF row order for q_proj / k_proj."""
+    if name.endswith("self_attn.q_proj.weight"):
+        heads = config.num_attention_heads
+    elif name.endswith("self_attn.k_proj.weight"):
+        heads = config.num_key_value_heads
+    else:
+        return rows
+    if isinstance(rows, np.ndarray):
+        return arch.interleaved_to_hf(torch.from_numpy(rows), heads).numpy()
+    return arch.interleaved_to_hf(rows, heads)
+
+
+class GGUFModel:
+    """A parsed GGUF with lazy, validated per-tensor access under canonical names."""
+
+    def __init__(self, path: str | Path):
+        self.file = parse_gguf(path)
+        self.path = self.file.path
+        self.config = config_from_kv(self.file.kv, self.file.tensors, self.path)
+        self.names: dict[str, GGUFTensorInfo] = {}
+        expected = self.config.expected_shapes()
+        for gname, info in self.file.tensors.items():
+            try:
+                canonical = arch.from_gguf(gname)
+            except KeyError:
+                continue  # e.g. rope_freqs.weight: not used by Mistral/Llama-2
+            if canonical in expected and tuple(expected[canonical]) != info.shape:
+                raise FormatError(f"{self.path}: tensor {gname!r} has shape {list(info.shape)}, expected "
+                                  f"{list(expected[canonical])} from the metadata")
+            self.names[canonical] = info
+        missing = [n for n in expected if n not in self.names]
+        if missing:
+            raise FormatError(f"{self.path}: tensor {arch.to_gguf(missing[0])!r} is missing")
+
+    def raw(self, name: str) -> np.ndarray:
+        info = self.names[name]
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        rows = 1
+        for d in info.shape[:-1]:
+            rows *= d
+        return data.reshape(rows, -1)
+
+    def load(self, name: str):
+        info = self.names[name]
+        rows = unpermute_rows(name, np.array(self.raw(name)), self.config)
+        if info.type_name in FLOAT_TYPES:
+            return torch.from_numpy(np.ascontiguousarray(rows)).view(FLOAT_TYPES[info.type_name]).reshape(info.shape)
+        return GGMLTensor(info.type_name, info.shape, np.ascontiguousarray(rows))
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for info in self.file.tensors.values():
+            out[info.type_name] = out.get(info.type_name, 0) + 1
+        return out
+
+
+def tokenizer_model_path(kv: dict[str, Any], cache_dir: Path | None = None) -> Path | None:
+    """Rebuild (once, cached by content hash) a sentencepiece tokenizer.model from the GGUF vocabulary."""
+    from quantkit.gguf.tokenizer_export import sentencepiece_from_vocab, vocab_from_kvs
+
+    try:
+        vocab = vocab_from_kvs(kv, "gguf")
+        if vocab is None or vocab.extra.get("model") != "llama":
+            return None
+        blob = sentencepiece_from_vocab(vocab)
+    except FormatError:
+        return None
+    digest = hashlib.sha256(blob).hexdigest()[:16]
+    cache_dir = cache_dir or Path.home() / ".cache" / "quantkit" / "gguf-tokenizers"
+    target = cache_dir / digest / "tokenizer.model"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(target)
+    return target
+
+
+def read_gguf(path: str | Path):
+    """A GGUF file as a QuantizedCheckpoint (lazy tensors, config and tokenizer from the metadata)."""
+    from quantkit.formats.base import QuantizedCheckpoint
+
+    model = GGUFModel(path)
+    kv = model.file.kv
+    small_kv = {k: v for k, v in kv.items() if not (isinstance(v, list) and len(v) > 64)}
+    return QuantizedCheckpoint(
+        path=model.path,
+        format="gguf",
+        config=model.config,
+        names=list(model.names),
+        loader=model.load,
+        tokenizer_path=tokenizer_model_path(kv),
+        metadata={"gguf": small_kv, "tensor_types": {n: i.type_name for n, i in model.names.items()},
+                  "chat_template": kv.get("tokenizer.chat_template")},
+    )
