@@ -1,0 +1,156 @@
+"""A lossless safetensors serialization of StoredTensors (QuantTensor / GGMLTensor / float tensor).
+
+Used for the pipeline's per-layer resume checkpoints, and as a plain debugging sink (`DumpWriter`, CLI
+`--format dump`): every field of a QuantTensor is stored as-is (`NAME::codes`, `::scales`, `::zeros`, `::g_idx`),
+ggml blocks as their raw bytes (`NAME::ggml`), float tensors under their own name; the per-tensor facts (bits,
+group size, type, error report) and the order go into the safetensors metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantkit.errors import FormatError
+from quantkit.quant.tensor import GGMLTensor, QuantTensor
+
+META_KEY = "quantkit.dump"
+
+
+def flatten(name: str, tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One StoredTensor -> (safetensors entries, JSON facts)."""
+    if isinstance(tensor, QuantTensor):
+        flat = {f"{name}::codes": tensor.codes, f"{name}::scales": tensor.scales, f"{name}::zeros": tensor.zeros}
+        if tensor.g_idx is not None:
+            flat[f"{name}::g_idx"] = tensor.g_idx
+        meta = {"kind": "quant", "bits": tensor.bits, "group_size": tensor.group_size, "symmetric": tensor.symmetric,
+                "error": tensor.error}
+    elif isinstance(tensor, GGMLTensor):
+        data = torch.from_numpy(np.ascontiguousarray(tensor.data))
+        flat = {f"{name}::ggml": data}
+        meta = {"kind": "ggml", "type_name": tensor.type_name, "shape": list(tensor.shape), "error": tensor.error}
+    elif isinstance(tensor, torch.Tensor):
+        flat = {name: tensor}
+        meta = {"kind": "float"}
+    else:
+        raise TypeError(f"{name}: cannot serialize {type(tensor).__name__}")
+    return {k: v.detach().cpu().contiguous() for k, v in flat.items()}, meta
+
+
+def unflatten(name: str, meta: dict[str, Any], get) -> Any:
+    kind = meta["kind"]
+    if kind == "float":
+        return get(name)
+    if kind == "quant":
+        g_key = f"{name}::g_idx"
+        return QuantTensor(codes=get(f"{name}::codes"), scales=get(f"{name}::scales"), zeros=get(f"{name}::zeros"),
+                           bits=meta["bits"], group_size=meta["group_size"], symmetric=meta["symmetric"],
+                           g_idx=get(g_key) if meta.get("has_g_idx") else None, error=meta.get("error", {}))
+    if kind == "ggml":
+        data = get(f"{name}::ggml").numpy()
+        return GGMLTensor(type_name=meta["type_name"], shape=tuple(meta["shape"]), data=data, error=meta.get("error", {}))
+    raise FormatError(f"{name}: unknown dump entry kind {kind!r}")
+
+
+def save_tensors(path: str | Path, named: Iterable[tuple[str, Any]], extra: dict[str, torch.Tensor] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+    """Write StoredTensors (in order) to one safetensors file; atomic (temp file + rename)."""
+    path = Path(path)
+    flat: dict[str, torch.Tensor] = {}
+    order = []
+    for name, tensor in named:
+        entries, meta = flatten(name, tensor)
+        meta["has_g_idx"] = f"{name}::g_idx" in entries
+        flat.update(entries)
+        order.append([name, meta])
+    for k, v in (extra or {}).items():
+        flat[f"extra::{k}"] = v.detach().cpu().contiguous()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(flat, str(tmp), metadata={META_KEY: json.dumps({"order": order, "info": info or {}})})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: str | Path) -> tuple[list[tuple[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (ordered StoredTensors, extra tensors, info) as written by `save_tensors`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable quantkit dump ({type(e).__name__}: {e})") from None
+    named = [(name, unflatten(name, m, tensors.__getitem__)) for name, m in meta["order"]]
+    extra = {k[len("extra::"):]: v for k, v in tensors.items() if k.startswith("extra::")}
+    return named, extra, meta.get("info", {})
+
+
+class DumpWriter:
+    """Writer-protocol sink: one `tensors-NNNNN.safetensors` dump per ~max_shard_bytes, atomically renamed."""
+
+    def __init__(self, out: str | Path, force: bool = False, max_shard_bytes: int = 1 << 30,
+                 provenance: dict[str, Any] | None = None):
+        import tempfile
+
+        from quantkit.io import check_output_path
+
+        self.out = check_output_path(out, force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.max_shard_bytes = max_shard_bytes
+        self.provenance = provenance or {}
+        self._pending: list[tuple[str, Any]] = []
+        self._pending_bytes = 0
+        self._files: list[str] = []
+
+    def add(self, name: str, tensor) -> None:
+        entries, _ = flatten(name, tensor)
+        self._pending.append((name, tensor))
+        self._pending_bytes += sum(t.numel() * t.element_size() for t in entries.values())
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            fname = f"tensors-{len(self._files):05d}.safetensors"
+            save_tensors(self.tmp / fname, self._pending)
+            self._files.append(fname)
+            self._pending, self._pending_bytes = [], 0
+
+    def finish(self) -> Path:
+        import shutil
+
+        from quantkit.io import write_json
+
+        self._flush()
+        write_json(self.tmp / "dump.json", {"format": "quantkit-dump", "files": self._files,
+                                            "provenance": self.provenance})
+        if self.out.exists():
+            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        self.tmp.rename(self.out)
+        return self.out
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_dump(path: str | Path) -> list[tuple[str, Any]]:
+    """All tensors of a DumpWriter output, in the order they were added."""
+    path = Path(path)
+    manifest = json.loads((path / "dump.json").read_text())
+    out: list[tuple[str, Any]] = []
+    for fname in manifest["files"]:
+        out += load_tensors(path / fname)[0]
+    return out

@@ -1,0 +1,546 @@
+"""The layer-wise quantization pipeline: one decoder layer in memory at a time, resumable.
+
+    embeddings -> for each decoder layer i:
+        load only layer i (Checkpoint.layer_tensors), check every weight is finite
+        [awq]  search and fold the activation-aware scales (quant/awq.py)
+        for each linear group in true-sequential order (q/k/v, o, gate/up, down):
+            run the calibration activations through the (partly quantized) layer up to the group's input,
+            accumulate the GPTQ Hessian and the imatrix (Σ x² per input channel, count)
+            quantize the group's linears (rtn | gptq) and put the dequantized weights back into the layer
+        recompute the layer's outputs with the quantized weights: the next layer's inputs
+        checkpoint (activations + finished tensors) into the work dir, hand the tensors to the writers, free it
+    -> final norm, lm_head -> writers.finish()
+
+Targets per tensor: a Scheme (QuantTensor), a ggml type name (GGMLTensor; float types are passed through as float
+tensors for the writer to cast) or None (float tensor in the source dtype). RTN without ggml targets needs no
+calibration and runs no forward pass at all.
+
+Resume: the work dir holds `state.json` (fingerprint + completed layers), `acts.safetensors` (the inputs of the
+next layer), `embed.safetensors` and `layer-NNNNN.safetensors` (finished tensors, imatrix, log rows). A run
+with the same fingerprint (source, targets, options, calibration tokens, quantkit version) continues after the
+last completed layer and replays the finished tensors to the writers, so the output is byte-identical to an
+uninterrupted run. The work dir is removed after a successful finish.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from quantkit import __version__
+from quantkit.errors import CalibrationError, CheckpointError, QuantkitError, SchemeError
+from quantkit.model import arch
+from quantkit.model.reference import DecoderLayer, attention_mask, rope_cos_sin
+from quantkit.quant.dump import load_tensors, save_tensors
+from quantkit.quant.plan import Target, target_label
+from quantkit.quant.rtn import quantize_rtn, sqnr_db
+from quantkit.quant.scheme import Scheme
+from quantkit.quant.tensor import GGMLTensor, QuantTensor
+
+FLOAT_GGML = ("F32", "F16", "BF16")
+WORK_VERSION = 1
+
+
+class OutOfSpaceError(QuantkitError):
+    """The disk filled up while writing; the output was not created."""
+
+    exit_code = 4
+
+
+@dataclass
+class PipelineOptions:
+    method: str = "rtn"  # rtn | gptq | awq
+    damp: float = 0.01
+    block_size: int = 128
+    static_groups: bool = True
+    device: str = "cpu"
+    batch_size: int = 8  # calibration samples per forward pass
+    collect_imatrix: bool = False  # also collect Σx² for every linear (saved for GGUF / returned)
+    importance_for_ggml: bool = True  # use the collected imatrix when encoding ggml types with rtn
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("device")  # results do not depend on where they were computed... within fp noise
+        d.pop("batch_size")
+        return d
+
+
+@dataclass
+class PipelineResult:
+    outputs: list[Path]
+    log: list[dict[str, Any]]
+    imatrix: dict[str, tuple[torch.Tensor, int]]  # module weight name -> (Σ x² [in], token count)
+    resumed_from_layer: int
+    seconds: float
+    fingerprint: str
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- helpers ----
+
+def _target_fingerprint(target: Target) -> Any:
+    if isinstance(target, Scheme):
+        return target.to_dict()
+    return target
+
+
+def run_fingerprint(ckpt, targets: dict[str, Target], options: PipelineOptions, calib_sha: str | None) -> str:
+    payload = {"source": ckpt.fingerprint(), "targets": {k: _target_fingerprint(v) for k, v in targets.items()},
+               "options": options.fingerprint_dict(), "calibration": calib_sha, "version": __version__,
+               "work_version": WORK_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (first at index {bad}); refusing to quantize it")
+
+
+def _ggml_grid(type_name: str):
+    try:
+        from quantkit.gguf import grids  # engineer E1
+    except ImportError:
+        raise SchemeError(f"GPTQ onto ggml type {type_name} needs quantkit.gguf.grids, which is not available; "
+                          "use --method rtn for GGUF") from None
+    for fn in ("get_grid", "ggml_grid", "make_grid", "grid_for"):
+        if hasattr(grids, fn):
+            return getattr(grids, fn)(type_name)
+    raise SchemeError("quantkit.gguf.grids has no grid factory (expected get_grid(type_name))")
+
+
+def encode_ggml(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> GGMLTensor:
+    from quantkit.gguf import codec
+
+    return codec.encode(weight.float(), type_name, importance)
+
+
+def _dequant(t) -> torch.Tensor:
+    return t.dequantize(torch.float32)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Collector:
+    """Forward pre-hook on a linear: accumulate GPTQ Hessian / imatrix from its input, optionally stop there."""
+
+    def __init__(self, gptq=None, imatrix: bool = False, stop: bool = False, keep: bool = False):
+        self.gptq = gptq
+        self.imatrix = imatrix
+        self.stop = stop
+        self.keep = keep
+        self.sum_sq: torch.Tensor | None = None
+        self.count = 0
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if self.gptq is not None:
+            self.gptq.add_batch(flat)
+        if self.imatrix:
+            s = flat.pow(2).sum(0)
+            self.sum_sq = s if self.sum_sq is None else self.sum_sq + s
+            self.count += flat.shape[0]
+        if self.keep:
+            self.kept.append(x.cpu())
+        if self.stop:
+            raise _StopForward
+
+
+# ---- the pipeline ----
+
+class LayerwiseQuantizer:
+    def __init__(self, ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None,
+                 options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
+                 calibration: dict[str, Any] | None = None, progress: bool = True,
+                 on_layer_done: Callable[[int], None] | None = None, log_fn: Callable[[str], None] | None = None):
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        self.targets = {n: targets.get(n) for n in ckpt.tensor_names()}
+        unknown = [n for n in targets if n not in ckpt.tensors]
+        if unknown:
+            raise SchemeError(f"plan names tensor {unknown[0]!r}, which the checkpoint does not have")
+        self.writers = writers
+        self.options = options
+        self.method = options.method
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise SchemeError(f"unknown method {self.method!r}; choose rtn, gptq or awq")
+        ggml_quant = any(isinstance(t, str) and t not in FLOAT_GGML for t in self.targets.values())
+        self.uses_imatrix = options.collect_imatrix or (ggml_quant and self.method == "rtn" and calib_tokens is not None
+                                                        and options.importance_for_ggml)
+        self.needs_forward = self.method in ("gptq", "awq") or self.uses_imatrix
+        if self.method in ("gptq", "awq") and calib_tokens is None:
+            raise CalibrationError(f"--method {self.method} needs calibration data (--calib)")
+        self.tokens = calib_tokens if self.needs_forward else None
+        self.calibration = calibration or {}
+        self.device = torch.device(options.device)
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.resume = resume
+        self.progress = progress
+        self.on_layer_done = on_layer_done
+        self.log_fn = log_fn
+        calib_sha = self.calibration.get("tokens_sha256") if self.tokens is not None else None
+        if self.tokens is not None and calib_sha is None:
+            from quantkit.calib import tokens_sha256
+
+            calib_sha = tokens_sha256(self.tokens)
+        self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha)
+        self.log: list[dict[str, Any]] = []
+        self.imatrix: dict[str, tuple[torch.Tensor, int]] = {}
+        self._rope = None
+
+    # ---- work dir ----
+
+    def _state_path(self) -> Path:
+        return self.work_dir / "state.json"
+
+    def _load_state(self) -> int:
+        """Completed layer count to resume from (0: fresh). Clears an incompatible work dir."""
+        if self.work_dir is None:
+            return 0
+        state_file = self._state_path()
+        if self.resume and state_file.exists():
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                state = {}
+            if state.get("fingerprint") == self.fingerprint:
+                return int(state.get("completed_layers", 0))
+        if self.work_dir.exists():
+            shutil.rmtree(self.work_dir)
+        self.work_dir.mkdir(parents=True)
+        self._write_state(0)
+        return 0
+
+    def _write_state(self, completed: int) -> None:
+        tmp = self.work_dir / ".state.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "completed_layers": completed,
+                                   "num_layers": self.config.num_hidden_layers, "version": __version__}, indent=2))
+        tmp.replace(self._state_path())
+
+    # ---- small pieces ----
+
+    def _emit(self, name: str, tensor) -> None:
+        for w in self.writers:
+            w.add(name, tensor)
+
+    def _rope_mask(self, seqlen: int):
+        if self._rope is None or self._rope[0] != seqlen:
+            cfg = self.config
+            pos = torch.arange(seqlen, device=self.device)
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+            mask = attention_mask(pos, pos, cfg.sliding_window)
+            self._rope = (seqlen, cos, sin, mask)
+        return self._rope[1:]
+
+    def _embed(self) -> tuple[Any, torch.Tensor | None]:
+        name = "model.embed_tokens.weight"
+        w = self.ckpt.get_tensor(name)
+        check_finite(name, w)
+        acts = None
+        if self.tokens is not None:
+            acts = torch.cat([F.embedding(self.tokens[i:i + 64], w).float()
+                              for i in range(0, self.tokens.shape[0], 64)])
+        out = self._quantize_global(name, w)
+        return out, acts
+
+    def _quantize_global(self, name: str, w: torch.Tensor):
+        """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix)."""
+        target = self.targets.get(name)
+        if target is None or (isinstance(target, str) and target in FLOAT_GGML):
+            return w
+        if isinstance(target, Scheme):
+            check_finite(name, w)
+            return quantize_rtn(w, target)
+        check_finite(name, w)
+        return encode_ggml(w, target, None)
+
+    def _build_layer(self, tensors: dict[str, torch.Tensor], prefix: str) -> DecoderLayer:
+        with torch.device("meta"):
+            layer = DecoderLayer(self.config)
+        state = {k[len(prefix):]: v.to(self.device, torch.float32) for k, v in tensors.items()}
+        layer.load_state_dict(state, assign=True, strict=True)
+        return layer.eval()
+
+    def _forward_all(self, layer: DecoderLayer, acts: torch.Tensor, collect_out: bool = True):
+        """Run every calibration sample through `layer`; returns the outputs (or None when a hook stops early)."""
+        cos, sin, mask = self._rope_mask(acts.shape[1])
+        outs = []
+        bs = max(1, self.options.batch_size)
+        with torch.no_grad():
+            for i in range(0, acts.shape[0], bs):
+                x = acts[i:i + bs].to(self.device)
+                try:
+                    y = layer(x, cos, sin, mask)
+                except _StopForward:
+                    continue
+                if collect_out:
+                    outs.append(y.to("cpu", torch.float32))
+        return torch.cat(outs) if outs and collect_out else None
+
+    # ---- one layer ----
+
+    def _quantize_layer(self, i: int, acts: torch.Tensor | None) -> tuple[list[tuple[str, Any]], torch.Tensor | None, list[dict]]:
+        prefix = arch.layer_prefix(i)
+        tensors = self.ckpt.layer_tensors(i)
+        for name, t in tensors.items():
+            check_finite(name, t)
+        source_dtypes = {n: t.dtype for n, t in tensors.items()}
+        log_rows: list[dict] = []
+        layer = self._build_layer(tensors, prefix)
+        del tensors
+        modules = dict(layer.named_modules())
+        results: dict[str, Any] = {}
+        folded_norms = False
+
+        out_acts = None
+        if self.method == "rtn":
+            # data-free rounding; with an imatrix, one full-precision pass collects Σx² for every linear
+            # (llama-imatrix's convention: statistics of the unquantized model) and gives the next layer's inputs
+            if acts is not None:
+                collectors = {}
+                handles = []
+                for group in arch.LINEAR_GROUPS:
+                    c = _Collector(imatrix=True)
+                    collectors[group] = c
+                    handles.append(modules[group[0]].register_forward_pre_hook(c))
+                try:
+                    out_acts = self._forward_all(layer, acts)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for group, c in collectors.items():
+                    if c.sum_sq is not None:
+                        for local in group:
+                            self.imatrix[f"{prefix}{local}.weight"] = (c.sum_sq.cpu(), c.count)
+            for group in arch.LINEAR_GROUPS:
+                self._quantize_group(i, group, prefix, modules, None, 0.0, source_dtypes, results, log_rows)
+        else:
+            if self.method == "awq":
+                folded_norms = self._apply_awq(layer, acts, prefix, log_rows)
+            for group in arch.LINEAR_GROUPS:
+                names = [f"{prefix}{local}.weight" for local in group]
+                if not any(self.targets.get(n) is not None for n in names) and not self.uses_imatrix:
+                    continue
+                gptq = None
+                if self.method == "gptq":
+                    from quantkit.quant.gptq import GPTQ
+
+                    gptq = GPTQ(modules[group[0]].in_features, name=f"{prefix}{group[0]}", device=self.device)
+                fwd_seconds = 0.0
+                if gptq is not None or self.uses_imatrix:
+                    collector = _Collector(gptq=gptq, imatrix=self.uses_imatrix, stop=True)
+                    handle = modules[group[0]].register_forward_pre_hook(collector)
+                    t0 = time.perf_counter()
+                    try:
+                        self._forward_all(layer, acts, collect_out=False)
+                    finally:
+                        handle.remove()
+                    fwd_seconds = time.perf_counter() - t0
+                    if self.uses_imatrix and collector.sum_sq is not None:
+                        for n in names:
+                            self.imatrix[n] = (collector.sum_sq.cpu(), collector.count)
+                self._quantize_group(i, group, prefix, modules, gptq, fwd_seconds, source_dtypes, results, log_rows)
+                del gptq
+            out_acts = self._forward_all(layer, acts)
+
+
+        # the layer's tensors in file order (norms may carry folded AWQ scales)
+        params = dict(layer.named_parameters())
+        named: list[tuple[str, Any]] = []
+        for suffix in arch.LAYER_TENSORS:
+            n = prefix + suffix
+            if n not in source_dtypes:
+                continue
+            if n in results:
+                named.append((n, results[n]))
+                continue
+            local = suffix
+            value = params[local].detach().to("cpu")
+            if self.targets.get(n) is None:
+                # unquantized linears and norms: the source dtype (fp16 for AWQ-folded norms, which need it)
+                dtype = torch.float16 if (folded_norms and "norm" in suffix) else source_dtypes[n]
+                named.append((n, value.to(dtype)))
+            else:
+                named.append((n, self._quantize_global(n, value.to(source_dtypes[n]))))
+        del layer, modules, params
+        return named, out_acts, log_rows
+
+    def _quantize_group(self, i: int, group: tuple[str, ...], prefix: str, modules: dict, gptq, fwd_seconds: float,
+                        source_dtypes: dict, results: dict, log_rows: list) -> None:
+        """Quantize the linears of one group and put their dequantized weights back into the layer."""
+        for local in group:
+            n = f"{prefix}{local}.weight"
+            target = self.targets.get(n)
+            if target is None:
+                continue
+            mod = modules[local]
+            weight = mod.weight.data
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"layer": i, "module": local, "target": target_label(target), "method": self.method}
+            if gptq is not None and target not in FLOAT_GGML:
+                grid = target if isinstance(target, Scheme) else _ggml_grid(target)
+                qt, info = gptq.quantize(weight, grid, damp=self.options.damp, block_size=self.options.block_size,
+                                         static_groups=self.options.static_groups, name=n)
+                row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
+                            "n_tokens": info.n_tokens})
+            elif isinstance(target, Scheme):
+                qt = quantize_rtn(weight, target)
+            elif target in FLOAT_GGML:
+                qt = weight.to(source_dtypes[n])
+            else:
+                importance = None
+                if n in self.imatrix and self.options.importance_for_ggml:
+                    s, c = self.imatrix[n]
+                    importance = s / max(c, 1)
+                qt = encode_ggml(weight, target, importance)
+            if isinstance(qt, (QuantTensor, GGMLTensor)):
+                w_hat = _dequant(qt)
+                row["sqnr_db"] = round(sqnr_db(weight, w_hat), 3)
+                mod.weight.data = w_hat.to(self.device)
+            row["seconds"] = round(time.perf_counter() - t0, 4)
+            if fwd_seconds:
+                row["fwd_seconds"] = round(fwd_seconds, 4)
+            results[n] = qt
+            log_rows.append(row)
+
+    def _apply_awq(self, layer: DecoderLayer, acts: torch.Tensor, prefix: str, log_rows: list) -> bool:
+        """Search and fold AWQ scales (and clipping) into `layer` in place; True when norms were modified."""
+        try:
+            from quantkit.quant import awq
+        except ImportError:
+            raise SchemeError("--method awq needs quantkit.quant.awq, which is not available in this build") from None
+        schemes = {}
+        for group in arch.LINEAR_GROUPS:
+            for local in group:
+                t = self.targets.get(f"{prefix}{local}.weight")
+                if isinstance(t, Scheme):
+                    schemes[local] = t
+        if not schemes:
+            return False
+        cos, sin, mask = self._rope_mask(acts.shape[1])
+        t0 = time.perf_counter()
+        info = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=self.options.batch_size,
+                             device=self.device)
+        row = {"layer": int(prefix.split(".")[2]), "module": "awq", "seconds": round(time.perf_counter() - t0, 4)}
+        if isinstance(info, dict):
+            row.update({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
+        log_rows.append(row)
+        return True
+
+    # ---- whole run ----
+
+    def run(self) -> PipelineResult:
+        t_start = time.perf_counter()
+        n_layers = self.config.num_hidden_layers
+        start = self._load_state()
+        acts = None
+        try:
+            if start == 0:
+                embed, acts = self._embed()
+                if self.work_dir is not None:
+                    save_tensors(self.work_dir / "embed.safetensors", [("model.embed_tokens.weight", embed)])
+                    if acts is not None:
+                        save_tensors(self.work_dir / "acts.safetensors", [], extra={"acts": acts})
+                self._emit("model.embed_tokens.weight", embed)
+                del embed
+            else:
+                for name, t in load_tensors(self.work_dir / "embed.safetensors")[0]:
+                    self._emit(name, t)
+                for i in range(start):
+                    self._replay_layer(i)
+                if self.needs_forward:
+                    acts = load_tensors(self.work_dir / "acts.safetensors")[1]["acts"]
+                if self.log_fn:
+                    self.log_fn(f"resuming from layer {start}/{n_layers} ({self.work_dir})")
+            bar = None
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=n_layers, initial=start, desc=f"quantize ({self.method})", unit="layer",
+                           disable=None, leave=False)
+            for i in range(start, n_layers):
+                named, out_acts, rows = self._quantize_layer(i, acts)
+                acts = out_acts
+                if self.work_dir is not None:
+                    extra = {f"imatrix::{n}": s for n, (s, _) in self.imatrix.items() if n.startswith(arch.layer_prefix(i))}
+                    counts = {n: c for n, (_, c) in self.imatrix.items() if n.startswith(arch.layer_prefix(i))}
+                    save_tensors(self.work_dir / f"layer-{i:05d}.safetensors", named, extra=extra,
+                                 info={"log": rows, "imatrix_counts": counts})
+                    if acts is not None:
+                        save_tensors(self.work_dir / "acts.safetensors", [], extra={"acts": acts})
+                    self._write_state(i + 1)
+                for name, t in named:
+                    self._emit(name, t)
+                self.log += rows
+                del named
+                if bar is not None:
+                    bar.update(1)
+                    if rows:
+                        last = rows[-1]
+                        bar.set_postfix_str(f"{last['module']} sqnr {last.get('sqnr_db', '-')} dB", refresh=False)
+                if self.on_layer_done is not None:
+                    self.on_layer_done(i)
+            if bar is not None:
+                bar.close()
+            acts = None
+            for name in ("model.norm.weight", "lm_head.weight"):
+                if name in self.ckpt.tensors:
+                    w = self.ckpt.get_tensor(name)
+                    check_finite(name, w)
+                    self._emit(name, self._quantize_global(name, w))
+                    del w
+            outputs = [w.finish() for w in self.writers]
+        except OSError as e:
+            self._abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f" ({e.filename})" if e.filename else ""
+                raise OutOfSpaceError(
+                    f"out of disk space while writing{where}: nothing was written"
+                    + (f"; completed layers are kept in {self.work_dir} and the same command resumes" if self.work_dir else "")
+                ) from None
+            raise
+        except BaseException:
+            self._abort()
+            raise
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        return PipelineResult(outputs, self.log, self.imatrix, start, time.perf_counter() - t_start, self.fingerprint,
+                              self.calibration)
+
+    def _replay_layer(self, i: int) -> None:
+        named, extra, info = load_tensors(self.work_dir / f"layer-{i:05d}.safetensors")
+        for name, t in named:
+            self._emit(name, t)
+        counts = info.get("imatrix_counts", {})
+        for k, v in extra.items():
+            if k.startswith("imatrix::"):
+                n = k[len("imatrix::"):]
+                self.imatrix[n] = (v, int(counts.get(n, 0)))
+        self.log += info.get("log", [])
+
+    def _abort(self) -> None:
+        for w in self.writers:
+            try:
+                w.abort()
+            except Exception:
+                pass
+
+
+def quantize_model(ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None = None,
+                   options: PipelineOptions | None = None, **kwargs) -> PipelineResult:
+    """Run the layer-wise pipeline (see the module docstring); `writers` get every tensor in file order."""
+    return LayerwiseQuantizer(ckpt, targets, writers, calib_tokens, options or PipelineOptions(), **kwargs).run()

@@ -1,0 +1,326 @@
+"""The plan: every tensor's target, output size, bits per weight and the peak-memory estimate, before any work.
+
+A target is what the pipeline turns one source tensor into:
+  - a `Scheme`: integer group-affine QuantTensor (gptq, awq, compressed-tensors formats);
+  - a ggml type name (`"Q4_K"`, `"Q6_K"`, `"F32"`, ...): GGUF blocks, from llama-quantize's mix for `--type`;
+  - `None`: kept in floating point (embeddings, norms, lm_head; `-:` overrides).
+Sizes come from the schemes' storage cost (codes + scales + packed zeros + g_idx) and ggml block sizes; memory from
+the largest layer, the calibration activations, the GPTQ Hessians and the writer's shard buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from quantkit.errors import SchemeError
+from quantkit.model import arch
+from quantkit.model.config import ModelConfig
+from quantkit.quant.scheme import Scheme, get_preset, module_name, parse_override, resolve_schemes, with_act_order
+
+Target = Union[Scheme, str, None]
+
+INT_FORMATS = ("gptq", "awq", "compressed-tensors", "dump")
+METHODS = ("rtn", "gptq", "awq")
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+PROCESS_BASE_BYTES = 600 * 1024**2  # python + torch + libraries
+FORWARD_BATCH = 8  # calibration samples per forward pass in the pipeline
+
+
+def target_label(target: Target) -> str:
+    if target is None:
+        return "float"
+    if isinstance(target, Scheme):
+        return target.describe()
+    return target
+
+
+def scheme_nbytes(scheme: Scheme, shape: tuple[int, ...], format_name: str | None = None) -> int:
+    """Stored bytes of one [out, in] weight under `scheme`: packed codes, fp16 scales, packed zeros, g_idx."""
+    out_f, in_f = shape
+    groups = scheme.groups_for(in_f)
+    scale_bytes = 4 if scheme.scale_dtype == "float32" else 2
+    codes = out_f * in_f * scheme.bits // 8
+    scales = out_f * groups * scale_bytes
+    # GPTQ and AWQ store packed zeros even for symmetric schemes; compressed-tensors only when asymmetric
+    store_zeros = not scheme.symmetric or format_name in ("gptq", "awq")
+    zeros = -(-out_f * groups * scheme.bits // 8) if store_zeros else 0
+    g_idx = in_f * 4 if format_name == "gptq" or scheme.act_order else 0
+    return codes + scales + zeros + g_idx
+
+
+def ggml_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    except KeyError:
+        raise SchemeError(f"unknown ggml type {type_name!r}") from None
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    if shape[-1] % blck:
+        raise SchemeError(f"row length {shape[-1]} is not a multiple of the {type_name} block size {blck}")
+    return rows * (shape[-1] // blck) * size
+
+
+@dataclass
+class PlanEntry:
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: str
+    target: Target
+    bytes_in: int
+    bytes_out: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.bytes_out / self.numel
+
+    @property
+    def quantized(self) -> bool:
+        return self.target is not None and not (isinstance(self.target, str) and self.target in ("F32", "F16", "BF16"))
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.target
+        return {"name": self.name, "shape": list(self.shape), "source_dtype": self.source_dtype,
+                "target": target_label(t), "scheme": t.to_dict() if isinstance(t, Scheme) else None,
+                "ggml_type": t if isinstance(t, str) else None, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "bpw": round(self.bpw, 4)}
+
+
+@dataclass
+class Plan:
+    config: ModelConfig
+    entries: list[PlanEntry]
+    method: str
+    formats: list[str]
+    preset: str | None
+    gguf_type: str | None
+    overrides: list[str]
+    memory: dict[str, int] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    # ---- views ----
+
+    def targets(self) -> dict[str, Target]:
+        return {e.name: e.target for e in self.entries}
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(e.bytes_in for e in self.entries)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(e.bytes_out for e in self.entries)
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.bytes_out / max(self.numel, 1)
+
+    @property
+    def bpw_in(self) -> float:
+        return 8 * self.bytes_in / max(self.numel, 1)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+    def to_dict(self) -> dict[str, Any]:
+        quantized = [e for e in self.entries if e.quantized]
+        return {
+            "method": self.method, "formats": self.formats, "preset": self.preset, "gguf_type": self.gguf_type,
+            "overrides": self.overrides, "device": self.device, "calibration": self.calibration,
+            "tensors": len(self.entries), "quantized_tensors": len(quantized),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "bpw_in": round(self.bpw_in, 4),
+            "bpw": round(self.bpw, 4),
+            "quantized_bpw": round(8 * sum(e.bytes_out for e in quantized) / max(sum(e.numel for e in quantized), 1), 4),
+            "memory": self.memory,
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def render(self, per_tensor: bool = True) -> str:
+        """llama-quantize-style text: one line per tensor, then the size/BPW/memory summary."""
+        mib = 1024**2
+        lines = []
+        n = len(self.entries)
+        width = max((len(e.name) for e in self.entries), default=10)
+        if per_tensor:
+            for i, e in enumerate(self.entries, 1):
+                shape = "x".join(str(d) for d in e.shape)
+                lines.append(f"[{i:4d}/{n:4d}] {e.name:<{width}}  [{shape:>11}] {e.source_dtype:>4} -> "
+                             f"{target_label(e.target):<22} {e.bytes_in / mib:9.2f} MiB -> {e.bytes_out / mib:9.2f} MiB "
+                             f"({e.bpw:5.2f} BPW)")
+        quantized = sum(1 for e in self.entries if e.quantized)
+        what = self.gguf_type if self.gguf_type else self.preset
+        lines.append(f"plan: method {self.method}, {what}, format {','.join(self.formats)}: {quantized} tensors "
+                     f"quantized, {n - quantized} kept")
+        lines.append(f"model size  = {self.bytes_in / mib:10.2f} MiB ({self.bpw_in:.2f} BPW)")
+        lines.append(f"quant size  = {self.bytes_out / mib:10.2f} MiB ({self.bpw:.2f} BPW)  "
+                     f"{100 * (self.bytes_out / max(self.bytes_in, 1) - 1):+.1f}%")
+        mem = f"estimated peak RAM {self.memory['peak_ram_bytes'] / 1024**3:.2f} GiB"
+        if "peak_vram_bytes" in self.memory:
+            mem += f", peak VRAM {self.memory['peak_vram_bytes'] / 1024**3:.2f} GiB"
+        lines.append(mem)
+        return "\n".join(lines)
+
+
+# ---- building ----
+
+def _source_dtype(ckpt, name: str, config: ModelConfig) -> str:
+    if ckpt is not None and name in ckpt.tensors:
+        return ckpt.tensors[name].dtype
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(config.torch_dtype, "BF16")
+
+
+def _gguf_targets(config: ModelConfig, gguf_type: str, overrides: list[str], has_imatrix: bool) -> dict[str, str]:
+    try:
+        from quantkit.gguf.mixes import tensor_types
+    except ImportError:
+        raise SchemeError("GGUF output is not available in this build (quantkit.gguf.mixes is missing)") from None
+    types = tensor_types(config, gguf_type, has_imatrix=has_imatrix)
+    for text in overrides:
+        if "=" not in text:
+            raise SchemeError(f"override {text!r}: for GGUF use PATTERN=TYPE (e.g. 're:.*ffn_down.*=Q6_K')")
+        pattern, type_name = text.rsplit("=", 1)
+        type_name = type_name.upper()
+        ggml_nbytes(type_name, (1, 256 * 1024))  # validates the type name
+        regex = pattern[3:] if pattern.startswith("re:") else re.escape(pattern)
+        for name in types:
+            if re.fullmatch(regex, name) or re.fullmatch(regex, module_name(name)) or re.fullmatch(regex, arch.to_gguf(name)):
+                types[name] = type_name
+    return types
+
+
+def _int_targets(config: ModelConfig, preset: str, overrides: list[str], act_order: bool | None) -> dict[str, Target]:
+    default = with_act_order(get_preset(preset), act_order)
+    parsed = [parse_override(o) for o in overrides]
+    if act_order is not None:
+        parsed = [type(o)(o.pattern, with_act_order(o.scheme, act_order) if o.scheme else None) for o in parsed]
+    names = arch.canonical_names(config.num_hidden_layers)
+    shapes = config.expected_shapes()
+    linears = [module_name(n) for n in names if arch.is_quantizable_linear(n)]
+    chosen = resolve_schemes(linears, default, parsed)
+    targets: dict[str, Target] = {}
+    for n in names:
+        if n not in shapes:
+            continue
+        target = chosen.get(module_name(n)) if arch.is_quantizable_linear(n) else None
+        if isinstance(target, Scheme):
+            target.check_shape(n, shapes[n])
+        targets[n] = target
+    return targets
+
+
+def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str, n_samples: int, seqlen: int,
+                    max_shard_bytes: int, bytes_out: int, device: str = "cpu", source_bytes: int = 2) -> dict[str, int]:
+    """Peak RAM (and VRAM with a CUDA device) of the layer-wise pipeline, in bytes (an estimate)."""
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes = config.expected_shapes()
+    layer_params = sum(int(s[0]) * (int(s[1]) if len(s) > 1 else 1) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    layer_fp32 = layer_params * 4
+    calibrated = method in ("gptq", "awq") or any(isinstance(t, str) and t not in ("F32", "F16", "BF16")
+                                                 for t in targets.values()) and n_samples > 0
+    acts = 2 * n_samples * seqlen * h * 4 if calibrated else 0  # layer inputs + outputs, fp32
+    batch = min(n_samples, FORWARD_BATCH)
+    workspace = batch * seqlen * max(3 * f, 4 * h) * 4 + batch * config.num_attention_heads * seqlen * seqlen * 4 if calibrated else 0
+    largest_in = max(h, f, config.q_size)
+    hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, its factor, a working copy
+    awq_extra = n_samples * seqlen * f * 4 if method == "awq" else 0  # cached inputs of down_proj
+    quant_work = max(int(s[0]) * int(s[1]) for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
+    layer_phase = layer_fp32 + layer_params * source_bytes + acts + workspace + hessian + awq_extra + quant_work
+    head_phase = v * h * (4 * 3 + source_bytes)  # embedding / lm_head in fp32 + quantizer work
+    writer = min(max_shard_bytes, bytes_out)
+    out = {"peak_ram_bytes": PROCESS_BASE_BYTES + writer + max(layer_phase, head_phase),
+           "layer_bytes": layer_params * source_bytes, "activation_bytes": acts, "hessian_bytes": hessian,
+           "writer_buffer_bytes": writer}
+    if device.startswith("cuda"):
+        out["peak_vram_bytes"] = layer_fp32 + acts // 2 + workspace + hessian + awq_extra + quant_work + 512 * 1024**2
+        out["peak_ram_bytes"] -= workspace + hessian
+    return out
+
+
+def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", formats: list[str] = ("gptq",),
+               gguf_type: str | None = None, overrides: list[str] = (), method: str = "rtn",
+               act_order: bool | None = None, n_samples: int = 128, seqlen: int = 512, device: str = "cpu",
+               max_shard_bytes: int = 5 * 1000**3, checkpoint=None, has_imatrix: bool = False) -> Plan:
+    """The plan for quantizing a model of `config` (optionally the opened checkpoint, for the source dtypes)."""
+    formats = list(formats)
+    if method not in METHODS:
+        raise SchemeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if not formats:
+        raise SchemeError("no output format given")
+    gguf = "gguf" in formats
+    if gguf and len(formats) > 1:
+        raise SchemeError(f"gguf cannot be written in the same run as {', '.join(f for f in formats if f != 'gguf')}: "
+                          "GGUF stores ggml block types, the others integer group schemes; run quantize twice")
+    if gguf:
+        if not gguf_type:
+            raise SchemeError("--format gguf needs --type (e.g. --type Q4_K_M)")
+        if method == "awq":
+            raise SchemeError("--method awq writes integer group schemes; for GGUF use --method rtn or gptq")
+        targets: dict[str, Target] = dict(_gguf_targets(config, gguf_type, list(overrides), has_imatrix or method != "rtn"))
+    else:
+        if gguf_type:
+            raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
+        _check_formats(formats)
+        targets = _int_targets(config, preset or "w4a16-g128", list(overrides), act_order)
+        for scheme in {t for t in targets.values() if isinstance(t, Scheme)}:
+            _check_format_schemes(formats, scheme)
+            if method == "awq" and scheme.act_order:
+                raise SchemeError("--act-order is a GPTQ option; AWQ does not reorder columns")
+    shapes = config.expected_shapes()
+    entries = []
+    fmt = formats[0]
+    for name, target in targets.items():
+        shape = tuple(shapes[name])
+        dtype = _source_dtype(checkpoint, name, config)
+        numel = 1
+        for d in shape:
+            numel *= d
+        bytes_in = numel * DTYPE_BYTES.get(dtype, 2)
+        if isinstance(target, Scheme):
+            bytes_out = scheme_nbytes(target, shape, fmt)
+        elif isinstance(target, str):
+            bytes_out = ggml_nbytes(target, shape)
+        else:
+            bytes_out = numel * 2
+        entries.append(PlanEntry(name, shape, dtype, target, bytes_in, bytes_out))
+    plan = Plan(config, entries, method, formats, None if gguf else (preset or "w4a16-g128"), gguf_type,
+                list(overrides), device=device,
+                calibration={"n_samples": n_samples, "seqlen": seqlen} if method != "rtn" or has_imatrix else {})
+    src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
+    calib_samples = n_samples if (method != "rtn" or has_imatrix) else 0
+    plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes, plan.bytes_out,
+                                  device, src_bytes)
+    return plan
+
+
+def _check_formats(formats: list[str]) -> None:
+    for f in formats:
+        if f == "dump":
+            continue
+        from quantkit.formats.base import get_format
+
+        get_format(f)  # raises FormatError naming the known formats
+
+
+def _check_format_schemes(formats: list[str], scheme: Scheme) -> None:
+    from quantkit.formats.base import get_format
+
+    for f in formats:
+        if f != "dump":
+            get_format(f).check_scheme(scheme)
