@@ -41,3 +41,15 @@ class CheckFailed(QuantkitError):
 
 class TokenizerError(QuantkitError):
     """A tokenizer file is missing or unreadable, or a chat conversation is malformed."""
+
+
+class EvalError(QuantkitError):
+    """An evaluation cannot run as asked (e.g. the text is shorter than one window)."""
+
+
+class DeviceError(QuantkitError):
+    """A requested device or kernel backend is not available here (e.g. --backend triton without a GPU)."""
+
+
+class GenerationError(QuantkitError):
+    """Generation cannot run as asked (e.g. the prompt does not fit the model's context)."""

@@ -1,0 +1,192 @@
+"""Perplexity in two named conventions (algorithms.md §3).
+
+- `gptq` [GPTQ-ctxN]: the caller's token stream (documents joined with "\\n\\n", one BOS at the very start) is cut
+  into non-overlapping windows of `ctx` (default 2048), the tail is dropped, every window is a fresh context and
+  all ctx-1 targets of each window are scored.
+- `llamacpp` [LCPP-ctxN] (llama-perplexity): chunks of `ctx` (default 512), the first token of each chunk is
+  replaced by BOS, only the second half is scored (positions ctx/2 .. ctx-2 predicting the next token);
+  at least 2*ctx tokens are needed, as llama-perplexity requires.
+
+`logits_fn(tokens [1, T] int64) -> logits [1, T, V]`. PPL = exp(mean NLL); the ± is llama.cpp's
+PPL * stddev(NLL) / sqrt(count - 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from quantkit.errors import EvalError
+
+CONVENTIONS = ("gptq", "llamacpp")
+DEFAULT_CTX = {"gptq": 2048, "llamacpp": 512}
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    tokens: torch.Tensor  # [1, T] int64, what the model sees
+    first: int  # logits at positions first .. T-2 are scored
+    targets: torch.Tensor  # [T-1-first] int64: the tokens those positions predict
+
+
+def check_convention(convention: str, ctx: int | None) -> int:
+    if convention not in CONVENTIONS:
+        raise EvalError(f"unknown perplexity convention {convention!r}; choose one of: {', '.join(CONVENTIONS)}")
+    ctx = DEFAULT_CTX[convention] if ctx is None else int(ctx)
+    if ctx < 4:
+        raise EvalError(f"ctx must be at least 4 tokens, got {ctx}")
+    return ctx
+
+
+def count_windows(n_tokens: int, convention: str, ctx: int | None = None) -> int:
+    ctx = check_convention(convention, ctx)
+    return n_tokens // ctx
+
+
+def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq", ctx: int | None = None,
+                 bos_id: int = 1, max_windows: int | None = None) -> Iterator[Window]:
+    """The windows a convention evaluates, in order (see the module docstring)."""
+    ctx = check_convention(convention, ctx)
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+    n = ids.numel()
+    need = 2 * ctx if convention == "llamacpp" else ctx
+    if n < need:
+        raise EvalError(
+            f"text is too short: {n} tokens, convention {convention} with ctx {ctx} needs at least {need}"
+        )
+    count = n // ctx
+    if max_windows is not None:
+        count = min(count, max(1, int(max_windows)))
+    first = 0 if convention == "gptq" else ctx // 2
+    for i in range(count):
+        window = ids[i * ctx:(i + 1) * ctx].clone()
+        if convention == "llamacpp":
+            window[0] = bos_id
+        yield Window(i, window.unsqueeze(0), first, window[first + 1:])
+
+
+def window_nll(logits: torch.Tensor, window: Window) -> torch.Tensor:
+    """Per-token NLL (float64) of the scored positions of one window, from logits [1, T, V]."""
+    scored = logits[0, window.first:-1].float()
+    logp = torch.log_softmax(scored, dim=-1)
+    return -logp.gather(-1, window.targets.to(logp.device)[:, None])[:, 0].double().cpu()
+
+
+@dataclass
+class NLLStats:
+    """Running sums over scored tokens (and per-window means, for reporting)."""
+
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    window_means: list[float] = field(default_factory=list)
+
+    def add(self, nll: torch.Tensor) -> None:
+        nll = nll.double()
+        self.count += nll.numel()
+        self.total += nll.sum().item()
+        self.total_sq += (nll * nll).sum().item()
+        self.window_means.append(nll.mean().item())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.total_sq / self.count - self.mean**2, 0.0))
+
+    @property
+    def mean_stderr(self) -> float:
+        return self.std / math.sqrt(self.count - 1) if self.count > 1 else float("nan")
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    ppl_stderr: float
+    nll_mean: float
+    n_tokens: int  # scored tokens
+    n_windows: int
+    convention: str
+    ctx: int
+    window_nll: list[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_stats(cls, stats: NLLStats, convention: str, ctx: int) -> "PerplexityResult":
+        ppl = math.exp(stats.mean)
+        return cls(ppl, ppl * stats.mean_stderr, stats.mean, stats.count, len(stats.window_means), convention, ctx,
+                   list(stats.window_means))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("window_nll")
+        return d
+
+    def describe(self) -> str:
+        return (f"PPL = {self.ppl:.4f} +/- {self.ppl_stderr:.4f}  "
+                f"[{self.convention}, ctx {self.ctx}, {self.n_windows} windows, {self.n_tokens} scored tokens]")
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="win", leave=False, dynamic_ncols=True)
+
+
+def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq",
+                        ctx: int | None = None, progress: bool = True, bos_id: int = 1,
+                        max_windows: int | None = None) -> PerplexityResult:
+    """Perplexity of `logits_fn` on `token_ids` under a named convention (module docstring)."""
+    ctx = check_convention(convention, ctx)
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+    total = count_windows(ids.numel(), convention, ctx)
+    if max_windows is not None:
+        total = min(total, max(1, int(max_windows)))
+    stats = NLLStats()
+    windows = iter_windows(ids, convention, ctx, bos_id, max_windows)
+    with torch.no_grad():
+        for window in progress_bar(windows, total, f"perplexity ({convention}, ctx {ctx})", progress):
+            stats.add(window_nll(logits_fn(window.tokens), window))
+    return PerplexityResult.from_stats(stats, convention, ctx)
+
+
+# ---- text preparation ----
+
+def read_texts(path) -> list[str]:
+    """The documents of an evaluation text: one file, or every *.txt file of a directory (sorted by name)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".txt", ".raw", ".md"))
+        if not files:
+            raise EvalError(f"{path}: directory has no .txt/.raw files to evaluate on")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise EvalError(f"{path}: no such text file or directory")
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EvalError(f"{f}: not UTF-8 text") from None
+    return texts
+
+
+def tokenize_for_convention(tokenizer, texts: Sequence[str] | str, convention: str) -> list[int]:
+    """One token stream with a single BOS at the start: documents joined by "\\n\\n" (gptq) or concatenated as-is
+    (llamacpp tokenizes one raw file; several files are joined by "\\n\\n" there too)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    check_convention(convention, None)
+    return tokenizer.encode("\n\n".join(texts), bos=True)
