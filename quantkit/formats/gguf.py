@@ -46,6 +46,8 @@ class GGUFFormat:
         path = Path(path)
         if not path.is_file():
             return False
+        if path.suffix == ".gguf":
+            return True
         try:
             with open(path, "rb") as f:
                 return f.read(4) == b"GGUF"

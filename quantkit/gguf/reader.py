@@ -83,7 +83,7 @@ class _Cursor:
     def string(self, what: str, limit: int | None = None) -> str:
         n = self.u64(f"{what} length")
         if limit is not None and n > limit:
-            raise FormatError(f"{self.path}: {what} is {n} bytes long, more than the {limit} allowed")
+            raise FormatError(f"{self.path}: corrupt GGUF: {what} is {n} bytes long, more than the {limit} allowed")
         if n > self.size - self.pos:
             raise FormatError(f"{self.path}: corrupt GGUF: {what} claims {n} bytes at offset {self.pos}, "
                               f"but only {self.size - self.pos} bytes remain in the file")
