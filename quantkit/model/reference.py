@@ -160,7 +160,9 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         cfg = self.config
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        head_weight = getattr(self.lm_head, "weight", None)  # a quantized head (runtime) has no float weight
+        ref = head_weight if head_weight is not None else self.model.norm.weight
+        dtype, device = ref.dtype, ref.device
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = self.model.norm.weight.dtype
         self.caches = [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, device)

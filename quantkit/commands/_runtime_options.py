@@ -1,0 +1,47 @@
+"""Options shared by `generate` and `chat`, and the model + tokenizer loading they both do."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from quantkit.errors import TokenizerError
+
+
+def runtime_options(fn):
+    @click.option("--max-tokens", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
+    @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+    @click.option("--top-k", "top_k", type=int, default=0, show_default=True, help="Keep the k most likely (0 = off).")
+    @click.option("--top-p", "top_p", type=float, default=1.0, show_default=True, help="Nucleus mass (1 = off).")
+    @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+    @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+    @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
+                  help="Kernels: triton (GPU), torch (CPU); auto picks by device.")
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                  help="Activation dtype (default float32 on CPU, bfloat16 on CUDA).")
+    @click.option("--cache-dequant", is_flag=True,
+                  help="Keep dequantized weights after first use (faster on CPU, uses full-precision memory).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def load_for_generation(model_path, device, backend, dtype, cache_dequant):
+    from quantkit.model.tokenizer import load_tokenizer
+    from quantkit.runtime.model import load_model
+
+    model = load_model(model_path, device=device, backend=backend, dtype=dtype, cache_dequant=cache_dequant)
+    tok_path = model.runtime_info.get("tokenizer_path")
+    if not tok_path:
+        raise TokenizerError(f"{model_path}: no tokenizer found next to the model (tokenizer.model or tokenizer.json)")
+    return model, load_tokenizer(tok_path)
+
+
+def speed_line(result, info) -> str:
+    return (f"{len(result.tokens)} tokens | prefill {result.prompt_tokens - result.reused_tokens} tok "
+            f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_tokens_per_s:.2f} tok/s | "
+            f"{info['format']} {info['backend']} {info['device']} {info['dtype']}"
+            + (" cache-dequant" if info.get("cache_dequant") else ""))

@@ -1,0 +1,48 @@
+"""`quantkit generate MODEL PROMPT`: stream a continuation (or a chat answer) and report tokens/s."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from quantkit.commands._runtime_options import load_for_generation, runtime_options, speed_line
+
+
+@click.command("generate")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template ([INST] ... [/INST]).")
+@runtime_options
+def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant):
+    """Generate text from MODEL (full-precision source, GPTQ/AWQ/compressed-tensors directory or GGUF file).
+
+    The text streams to stdout; the speed line (prefill and decode tokens/s) goes to stderr at the end.
+
+    \b
+    quantkit generate models/mistral-nano "Once upon a time"
+    quantkit generate out/nano-Q4_K_M.gguf "Once upon a time" --max-tokens 64 --temperature 0.8 --top-p 0.9 --seed 1
+    quantkit generate out/nano-gptq "Tell me a story" --chat --device cuda
+    """
+    from quantkit.runtime.generate import Generator, SamplingParams, TextStreamer
+
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        streamer = TextStreamer(tok)
+    else:
+        ids = tok.encode(prompt, bos=True)
+        streamer = TextStreamer(tok, ids[1:] if ids and ids[0] == tok.bos_id else ids)
+        sys.stdout.write(streamer.text)
+    gen = Generator(net, max_len=min(len(ids) + max_tokens + 1, net.config.max_position_embeddings))
+    first = True
+    for t in gen.stream(ids, max_tokens, params, eos_id=tok.eos_id):
+        piece = streamer.push(t)
+        if chat and first:
+            piece, first = piece.lstrip(), not piece.strip()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    click.echo(speed_line(gen.last, net.runtime_info), err=True)

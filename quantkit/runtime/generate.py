@@ -1,0 +1,270 @@
+"""Prefill + decode with a static KV cache, sampling, EOS stop, streaming, tokens/s.
+
+`Generator(model, max_len)` owns per-layer key/value caches [batch, kv_heads, max_len, head_dim] and RoPE tables
+for every position, and runs the reference model's modules (norms, projections, MLP) with its own attention so
+that one decode step has static shapes: the cache is written with `index_copy_` at a position tensor and
+attention reads the whole cache under a mask. On CUDA that step is captured once as a CUDA graph (the Python
+overhead of ~40 small ops per layer would otherwise dominate decode), on CPU it runs eagerly.
+The cache remembers which tokens it holds, so a chat turn only prefills the new suffix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.errors import GenerationError
+from quantkit.model.reference import Transformer, apply_rope, rope_cos_sin
+from quantkit.runtime.model import model_device, model_dtype
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] (greedy, or temperature + top-k + top-p sampling)."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids (without the prompt; includes EOS if it stopped there)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    stop_reason: str  # "eos" | "length"
+    reused_tokens: int = 0  # prompt tokens served from the cache (chat)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(len(self.tokens) - 1, 0)  # the first token comes out of the prefill
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+
+class Generator:
+    def __init__(self, model: Transformer, max_len: int | None = None, batch: int = 1, cuda_graph: bool | None = None):
+        cfg = model.config
+        self.model, self.cfg, self.batch = model, cfg, batch
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.device, self.dtype = model_device(model), model_dtype(model)
+        shape = (batch, cfg.num_key_value_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        positions = torch.arange(self.max_len, device=self.device)
+        self.cos, self.sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        self.positions = positions
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache (batch 1 bookkeeping)
+        self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        self._graph = None
+
+    # ---- forward pieces ----
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        k_pos = self.positions[:k_len]
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if self.cfg.sliding_window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - self.cfg.sliding_window
+        return allowed
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, cos, sin, mask, k_len: int | None) -> torch.Tensor:
+        """pos: positions [T] (tensor). k_len None = static decode (attend over the whole cache)."""
+        b, t, _ = h.shape
+        cfg = self.cfg
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.k[i].index_copy_(2, pos, k)
+            self.v[i].index_copy_(2, pos, v)
+            keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
+            values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions start_pos.. -> logits [B, V] of the last position (or [B, T, V])."""
+        t = tokens.shape[1]
+        end = start_pos + t
+        if end > self.max_len:
+            raise GenerationError(f"sequence of {end} tokens exceeds the cache/context length {self.max_len}")
+        pos = self.positions[start_pos:end]
+        h = self.model.embed(tokens.to(self.device))
+        h = self._layers(h, pos, self.cos[start_pos:end], self.sin[start_pos:end], self._mask(pos, end), end)
+        if not all_logits:
+            h = h[:, -1:]
+        logits = self.model.head(h)
+        return logits if all_logits else logits[:, -1]
+
+    def _static_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed(token)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        h = self._layers(h, pos, cos, sin, self._mask(pos, self.max_len), None)
+        return self.model.head(h)[:, -1]
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token per sequence [B] at position pos -> logits [B, V] (CUDA graph when enabled)."""
+        if pos >= self.max_len:
+            raise GenerationError(f"position {pos} exceeds the cache/context length {self.max_len}")
+        if not self.use_graph:
+            return self.forward(token.view(-1, 1), pos)
+        if self._graph is None:
+            self._capture()
+        self._tok.copy_(token.view(-1, 1))
+        self._pos.fill_(pos)
+        self._graph.replay()
+        return self._logits
+
+    def _capture(self) -> None:
+        self._tok = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
+        self._pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+        saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v)] if self.cached else None
+        # warm-up on a side stream picks kernel configs and allocates outside the graph, then capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._static_step(self._tok, self._pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._static_step(self._tok, self._pos)
+        self._graph = graph
+        if saved is not None:  # warm-up wrote position 0: put the cache back
+            for (k, v), dst_k, dst_v in zip(saved, self.k, self.v):
+                dst_k.copy_(k)
+                dst_v.copy_(v)
+
+    # ---- generation ----
+
+    def prepare(self, prompt: list[int]) -> int:
+        """Reuse the cached prefix of `prompt`; returns how many prompt tokens are already cached."""
+        n = 0
+        for a, b in zip(self.cached, prompt[:-1]):  # always recompute at least the last prompt token
+            if a != b:
+                break
+            n += 1
+        self.cached = self.cached[:n]
+        return n
+
+    def stream(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+               eos_id: int | None = None, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+        """Yield generated token ids one at a time; `self.last` holds the GenerationResult when it ends."""
+        params = params or SamplingParams()
+        if not prompt:
+            raise GenerationError("empty prompt")
+        if len(prompt) >= self.max_len:
+            raise GenerationError(f"prompt has {len(prompt)} tokens but the context is {self.max_len} "
+                                  f"(model limit {self.cfg.max_position_embeddings}); shorten the prompt")
+        max_new_tokens = max(0, min(max_new_tokens, self.max_len - len(prompt)))
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
+        reused = self.prepare(prompt)
+        out: list[int] = []
+        self.last = GenerationResult(out, len(prompt), 0.0, 0.0, "length", reused)
+        if max_new_tokens == 0:
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        logits = self.forward(torch.tensor([prompt[reused:]], device=self.device), reused)
+        token = sample(logits, params, gen)
+        tok = int(token[0])
+        sync()
+        t1 = time.perf_counter()
+        self.cached = list(prompt)
+        self.last.prefill_s = t1 - t0
+        pos = len(prompt)
+        while True:
+            out.append(tok)
+            self.last.decode_s = time.perf_counter() - t1
+            yield tok
+            if tok in stops:
+                self.last.stop_reason = "eos"
+                break
+            if len(out) >= max_new_tokens or pos >= self.max_len:
+                break
+            logits = self.decode_step(token.view(1), pos)
+            self.cached.append(tok)
+            pos += 1
+            token = sample(logits, params, gen)
+            tok = int(token[0])
+        self.last.decode_s = time.perf_counter() - t1
+
+    def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+                 eos_id: int | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        for tok in self.stream(prompt, max_new_tokens, params, eos_id):
+            if on_token is not None:
+                on_token(tok)
+        return self.last
+
+
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
+             eos_id: int | None = None, on_token: Callable[[int], None] | None = None,
+             cuda_graph: bool | None = None) -> GenerationResult:
+    """One-shot generation (builds a Generator sized for prompt + max_new_tokens)."""
+    if len(prompt) >= model.config.max_position_embeddings:
+        raise GenerationError(f"prompt has {len(prompt)} tokens but the model's context is "
+                              f"{model.config.max_position_embeddings}; shorten the prompt")
+    g = Generator(model, max_len=len(prompt) + max_new_tokens + 1, cuda_graph=cuda_graph)
+    return g.generate(prompt, max_new_tokens, params, eos_id if eos_id is not None else model.config.eos_token_id,
+                      on_token)
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text increments (decodes the growing sequence, emits the new suffix)."""
+
+    def __init__(self, tokenizer, prefix: list[int] | None = None):
+        """`prefix`: ids already shown (e.g. the prompt), so spacing at the seam decodes as in one sequence."""
+        self.tokenizer, self.ids = tokenizer, list(prefix or [])
+        self.text = tokenizer.decode(self.ids) if self.ids else ""
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 byte sequence: wait for the rest
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new

@@ -1,0 +1,192 @@
+"""Linear layers that keep their weights compressed and dequantize inside the matmul.
+
+- `QuantLinear`: integer group-affine weights (GPTQ/AWQ/compressed-tensors/RTN `QuantTensor`s) in the
+  `PackedInt` layout (kernels/pack.py: int32 words of 8×4-bit / 4×8-bit codes along the input dimension).
+- `GGMLLinear`: ggml block bytes exactly as GGUF stores them (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K have Triton
+  kernels; every other block type works through the torch/gguf-py dequantizer).
+- `GGMLEmbedding`: a ggml-typed token embedding; only the looked-up rows are dequantized.
+
+Backends: `triton` (GPU kernels, kernels/int_matmul.py and kernels/ggml_matmul.py) and `torch` (CPU; dequantizes
+one chunk of input rows at a time and accumulates, so at most `chunk_elems` weights exist in full precision).
+`cache_dequant=True` (torch backend only) keeps the dequantized matrix after the first call: it trades the
+memory saving for speed and is labelled as such wherever it is reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantkit.kernels.ggml_ref import BLOCK_SIZES, dequantize_rows
+from quantkit.kernels.pack import PackedInt, pack_quant_tensor, unpack_codes
+from quantkit.quant.tensor import GGMLTensor, QuantTensor
+
+BACKENDS = ("torch", "triton")
+CHUNK_ELEMS = 1 << 20  # weights dequantized at once by the torch backend
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, packed: PackedInt, backend: str = "torch", cache_dequant: bool = False):
+        super().__init__()
+        _check_backend(backend)
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.bits, self.container_bits, self.group_size = packed.bits, packed.container_bits, packed.group_size
+        self.backend, self.cache_dequant = backend, cache_dequant
+        for name in ("qweight", "scales", "zeros", "perm", "g_idx"):
+            self.register_buffer(name, getattr(packed, name), persistent=False)
+        self._cached: torch.Tensor | None = None
+
+    @classmethod
+    def from_quant_tensor(cls, qt: QuantTensor, backend: str = "torch", device=None, cache_dequant: bool = False):
+        packed = pack_quant_tensor(qt)
+        if device is not None:
+            packed = packed.to(device)
+        return cls(packed, backend, cache_dequant)
+
+    def packed(self) -> PackedInt:
+        return PackedInt(self.qweight, self.scales, self.zeros, self.bits, self.container_bits, self.group_size,
+                         self.in_features, self.out_features, self.perm, self.g_idx)
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits} g{self.group_size}" + (" asym" if self.zeros is not None else " sym")
+        kind += " act-order" if self.perm is not None else ""
+        return f"{self.in_features} -> {self.out_features}, {kind}, backend={self.backend}" + (
+            ", cache_dequant" if self.cache_dequant else "")
+
+    def weight_nbytes(self) -> int:
+        return self.packed().nbytes()
+
+    # -- torch backend --
+
+    def _dequant_rows(self, k0: int, k1: int, dtype) -> torch.Tensor:
+        """W^T rows k0..k1 (packed order) as [k1-k0, N] in `dtype`; k0 is a multiple of the pack factor."""
+        pf = 32 // self.container_bits
+        codes = unpack_codes(self.qweight[k0 // pf: -(-k1 // pf)], self.container_bits, k1 - k0).to(dtype)
+        gs = self.group_size
+        if self.g_idx is None and k0 % gs == 0 and (k1 - k0) % gs == 0:
+            g0, g1 = k0 // gs, k1 // gs
+            codes = codes.view(g1 - g0, gs, -1)
+            scales = self.scales[g0:g1, None, :].to(dtype)
+            zeros = (1 << (self.bits - 1)) if self.zeros is None else self.zeros[g0:g1, None, :].to(dtype)
+            return ((codes - zeros) * scales).view(k1 - k0, -1)
+        rows = torch.arange(k0, k1, device=codes.device)
+        g = self.g_idx[rows].long() if self.g_idx is not None else rows // gs
+        zeros = (1 << (self.bits - 1)) if self.zeros is None else self.zeros[g].to(dtype)
+        return (codes - zeros) * self.scales[g].to(dtype)
+
+    def _chunk_rows(self) -> int:
+        pf = 32 // self.container_bits
+        step = max(pf, CHUNK_ELEMS // max(self.out_features, 1))
+        unit = pf if self.g_idx is not None else np.lcm(pf, self.group_size)
+        return max(unit, step // unit * unit)
+
+    def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        dtype = x2.dtype if x2.dtype in (torch.float32, torch.float64) else torch.float32
+        if self.cache_dequant:
+            if self._cached is None or self._cached.dtype != x2.dtype:
+                self._cached = self._dequant_rows(0, self.in_features, torch.float32).to(x2.dtype)
+            return x2 @ self._cached
+        out = torch.zeros((x2.shape[0], self.out_features), dtype=dtype, device=x2.device)
+        xs = x2.to(dtype)
+        step = self._chunk_rows()
+        for k0 in range(0, self.in_features, step):
+            k1 = min(self.in_features, k0 + step)
+            out.addmm_(xs[:, k0:k1], self._dequant_rows(k0, k1, dtype))
+        return out.to(x2.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.backend == "triton":
+            from quantkit.kernels.int_matmul import int_matmul
+
+            return int_matmul(x, self.packed())
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        return self._torch_forward(x2).view(*lead, self.out_features)
+
+
+class GGMLLinear(nn.Module):
+    def __init__(self, type_name: str, data: torch.Tensor, shape: tuple[int, int], backend: str = "torch",
+                 cache_dequant: bool = False):
+        super().__init__()
+        _check_backend(backend)
+        self.type_name, self.backend, self.cache_dequant = type_name, backend, cache_dequant
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        self.register_buffer("data", data, persistent=False)
+        self._cached: torch.Tensor | None = None
+
+    @classmethod
+    def from_ggml_tensor(cls, t: GGMLTensor, backend: str = "torch", device=None, cache_dequant: bool = False):
+        if len(t.shape) != 2:
+            raise ValueError(f"GGMLLinear needs a 2-D tensor, got shape {t.shape}")
+        data = torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1)).to(device or "cpu")
+        return cls(t.type_name, data, (t.shape[0], t.shape[1]), backend, cache_dequant)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.type_name}, backend={self.backend}" + (
+            ", cache_dequant" if self.cache_dequant else "")
+
+    def weight_nbytes(self) -> int:
+        return self.data.numel()
+
+    def _dequant(self, r0: int, r1: int, dtype) -> torch.Tensor:
+        return dequantize_rows(self.data[r0:r1], self.type_name).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "triton" and self.type_name in _triton_types():
+            from quantkit.kernels.ggml_matmul import ggml_matmul
+
+            return ggml_matmul(x2, self.data, self.type_name).view(*lead, self.out_features)
+        if self.cache_dequant:
+            if self._cached is None or self._cached.dtype != x2.dtype:
+                self._cached = self._dequant(0, self.out_features, torch.float32).to(x2.dtype).t().contiguous()
+            return (x2 @ self._cached).view(*lead, self.out_features)
+        out = torch.empty((x2.shape[0], self.out_features), dtype=x2.dtype, device=x2.device)
+        step = max(1, CHUNK_ELEMS // self.in_features)
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            out[:, r0:r1] = x2 @ self._dequant(r0, r1, x2.dtype).t()
+        return out.view(*lead, self.out_features)
+
+
+class GGMLEmbedding(nn.Module):
+    """Token embedding stored in a ggml block type: dequantizes only the rows it looks up."""
+
+    def __init__(self, type_name: str, data: torch.Tensor, shape: tuple[int, int], dtype=torch.float32):
+        super().__init__()
+        self.type_name, self.dtype = type_name, dtype
+        self.num_embeddings, self.embedding_dim = int(shape[0]), int(shape[1])
+        self.register_buffer("data", data, persistent=False)
+
+    @classmethod
+    def from_ggml_tensor(cls, t: GGMLTensor, device=None, dtype=torch.float32):
+        data = torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1)).to(device or "cpu")
+        return cls(t.type_name, data, (t.shape[0], t.shape[1]), dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.data.index_select(0, tokens.reshape(-1))
+        return dequantize_rows(rows, self.type_name).to(self.dtype).view(*tokens.shape, self.embedding_dim)
+
+
+def _triton_types() -> tuple[str, ...]:
+    from quantkit.kernels.ggml_matmul import SUPPORTED
+
+    return SUPPORTED
+
+
+def is_block_type(type_name: str) -> bool:
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0] > 1
+    except KeyError:
+        return type_name in BLOCK_SIZES
