@@ -1,0 +1,291 @@
+"""What every Hugging Face-layout output directory shares: the atomic temp dir, streamed safetensors shards with
+an index, copied tokenizer files, config.json, the `quantkit.json` provenance record and the model card.
+And the matching reader side: a safetensors directory (single file or shards + index) opened lazily.
+
+Format writers (gptq, awq, compressed-tensors, float hf) encode tensors and hand them to `OutputDir`; readers use
+`SafetensorsDir` to reach stored tensors by name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantkit import __version__
+from quantkit.errors import CheckpointError, FormatError
+from quantkit.io import check_output_path, sha256_file, shard_file_name, tensor_nbytes, write_json
+from quantkit.model.config import ModelConfig
+
+# Files copied verbatim from the source directory when present.
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+class OutputDir:
+    """A directory being written: everything goes into `.<name>.tmp-*` beside `out`; `finish` renames it."""
+
+    def __init__(self, out: str | Path, force: bool = False, max_shard_bytes: int = 5 * 1000**3, stem: str = "model"):
+        self.out = check_output_path(Path(out), force)
+        if self.out.exists() and not self.out.is_dir():
+            raise FormatError(f"{self.out}: exists and is not a directory")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.max_shard_bytes = max_shard_bytes
+        self.stem = stem
+        self._parts: list[Path] = []
+        self._weight_map: dict[str, int] = {}
+        self._current: dict[str, torch.Tensor] = {}
+        self._used = 0
+        self.total_bytes = 0
+        self.closed = False
+
+    # ---- tensors ----
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._weight_map:
+            raise FormatError(f"tensor {name!r} written twice")
+        size = tensor_nbytes(tensor)
+        if self._current and self._used + size > self.max_shard_bytes:
+            self._flush()
+        self._current[name] = tensor.detach().to("cpu").contiguous()
+        self._weight_map[name] = len(self._parts)
+        self._used += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        if self._current:
+            part = self.tmp / f"{self.stem}-{len(self._parts):05d}.part.safetensors"
+            save_file(self._current, str(part), metadata={"format": "pt"})
+            self._parts.append(part)
+            self._current, self._used = {}, 0
+
+    def tensor_names(self) -> list[str]:
+        return list(self._weight_map)
+
+    # ---- other files ----
+
+    def write_json(self, name: str, obj: Any, sort_keys: bool = False) -> None:
+        write_json(self.tmp / name, obj, sort_keys=sort_keys)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).write_text(text)
+
+    def copy_tokenizer_files(self, source_dir: Path | None) -> list[str]:
+        copied = []
+        if source_dir is None:
+            return copied
+        for name in TOKENIZER_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copyfile(Path(source_dir) / name, self.tmp / name)
+                copied.append(name)
+        return copied
+
+    # ---- completion ----
+
+    def finish(self) -> Path:
+        """Write the last shard and the index, then rename the temporary directory to `out`."""
+        self._flush()
+        files = [shard_file_name(i, len(self._parts), self.stem) for i in range(len(self._parts))]
+        for part, fname in zip(self._parts, files):
+            part.rename(self.tmp / fname)
+        if len(files) > 1:
+            write_json(self.tmp / f"{self.stem}.safetensors.index.json",
+                       {"metadata": {"total_size": self.total_bytes},
+                        "weight_map": {n: files[i] for n, i in self._weight_map.items()}})
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out)
+        self.closed = True
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.closed = True
+
+
+# ---- config / provenance / card ----
+
+def source_config_dict(source_dir: Path | None, config: ModelConfig) -> dict[str, Any]:
+    """The source's config.json as it is (all keys kept), else one made from ModelConfig (consolidated sources)."""
+    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
+        try:
+            cfg = json.loads((Path(source_dir) / "config.json").read_text())
+            cfg.pop("quantization_config", None)
+            return cfg
+        except json.JSONDecodeError:
+            pass
+    return config.to_hf_dict()
+
+
+def source_checksums(source_dir: Path | None) -> dict[str, str]:
+    """sha256 of every weight and config file of the source (what `quantkit.json` records as the source checksum)."""
+    if source_dir is None or not Path(source_dir).is_dir():
+        return {}
+    out = {}
+    for f in sorted(Path(source_dir).iterdir()):
+        if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "params.json",
+                                                                        "model.safetensors.index.json")):
+            out[f.name] = sha256_file(f)
+    return out
+
+
+def provenance_record(fmt: str, source_dir: Path | None, provenance: dict[str, Any], schemes: dict[str, Any],
+                      tensor_errors: dict[str, dict], quantization_config: dict | None) -> dict[str, Any]:
+    """The `quantkit.json` object: tool, source identity, scheme(s), method, calibration, per-layer errors."""
+    record: dict[str, Any] = {
+        "quantkit_version": __version__,
+        "format": fmt,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(source_dir) if source_dir else None, "sha256": source_checksums(source_dir)},
+    }
+    scheme_summary = {}
+    for module, scheme in schemes.items():
+        scheme_summary[module] = None if scheme is None else (scheme.describe() if hasattr(scheme, "describe") else str(scheme))
+    if scheme_summary:
+        record["schemes"] = scheme_summary
+    for key, value in provenance.items():
+        if key == "source" and isinstance(value, dict):
+            record["source"].update(value)
+        else:
+            record[key] = value
+    layers = dict(record.get("layers") or {})
+    for name, err in tensor_errors.items():
+        if err:
+            layers.setdefault(name, {}).update(err)
+    record["layers"] = layers
+    if quantization_config is not None:
+        record["quantization_config"] = quantization_config
+    return record
+
+
+def model_card(fmt: str, base_model: str, description: str, loaders: list[str], provenance: dict[str, Any]) -> str:
+    """README.md with the Hub's YAML header (base_model, base_model_relation: quantized) and the known numbers."""
+    tags = ["quantkit", fmt] + [t for t in provenance.get("tags", []) if t != fmt]
+    lines = ["---", f"base_model: {base_model}", "base_model_relation: quantized", "quantized_by: quantkit",
+             "library_name: transformers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    lines += [f"# {Path(base_model).name} ({fmt})", "", f"Quantized with quantkit {__version__}: {description}.", ""]
+    if provenance.get("method"):
+        lines.append(f"- method: `{provenance['method']}`")
+    if provenance.get("scheme"):
+        lines.append(f"- scheme: `{provenance['scheme']}`")
+    calib = provenance.get("calibration")
+    if isinstance(calib, dict) and calib:
+        lines.append("- calibration: " + ", ".join(f"{k}={v}" for k, v in calib.items()))
+    if loaders:
+        lines += ["", "Loads with: " + "; ".join(loaders) + "."]
+    quality = provenance.get("quality")
+    if isinstance(quality, dict) and quality:
+        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in quality.items()]
+    if provenance.get("command"):
+        lines += ["", "```", str(provenance["command"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- reading ----
+
+class SafetensorsDir:
+    """The safetensors files of a directory (index + shards, or one model.safetensors), names -> file, lazily."""
+
+    def __init__(self, path: Path, stem: str = "model"):
+        from quantkit.model.checkpoint import read_safetensors_header
+
+        self.path = Path(path)
+        index = self.path / f"{stem}.safetensors.index.json"
+        self.files: dict[str, Path] = {}
+        self.meta: dict[str, dict] = {}
+        try:
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise FormatError(f"{index}: not a valid index (expected a JSON object with 'weight_map')") from None
+                shards = sorted(set(weight_map.values()))
+                for shard in shards:
+                    if not (self.path / shard).exists():
+                        raise FormatError(f"{self.path / shard}: shard listed in the index is missing")
+                headers = {s: read_safetensors_header(self.path / s) for s in shards}
+                for name, shard in weight_map.items():
+                    if name not in headers[shard]:
+                        raise FormatError(f"{index}: names tensor {name!r} in {shard}, but that shard lacks it")
+                    self.files[name] = self.path / shard
+                    self.meta[name] = headers[shard][name]
+            else:
+                single = self.path / f"{stem}.safetensors"
+                if not single.exists():
+                    raise FormatError(f"{self.path}: no {stem}.safetensors or {index.name}")
+                header = read_safetensors_header(single)
+                for name, meta in header.items():
+                    if name != "__metadata__":
+                        self.files[name] = single
+                        self.meta[name] = meta
+        except CheckpointError as e:
+            raise FormatError(str(e)) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.meta[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.meta[name]["dtype"]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise FormatError(f"{self.path}: tensor {name!r} is missing")
+        try:
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def quantization_config_of(path: Path) -> dict[str, Any] | None:
+    """config.json's `quantization_config`, or None when the directory has no config.json or no such key."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def tokenizer_in(path: Path) -> Path | None:
+    for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer.json"):
+        if (Path(path) / name).exists():
+            return Path(path) / name
+    return None
