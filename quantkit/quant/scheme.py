@@ -96,7 +96,8 @@ class Override:
 
     def matches(self, module: str) -> bool:
         if self.pattern.startswith(("re:", "-:")):
-            return re.fullmatch(self.pattern[3:], module) is not None
+            regex = self.pattern[3:] if self.pattern.startswith("re:") else self.pattern[2:]
+            return re.fullmatch(regex, module) is not None
         return module == self.pattern
 
 
