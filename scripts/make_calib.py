@@ -455,9 +455,14 @@ def make_lists(rng: random.Random, n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="output directory (default: calib/ at the repository root)")
+    out = parser.parse_args(argv).out
     rng = random.Random(SEED)
-    OUT.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     files = {
         "prose.txt": make_prose(rng, 900),
         "chat.jsonl": "".join(json.dumps(conversation(rng), ensure_ascii=False) + "\n" for _ in range(420)),
@@ -467,13 +472,13 @@ def main() -> None:
     entries = []
     for name, text in files.items():
         data = text.encode("utf-8")
-        (OUT / name).write_bytes(data)
+        (out / name).write_bytes(data)
         entries.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                         "kind": name.split(".")[0]})
     set_hash = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
     manifest = {"name": "quantkit-builtin", "version": VERSION, "generator": "scripts/make_calib.py", "seed": SEED,
                 "license": "Apache-2.0 (written by the quantkit project)", "files": entries, "sha256": set_hash}
-    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for e in entries:
         print(f"{e['file']:12s} {e['bytes']:>9,d} bytes  {e['sha256'][:12]}")
     print(f"set sha256 {set_hash[:16]}")

@@ -48,6 +48,8 @@ from quantkit.quant.tensor import GGMLTensor, QuantTensor
 
 FLOAT_GGML = ("F32", "F16", "BF16")
 WORK_VERSION = 1
+# callables(layer_index) run after each layer is checkpointed and written (tests use it to kill a run mid-way)
+LAYER_DONE_HOOKS: list[Callable[[int], None]] = []
 
 
 class OutOfSpaceError(QuantkitError):
@@ -408,6 +410,7 @@ class LayerwiseQuantizer:
                     importance = s / max(c, 1)
                 qt = encode_ggml(weight, target, importance)
             if isinstance(qt, (QuantTensor, GGMLTensor)):
+                qt.error.pop("seconds", None)  # timings go to the log, not into the (reproducible) output
                 w_hat = _dequant(qt)
                 row["sqnr_db"] = round(sqnr_db(weight, w_hat), 3)
                 mod.weight.data = w_hat.to(self.device)
@@ -494,6 +497,8 @@ class LayerwiseQuantizer:
                         bar.set_postfix_str(f"{last['module']} sqnr {last.get('sqnr_db', '-')} dB", refresh=False)
                 if self.on_layer_done is not None:
                     self.on_layer_done(i)
+                for hook in LAYER_DONE_HOOKS:
+                    hook(i)
             if bar is not None:
                 bar.close()
             acts = None
