@@ -1,0 +1,230 @@
+"""k-quant encoders (super-blocks of 256): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+`x` is [n_superblocks, 256] float32; `qw` (optional) is the importance of each element's column, same shape.
+Without `qw` each function is ggml's `quantize_row_qX_K_ref` (what `llama-quantize` runs without an imatrix);
+with `qw` it is `quantize_row_qX_K_impl(…, quant_weights)`. Both return the block bytes [n, type_size] uint8.
+
+Steps shared by all: search every sub-block's scale (and min) on the float weights (`search`), quantize the
+sub-block scales against one fp16 super-block scale, then re-quantize every weight with the fp16-rounded
+effective scale — exactly as the C code does, including its corner cases (a sub-block whose effective scale is 0
+keeps the codes of the search; narrowing to uint8/int8 wraps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantkit.gguf import search
+from quantkit.gguf.dequant import pack_q3_k_scales, q3_k_scales, scale_min_k4
+from quantkit.gguf.f32ops import (F32, GROUP_MAX_EPS, first_absmax, fp16_bits, nearest_int, seqsum, wrap_i8,
+                                  wrap_u8)
+
+QK_K = 256
+
+
+def _sub(x: np.ndarray, size: int) -> np.ndarray:
+    """[N, 256] -> element-major sub-blocks [size, N*256/size] (contiguous)."""
+    return np.ascontiguousarray(x.reshape(-1, size).T)
+
+
+def _unsub(a: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `_sub` for codes / per-element arrays: [size, B] -> [N, 256]."""
+    return a.T.reshape(n, QK_K)
+
+
+def _u16(bits: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(bits.astype(np.uint16)).view(np.uint8).reshape(-1, 2)
+
+
+def _superblock_sigma2(x: np.ndarray) -> np.ndarray:
+    """sum of x^2 over each super-block, summed in order: [N]."""
+    xt = np.ascontiguousarray(x.T)
+    return seqsum(xt * xt)
+
+
+def _positive_max(v: np.ndarray) -> np.ndarray:
+    """C's `float m = 0; for (...) if (v[j] > m) m = v[j];` over axis 1 (a -0.0 never replaces the +0.0)."""
+    m = v.max(axis=1)
+    return np.where(m > 0, m, F32(0)).astype(np.float32)
+
+
+def _requant(x: np.ndarray, L: np.ndarray, dq: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+             offset: int) -> np.ndarray:
+    """`l = clamp(nearest_int((x + dm)/d), lo, hi) + offset` per sub-block where d != 0, else keep L.
+
+    x, L [N, S, size]; dq, dm [N, S]."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        v = (x + dm[:, :, None]) / dq[:, :, None] if dm is not None else x / dq[:, :, None]
+        l = np.minimum(hi, np.maximum(lo, nearest_int(v))) + offset
+    return np.where((dq != 0)[:, :, None], l, L)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """[N, 256] codes 0..3 -> qs [N, 64]: qs[32h + l] = L[128h+l] | L[128h+32+l]<<2 | L[+64]<<4 | L[+96]<<6."""
+    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _pack_k4_scales_exact(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The C packing of Q4_K/Q5_K sub-block scales with uint8 arithmetic (no masking of out-of-range values)."""
+    ls = ls.astype(np.uint8)
+    lm = lm.astype(np.uint8)
+    s = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    s[:, 0:4] = ls[:, 0:4]
+    s[:, 4:8] = lm[:, 0:4]
+    s[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    s[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    s[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return s
+
+
+# ------------------------------------------------------------------------------------------- Q4_K / Q5_K
+
+def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int):
+    n = x.shape[0]
+    xs = _sub(x, 32)
+    if qw is None:
+        sum_x2 = seqsum(xs * xs)
+        av_x = np.sqrt(sum_x2 / F32(32))
+        w = av_x + np.abs(xs)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = search.make_qkx_quants(xs, nmax, w, rmin, 0.1, nstep, use_mad=False)
+        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(np.float32)
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(np.float32)
+        ls = np.minimum(63, wrap_u8(nearest_int(inv_scale[:, None] * scales)))
+        lm = np.minimum(63, wrap_u8(nearest_int(inv_min[:, None] * mins)))
+        d_val, m_val = max_scale / F32(63), max_min / F32(63)
+    else:
+        sigma2 = F32(2) * _superblock_sigma2(x) / F32(QK_K)
+        w = qw * np.sqrt(sigma2[:, None] + x * x)
+        ws = _sub(w, 32)
+        sw = seqsum(ws)
+        scales, mins, L = search.make_qkx_quants(xs, nmax, ws, -0.9, 0.05, 36, use_mad=False, degenerate_if_le=True)
+        swt = np.ascontiguousarray(sw.reshape(n, 8).T)
+        d_val, ls = search.make_qp_quants(np.ascontiguousarray(scales.reshape(n, 8).T), 63, swt)
+        m_val, lm = search.make_qp_quants(np.ascontiguousarray(mins.reshape(n, 8).T), 63, swt)
+        ls, lm = ls.T, lm.T
+        if nmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not
+            ls, lm = np.minimum(63, ls), np.minimum(63, lm)
+    scale_bytes = _pack_k4_scales_exact(ls, lm)
+    d16, dmin16 = fp16_bits(d_val), fp16_bits(m_val)
+    sc, m = scale_min_k4(scale_bytes)
+    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
+    dm = dmin16.view(np.float16).astype(np.float32)[:, None] * m.astype(np.float32)
+    L = _requant(x.reshape(n, 8, 32), _unsub(L, n).reshape(n, 8, 32), dq, dm, 0, nmax, 0).reshape(n, QK_K)
+    return d16, dmin16, scale_bytes, L.astype(np.uint8)
+
+
+def q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    d16, dmin16, scale_bytes, L = _q45_k(x, qw, 15)
+    q = L.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, qs], axis=1)
+
+
+def q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    d16, dmin16, scale_bytes, L = _q45_k(x, qw, 31)
+    q = L.reshape(-1, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
+    high = (L.reshape(-1, 8, 32) > 15).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+    qh = np.bitwise_or.reduce(high, axis=1)
+    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, qh, qs], axis=1)
+
+
+# ------------------------------------------------------------------------------------------- Q6_K
+
+def q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    n = x.shape[0]
+    xs = _sub(x, 16)
+    scales, L = search.make_qx_quants(xs, 32, None if qw is None else _sub(qw, 16))
+    scales = scales.reshape(n, 16)
+    max_scale = first_absmax(scales, axis=1)
+    zero_block = np.abs(max_scale) < GROUP_MAX_EPS
+    safe = np.where(zero_block, F32(1), max_scale).astype(np.float32)
+    iscale = F32(-128) / safe
+    d16 = fp16_bits(F32(1) / iscale)
+    sc = wrap_i8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
+    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
+    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -32, 31, 32)
+    q = L.astype(np.uint8).reshape(n, 2, 4, 32)
+    ql = np.stack([(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4),
+                   (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)], axis=2).reshape(n, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
+    out = np.concatenate([ql, qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), _u16(d16)], axis=1)
+    out[zero_block] = 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------- Q3_K
+
+def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    n = x.shape[0]
+    xs = _sub(x, 16)
+    if qw is None:
+        scales, L = search.make_q3_quants(xs, 4)
+        scales = scales.reshape(n, 16)
+        max_scale = first_absmax(scales, axis=1)
+        nonzero = max_scale != 0
+        safe = np.where(nonzero, max_scale, F32(1)).astype(np.float32)
+        iscale = F32(-32) / safe
+        ls = np.minimum(31, np.maximum(-32, wrap_i8(nearest_int(iscale[:, None] * scales)))) + 32
+        scale_bytes = np.where(nonzero[:, None], pack_q3_k_scales(ls), np.uint8(0))
+        d16 = np.where(nonzero, fp16_bits(F32(1) / iscale), np.uint16(0))
+    else:
+        sigma2 = F32(2) * _superblock_sigma2(x) / F32(QK_K)
+        w = qw * np.sqrt(sigma2[:, None] + x * x)
+        ws = _sub(w, 16)
+        sw = seqsum(ws)
+        scales, L = search.make_qx_quants(xs, 4, ws)
+        d_block, ls = search.make_qx_quants(np.ascontiguousarray(scales.reshape(n, 16).T), 32,
+                                            np.ascontiguousarray(sw.reshape(n, 16).T))
+        scale_bytes = pack_q3_k_scales(ls.T)
+        d16 = fp16_bits(d_block)
+    sc = q3_k_scales(scale_bytes).astype(np.int32) - 32
+    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
+    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -4, 3, 4).reshape(n, QK_K)
+    high = (L > 3)
+    low = np.where(high, L - 4, L)
+    hmask = np.bitwise_or.reduce(high.reshape(n, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
+                                 axis=1)
+    return np.concatenate([hmask, _pack_2bit(low), scale_bytes, _u16(d16)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------- Q2_K
+
+def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    n = x.shape[0]
+    xs = _sub(x, 16)
+    if qw is None:
+        scales, mins, L = search.make_qkx_quants(xs, 3, np.abs(xs), -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
+        with np.errstate(divide="ignore"):
+            i_s = np.where(max_scale > 0, F32(15) / max_scale, F32(0)).astype(np.float32)
+            i_m = np.where(max_min > 0, F32(15) / max_min, F32(0)).astype(np.float32)
+        s = np.where((max_scale > 0)[:, None], wrap_u8(nearest_int(i_s[:, None] * scales)), 0)
+        s = s | np.where((max_min > 0)[:, None], wrap_u8(nearest_int(i_m[:, None] * mins) << 4), 0)
+        d16 = np.where(max_scale > 0, fp16_bits(max_scale / F32(15)), np.uint16(0))
+        dmin16 = np.where(max_min > 0, fp16_bits(max_min / F32(15)), np.uint16(0))
+    else:
+        sigma2 = _superblock_sigma2(x) / F32(QK_K)
+        w = qw * np.sqrt(sigma2[:, None] + x * x)
+        ws = _sub(w, 16)
+        sw = seqsum(ws)
+        scales, mins, L = search.make_qkx_quants(xs, 3, ws, -0.9, 0.05, 36, use_mad=False, degenerate_if_le=True)
+        swt = np.ascontiguousarray(sw.reshape(n, 16).T)
+        dm, ls = search.make_qp_quants(np.ascontiguousarray(scales.reshape(n, 16).T), 15, swt)
+        mm, lm = search.make_qp_quants(np.ascontiguousarray(mins.reshape(n, 16).T), 15, swt)
+        s = wrap_u8(ls.T | (lm.T << 4))
+        d16, dmin16 = fp16_bits(dm), fp16_bits(mm)
+    s = s.astype(np.uint8)
+    dq = d16.view(np.float16).astype(np.float32)[:, None] * (s & 0x0F).astype(np.float32)
+    dm_ = dmin16.view(np.float16).astype(np.float32)[:, None] * (s >> 4).astype(np.float32)
+    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, dm_, 0, 3, 0).reshape(n, QK_K)
+    return np.concatenate([s, _pack_2bit(L), _u16(d16), _u16(dmin16)], axis=1)
+
+
+ENCODERS = {"Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}

@@ -1,0 +1,161 @@
+"""ggml block encoders/decoders against their oracles: the `gguf` package (legacy types, all decoders) and
+llama.cpp's own `llama-quantize --pure` (k-quants, and every type with an imatrix)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from quantkit.errors import SchemeError
+from quantkit.gguf.quants import (BLOCK_SIZES, K_TYPES, LEGACY_TYPES, dequantize_array, dequantize_ggml,
+                                  quantize_ggml)
+from tests.conftest import require_llamacpp
+
+BLOCK_TYPES = LEGACY_TYPES + K_TYPES
+
+
+def edge_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Gaussian weights plus the corner cases the reference code treats specially."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    x[0, :256] = 0.0  # all-zero blocks
+    x[1, :256] = 0.5  # constant block
+    x[2, :256] = np.linspace(-1, 1, 256, dtype=np.float32)  # exact ties
+    x[3] *= 1000.0  # large magnitudes
+    x[4, :64] = 1e-20  # below GROUP_MAX_EPS-ish magnitudes
+    x[5, ::7] = 0.0
+    x[6] = np.abs(x[6])  # all positive (min clamps to 0)
+    x[7] = -np.abs(x[7])  # all negative
+    x[8, :32] = np.float32(-0.0)
+    x[9] = np.round(x[9] * 200) / 200  # many exact duplicates
+    return x
+
+
+def blocks_identical(ours: np.ndarray, ref: np.ndarray, type_name: str) -> np.ndarray:
+    size = BLOCK_SIZES[type_name][1]
+    return (ours.reshape(-1, size) == ref.reshape(-1, size)).all(axis=1)
+
+
+# ------------------------------------------------------------------ gguf package oracles
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", *LEGACY_TYPES])
+def test_encoder_bytes_equal_gguf_package(type_name):
+    x = edge_weights(64, 512)
+    ours = quantize_ggml(torch.from_numpy(x), type_name)
+    ref = gguf_quantize(x, GGMLQuantizationType[type_name])
+    assert ours.shape == x.shape
+    assert ours.data.dtype == np.uint8 and ours.data.shape[0] == 64
+    assert np.array_equal(ours.data.reshape(-1), np.ascontiguousarray(ref).view(np.uint8).reshape(-1))
+
+
+def _random_blocks(type_name: str, n: int, seed: int) -> np.ndarray:
+    """Arbitrary block bytes with finite fp16 scale fields (every code/scale bit pattern occurs)."""
+    rng = np.random.default_rng(seed)
+    size = BLOCK_SIZES[type_name][1]
+    b = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    f16_fields = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q2_K": [80, 82],
+                  "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[type_name]
+    for off in f16_fields:
+        b[:, off:off + 2] = (rng.standard_normal(n).astype(np.float16) * np.float16(0.01)).view(np.uint8).reshape(n, 2)
+    return b
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", *BLOCK_TYPES])
+def test_decoder_equals_gguf_package(type_name):
+    x = edge_weights(16, 512, seed=1)
+    if type_name in ("F32", "F16", "BF16"):
+        data = quantize_ggml(x, type_name).data
+    else:
+        encoded = quantize_ggml(x, type_name).data.reshape(-1, BLOCK_SIZES[type_name][1])
+        data = np.concatenate([encoded, _random_blocks(type_name, 64, seed=2)])
+    qtype = GGMLQuantizationType[type_name]
+    n_values = data.size // BLOCK_SIZES[type_name][1] * BLOCK_SIZES[type_name][0]
+    ours = dequantize_array(data, type_name, (n_values,))
+    ref = gguf_dequantize(data.reshape(-1), qtype).astype(np.float32).reshape(-1)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_dequantize_ggml_roundtrip_shape_and_error():
+    x = edge_weights(16, 256)
+    t = quantize_ggml(x, "Q8_0")
+    back = dequantize_ggml(t)
+    assert back.shape == (16, 256) and back.dtype == torch.float32
+    err = (back - torch.from_numpy(x)).abs().reshape(-1, 32)
+    step = torch.from_numpy(np.abs(x)).reshape(-1, 32).amax(dim=1, keepdim=True) / 127
+    assert bool((err <= step * 0.57 + 1e-12).all())  # half a step, plus the fp16 rounding of the scale
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(SchemeError, match="multiple of the Q4_K block size 256"):
+        quantize_ggml(np.zeros((2, 100), np.float32), "Q4_K", name="blk.0.attn_q.weight")
+    with pytest.raises(SchemeError, match="unsupported ggml type"):
+        quantize_ggml(np.zeros((2, 256), np.float32), "Q7_K")
+    with pytest.raises(SchemeError, match="importance has 3 entries"):
+        quantize_ggml(np.zeros((2, 256), np.float32), "Q4_K", importance=np.ones(3))
+
+
+# ------------------------------------------------------------------ llama.cpp oracles
+
+def write_f32_gguf(path, tensors: dict[str, np.ndarray], width: int) -> None:
+    """A minimal llama-architecture GGUF that llama-quantize accepts (it only reads hparams and tensors)."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(512)
+    w.add_embedding_length(width)
+    w.add_feed_forward_length(width)
+    w.add_head_count(8)
+    w.add_head_count_kv(8)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    for name, arr in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(tools, src, dst, type_name, imatrix=None):
+    cmd = [str(tools["llama-quantize"]), "--pure"]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(src), str(dst), type_name, "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {t.name: t for t in GGUFReader(str(dst)).tensors}
+
+
+@pytest.fixture(scope="module")
+def oracle_tensors(nano_path):
+    """Real mistral-nano weights (layer 0, 256/768 wide) and a random 4096-wide layer with corner cases."""
+    from quantkit.model.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(nano_path)
+    nano = {
+        "blk.0.attn_q.weight": ckpt.get_tensor("model.layers.0.self_attn.q_proj.weight"),
+        "blk.0.ffn_down.weight": ckpt.get_tensor("model.layers.0.mlp.down_proj.weight"),
+        "blk.0.ffn_up.weight": ckpt.get_tensor("model.layers.0.mlp.up_proj.weight")[:128],
+    }
+    nano = {k: v.float().numpy() for k, v in nano.items()}
+    wide = {"blk.0.ffn_gate.weight": edge_weights(48, 4096, seed=3)}
+    return nano, wide
+
+
+@pytest.mark.parametrize("type_name", K_TYPES)
+def test_kquants_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
+    tools = require_llamacpp("llama-quantize")
+    for group in oracle_tensors:
+        width = next(iter(group.values())).shape[1]
+        src = tmp_path / f"f32-{width}.gguf"
+        write_f32_gguf(src, group, width)
+        ref = llama_quantize(tools, src, tmp_path / f"{type_name}-{width}.gguf", type_name)
+        for name, x in group.items():
+            assert ref[name].tensor_type.name == type_name
+            same = blocks_identical(quantize_ggml(x, type_name).data, np.asarray(ref[name].data), type_name)
+            assert same.mean() >= 0.999, f"{name} {type_name}: {same.mean():.5f} of blocks identical"
