@@ -1,0 +1,223 @@
+"""The layer-wise pipeline: RTN equality, one layer in memory, GPTQ through the pipeline, resume, bad input."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit.calib import load_calibration
+from quantkit.errors import CalibrationError, CheckpointError
+from quantkit.model.checkpoint import open_checkpoint
+from quantkit.model.reference import Transformer
+from quantkit.quant.dump import DumpWriter, read_dump
+from quantkit.quant.pipeline import OutOfSpaceError, PipelineOptions, quantize_model
+from quantkit.quant.plan import build_plan
+from quantkit.quant.rtn import quantize_rtn
+from quantkit.quant.tensor import QuantTensor
+from quantkit.testing import make_random_checkpoint
+
+SMALL = dict(hidden=64, intermediate=128, heads=4, kv_heads=2)
+
+
+def _ckpt(tmp_path, layers=2, name="src", **kw):
+    return open_checkpoint(make_random_checkpoint(tmp_path / name, layers=layers, **{**SMALL, **kw}))
+
+
+def _calib_file(tmp_path) -> Path:
+    from quantkit.calib import BUILTIN_DIR
+
+    path = tmp_path / "calib.txt"
+    path.write_text((BUILTIN_DIR / "prose.txt").read_text()[:40_000])
+    return path
+
+
+def _tokens(ckpt, tmp_path, n=8, seqlen=64):
+    from quantkit.model.tokenizer import load_tokenizer
+
+    return load_calibration(str(_calib_file(tmp_path)), load_tokenizer(ckpt.tokenizer_path), n, seqlen, seed=0).tokens
+
+
+def test_rtn_pipeline_equals_per_tensor_quantize_rtn(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    plan = build_plan(ckpt.config, preset="w4a16-g32-asym", formats=["dump"], checkpoint=ckpt)
+    result = quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], progress=False)
+    stored = read_dump(tmp_path / "out")
+    assert [n for n, _ in stored] == [e.name for e in plan.entries]  # file order
+    n_quant = 0
+    for name, t in stored:
+        src = ckpt.get_tensor(name)
+        target = plan.targets()[name]
+        if target is None:
+            assert torch.equal(t, src), name
+            continue
+        ref = quantize_rtn(src, target)
+        assert isinstance(t, QuantTensor)
+        assert torch.equal(t.codes, ref.codes) and torch.equal(t.scales, ref.scales) and torch.equal(t.zeros, ref.zeros)
+        n_quant += 1
+    assert n_quant == 14 and len(result.log) == 14
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_only_one_layer_is_loaded_at_a_time(tmp_path, monkeypatch):
+    """Tensors are read layer by layer, each once, in order: at most one layer's weights are resident."""
+    ckpt = _ckpt(tmp_path, layers=4)
+    tokens = _tokens(ckpt, tmp_path, n=4, seqlen=32)
+    calls = []
+    real = type(ckpt).get_tensor
+
+    def spy(self, name):
+        calls.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(type(ckpt), "get_tensor", spy)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq", checkpoint=ckpt)
+    quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], tokens, PipelineOptions(method="gptq"),
+                   progress=False)
+    layer_of = [int(n.split(".")[2]) for n in calls if n.startswith("model.layers.")]
+    assert layer_of == sorted(layer_of)
+    assert len(calls) == len(set(calls)) == len(ckpt.tensors)
+
+
+def _logits(ckpt, tensors: dict, tokens):
+    model = Transformer.from_checkpoint(ckpt, torch.float32)
+    state = model.state_dict()
+    for name, t in tensors.items():
+        state[name] = t.dequantize() if isinstance(t, QuantTensor) else t.float()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(tokens)
+
+
+def test_gptq_pipeline_beats_rtn_on_calibration_output(tmp_path):
+    ckpt = _ckpt(tmp_path, layers=2)
+    tokens = _tokens(ckpt, tmp_path, n=8, seqlen=64)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq", checkpoint=ckpt)
+    ref = _logits(ckpt, {}, tokens)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        res = quantize_model(ckpt, plan.targets(), [DumpWriter(out)], tokens if method == "gptq" else None,
+                             PipelineOptions(method=method), progress=False)
+        logits = _logits(ckpt, dict(read_dump(out)), tokens)
+        errs[method] = float((logits - ref).pow(2).mean())
+        if method == "gptq":
+            assert all("loss" in r and r["n_tokens"] == 8 * 64 for r in res.log)
+    assert errs["gptq"] < 0.9 * errs["rtn"], errs
+
+
+def test_gptq_needs_calibration(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq")
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], None, PipelineOptions(method="gptq"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weight_names_the_tensor_and_writes_nothing(tmp_path):
+    src = make_random_checkpoint(tmp_path / "src", layers=2, shards=1, **SMALL)
+    file = src / "model.safetensors"
+    state = load_file(str(file))
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(file), metadata={"format": "pt"})
+    ckpt = open_checkpoint(src)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"])
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' contains NaN or Inf"):
+        quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_rank_deficient_hessian_recovers(tmp_path):
+    """8 calibration tokens for 128 input features: H is singular; with a tiny damp the Cholesky fails and
+    GPTQ raises the damping (or falls back to fp64) instead of failing."""
+    ckpt = _ckpt(tmp_path)
+    tokens = _tokens(ckpt, tmp_path, n=1, seqlen=8)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq")
+    with pytest.warns(UserWarning):
+        res = quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], tokens,
+                             PipelineOptions(method="gptq", damp=1e-9), progress=False)
+    down = [r for r in res.log if r["module"] == "mlp.down_proj"]
+    assert down and all(r["damp"] > 1e-9 or r["damp_retries"] > 0 for r in down)
+    assert (tmp_path / "out" / "dump.json").exists()
+
+
+def test_out_of_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path, monkeypatch):
+    ckpt = _ckpt(tmp_path)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"])
+    import quantkit.quant.dump as dump
+
+    real = dump.save_tensors
+
+    def full_disk(path, *a, **kw):
+        if ".out.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(dump, "save_tensors", full_disk)
+    writer = DumpWriter(tmp_path / "out", max_shard_bytes=1)  # writes while the layers stream in
+    with pytest.raises(OutOfSpaceError, match="out of disk space.*nothing was written"):
+        quantize_model(ckpt, plan.targets(), [writer], work_dir=tmp_path / "work", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+# ---- resume: kill a real run after layer k, re-run, compare bytes ----
+
+RUNNER = textwrap.dedent("""
+    import os, signal, sys
+    from quantkit.quant import pipeline
+    kill_after = int(os.environ.get("KILL_AFTER_LAYER", "-1"))
+    if kill_after >= 0:
+        pipeline.LAYER_DONE_HOOKS.append(lambda i: os.kill(os.getpid(), signal.SIGKILL) if i == kill_after else None)
+    from quantkit.cli import main
+    main(sys.argv[1:])
+""")
+
+
+def _run_cli(args, kill_after=-1):
+    env = dict(os.environ, KILL_AFTER_LAYER=str(kill_after), QUANTKIT_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_byte_identical_output(tmp_path):
+    src = make_random_checkpoint(tmp_path / "src", layers=4, **SMALL)
+    calib = _calib_file(tmp_path)
+    common = ["quantize", str(src), "--method", "gptq", "--preset", "w4a16-g32", "--format", "dump", "--calib", str(calib),
+              "--calib-samples", "4", "--calib-seqlen", "64", "--no-progress", "--json"]
+    full = _run_cli(common + ["-o", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+
+    killed = _run_cli(common + ["-o", str(tmp_path / "resumed")], kill_after=1)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed").exists()
+    state = json.loads((tmp_path / "resumed.partial" / "state.json").read_text())
+    assert state["completed_layers"] == 2
+
+    resumed = _run_cli(common + ["-o", str(tmp_path / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_from_layer"] == 2
+    assert "resuming from layer 2/4" in resumed.stderr
+    a, b = _files(tmp_path / "full"), _files(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name != "quant_log.jsonl":  # has wall-clock timings
+            assert a[name] == b[name], name
+    assert not (tmp_path / "resumed.partial").exists()
+
+    # a different argument does not reuse the checkpoints of another run
+    _run_cli(common[:-1] + ["--seed", "1", "-o", str(tmp_path / "other")], kill_after=0)
+    other = _run_cli(common + ["--seed", "2", "-o", str(tmp_path / "other")])
+    assert other.returncode == 0 and json.loads(other.stdout)["resumed_from_layer"] == 0
