@@ -159,3 +159,75 @@ def test_kquants_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type
             assert ref[name].tensor_type.name == type_name
             same = blocks_identical(quantize_ggml(x, type_name).data, np.asarray(ref[name].data), type_name)
             assert same.mean() >= 0.999, f"{name} {type_name}: {same.mean():.5f} of blocks identical"
+
+
+# ------------------------------------------------------------------ importance matrix
+
+def synthetic_imatrix(group: dict[str, np.ndarray], seed: int):
+    """An imatrix for the oracle tensors, with heavy-tailed column importances and a few dead columns."""
+    from quantkit.gguf.imatrix import Imatrix, ImatrixEntry
+
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for name, x in group.items():
+        sums = (rng.random(x.shape[1]) ** 4 * 300).astype(np.float32)
+        sums[:3] = 0.0
+        entries[name] = ImatrixEntry(sums.reshape(1, -1), np.array([512.0], np.float32))
+    return Imatrix(entries, ["synthetic.txt"], chunk_count=4, chunk_size=128)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES])
+def test_imatrix_weighted_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
+    """Our imatrix file is accepted by llama-quantize, and our weighted search gives its bytes."""
+    from quantkit.gguf.imatrix import read_imatrix, write_imatrix
+
+    tools = require_llamacpp("llama-quantize")
+    for seed, group in enumerate(oracle_tensors):
+        width = next(iter(group.values())).shape[1]
+        src = tmp_path / f"f32-{width}.gguf"
+        write_f32_gguf(src, group, width)
+        imx_path = write_imatrix(tmp_path / f"imatrix-{width}.gguf", synthetic_imatrix(group, seed))
+        imx = read_imatrix(imx_path)
+        ref = llama_quantize(tools, src, tmp_path / f"{type_name}-{width}.gguf", type_name, imatrix=imx_path)
+        for name, x in group.items():
+            ours = quantize_ggml(x, type_name, importance=imx.importance(name)).data
+            same = blocks_identical(ours, np.asarray(ref[name].data), type_name)
+            assert same.mean() >= 0.999, f"{name} {type_name} imatrix: {same.mean():.5f} of blocks identical"
+            if type_name != "Q8_0":  # the importance must change something, or this test proves nothing
+                assert not np.array_equal(ours, quantize_ggml(x, type_name).data)
+
+
+@pytest.mark.slow
+def test_imatrix_file_from_llama_imatrix_roundtrips(tmp_path, nano_path, pg_calib_dir):
+    """Read files written by `llama-imatrix` itself (GGUF and legacy .dat), write them back identically."""
+    import os
+    import sys
+
+    from quantkit.gguf.imatrix import read_imatrix, write_imatrix
+    from quantkit.testing import llamacpp_convert_script
+
+    tools = require_llamacpp("llama-imatrix")
+    script = llamacpp_convert_script()
+    if script is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is absent")
+    model = tmp_path / "nano-f32.gguf"
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    subprocess.run([sys.executable, str(script), str(nano_path), "--outtype", "f32", "--outfile", str(model)],
+                   check=True, capture_output=True, env=env)
+    text = tmp_path / "calib.txt"
+    text.write_text(sorted(pg_calib_dir.glob("*.txt"))[0].read_text()[:20000])
+    outs = {}
+    for fmt in ("gguf", "dat"):
+        out = tmp_path / f"imatrix.{fmt}"
+        subprocess.run([str(tools["llama-imatrix"]), "-m", str(model), "-f", str(text), "-o", str(out), "-c", "128",
+                        "--chunks", "3", "-t", "2", "--output-format", fmt], check=True, capture_output=True)
+        outs[fmt] = read_imatrix(out)
+    gg, dat = outs["gguf"], outs["dat"]
+    assert len(gg.entries) == 6 * 7 and gg.chunk_count == 3 and gg.chunk_size == 128
+    assert "model.layers.5.mlp.down_proj.weight" in gg.to_canonical()
+    assert gg.importance("blk.0.ffn_down.weight").shape == (768,)
+    # both formats give llama-quantize the same importance (up to float rounding of mean*ncall/ncall)
+    for name in gg.entries:
+        np.testing.assert_allclose(dat.importance(name), gg.importance(name), rtol=1e-5)
+    written = write_imatrix(tmp_path / "rewritten.gguf", gg)
+    assert written.read_bytes() == (tmp_path / "imatrix.gguf").read_bytes()
