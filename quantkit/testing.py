@@ -153,3 +153,41 @@ def make_random_checkpoint(
             if layout != "consolidated" and (NANO_PATH / "tokenizer_config.json").exists():
                 shutil.copyfile(NANO_PATH / "tokenizer_config.json", directory / "tokenizer_config.json")
     return directory
+
+
+def make_sparse_checkpoint(directory, hidden: int = 4096, intermediate: int = 14336, layers: int = 4,
+                           heads: int = 32, kv_heads: int = 8, vocab: int = 32000) -> Path:
+    """A valid-looking multi-GB BF16 `model.safetensors` + config.json whose data section is a sparse hole.
+
+    Costs no disk blocks and no time to create; every tensor reads as zeros. For memory tests of lazy access
+    (the defaults give a Mistral-7B-shaped model with 4 layers: about 2.3 GB).
+    """
+    import json
+    import struct
+
+    from quantkit.model.config import ModelConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in config.expected_shapes().items():
+        n = 1
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * n]}
+        offset += 2 * n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = directory / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        f.truncate(8 + len(blob) + offset)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    source = reference_tokenizer_model()
+    if source is not None:
+        shutil.copyfile(source, directory / "tokenizer.model")
+    return directory

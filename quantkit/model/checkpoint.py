@@ -56,11 +56,17 @@ def read_safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - n
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        start, end = meta["data_offsets"]
+        try:
+            start, end = meta["data_offsets"]
+            meta["dtype"], meta["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
         if end > data_len:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data section, "
@@ -72,6 +78,10 @@ def read_safetensors_header(path: Path) -> dict:
 def _is_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not os.path.exists(text)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def resolve_model_path(spec: str | Path) -> Path:
@@ -91,6 +101,14 @@ def resolve_model_path(spec: str | Path) -> Path:
             return Path(snapshot_download(str(spec), allow_patterns=patterns))
         except Exception as e:  # network/offline/auth errors come in many classes
             kind = type(e).__name__
+            if _hub_offline():
+                raise CheckpointError(
+                    f"{spec}: not a local path, and the Hugging Face hub is offline (HF_HUB_OFFLINE is set) with no "
+                    "cached copy; download it where the network allows and pass the local directory"
+                ) from None
+            if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+                raise CheckpointError(f"{spec}: not a local path, and the hub has no accessible repository by that "
+                                      f"name ({kind})") from None
             raise CheckpointError(
                 f"{spec}: not a local path and the Hugging Face hub could not be reached ({kind}); "
                 "download it where the network allows and pass the local directory"

@@ -1,0 +1,100 @@
+"""`quantkit inspect`, `eval`, `compare` on fixtures: output on stdout, JSON, numbers equal the library's."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantkit.cli import main
+from quantkit.eval.perplexity import evaluate_perplexity
+from quantkit.model.checkpoint import open_checkpoint
+from quantkit.model.reference import Transformer
+from quantkit.model.tokenizer import load_tokenizer
+from quantkit.testing import make_random_checkpoint, make_sparse_checkpoint
+
+
+def run_cli(capsys, *args):
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("cli") / "m", seed=4, shards=3)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text(("It was a dark and stormy night; the rain fell in torrents, except at occasional intervals. " * 30
+                     + "\n\n") * 3)
+    return path
+
+
+def test_inspect_text_and_json(capsys, fixture_dir):
+    out, _ = run_cli(capsys, "inspect", str(fixture_dir))
+    assert "MistralForCausalLM" in out and "hf-sharded" in out and "BF16 x21" in out
+    assert "model-00003-of-00003.safetensors" in out and "byte fallback yes" in out
+    info = json.loads(run_cli(capsys, "inspect", str(fixture_dir), "--json")[0])
+    assert info["parameters"] == open_checkpoint(fixture_dir).num_parameters
+    assert info["layout"] == "hf-sharded" and len(info["files"]) == 3
+    assert info["tokenizer"]["vocab_size"] == 32000 and info["tokenizer"]["bos_id"] == 1
+    assert all(c["status"] != "fail" for c in info["checks"])
+
+
+def test_inspect_consolidated(capsys, tmp_path):
+    path = make_random_checkpoint(tmp_path / "c", layout="consolidated", sliding_window=4096)
+    info = json.loads(run_cli(capsys, "inspect", str(path), "--json")[0])
+    assert info["layout"] == "consolidated" and info["config"]["sliding_window"] == 4096
+    assert any(c["name"] == "sliding_window" for c in info["checks"])
+
+
+def test_eval_json_equals_library(capsys, fixture_dir, text_file):
+    out, err = run_cli(capsys, "eval", str(fixture_dir), "--text", str(text_file), "--ctx", "64", "--json",
+                       "--max-windows", "6")
+    result = json.loads(out)  # progress bars went to stderr, stdout is pure JSON
+    model = Transformer.from_checkpoint(open_checkpoint(fixture_dir), torch.float32)
+    ids = load_tokenizer(fixture_dir).encode(text_file.read_text())
+    expected = evaluate_perplexity(model, ids, "gptq", 64, progress=False, max_windows=6)
+    assert result["ppl"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert result["ppl"]["n_windows"] == expected.n_windows and result["ppl"]["n_tokens"] == expected.n_tokens
+    assert result["text"]["tokens"] == len(ids) and result["convention"] == "gptq" and result["ctx"] == 64
+
+
+def test_eval_text_output_with_ref(capsys, fixture_dir, text_file):
+    out, _ = run_cli(capsys, "eval", str(fixture_dir), "--text", str(text_file), "--convention", "llamacpp",
+                     "--ctx", "64", "--ref", str(fixture_dir), "--max-windows", "3", "--no-progress")
+    assert "llamacpp, ctx 64" in out and "3 windows, 93 scored tokens" in out
+    assert "====== KL divergence statistics ======" in out and "Same top p: 100.000" in out
+
+
+def test_compare_weights_and_kld(capsys, fixture_dir, tmp_path, text_file):
+    other = make_random_checkpoint(tmp_path / "o", seed=4, shards=1, layout="hf-single")
+    result = json.loads(run_cli(capsys, "compare", str(fixture_dir), str(other), "--text", str(text_file),
+                                "--ctx", "64", "--max-windows", "2", "--json", "--no-progress")[0])
+    assert len(result["weights"]) == 2 * 7 + 2  # linears + embeddings + lm_head
+    assert all(r["sqnr_db"] > 200 for r in result["weights"])  # identical tensors
+    assert result["compare"]["kld"]["mean"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_inspect_peak_rss_far_below_checkpoint_size(tmp_path):
+    """A sparse 2.3 GB checkpoint: inspect in a fresh interpreter must stay far below that (lazy headers only)."""
+    path = make_sparse_checkpoint(tmp_path / "big")
+    size = (path / "model.safetensors").stat().st_size
+    assert size > 2 * 1000**3
+    code = (f"import resource, sys\nfrom quantkit.cli import main\ntry:\n    main(['inspect', {str(path)!r}, '--json'])\n"
+            "except SystemExit as e:\n    assert not e.code\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["parameters"] > 1_000_000_000
+    peak = int(next(line for line in proc.stderr.splitlines() if line.startswith("PEAK")).split()[1]) * 1024
+    assert peak < size / 4, f"peak RSS {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
