@@ -187,45 +187,49 @@ class GPTQ:
         threads = torch.get_num_threads()
         single_thread = Wt.device.type == "cpu" and threads > 1 and Wt.shape[1] <= _SMALL_OP_ELEMENTS
 
-        for b1 in range(0, n, block_size):
-            b2 = min(b1 + block_size, n)
-            Wb0 = Wt[b1:b2].clone() if not static else None  # block as it was before its own updates
-            Eb = torch.empty((b2 - b1, Wt.shape[1]), dtype=Wt.dtype, device=Wt.device)
-            for s1 in range(b1, b2, SUB_BLOCK):
-                s2 = min(s1 + SUB_BLOCK, b2)
-                Us = U[s1:s2, s1:s2]
-                if single_thread:  # per-column ops are too small to gain from threads; spinning costs a lot
+        try:
+            for b1 in range(0, n, block_size):
+                b2 = min(b1 + block_size, n)
+                # the block as it was before its own updates (only needed when a group starts inside the block)
+                Wb0 = Wt[b1:b2].clone() if not static and gs % block_size and gs < n else Wt[b1:b2]
+                Eb = torch.empty((b2 - b1, Wt.shape[1]), dtype=Wt.dtype, device=Wt.device)
+                if single_thread:  # in-block ops are too small to gain from threads; thread spinning costs a lot
                     torch.set_num_threads(1)
-                for i in range(s1, s2):
-                    if static:
-                        c = orig_col[i] if orig_col is not None else i
-                        params, offset = params_list[c // gs], c % gs
-                    else:
-                        if i % gs == 0:
-                            # the reference fits on W as of the block start (in-block updates not yet applied)
-                            g = i // gs
-                            src = Wb0[i - b1:i - b1 + gs]
-                            if i + gs > b2:
-                                src = torch.cat([src, Wt[b2:i + gs]])
-                            current = grid.fit(src.t(), imp[i:i + gs])
-                            params_list[g] = current
-                        params, offset = current, i % gs
-                    w = Wt[i]
-                    q = grid.fake_quant(w.unsqueeze(1), params, offset).squeeze(1)
-                    Qt[i] = q
-                    e = Eb[i - b1]
-                    torch.sub(w, q, out=e)
-                    e.div_(U[i, i])
-                    if i + 1 < s2:
-                        Wt[i + 1:s2].addr_(Us[i - s1, i + 1 - s1:], e, alpha=-1.0)
+                for s1 in range(b1, b2, SUB_BLOCK):
+                    s2 = min(s1 + SUB_BLOCK, b2)
+                    Us = U[s1:s2, s1:s2]
+                    for i in range(s1, s2):
+                        if static:
+                            c = orig_col[i] if orig_col is not None else i
+                            params, offset = params_list[c // gs], c % gs
+                        else:
+                            if i % gs == 0:
+                                # the reference fits on W as of the block start (in-block updates not yet applied)
+                                g = i // gs
+                                src = Wb0[i - b1:i - b1 + gs]
+                                if i + gs > b2:
+                                    src = torch.cat([src, Wt[b2:i + gs]])
+                                current = grid.fit(src.t(), imp[i:i + gs])
+                                params_list[g] = current
+                            params, offset = current, i % gs
+                        w = Wt[i]
+                        q = grid.fake_quant(w.unsqueeze(1), params, offset).squeeze(1)
+                        Qt[i] = q
+                        e = Eb[i - b1]
+                        torch.sub(w, q, out=e)
+                        e.div_(U[i, i])
+                        if i + 1 < s2:
+                            Wt[i + 1:s2].addr_(Us[i - s1, i + 1 - s1:], e, alpha=-1.0)
+                    if s2 < b2:
+                        Wt[s2:b2].addmm_(U[s1:s2, s2:b2].t(), Eb[s1 - b1:s2 - b1], alpha=-1.0)
                 if single_thread:
                     torch.set_num_threads(threads)
-                if s2 < b2:
-                    Wt[s2:b2].addmm_(U[s1:s2, s2:b2].t(), Eb[s1 - b1:s2 - b1], alpha=-1.0)
-            loss += float(torch.linalg.vector_norm(Eb)) ** 2
-            if b2 < n:
-                Wt[b2:].addmm_(U[b1:b2, b2:].t(), Eb, alpha=-1.0)
+                loss += float(torch.linalg.vector_norm(Eb)) ** 2
+                if b2 < n:
+                    Wt[b2:].addmm_(U[b1:b2, b2:].t(), Eb, alpha=-1.0)
 
+        finally:
+            torch.set_num_threads(threads)
         if perm is not None:
             inv = torch.argsort(perm)
             Q = Qt.t()[:, inv]
