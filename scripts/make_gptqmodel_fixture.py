@@ -5,7 +5,7 @@
 A random MistralForCausalLM (hidden 64, 2 layers, vocab 512, fp16) is quantized by GPTQModel 7.6 on CPU twice:
 `gptqmodel-sym-g32` (sym, desc_act false) and `gptqmodel-asym-actorder-g32` (asym, desc_act true: a v1 "zero
 minus one" checkpoint with a non-monotonic g_idx). Next to each, `reference_logits.pt` holds the logits that
-GPTQModel's own loaded model gives for `PROMPT_IDS` (fp32 forward on CPU), so the test can compare even where
+GPTQModel's own loaded model gives for `PROMPT_IDS` (fp32, dequantize-then-matmul path, see exact_logits), so the test can compare even where
 gptqmodel is not installed.
 """
 
@@ -54,6 +54,16 @@ def save_word_tokenizer(directory: Path) -> None:
     fast.save_pretrained(directory)
 
 
+def exact_logits(model, prompt_ids) -> torch.Tensor:
+    """fp32 logits through GPTQModel's dequantize-then-matmul path (its fused CPU int4 kernel computes in bf16)."""
+    model.to(torch.float32)
+    for module in model.modules():
+        if hasattr(module, "linear_mode"):
+            module.linear_mode = "train"
+    with torch.no_grad():
+        return model(torch.tensor(prompt_ids)).logits.float()
+
+
 def calibration(n: int = 32, length: int = 64) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 512, (n, length), generator=g)
@@ -78,9 +88,7 @@ def main() -> None:
             model.save(str(target))
             shutil.rmtree(target / "logs", ignore_errors=True)
             loaded = GPTQModel.load(str(target), device="cpu")
-            loaded.model.to(torch.float32)
-            with torch.no_grad():
-                logits = loaded.model(torch.tensor(PROMPT_IDS)).logits.float()
+            logits = exact_logits(loaded.model, PROMPT_IDS)
             torch.save({"prompt_ids": PROMPT_IDS, "logits": logits}, target / "reference_logits.pt")
             print(name, "written", sorted(p.name for p in target.iterdir()))
 

@@ -24,7 +24,7 @@ class DequantizedCheckpoint:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         t = self.ckpt.get(name)
-        return t.dequantize(torch.float32) if hasattr(t, "dequantize") else t
+        return t if isinstance(t, torch.Tensor) else t.dequantize(torch.float32)
 
 
 def dequantized_model(source: str | Path | QuantizedCheckpoint, dtype: torch.dtype = torch.float32):
