@@ -98,3 +98,24 @@ def test_inspect_peak_rss_far_below_checkpoint_size(tmp_path):
     assert json.loads(proc.stdout)["parameters"] > 1_000_000_000
     peak = int(next(line for line in proc.stderr.splitlines() if line.startswith("PEAK")).split()[1]) * 1024
     assert peak < size / 4, f"peak RSS {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+
+
+def test_inspect_gguf_converted_by_llamacpp(capsys, fixture_dir, tmp_path):
+    """A GGUF written by llama.cpp's own converter is shown through read_checkpoint."""
+    from quantkit.testing import llamacpp_convert_script
+
+    script = llamacpp_convert_script()
+    if script is None:
+        pytest.skip("llama.cpp convert_hf_to_gguf.py not available (run scripts/build_llamacpp.sh)")
+    pytest.importorskip("gguf")
+    out = tmp_path / "m-f16.gguf"
+    proc = subprocess.run([sys.executable, str(script), str(fixture_dir), "--outfile", str(out), "--outtype", "f16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(run_cli(capsys, "inspect", str(out), "--json")[0])
+    assert info["kind"] == "quantized" and info["format"] == "gguf"
+    assert info["architecture"] in ("MistralForCausalLM", "LlamaForCausalLM")  # GGUF says "llama" for both
+    assert info["parameters"] == open_checkpoint(fixture_dir).num_parameters
+    assert info["config"]["num_key_value_heads"] == 2 and info["config"]["rope_theta"] == 1e6
+    text, _ = run_cli(capsys, "inspect", str(out))
+    assert "format        gguf" in text and "BPW" in text

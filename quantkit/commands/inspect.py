@@ -151,6 +151,8 @@ def describe_quantized(qckpt) -> dict[str, Any]:
     weight_bytes = sum(f["bytes"] for f in files if f["name"].endswith((".gguf", ".safetensors")))
     meta = {k: v for k, v in qckpt.metadata.items() if isinstance(v, (str, int, float, bool, dict, list))}
     tok, tok_checks = tokenizer_facts(qckpt.tokenizer_path, cfg) if qckpt.tokenizer_path else (None, [])
+    if tok is not None and not tok.get("chat_template") and qckpt.metadata.get("chat_template"):
+        tok["chat_template"] = f"{qckpt.format} metadata"
     return {
         "path": str(path),
         "kind": "quantized",
