@@ -174,11 +174,13 @@ def provenance_record(fmt: str, source_dir: Path | None, provenance: dict[str, A
     return record
 
 
-def model_card(fmt: str, base_model: str, description: str, loaders: list[str], provenance: dict[str, Any]) -> str:
+def model_card(fmt: str, base_model: str, description: str, loaders: list[str], provenance: dict[str, Any],
+               relation: str | None = "quantized") -> str:
     """README.md with the Hub's YAML header (base_model, base_model_relation: quantized) and the known numbers."""
     tags = ["quantkit", fmt] + [t for t in provenance.get("tags", []) if t != fmt]
-    lines = ["---", f"base_model: {base_model}", "base_model_relation: quantized", "quantized_by: quantkit",
-             "library_name: transformers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    header = ["---", f"base_model: {base_model}"] + ([f"base_model_relation: {relation}"] if relation else [])
+    lines = header + ["quantized_by: quantkit" if relation == "quantized" else "converted_by: quantkit",
+                      "library_name: transformers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     lines += [f"# {Path(base_model).name} ({fmt})", "", f"Quantized with quantkit {__version__}: {description}.", ""]
     if provenance.get("method"):
         lines.append(f"- method: `{provenance['method']}`")
