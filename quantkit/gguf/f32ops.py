@@ -46,9 +46,24 @@ def wrap_i8(v: np.ndarray) -> np.ndarray:
 
 
 def seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in order, starting from +0.0 (C: `float s = 0; for (...) s += a[i];`)."""
+    """Sum over axis 0 in order, starting from +0.0 (C: `float s = 0; for (...) s += a[i];`).
+
+    numpy reduces a C-contiguous [n, B] array over axis 0 row by row (the inner loop runs over B), so the result is
+    the sequential sum; its pairwise summation only applies when the reduced axis is the inner one (B == 1)."""
+    if a.ndim == 2 and a.shape[1] >= 2 and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0, initial=np.float32(0))
     s = np.zeros(a.shape[1:], dtype=np.float32)
     for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def seqsum_first(a: np.ndarray) -> np.ndarray:
+    """Sequential sum over axis 0 starting from a[0] (C: `float s = a[0]; for (i = 1; ...) s += a[i];`)."""
+    if a.ndim == 2 and a.shape[1] >= 2 and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0)
+    s = a[0].copy()
+    for i in range(1, a.shape[0]):
         s += a[i]
     return s
 

@@ -59,7 +59,7 @@ def _requant(x: np.ndarray, L: np.ndarray, dq: np.ndarray, dm: np.ndarray | None
     return np.where((dq != 0)[:, :, None], l, L)
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
+def pack_2bit(L: np.ndarray) -> np.ndarray:
     """[N, 256] codes 0..3 -> qs [N, 64]: qs[32h + l] = L[128h+l] | L[128h+32+l]<<2 | L[+64]<<4 | L[+96]<<6."""
     q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
@@ -118,20 +118,45 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int):
     return d16, dmin16, scale_bytes, L.astype(np.uint8)
 
 
+def pack_q4_k_codes(L: np.ndarray) -> np.ndarray:
+    """codes [N, 256] 0..15 -> qs [N, 128]."""
+    q = L.astype(np.uint8).reshape(-1, 4, 2, 32)
+    return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
+
+
+def pack_q5_k_codes(L: np.ndarray) -> np.ndarray:
+    """codes [N, 256] 0..31 -> qh [N, 32] + qs [N, 128] (bytes 16..176 of the block)."""
+    high = (L.reshape(-1, 8, 32) > 15).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+    return np.concatenate([np.bitwise_or.reduce(high, axis=1), pack_q4_k_codes(L)], axis=1)
+
+
+def pack_q6_k_codes(L: np.ndarray) -> np.ndarray:
+    """codes [N, 256] 0..63 -> ql [N, 128] + qh [N, 64] (bytes 0..192 of the block)."""
+    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    ql = np.stack([(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4),
+                   (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)], axis=2).reshape(-1, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
+    return np.concatenate([ql, qh.reshape(-1, 64)], axis=1)
+
+
+def pack_q3_k_codes(L: np.ndarray) -> np.ndarray:
+    """codes [N, 256] 0..7 (signed + 4) -> hmask [N, 32] + qs [N, 64] (bytes 0..96 of the block)."""
+    n = L.shape[0]
+    high = L > 3
+    low = np.where(high, L - 4, L)
+    hmask = np.bitwise_or.reduce(high.reshape(n, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
+                                 axis=1)
+    return np.concatenate([hmask, pack_2bit(low)], axis=1)
+
+
 def q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d16, dmin16, scale_bytes, L = _q45_k(x, qw, 15)
-    q = L.reshape(-1, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, qs], axis=1)
+    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, pack_q4_k_codes(L)], axis=1)
 
 
 def q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d16, dmin16, scale_bytes, L = _q45_k(x, qw, 31)
-    q = L.reshape(-1, 4, 2, 32)
-    qs = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
-    high = (L.reshape(-1, 8, 32) > 15).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
-    qh = np.bitwise_or.reduce(high, axis=1)
-    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, qh, qs], axis=1)
+    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, pack_q5_k_codes(L)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------- Q6_K
@@ -149,11 +174,7 @@ def q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     sc = wrap_i8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
     dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -32, 31, 32)
-    q = L.astype(np.uint8).reshape(n, 2, 4, 32)
-    ql = np.stack([(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4),
-                   (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)], axis=2).reshape(n, 128)
-    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
-    out = np.concatenate([ql, qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), _u16(d16)], axis=1)
+    out = np.concatenate([pack_q6_k_codes(L.reshape(n, QK_K)), sc.astype(np.int8).view(np.uint8), _u16(d16)], axis=1)
     out[zero_block] = 0
     return out
 
@@ -186,11 +207,7 @@ def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     sc = q3_k_scales(scale_bytes).astype(np.int32) - 32
     dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -4, 3, 4).reshape(n, QK_K)
-    high = (L > 3)
-    low = np.where(high, L - 4, L)
-    hmask = np.bitwise_or.reduce(high.reshape(n, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
-                                 axis=1)
-    return np.concatenate([hmask, _pack_2bit(low), scale_bytes, _u16(d16)], axis=1)
+    return np.concatenate([pack_q3_k_codes(L), scale_bytes, _u16(d16)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------- Q2_K
@@ -224,7 +241,7 @@ def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     dq = d16.view(np.float16).astype(np.float32)[:, None] * (s & 0x0F).astype(np.float32)
     dm_ = dmin16.view(np.float16).astype(np.float32)[:, None] * (s >> 4).astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, dm_, 0, 3, 0).reshape(n, QK_K)
-    return np.concatenate([s, _pack_2bit(L), _u16(d16), _u16(dmin16)], axis=1)
+    return np.concatenate([s, pack_2bit(L), _u16(d16), _u16(dmin16)], axis=1)
 
 
 ENCODERS = {"Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}

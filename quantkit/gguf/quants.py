@@ -16,6 +16,9 @@ in chunks to keep the working set in cache.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -58,14 +61,19 @@ def _check(type_name: str, shape: tuple[int, ...], name: str) -> None:
         raise SchemeError(f"{name}: row length {shape[-1]} is not a multiple of the {type_name} block size {block}")
 
 
-def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor") -> GGMLTensor:
+def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
+                  threads: int | None = None) -> GGMLTensor:
     """Encode a float weight [rows, cols] (or 1-D) into ggml `type_name` blocks.
 
     `importance` ([cols], mean squared activation per input column, e.g. an imatrix entry) switches the legacy
-    and k-quant searches to llama.cpp's importance-weighted versions; Q8_0 and the float types ignore it."""
+    and k-quant searches to llama.cpp's importance-weighted versions; Q8_0 and the float types ignore it.
+    `threads`: row chunks are encoded in parallel (numpy releases the GIL); default: all CPUs."""
     x = _as_f32(weight)
     shape = tuple(x.shape)
     _check(type_name, shape, name)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0].tolist()
+        raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
     x2 = x.reshape(-1, shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
     rows, cols = x2.shape
     if type_name in FLOAT_TYPES:
@@ -83,9 +91,19 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor")
             raise SchemeError(f"{name}: importance has {qw.shape[0]} entries for {cols} input columns")
     out = np.empty((rows, row_bytes(type_name, cols)), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // cols)
-    for r0 in range(0, rows, step):
+    starts = range(0, rows, step)
+
+    def encode_chunk(r0: int) -> None:
         r1 = min(rows, r0 + step)
         out[r0:r1] = _encode_rows(x2[r0:r1], type_name, qw).reshape(r1 - r0, -1)
+
+    n_threads = min(len(starts), threads or os.cpu_count() or 1)
+    if n_threads <= 1:
+        for r0 in starts:
+            encode_chunk(r0)
+    else:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(encode_chunk, starts))
     return GGMLTensor(type_name, shape, out)
 
 

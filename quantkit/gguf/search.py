@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seq_min_max, seqsum, wrap_u8
+from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum, seqsum_first, wrap_u8
 
 
 def _clamp(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -91,6 +91,19 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
+NEAREST_SAFE = F32(4194303.0)  # nearest_int is exact round-half-even below this magnitude
+
+
+def _rounded(v: np.ndarray, lo: int, hi: int, exact: bool) -> np.ndarray:
+    """clamp(nearest_int(v), lo, hi) as float32, in place. `exact=False` (all |v| known to be below 2^22) uses
+    np.rint, which then equals ggml's bit trick; otherwise the bit trick itself."""
+    if exact:
+        v[...] = np.minimum(hi, np.maximum(lo, nearest_int(v)))
+        return v
+    np.rint(v, out=v)
+    return np.clip(v, lo, hi, out=v)
+
+
 def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float, nstep: int,
                     use_mad: bool, degenerate_if_le: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`make_qkx2_quants` (degenerate_if_le=False) / `make_qkx3_quants` (True; weights default to x^2):
@@ -98,24 +111,47 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
 
     Returns (scale [B], the_min [B] (the positive amount subtracted), L [n, B] int32 in 0..nmax)."""
     w = weights if weights is not None else x * x
-    mn, mx = seq_min_max(x)
-    sum_w = w[0].copy()
-    sum_x = sum_w * x[0]
-    for i in range(1, x.shape[0]):
-        sum_w += w[i]
-        sum_x += w[i] * x[i]
+    # first minimum / maximum met, as C's strict comparisons keep them (matters only for the sign of zero)
+    mn = np.take_along_axis(x, np.argmin(x, axis=0)[None, :], axis=0)[0]
+    mx = np.take_along_axis(x, np.argmax(x, axis=0)[None, :], axis=0)[0]
+    x_lo = mn.copy()
+    sum_w = seqsum_first(w)
+    sum_x = seqsum_first(w * x)
     mn = np.where(mn > 0, F32(0.0), mn).astype(np.float32)
     degenerate = (mx <= mn) if degenerate_if_le else (mx == mn)
     rng = np.where(degenerate, F32(1.0), mx - mn).astype(np.float32)
     xm = x - mn
+    lf = np.empty_like(x)
+    buf = np.empty_like(x)
+    wl = np.empty_like(x)
 
-    def err(diff):
-        return np.abs(diff) if use_mad else diff * diff
+    def codes(iscale, mn_cur, xm):
+        # v = iscale*(x - min) lies between iscale*(x_lo - min) and iscale*(max - min) (rounding is monotonic)
+        with np.errstate(invalid="ignore", over="ignore"):
+            lo, hi = iscale * (x_lo - mn_cur), iscale * (mx - mn_cur)
+            safe = bool(np.all((iscale >= 0) & (lo >= -NEAREST_SAFE) & (hi <= NEAREST_SAFE)))
+            np.multiply(iscale, xm, out=lf)
+        return _rounded(lf, 0, nmax, exact=not safe)
 
-    iscale = F32(nmax) / rng
-    scale = F32(1.0) / iscale
-    L = _clamp(nearest_int(iscale * xm), 0, nmax)
-    best_error = seqsum(w * err(scale * L.astype(np.float32) + mn - x))
+    def error(scale, the_min, out):
+        np.multiply(scale, lf, out=out)
+        out += the_min
+        out -= x
+        if use_mad:
+            np.abs(out, out=out)
+        else:
+            np.multiply(out, out, out=out)
+        out *= w
+        return seqsum(out)
+
+    with np.errstate(divide="ignore"):
+        iscale = F32(nmax) / rng
+        scale = F32(1.0) / iscale
+    codes(iscale, mn, xm)
+    best_error = error(scale, mn, buf)
+    # The codes of the winning candidate are recomputed at the end from its (iscale, min) — the same float32
+    # operations — instead of being copied out at every improvement.
+    best_iscale, best_codes_min = iscale, mn
     # C updates `min` when a candidate wins, and later candidates use the updated min (in `max - min` and
     # `x - min`): keep that.
     mn_best = mn.copy()
@@ -123,14 +159,17 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
         for step in range(nstep + 1):
             if step:
                 rng = np.where(degenerate, F32(1.0), mx - mn_best).astype(np.float32)
-                xm = x - mn_best
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / rng
-            laux = _clamp(nearest_int(iscale * xm), 0, nmax)
-            lf = laux.astype(np.float32)
-            wl = w * lf
+                np.subtract(x, mn_best, out=xm)
+            mn_cur = mn_best
+            with np.errstate(divide="ignore"):
+                iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / rng
+            codes(iscale, mn_cur, xm)
+            np.multiply(w, lf, out=wl)
             sum_l = seqsum(wl)
-            sum_l2 = seqsum(wl * lf)
-            sum_xl = seqsum(wl * x)
+            np.multiply(wl, lf, out=buf)
+            sum_l2 = seqsum(buf)
+            np.multiply(wl, x, out=buf)
+            sum_xl = seqsum(buf)
             D = sum_w * sum_l2 - sum_l * sum_l
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -138,14 +177,17 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
                 pos = this_min > 0
                 this_min = np.where(pos, F32(0.0), this_min).astype(np.float32)
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(np.float32)
-                cur_error = seqsum(w * err(this_scale * lf + this_min - x))
+                cur_error = error(this_scale, this_min, buf)
             better = (D > 0) & (cur_error < best_error)
             if better.any():
-                L = np.where(better, laux, L)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_codes_min = np.where(better, mn_cur, best_codes_min)
                 best_error = np.where(better, cur_error, best_error)
                 scale = np.where(better, this_scale, scale)
                 mn_best = np.where(better, this_min, mn_best)
-    L = np.where(degenerate, 0, L)
+    np.subtract(x, best_codes_min, out=xm)
+    L = codes(best_iscale, best_codes_min, xm)
+    L = np.where(degenerate, 0, L.astype(np.int32))
     scale = np.where(degenerate, F32(0.0), scale).astype(np.float32)
     the_min = -np.where(degenerate, mn, mn_best).astype(np.float32)
     return scale, the_min, L
