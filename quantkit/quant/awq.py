@@ -1,0 +1,303 @@
+"""AWQ (activation-aware weight quantization) on one decoder layer: scale search, folding, clipping search.
+
+What it does, per decoder layer of `quantkit.model.reference` (module names are the HF names), following AutoAWQ
+(casper-hansen/AutoAWQ awq/quantize/quantizer.py, scale.py, models/mistral.py; algorithms.md §2.2):
+
+1. Capture the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj on the calibration activations.
+2. For each scaling group, search the per-input-channel scale s over a grid of 20 ratios α ∈ {0, 1/20, …, 19/20}:
+       s = (x_mean^α / (w_mean^(1−α) + 1e-4)).clamp(min=1e-4),  s /= sqrt(max(s)·min(s))     (duo scaling)
+   where x_mean = mean |x| per input channel (fp32) and w_mean = the mean over output rows of |W| / max|W| of
+   its quantization group (the group's linears concatenated). Each candidate replaces W by Q(W·s)/s and
+   measures the MSE of the group's module output against the unquantized output:
+       input_layernorm          -> q,k,v      loss on self_attn output
+       v_proj (rows)            -> o_proj     only when v_proj and o_proj weights have the same shape
+                                              (AutoAWQ's rule: skipped under grouped-query attention)
+       post_attention_layernorm -> gate,up    loss on mlp output
+       up_proj (rows)           -> down_proj  loss on down_proj output
+   All searches use the inputs captured in step 1 (before any scaling), as AutoAWQ does.
+3. Fold the scales: the previous op absorbs 1/s (RMSNorm weight, or the rows of the previous linear), the
+   scaled linears' columns are multiplied by s. The layer computes the same function (up to rounding).
+4. Clipping search for every quantized linear except q_proj/k_proj: per (output row, group), max|w| shrunk by
+   (1 − i/20) for i = 0..9, weights clamped to ±max, quantized, and the output error on ≤ 512 evenly strided
+   tokens (inputs divided by the folded scales) is minimised. The best clamp is applied to the weights.
+
+The pipeline then quantizes the modified layer's linears (RTN with the Scheme). The search's quantizer is the
+scheme's own (`search_quantizer="scheme"`: GPTQ conventions of quant/rtn.py, range including 0, scales rounded
+to the storage dtype), so the search optimises what is stored; `"autoawq"` uses AutoAWQ's pseudo-quantizer
+(asymmetric min/max not forced to include 0; symmetric absmax with levels −2^(b−1)..2^(b−1)−1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from quantkit.errors import CalibrationError, SchemeError
+from quantkit.quant.rtn import group_params
+from quantkit.quant.scheme import Scheme
+
+N_GRID = 20
+CLIP_SKIP = ("q_", "k_", "query", "key", "Wqkv")  # AutoAWQ: "qk bmm is hard to clip"
+
+
+@dataclass
+class ScalingGroup:
+    prev: str  # module name of the op that absorbs 1/s
+    linears: tuple[str, ...]  # module names of the scaled linears
+    inspect: str  # module whose output measures the loss
+    feature: str  # which captured input feeds the linears
+
+
+def scaling_groups(layer: nn.Module) -> list[ScalingGroup]:
+    """The Llama/Mistral scaling groups of AutoAWQ, including the grouped-query-attention rule for v→o."""
+    attn = layer.self_attn
+    groups = [ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           "self_attn", "self_attn.q_proj")]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "self_attn.o_proj"))
+    groups.append(ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "mlp.gate_proj"))
+    groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp.down_proj"))
+    return groups
+
+
+# ---- pseudo-quantizers (fake quantization of a whole matrix) ----
+
+def fake_quant_scheme(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Q(w) with the scheme's RTN conventions (what the pipeline will store)."""
+    out_f, in_f = w.shape
+    gs = scheme.effective_group_size(in_f)
+    x = w.float().reshape(-1, gs)
+    scale, zero = group_params(x, scheme.bits, scheme.symmetric)
+    scale = scale.to(getattr(torch, scheme.scale_dtype)).float()
+    scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
+    q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, scheme.maxq)
+    return ((q - zero[:, None]) * scale[:, None]).reshape(out_f, in_f).to(w.dtype)
+
+
+def fake_quant_autoawq(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """AutoAWQ's `pseudo_quantize_tensor` (zero_point=True for asymmetric schemes)."""
+    out_f, in_f = w.shape
+    gs = scheme.effective_group_size(in_f)
+    x = w.float().reshape(-1, gs)
+    if not scheme.symmetric:
+        max_val = x.amax(dim=1, keepdim=True)
+        min_val = x.amin(dim=1, keepdim=True)
+        max_int = 2**scheme.bits - 1
+        scales = (max_val - min_val).clamp(min=1e-5) / max_int
+        zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
+        x = (torch.clamp(torch.round(x / scales) + zeros, 0, max_int) - zeros) * scales
+    else:
+        max_val = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+        max_int = 2 ** (scheme.bits - 1) - 1
+        scales = max_val / max_int
+        x = torch.clamp(torch.round(x / scales), -max_int - 1, max_int) * scales
+    return x.reshape(out_f, in_f).to(w.dtype)
+
+
+QUANTIZERS: dict[str, Callable[[torch.Tensor, Scheme], torch.Tensor]] = {
+    "scheme": fake_quant_scheme,
+    "autoawq": fake_quant_autoawq,
+}
+
+
+# ---- the layer ----
+
+def _capture_inputs(layer: nn.Module, acts: torch.Tensor, cos, sin, mask, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Inputs of q_proj, o_proj, gate_proj, down_proj for every calibration sample: name -> [N, T, in]."""
+    names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    modules = dict(layer.named_modules())
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: store[n].append(args[0].detach().to("cpu")))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for i in range(0, acts.shape[0], batch_size):
+                layer(acts[i:i + batch_size].to(device), cos, sin, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def _run_module(module_name: str, layer: nn.Module, x: torch.Tensor, cos, sin, mask, batch_size: int, device) -> torch.Tensor:
+    mod = dict(layer.named_modules())[module_name]
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(device)
+            outs.append(mod(xb, cos, sin, mask) if module_name == "self_attn" else mod(xb))
+    return torch.cat(outs)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).sum(dtype=torch.float64)) / a.numel()
+
+
+def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], cos, sin, mask,
+                 batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID):
+    """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0)."""
+    modules = dict(layer.named_modules())
+    linears = [modules[n] for n in group.linears]
+    quantized = [n for n in group.linears if schemes.get(n) is not None]
+    first = schemes[quantized[0]]
+    # w_mean: per input channel, mean over rows of |W| / max|W| within its quantization group
+    weight = torch.cat([m.weight.detach().float() for m in linears], dim=0)
+    gs = first.effective_group_size(weight.shape[1])
+    wg = weight.reshape(-1, gs).abs()
+    w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(weight.shape).mean(0)
+    del weight, wg
+    # x_mean: mean |x| per input channel, accumulated in fp32
+    flat = x.reshape(-1, x.shape[-1])
+    x_sum = torch.zeros(flat.shape[1], dtype=torch.float32)
+    for i in range(0, flat.shape[0], 65536):
+        x_sum += flat[i:i + 65536].float().abs().sum(0)
+    x_mean = x_sum / flat.shape[0]
+
+    reference = _run_module(group.inspect, layer, x, cos, sin, mask, batch_size, device)
+    originals = {n: modules[n].weight.data.clone() for n in group.linears}
+    best = (math.inf, -1.0, None)
+    first_loss = None
+    try:
+        for r in range(n_grid):
+            ratio = r / n_grid
+            if duo_scaling:
+                s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            else:
+                s = x_mean.pow(ratio).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s[torch.isinf(s) | torch.isnan(s)] = 1.0
+            sv = s.to(device).view(1, -1)
+            for n in quantized:
+                w = originals[n]
+                modules[n].weight.data = (quantizer((w.float() * sv), schemes[n]) / sv).to(w.dtype)
+            out = _run_module(group.inspect, layer, x, cos, sin, mask, batch_size, device)
+            loss = _mse(reference, out)
+            del out
+            if first_loss is None:
+                first_loss = loss
+            if loss < best[0]:
+                best = (loss, ratio, s.clone())
+    finally:
+        for n, w in originals.items():
+            modules[n].weight.data = w
+    if best[2] is None:
+        raise CalibrationError(f"AWQ scale search for {group.linears} found no finite loss (non-finite activations?)")
+    return best[2], best[1], best[0], first_loss
+
+
+def fold_scale(layer: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
+    """prev op absorbs 1/s, the scaled linears' input columns are multiplied by s (AutoAWQ apply_scale)."""
+    modules = dict(layer.named_modules())
+    prev = modules[group.prev]
+    with torch.no_grad():
+        def hi(t):  # compute in at least fp32 (fp64 layers stay fp64)
+            return t.to(torch.promote_types(t.dtype, torch.float32))
+
+        sd = s.to(prev.weight.device)
+        if isinstance(prev, nn.Linear):
+            rows = prev.weight[-sd.shape[0]:]
+            rows.copy_((hi(rows) / hi(sd).view(-1, 1)).to(rows.dtype))
+            if prev.bias is not None:
+                prev.bias.copy_((hi(prev.bias) / hi(sd)).to(prev.bias.dtype))
+        else:  # RMSNorm
+            prev.weight.copy_((hi(prev.weight) / hi(sd)).to(prev.weight.dtype))
+        for n in group.linears:
+            w = modules[n].weight
+            w.copy_((hi(w) * hi(sd).view(1, -1)).to(w.dtype))
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, quantizer: Callable, n_grid: int = N_GRID,
+                max_shrink: float = 0.5, n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
+    """Best clamp value max|w| per (output row, group) [out, n_groups] minimising the group-wise output error."""
+    out_f, in_f = w.shape
+    gs = scheme.effective_group_size(in_f)
+    ng = in_f // gs
+    flat = x.reshape(-1, in_f)
+    step = max(1, flat.shape[0] // n_tokens)
+    xs = flat[::step].float()  # [tok, in]
+    xg = xs.reshape(xs.shape[0], ng, gs).permute(1, 2, 0).contiguous()  # [ng, gs, tok]
+    best_all = []
+    for r0 in range(0, out_f, rows_per_batch):
+        wb = w[r0:r0 + rows_per_batch].float()
+        wg = wb.reshape(wb.shape[0], ng, gs)
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # [rows, ng, 1]
+        org_out = torch.bmm(wg.permute(1, 0, 2), xg)  # [ng, rows, tok]
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            cur = torch.clamp(wg, -max_val, max_val)
+            q = quantizer(cur.reshape(wb.shape[0], in_f), scheme).reshape(wb.shape[0], ng, gs)
+            cur_out = torch.bmm(q.permute(1, 0, 2), xg)
+            err = (cur_out - org_out).pow(2).mean(dim=-1).t().unsqueeze(-1)  # [rows, ng, 1]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max = torch.where(better, max_val, best_max)
+        best_all.append(best_max.squeeze(-1))
+    return torch.cat(best_all)
+
+
+def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+    with torch.no_grad():
+        w = linear.weight
+        out_f, in_f = w.shape
+        ng = max_val.shape[1]
+        m = max_val.to(w.device, torch.float32).unsqueeze(-1)
+        clipped = torch.clamp(w.float().reshape(out_f, ng, in_f // ng), -m, m).reshape(out_f, in_f)
+        w.copy_(clipped.to(w.dtype))
+
+
+def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | None], *, cos, sin, mask,
+              batch_size: int = 8, device: str | torch.device = "cpu", duo_scaling: bool = True,
+              clip: bool = True, n_grid: int = N_GRID, search_quantizer: str = "scheme") -> dict:
+    """Search AWQ scales and clipping for one decoder layer and fold them into it, in place.
+
+    `acts`: the layer's input hidden states [n_samples, seq, hidden]; `schemes`: local linear name
+    ("self_attn.q_proj", ...) -> Scheme (None or missing: not quantized, still scaled so fused groups agree).
+    Returns a summary dict: per-group best ratio/loss (scalars, for the per-layer log), plus `scales`
+    {prev op: s} and `clips` {linear: max_val [out, groups]}.
+    """
+    if search_quantizer not in QUANTIZERS:
+        raise SchemeError(f"unknown AWQ search quantizer {search_quantizer!r}; choose {', '.join(QUANTIZERS)}")
+    if acts is None or acts.numel() == 0:
+        raise CalibrationError("AWQ needs calibration activations for every layer (got none)")
+    quantizer = QUANTIZERS[search_quantizer]
+    schemes = {k: v for k, v in schemes.items() if v is not None}
+    batch_size = max(1, batch_size)
+    t0 = time.perf_counter()
+    feats = _capture_inputs(layer, acts, cos, sin, mask, batch_size, device)
+    summary: dict = {"scales": {}, "clips": {}}
+    found = []
+    for group in scaling_groups(layer):
+        if not any(n in schemes for n in group.linears):
+            continue
+        s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, cos, sin, mask, batch_size,
+                                             device, quantizer, duo_scaling, n_grid)
+        found.append((group, s))
+        key = group.prev.split(".")[-1]
+        summary[f"ratio_{key}"] = ratio
+        summary[f"loss_{key}"] = loss
+        summary[f"loss0_{key}"] = loss0
+    # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the captured inputs for clipping
+    for group, s in found:
+        fold_scale(layer, group, s)
+        feats[group.feature] = feats[group.feature] / s.view(1, 1, -1).to(feats[group.feature].dtype)
+        summary["scales"][group.prev] = s
+    if clip:
+        modules = dict(layer.named_modules())
+        feature_of = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+                      "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+                      "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+        for name, scheme in schemes.items():
+            if any(tag in name for tag in CLIP_SKIP) or name not in feature_of:
+                continue
+            max_val = search_clip(modules[name].weight.detach(), feats[feature_of[name]], scheme, quantizer)
+            apply_clip(modules[name], max_val)
+            summary["clips"][name] = max_val
+    summary["awq_seconds"] = round(time.perf_counter() - t0, 3)
+    return summary

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+
+from quantkit.errors import CalibrationError, SchemeError
+from quantkit.model.config import ModelConfig
+from quantkit.model.reference import DecoderLayer, attention_mask, rope_cos_sin
+from quantkit.quant import awq
+from quantkit.quant.rtn import quantize_rtn
+from quantkit.quant.scheme import Scheme
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def make_layer(kv_heads=2, dtype=torch.float64, seed=0, hidden=128, heads=4, inter=256):
+    cfg = ModelConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=100)
+    g = torch.Generator().manual_seed(seed)
+    layer = DecoderLayer(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.rand(p.shape, generator=g, dtype=dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * p.shape[1] ** -0.5)
+    T = 32
+    pos = torch.arange(T)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, dtype)
+    mask = attention_mask(pos, pos, None)
+    # activations with outlier channels, as real residual streams have
+    scale = torch.ones(hidden, dtype=dtype)
+    scale[torch.randperm(hidden, generator=g)[:4]] = 20
+    acts = torch.randn(6, T, hidden, generator=g, dtype=dtype) * scale
+    return layer, acts, cos, sin, mask
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_folded_layer_computes_the_same_function(kv_heads, dtype, tol):
+    layer, acts, cos, sin, mask = make_layer(kv_heads=kv_heads, dtype=dtype)
+    original = copy.deepcopy(layer)
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    with torch.no_grad():
+        ref = original(acts, cos, sin, mask)
+    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=4, clip=False)
+    # grouped-query attention skips v->o (AutoAWQ rule); multi-head attention folds it
+    assert ("self_attn.v_proj" in summary["scales"]) == (kv_heads == 4)
+    assert set(summary["scales"]) >= {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    assert not torch.equal(layer.input_layernorm.weight, original.input_layernorm.weight)
+    with torch.no_grad():
+        out = layer(acts, cos, sin, mask)
+    assert rel_err(out, ref) <= tol
+
+
+def test_scale_search_and_clip_reduce_quantization_error():
+    layer, acts, cos, sin, mask = make_layer(dtype=torch.float32, seed=1)
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    with torch.no_grad():
+        ref = layer(acts, cos, sin, mask)
+
+    def quantized_output(lyr):
+        q = copy.deepcopy(lyr)
+        mods = dict(q.named_modules())
+        for n in LINEARS:
+            mods[n].weight.data = quantize_rtn(mods[n].weight.data, schemes[n]).dequantize()
+        with torch.no_grad():
+            return q(acts, cos, sin, mask)
+
+    err_rtn = rel_err(quantized_output(layer), ref)
+    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask)
+    err_awq = rel_err(quantized_output(layer), ref)
+    assert err_awq < err_rtn
+    # the search includes ratio 0 (s = 1/w_mean normalised), so the chosen loss is never worse than it
+    for key in ("input_layernorm", "post_attention_layernorm", "up_proj"):
+        assert summary[f"loss_{key}"] <= summary[f"loss0_{key}"]
+    # q/k are never clipped; the others are, with clamp values in (0.5, 1] x original max
+    assert set(summary["clips"]) == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.down_proj"}
+    w = layer.mlp.down_proj.weight
+    assert summary["clips"]["mlp.down_proj"].shape == (w.shape[0], w.shape[1] // 32)
+    assert torch.all(w.abs().reshape(w.shape[0], -1, 32).amax(-1) <= summary["clips"]["mlp.down_proj"] + 1e-6)
+
+
+def test_w_mean_and_scale_formula_match_autoawq_definition():
+    """Ratio 0.5 scale: (x_mean^0.5 / (w_mean^0.5 + 1e-4)), normalised by sqrt(max*min)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    wg = w.reshape(-1, 32).abs()
+    w_mean = (wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(8, 64).mean(0)
+    # direct loop computation of the same quantity
+    direct = torch.zeros(64)
+    for c in range(64):
+        g = c // 32
+        direct[c] = sum(abs(float(w[r, c])) / (float(w[r, g * 32:(g + 1) * 32].abs().max()) + 1e-6) for r in range(8)) / 8
+    assert torch.allclose(w_mean, direct, atol=1e-6)
+
+
+def test_autoawq_quantizer_and_bad_input():
+    w = torch.tensor([[0.5, 1.0, 2.0, 3.0] * 8])
+    out = awq.fake_quant_autoawq(w, Scheme(bits=4, group_size=32, symmetric=False))
+    # AutoAWQ's min/max range is not forced to include 0 (scale = 2.5/15), and its zero point is clamped to
+    # [0, 15]: for this all-positive group zero = clamp(-round(0.5/scale), 0, 15) = 0, so 3.0 saturates at 2.5
+    assert torch.allclose(out[0, :4], torch.tensor([0.5, 1.0, 2.0, 2.5]), atol=1e-6)
+    sym = awq.fake_quant_autoawq(torch.tensor([[-3.5, 1.0] * 16]), Scheme(bits=4, group_size=32, symmetric=True))
+    assert torch.allclose(sym[0, :2], torch.tensor([-3.5, 1.0]), atol=1e-6)  # levels -8..7 times 3.5/7
+    layer, acts, cos, sin, mask = make_layer(dtype=torch.float32)
+    with pytest.raises(SchemeError, match="search quantizer"):
+        awq.awq_layer(layer, acts, {}, cos=cos, sin=sin, mask=mask, search_quantizer="nope")
+    with pytest.raises(CalibrationError, match="calibration activations"):
+        awq.awq_layer(layer, acts[:0], {"mlp.down_proj": Scheme()}, cos=cos, sin=sin, mask=mask)
