@@ -77,3 +77,11 @@ def test_use_more_bits_for_32_layers():
 
 def test_every_mix_has_a_file_type():
     assert set(QUANT_MIXES) | {"F32"} == set(FILE_TYPES)
+
+
+def test_q4_0_with_imatrix_promotes_the_first_ffn_down_layers():
+    cfg = ModelConfig()  # 32 layers: n/8 = 4
+    types = tensor_types(cfg, "Q4_0", has_imatrix=True)
+    downs = [types[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(32)]
+    assert downs == ["Q4_1"] * 4 + ["Q4_0"] * 28
+    assert all(t == "Q4_0" for n, t in tensor_types(cfg, "Q4_0").items() if "down_proj" in n)

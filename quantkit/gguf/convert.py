@@ -59,3 +59,43 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
             writer.add(tensor_name, weight)
             del weight
         return writer.finish()
+
+
+def load_importance(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An imatrix file (llama.cpp GGUF or legacy .dat) as {canonical name: mean x² [in]} + its provenance KVs."""
+    from quantkit.gguf.imatrix import read_imatrix
+
+    imatrix = read_imatrix(path)
+    meta = {"file": str(path), "dataset": ",".join(imatrix.datasets), "entries": len(imatrix.entries),
+            "chunks": imatrix.chunk_count}
+    return imatrix.to_canonical(), meta
+
+
+def convert_to_gguf(src: str | Path, out: str | Path, type_name: str, *, imatrix: str | Path | None = None,
+                    pure: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`quantkit convert SRC --format gguf --type T -o OUT` / the data-free `quantize --format gguf` path.
+
+    Streams one tensor at a time from the source checkpoint through the encoders into the GGUF writer.
+    Returns a JSON-able summary (sizes, bits per weight, seconds, peak RSS)."""
+    import resource
+    import sys
+    import time
+
+    from quantkit import __version__
+    from quantkit.model.checkpoint import open_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(src)
+    ft = get_file_type(type_name)
+    importance, meta = (load_importance(imatrix) if imatrix else (None, None))
+    provenance = {"method": "rtn" if importance is None else "rtn+imatrix", "source_fingerprint": ckpt.fingerprint()}
+    path = write_gguf(ckpt, out, ft.name, importance=importance, importance_meta=meta, pure=pure, force=force,
+                      provenance=provenance, progress=progress)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    size = Path(path).stat().st_size
+    n = ckpt.num_parameters
+    return {"quantkit_version": __version__, "command": "convert", "status": "ok", "format": "gguf",
+            "type": ft.name, "source": str(ckpt.path), "output": str(path), "bytes": size,
+            "bpw": round(8 * size / max(n, 1), 4), "params": n, "imatrix": str(imatrix) if imatrix else None,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024)}

@@ -208,6 +208,9 @@ class GGUFFileWriter:
         self._f.close()
         if self._bar is not None:
             self._bar.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(self.tmp, self.out)
         self._done = True
         return self.out
