@@ -28,8 +28,9 @@ def need(fmt):
         pytest.skip(reason)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,preset", [("gptq", "w4a16-g128"), ("gptq", "w4a16-g128-asym"),
-                                        ("awq", "w4a16-g128-asym"), ("compressed-tensors", "w4a16-g128"),
+                                        ("awq", "w4a16-g128-asym"), ("compressed-tensors", "w4a16-g128-asym"),
                                         ("compressed-tensors", "w8a16")])
 def test_transformers_loads_nano_and_matches_quantkit(nano_path, tmp_path, fmt, preset):
     need(fmt)
