@@ -14,6 +14,16 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small tensors: one thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_layer(kv_heads=2, dtype=torch.float64, seed=0, hidden=128, heads=4, inter=256):
     cfg = ModelConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, vocab_size=100)
@@ -48,7 +58,7 @@ def test_folded_layer_computes_the_same_function(kv_heads, dtype, tol):
     schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
     with torch.no_grad():
         ref = original(acts, cos, sin, mask)
-    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=4, clip=False)
+    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=4, clip=False, n_grid=5)
     # grouped-query attention skips v->o (AutoAWQ rule); multi-head attention folds it
     assert ("self_attn.v_proj" in summary["scales"]) == (kv_heads == 4)
     assert set(summary["scales"]) >= {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}

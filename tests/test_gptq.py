@@ -14,6 +14,16 @@ from quantkit.quant.scheme import Scheme
 from quantkit.quant.tensor import QuantTensor
 
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small tensors: one thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_problem(out_f=96, in_f=256, tokens=1024, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g) * 0.02
