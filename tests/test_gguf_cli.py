@@ -88,3 +88,30 @@ def test_imatrix_command_writes_a_file_llama_quantize_uses(nano_path, tmp_path):
     log = subprocess.run([str(tool), "--imatrix", str(out), str(f32), str(tmp_path / "q.gguf"), "Q4_K_M", "2"],
                          check=True, capture_output=True, text=True)
     assert "42 importance matrix entries" in log.stdout + log.stderr
+
+
+def test_convert_command_gguf_bf16(nano_path, nano, tmp_path):
+    import torch
+
+    from quantkit.formats.base import read_checkpoint
+
+    out = tmp_path / "nano-BF16.gguf"
+    res = CliRunner().invoke(cli, ["convert", str(nano_path), "--format", "gguf", "--type", "BF16", "-o", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    q = read_checkpoint(out)
+    kv = q.metadata["gguf"]
+    assert kv["general.file_type"] == 32 and kv["general.quantized_by"] == "quantkit"
+    for name in ("model.layers.3.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"):
+        t = q.get(name)
+        expect = nano.get_tensor(name)
+        assert torch.equal(t, expect.float() if name.endswith("norm.weight") else expect), name
+    again = CliRunner().invoke(cli, ["convert", str(nano_path), "--format", "gguf", "--type", "BF16", "-o", str(out)])
+    assert again.exit_code != 0 and "already exists" in str(again.exception or again.output)
+
+
+def test_convert_command_rejects_unknown_type(nano_path, tmp_path):
+    res = CliRunner().invoke(cli, ["convert", str(nano_path), "--format", "gguf", "--type", "Q7_X",
+                                   "-o", str(tmp_path / "x.gguf")])
+    assert res.exit_code != 0 and "Q7_X" in str(res.exception)
+    assert not (tmp_path / "x.gguf").exists()
