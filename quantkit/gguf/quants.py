@@ -39,7 +39,7 @@ K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
 
 # elements per chunk: big enough to amortize numpy's per-call cost, small enough to stay in L2
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 18
 
 
 def row_bytes(type_name: str, cols: int) -> int:

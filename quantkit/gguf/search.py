@@ -26,30 +26,43 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
     safe_max = np.where(all_zero, F32(1.0), mx).astype(np.float32)
     w = qw if qw is not None else x * x
     wx = w * x
+    lf = np.empty_like(x)
+    buf = np.empty_like(x)
 
-    def candidate(iscale):
-        l = _clamp(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = l.astype(np.float32)
-        return l, seqsum(wx * lf), seqsum(w * lf * lf)
+    def codes(iscale):
+        # |iscale * x| <= nmax + 0.9 (max is the largest |x|), so np.rint equals nearest_int here
+        np.multiply(iscale, x, out=lf)
+        np.rint(lf, out=lf)
+        return np.clip(lf, -nmax, nmax - 1, out=lf)
+
+    def sums(iscale):
+        codes(iscale)
+        np.multiply(wx, lf, out=buf)
+        sumlx = seqsum(buf)
+        np.multiply(w, lf, out=buf)
+        np.multiply(buf, lf, out=buf)
+        return sumlx, seqsum(buf)
 
     iscale = F32(-nmax) / safe_max
-    l, sumlx, suml2 = candidate(iscale)
+    best_iscale = iscale
+    sumlx, suml2 = sums(iscale)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0)).astype(np.float32)
     best = scale * sumlx
-    L = l + nmax
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = -(F32(nmax) + F32(0.1) * F32(step)) / safe_max
-        l, sumlx, suml2 = candidate(iscale)
+        sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
             with np.errstate(divide="ignore", invalid="ignore"):
                 new_scale = sumlx / suml2
-            L = np.where(better, l + nmax, L)
+            best_iscale = np.where(better, iscale, best_iscale)
             scale = np.where(better, new_scale, scale)
             best = np.where(better, scale * sumlx, best)
+    # the winner's codes, recomputed from its iscale with the same float32 operations
+    L = codes(best_iscale).astype(np.int32) + nmax
     L = np.where(all_zero, 0, L)
     scale = np.where(all_zero, F32(0.0), scale).astype(np.float32)
     return scale, L
@@ -58,35 +71,56 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """`make_q3_quants(n, nmax, x, L, do_rmse=true)`: RTN at -nmax/max, then up to 5 coordinate-descent passes
     (weights x^2). Returns (scale [B], L [n, B] int32 in 0..2*nmax-1)."""
-    n = x.shape[0]
+    n, B = x.shape
     mx = first_absmax(x, axis=0)
     all_zero = np.abs(mx) < GROUP_MAX_EPS
     safe_max = np.where(all_zero, F32(1.0), mx).astype(np.float32)
     iscale = F32(-nmax) / safe_max
-    L = _clamp(nearest_int(iscale * x), -nmax, nmax - 1)
+    # |iscale * x| <= nmax: np.rint equals nearest_int
+    Lf = np.clip(np.rint(iscale * x), -nmax, nmax - 1).astype(np.float32)
     w = x * x
     wx = w * x
-    Lf = L.astype(np.float32)
     sumlx = seqsum(wx * Lf)
     suml2 = seqsum(w * Lf * Lf)
-    # A pass without any change leaves the state as it was, so running all 5 passes equals C's early break.
+    # C stops a group's passes when a pass changes nothing: passes 2.. only visit the groups changed last pass.
+    active = None
     for _ in range(5):
+        if active is None:
+            xa, wa, wxa, La, sx, s2 = x, w, wx, Lf, sumlx, suml2
+        else:
+            xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], Lf[:, active]
+            sx, s2 = sumlx[active], suml2[active]
+        changed = np.zeros(xa.shape[1], dtype=bool)
         for i in range(n):
-            li = L[i].astype(np.float32)
-            slx = sumlx - wx[i] * li
+            li = La[i]
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                sl2 = suml2 - w[i] * li * li
-                new_l = _clamp(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
-                nlf = new_l.astype(np.float32)
-                slx2 = slx + wx[i] * nlf
-                sl22 = sl2 + w[i] * nlf * nlf
-                accept = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[i] = np.where(accept, new_l, L[i])
-            sumlx = np.where(accept, slx2, sumlx)
-            suml2 = np.where(accept, sl22, suml2)
+                slx = sx - wxa[i] * li
+                sl2 = s2 - wa[i] * li * li
+                v = xa[i] * sl2 / slx
+                live = slx > 0
+                if bool(np.any(live & ~(np.abs(v) <= NEAREST_SAFE))):
+                    nl = np.clip(nearest_int(v), -nmax, nmax - 1).astype(np.float32)
+                else:
+                    nl = np.clip(np.rint(v), -nmax, nmax - 1)
+                slx2 = slx + wxa[i] * nl
+                sl22 = sl2 + wa[i] * nl * nl
+                acc = live & (nl != li) & (sl22 > 0) & (slx2 * slx2 * s2 > sx * sx * sl22)
+            np.copyto(li, nl, where=acc)
+            sx = np.where(acc, slx2, sx)
+            s2 = np.where(acc, sl22, s2)
+            changed |= acc
+        if active is None:
+            sumlx, suml2 = sx, s2
+            active = np.flatnonzero(changed)
+        else:
+            Lf[:, active] = La
+            sumlx[active], suml2[active] = sx, s2
+            active = active[changed]
+        if active.size == 0:
+            break
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(np.float32)
-    L = np.where(all_zero, 0, L + nmax)
+    L = np.where(all_zero, 0, Lf.astype(np.int32) + nmax)
     scale = np.where(all_zero, F32(0.0), scale).astype(np.float32)
     return scale, L
 
