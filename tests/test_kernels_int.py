@@ -71,6 +71,8 @@ CASES = [
     (17, 50, 64, 4, 32, False, False, True, torch.float16),
     (2, 31, 64, 2, 32, False, False, False, torch.float16),
     (4, 24, 72, 3, -1, False, False, False, torch.float32),
+    (3, 29, 64, 4, 32, False, False, True, torch.float16),  # gemv gathering by a scattered g_idx
+    (2, 21, 64, 2, 8, False, False, False, torch.float32),  # groups smaller than a packed word
 ]
 
 

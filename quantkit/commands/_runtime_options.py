@@ -22,6 +22,9 @@ def runtime_options(fn):
                   help="Activation dtype (default float32 on CPU, bfloat16 on CUDA).")
     @click.option("--cache-dequant", is_flag=True,
                   help="Keep dequantized weights after first use (faster on CPU, uses full-precision memory).")
+    @click.option("--cpu-kernels/--no-cpu-kernels", "cpu_kernels", default=True, show_default=True,
+                  help="On CPU, run torch's int4/int8 matmul kernels (bf16 math) instead of the exact fp32 "
+                       "dequantize-per-chunk path.")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -29,11 +32,12 @@ def runtime_options(fn):
     return wrapper
 
 
-def load_for_generation(model_path, device, backend, dtype, cache_dequant):
+def load_for_generation(model_path, device, backend, dtype, cache_dequant, cpu_kernels=True):
     from quantkit.model.tokenizer import load_tokenizer
     from quantkit.runtime.model import load_model
 
-    model = load_model(model_path, device=device, backend=backend, dtype=dtype, cache_dequant=cache_dequant)
+    model = load_model(model_path, device=device, backend=backend, dtype=dtype, cache_dequant=cache_dequant,
+                       cpu_kernels=cpu_kernels)
     tok_path = model.runtime_info.get("tokenizer_path")
     if not tok_path:
         raise TokenizerError(f"{model_path}: no tokenizer found next to the model (tokenizer.model or tokenizer.json)")
@@ -44,4 +48,5 @@ def speed_line(result, info) -> str:
     return (f"{len(result.tokens)} tokens | prefill {result.prompt_tokens - result.reused_tokens} tok "
             f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_tokens_per_s:.2f} tok/s | "
             f"{info['format']} {info['backend']} {info['device']} {info['dtype']}"
-            + (" cache-dequant" if info.get("cache_dequant") else ""))
+            + (" cache-dequant" if info.get("cache_dequant") else "")
+            + (" cpu-kernels" if info.get("cpu_kernels") and info["device"] == "cpu" else ""))

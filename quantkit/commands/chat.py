@@ -15,7 +15,7 @@ from quantkit.commands._runtime_options import load_for_generation, runtime_opti
 @click.option("--verbose", "-v", is_flag=True, help="Print the speed line after every answer (stderr).")
 @runtime_options
 def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype,
-            cache_dequant):
+            cache_dequant, cpu_kernels):
     """Chat with MODEL: each line on stdin is a user turn; answers stream to stdout.
 
     The conversation is re-encoded with the chat template every turn; the KV cache keeps the shared prefix, so
@@ -28,7 +28,7 @@ def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed,
     from quantkit.runtime.generate import Generator, SamplingParams, TextStreamer
 
     params = SamplingParams(temperature, top_k, top_p, seed)
-    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant)
+    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant, cpu_kernels)
     gen = Generator(net, max_len=min(4096, net.config.max_position_embeddings))
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": system}] if system else []

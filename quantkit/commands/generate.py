@@ -14,7 +14,7 @@ from quantkit.commands._runtime_options import load_for_generation, runtime_opti
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template ([INST] ... [/INST]).")
 @runtime_options
-def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant):
+def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant, cpu_kernels):
     """Generate text from MODEL (full-precision source, GPTQ/AWQ/compressed-tensors directory or GGUF file).
 
     The text streams to stdout; the speed line (prefill and decode tokens/s) goes to stderr at the end.
@@ -27,7 +27,7 @@ def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, de
     from quantkit.runtime.generate import Generator, SamplingParams, TextStreamer
 
     params = SamplingParams(temperature, top_k, top_p, seed)
-    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant)
+    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant, cpu_kernels)
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
         streamer = TextStreamer(tok)

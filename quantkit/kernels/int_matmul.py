@@ -21,7 +21,7 @@ from quantkit.kernels.pack import PackedInt
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size, ldq, lds,
                   BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                   HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr):
     """[BK, BN] tile of W^T as fp32: exact (q - z) if SCALE_AFTER, else (q - z) * s."""
@@ -29,12 +29,12 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
     MASKQ: tl.constexpr = (1 << CBITS) - 1
     k_ok = kk < K
     n_ok = offs_n < N
-    packed = tl.load(qw_ptr + (kk // PF)[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+    packed = tl.load(qw_ptr + (kk // PF)[:, None] * ldq + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
     q = ((packed >> ((kk % PF) * CBITS)[:, None]) & MASKQ).to(tl.float32)
     if SCALE_AFTER:
         if HAS_ZEROS:
             g = kk // group_size  # all equal within the tile; a [BN] load per tile
-            z = tl.load(z_ptr + tl.min(g, 0) * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + tl.min(g, 0) * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
             w = q - z[None, :]
         else:
             w = q - ZP
@@ -44,9 +44,9 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
         else:
             g = kk // group_size
         gm = k_ok[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gm, other=0).to(tl.float32)
+        s = tl.load(s_ptr + g[:, None] * lds + offs_n[None, :], mask=gm, other=0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gm, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * lds + offs_n[None, :], mask=gm, other=0).to(tl.float32)
             w = (q - z) * s
         else:
             w = (q - ZP) * s
@@ -55,10 +55,10 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
 
 @triton.jit
 def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
-                     M, N, K, stride_xm, group_size, k_per_split,
+                     M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
                      BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                     UPCAST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -81,19 +81,19 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
     for k0 in range(k_start, k_stop, BK):
         kk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size, ldq, lds,
                           BITS, CBITS, ZP, HAS_ZEROS, HAS_GIDX, SCALE_AFTER)
-        if UPCAST:
-            part = tl.dot(x.to(tl.float32), w, input_precision=DOT_PREC)
+        if UPCAST:  # fp32 activations (and every dtype under the interpreter, whose bf16 dot is wrong)
+            part = tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
-            part = tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+            part = tl.dot(x, w.to(x.dtype))
         if SCALE_AFTER:
-            s = tl.load(s_ptr + (k0 // group_size) * N + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+            s = tl.load(s_ptr + (k0 // group_size) * lds + offs_n, mask=offs_n < N, other=0).to(tl.float32)
             acc += part * s[None, :]
         else:
             acc += part
     omask = m_ok[:, None] & (offs_n < N)[None, :]
-    if SPLIT > 1:
+    if SPLIT_OUT:
         tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)
     else:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
@@ -101,43 +101,85 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
 
 @triton.jit
 def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
-                     M, N, K, stride_xm, group_size, k_per_split,
+                     M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
                      BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                     WORD_GROUPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Each packed word is loaded once; its PF codes are peeled off with shifts (static loop over j) and
+    multiplied with the matching strided activations. WORD_GROUPS: all codes of a word share one group."""
+    PF: tl.constexpr = 32 // CBITS
+    BKW: tl.constexpr = BK // PF
+    MASKQ: tl.constexpr = (1 << CBITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
     for k0 in range(k_start, k_stop, BK):
-        kk = k0 + tl.arange(0, BK)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size,
-                          BITS, CBITS, ZP, HAS_ZEROS, HAS_GIDX, SCALE_AFTER)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
-        part = tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        kw = k0 // PF + tl.arange(0, BKW)
+        w_ok = kw * PF < K
+        wmask = w_ok[:, None] & n_ok[None, :]
+        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=wmask, other=0)
         if SCALE_AFTER:
-            s = tl.load(s_ptr + (k0 // group_size) * N + offs_n, mask=offs_n < N, other=0).to(tl.float32)
-            acc += part * s[None, :]
+            g0 = k0 // group_size
+            s_row = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                z_row = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+        elif WORD_GROUPS:
+            gw = (kw * PF) // group_size
+            s_w = tl.load(s_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                z_w = tl.load(z_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(PF):
+            kk = kw * PF + j
+            q = ((packed >> (j * CBITS)) & MASKQ).to(tl.float32)
+            if SCALE_AFTER:
+                if HAS_ZEROS:
+                    w = q - z_row[None, :]
+                else:
+                    w = q - ZP
+            elif WORD_GROUPS:
+                if HAS_ZEROS:
+                    w = (q - z_w) * s_w
+                else:
+                    w = (q - ZP) * s_w
+            else:
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + kk, mask=kk < K, other=0)
+                else:
+                    g = kk // group_size
+                emask = (kk < K)[:, None] & n_ok[None, :]
+                s_e = tl.load(s_ptr + g[:, None] * lds + offs_n[None, :], mask=emask, other=0).to(tl.float32)
+                if HAS_ZEROS:
+                    z_e = tl.load(z_ptr + g[:, None] * lds + offs_n[None, :], mask=emask, other=0).to(tl.float32)
+                    w = (q - z_e) * s_e
+                else:
+                    w = (q - ZP) * s_e
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                        other=0.0).to(tl.float32)
+            part += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if SCALE_AFTER:
+            acc += part * s_row[None, :]
         else:
             acc += part
-    omask = m_ok[:, None] & (offs_n < N)[None, :]
-    if SPLIT > 1:
+    omask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_OUT:
         tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)
     else:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(SPLIT):
         acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -146,7 +188,7 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     """out[M, N] = partials[S, M, N].sum(0) (reference: `partials.sum(0).to(out.dtype)`)."""
     mn = out.numel()
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(mn, block),)](partials, out, mn, SPLIT=partials.shape[0], BLOCK=block)
+    _sum_splits_kernel[(triton.cdiv(mn, block),)](partials, out, mn, partials.shape[0], BLOCK=block)
 
 
 # ---------------------------------------------------------------- launch
@@ -171,8 +213,10 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
     cands: list[tuple] = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
-        for bn, bk, warps in ((128, 64, 4), (64, 128, 4), (256, 32, 4), (128, 128, 8), (64, 64, 4)):
-            if bm * bn * bk <= 16384 * (2 if warps == 8 else 1):
+        pf = p.pack_factor
+        for bn, bk, warps in ((256, 128, 4), (128, 128, 4), (128, 256, 4), (64, 256, 4), (256, 64, 4), (512, 64, 8),
+                              (256, 256, 8), (64, 64, 4)):
+            if bm * (bk // pf) * bn <= 8192 * (warps // 4):
                 for mul in (1, 2):
                     cands.append(("gemv", bm, bn, bk, warps, mul))
         cands += [("gemm", 16, 64, 128, 4, 4, 1), ("gemm", 16, 128, 64, 4, 4, 1)]
@@ -205,9 +249,11 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -
         return out.view(*lead, n)
 
     upcast = tune.interpreting() or x2.dtype == torch.float32
-    dot_prec = "ieee" if x2.dtype == torch.float32 else "tf32"
     zeros = p.zeros if p.zeros is not None else p.scales  # dummy pointer when symmetric
     gidx = p.g_idx if p.g_idx is not None else p.qweight  # dummy pointer
+    ldq, lds = p.qweight.stride(0), p.scales.stride(0)
+    if p.qweight.stride(1) != 1 or p.scales.stride(1) != 1 or (p.zeros is not None and p.zeros.stride() != p.scales.stride()):
+        raise ValueError("int_matmul: qweight/scales/zeros must be row-major (column slices of a fused weight are fine)")
     common = dict(BITS=p.bits, CBITS=p.container_bits, ZP=p.symmetric_zero, HAS_ZEROS=p.zeros is not None,
                   HAS_GIDX=p.g_idx is not None)
 
@@ -226,15 +272,16 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -
             if mul == 2:
                 split, per = _split_for(tiles, k, bk, x2.device, split * 2)
         scale_after = p.g_idx is None and p.group_size % bk == 0
+        word_groups = p.g_idx is None and p.group_size % p.pack_factor == 0
         target = dst if split == 1 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
         if kind == "gemv":
             _int_gemv_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
-                                             p.group_size, per, SCALE_AFTER=scale_after, SPLIT=split,
-                                             BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
+                                             p.group_size, per, ldq, lds, SCALE_AFTER=scale_after,
+                                             SPLIT_OUT=split > 1, WORD_GROUPS=word_groups, BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
         else:
             _int_gemm_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
-                                             p.group_size, per, SCALE_AFTER=scale_after, SPLIT=split,
-                                             UPCAST=upcast, DOT_PREC=dot_prec, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                                             p.group_size, per, ldq, lds, SCALE_AFTER=scale_after,
+                                             SPLIT_OUT=split > 1, UPCAST=upcast, BM=bm, BN=bn, BK=bk, GROUP_M=8,
                                              num_warps=warps, num_stages=stages, **common)
         if split > 1:
             sum_splits(target, dst)

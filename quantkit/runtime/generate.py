@@ -110,18 +110,43 @@ class Generator:
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+            if hasattr(attn, "qkv_fused"):
+                q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+            k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+            v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k[i].index_copy_(2, pos, k)
             self.v[i].index_copy_(2, pos, v)
             keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
             values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            if t == 1 and h.device.type == "cpu":
+                out = self._attend_one(q, keys, values, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
         return h
+
+    @staticmethod
+    def _attend_one(q, keys, values, mask):
+        """One query per sequence, grouped-query attention in plain matmuls (cheaper than SDPA's CPU kernel
+        setup at decode sizes). q [b, heads, 1, d], keys/values [b, kv_heads, L, d], mask [1, L]."""
+        b, heads, _, d = q.shape
+        kv_heads = keys.shape[1]
+        qg = q.reshape(b, kv_heads, heads // kv_heads, d)
+        scores = (qg @ keys.transpose(-1, -2)) * (d ** -0.5)
+        scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return (scores @ values).reshape(b, heads, 1, d)
+
+    @staticmethod
+    def _mlp(mlp, x):
+        if hasattr(mlp, "gate_up_fused"):
+            gate, up = mlp.gate_up_fused(x).chunk(2, dim=-1)
+            return mlp.down_proj(F.silu(gate) * up)
+        return mlp(x)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:

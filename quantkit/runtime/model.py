@@ -101,10 +101,12 @@ def _float(t, name: str, dtype, device) -> torch.Tensor:
 
 
 def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: str = "auto",
-               dtype: torch.dtype | str | None = None, cache_dequant: bool = False,
+               dtype: torch.dtype | str | None = None, cache_dequant: bool = False, fuse: bool = True,
+               cpu_kernels: bool = False,
                progress: Callable[[Iterable], Iterable] | None = None) -> Transformer:
     """A Transformer whose linears run on the compressed weights. dtype: activations/norms/float weights
-    (default float32 on CPU, bfloat16 on CUDA). `model.runtime_info` describes what was loaded."""
+    (default float32 on CPU, bfloat16 on CUDA). `fuse`: q|k|v and gate|up become one matmul each in the
+    generator (zero-copy; the separate modules are views). `model.runtime_info` describes what was loaded."""
     source = path_or_checkpoint if isinstance(path_or_checkpoint, Source) else open_source(path_or_checkpoint)
     device, backend = resolve_device(device, backend)
     if isinstance(dtype, str):
@@ -128,11 +130,11 @@ def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: 
         t = source.get(stored_name)
         module_name = pname.rsplit(".", 1)[0]
         if module_name in linears and isinstance(t, QuantTensor):
-            mod = QuantLinear.from_quant_tensor(t, backend, device, cache_dequant)
+            mod = QuantLinear.from_quant_tensor(t, backend, device, cache_dequant, cpu_kernels)
             _set_module(model, module_name, mod)
             kind = f"int{t.bits}"
         elif module_name in linears and isinstance(t, GGMLTensor) and is_block_type(t.type_name):
-            mod = GGMLLinear.from_ggml_tensor(t, backend, device, cache_dequant)
+            mod = GGMLLinear.from_ggml_tensor(t, backend, device, cache_dequant, cpu_kernels)
             _set_module(model, module_name, mod)
             kind = t.type_name
         elif module_name == "model.embed_tokens" and isinstance(t, GGMLTensor) and is_block_type(t.type_name):
@@ -152,9 +154,10 @@ def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: 
     if left:
         raise FormatError(f"{source.path}: no data for {left[0]!r}")
     model.eval()
-    model.runtime_info = {"path": str(source.path), "format": source.format, "device": str(device),
+    fused = fuse_projections(model) if fuse else 0
+    model.runtime_info = {"fused_groups": fused, "path": str(source.path), "format": source.format, "device": str(device),
                           "backend": backend, "dtype": str(dtype).replace("torch.", ""), "weight_types": counts,
-                          "weight_bytes": weight_bytes, "cache_dequant": cache_dequant,
+                          "weight_bytes": weight_bytes, "cache_dequant": cache_dequant, "cpu_kernels": cpu_kernels,
                           "tokenizer_path": str(source.tokenizer_path) if source.tokenizer_path else None,
                           "chat_template": source.metadata.get("chat_template")}
     return model
@@ -166,3 +169,72 @@ def model_dtype(model: Transformer) -> torch.dtype:
 
 def model_device(model: Transformer) -> torch.device:
     return model.model.norm.weight.device
+
+
+# ---- fused projections (q|k|v and gate|up share one weight; the separate modules become views of it) ----
+
+def _fuse_group(parts: list[nn.Module]) -> nn.Module | None:
+    """One module computing all `parts` at once, with `parts` rebuilt as zero-copy views of its storage."""
+    if all(isinstance(m, QuantLinear) for m in parts):
+        first = parts[0]
+        same = all(m.bits == first.bits and m.group_size == first.group_size and m.in_features == first.in_features
+                   and (m.zeros is None) == (first.zeros is None) and m.perm is None and m.g_idx is None
+                   and m.scales.dtype == first.scales.dtype and m.backend == first.backend for m in parts)
+        if not same or first.cache_dequant:
+            return None
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(m, name) for m in parts], 1)  # noqa: E731
+        from quantkit.kernels.pack import PackedInt
+
+        n_total = sum(m.out_features for m in parts)
+        fused = QuantLinear(PackedInt(cat("qweight"), cat("scales"), cat("zeros"), first.bits, first.container_bits,
+                                      first.group_size, first.in_features, n_total), first.backend,
+                            cpu_kernels=first.cpu_kernels)
+        start = 0
+        for m in parts:
+            end = start + m.out_features
+            m.qweight = fused.qweight[:, start:end]
+            m.scales = fused.scales[:, start:end]
+            if fused.zeros is not None:
+                m.zeros = fused.zeros[:, start:end]
+            start = end
+        return fused
+    if all(isinstance(m, GGMLLinear) for m in parts):
+        first = parts[0]
+        if any(m.type_name != first.type_name or m.in_features != first.in_features or m.backend != first.backend
+               or m.cache_dequant for m in parts):
+            return None
+        data = torch.cat([m.data for m in parts], 0)
+        fused = GGMLLinear(first.type_name, data, (data.shape[0], first.in_features), first.backend,
+                           cpu_kernels=first.cpu_kernels)
+        start = 0
+        for m in parts:
+            m.data = data[start:start + m.out_features]
+            start += m.out_features
+        return fused
+    if all(type(m) is nn.Linear and m.bias is None for m in parts):
+        weight = torch.cat([m.weight.data for m in parts], 0)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        start = 0
+        for m in parts:
+            m.weight = nn.Parameter(weight[start:start + m.out_features], requires_grad=False)
+            start += m.out_features
+        return fused
+    return None
+
+
+def fuse_projections(model: Transformer) -> int:
+    """Give each layer `self_attn.qkv_fused` and `mlp.gate_up_fused` where the parts are compatible.
+    The generator uses them (fewer, larger matmuls); the reference forward keeps using the views."""
+    count = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fused = _fuse_group([attn.q_proj, attn.k_proj, attn.v_proj])
+        if fused is not None:
+            attn.qkv_fused = fused
+            count += 1
+        fused = _fuse_group([mlp.gate_proj, mlp.up_proj])
+        if fused is not None:
+            mlp.gate_up_fused = fused
+            count += 1
+    return count

@@ -10,6 +10,8 @@ Backends: `triton` (GPU kernels, kernels/int_matmul.py and kernels/ggml_matmul.p
 one chunk of input rows at a time and accumulates, so at most `chunk_elems` weights exist in full precision).
 `cache_dequant=True` (torch backend only) keeps the dequantized matrix after the first call: it trades the
 memory saving for speed and is labelled as such wherever it is reported.
+`cpu_kernels=True` (torch backend on CPU) runs torch's int4/int8 CPU matmul kernels (kernels/cpu.py) on a
+repacked copy of the codes built at first use (bf16 arithmetic: not bit-comparable with the exact fp32 path).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def _check_backend(backend: str) -> None:
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, packed: PackedInt, backend: str = "torch", cache_dequant: bool = False):
+    def __init__(self, packed: PackedInt, backend: str = "torch", cache_dequant: bool = False,
+                 cpu_kernels: bool = False):
         super().__init__()
         _check_backend(backend)
+        self.cpu_kernels, self._fast = cpu_kernels, None
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.bits, self.container_bits, self.group_size = packed.bits, packed.container_bits, packed.group_size
         self.backend, self.cache_dequant = backend, cache_dequant
@@ -43,11 +47,30 @@ class QuantLinear(nn.Module):
         self._cached: torch.Tensor | None = None
 
     @classmethod
-    def from_quant_tensor(cls, qt: QuantTensor, backend: str = "torch", device=None, cache_dequant: bool = False):
+    def from_quant_tensor(cls, qt: QuantTensor, backend: str = "torch", device=None, cache_dequant: bool = False,
+                          cpu_kernels: bool = False):
         packed = pack_quant_tensor(qt)
         if device is not None:
             packed = packed.to(device)
-        return cls(packed, backend, cache_dequant)
+        return cls(packed, backend, cache_dequant, cpu_kernels)
+
+    def _fast_path(self):
+        """torch's int4/int8 CPU kernels over a repacked copy (built on first use), or None if unsupported."""
+        if self._fast is None:
+            from quantkit.kernels import cpu
+
+            self._fast = False
+            if cpu.available() and self.g_idx is None and self.bits in (4, 8) and self.container_bits == self.bits:
+                codes = unpack_codes(self.qweight, self.bits, self.in_features).t()
+                scale = self.scales.t().float()
+                mid = 1 << (self.bits - 1)
+                z = torch.full_like(scale, mid) if self.zeros is None else self.zeros.t().float()
+                if self.bits == 4:
+                    built = cpu.build("int4", codes, scale, (mid - z) * scale, self.group_size)
+                else:
+                    built = cpu.build("int8", codes - mid, scale, (mid - z) * scale, self.group_size)
+                self._fast = built or False
+        return self._fast or None
 
     def packed(self) -> PackedInt:
         return PackedInt(self.qweight, self.scales, self.zeros, self.bits, self.container_bits, self.group_size,
@@ -56,6 +79,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = f"int{self.bits} g{self.group_size}" + (" asym" if self.zeros is not None else " sym")
         kind += " act-order" if self.perm is not None else ""
+        kind += " cpu-kernels" if self.cpu_kernels else ""
         return f"{self.in_features} -> {self.out_features}, {kind}, backend={self.backend}" + (
             ", cache_dequant" if self.cache_dequant else "")
 
@@ -109,25 +133,39 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
+        if self.cpu_kernels and x2.device.type == "cpu" and not self.cache_dequant and self._fast_path() is not None:
+            return self._fast(x2).view(*lead, self.out_features)
         return self._torch_forward(x2).view(*lead, self.out_features)
 
 
 class GGMLLinear(nn.Module):
     def __init__(self, type_name: str, data: torch.Tensor, shape: tuple[int, int], backend: str = "torch",
-                 cache_dequant: bool = False):
+                 cache_dequant: bool = False, cpu_kernels: bool = False):
         super().__init__()
         _check_backend(backend)
+        self.cpu_kernels, self._fast = cpu_kernels, None
         self.type_name, self.backend, self.cache_dequant = type_name, backend, cache_dequant
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         self.register_buffer("data", data, persistent=False)
         self._cached: torch.Tensor | None = None
 
     @classmethod
-    def from_ggml_tensor(cls, t: GGMLTensor, backend: str = "torch", device=None, cache_dequant: bool = False):
+    def from_ggml_tensor(cls, t: GGMLTensor, backend: str = "torch", device=None, cache_dequant: bool = False,
+                         cpu_kernels: bool = False):
         if len(t.shape) != 2:
             raise ValueError(f"GGMLLinear needs a 2-D tensor, got shape {t.shape}")
         data = torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1)).to(device or "cpu")
-        return cls(t.type_name, data, (t.shape[0], t.shape[1]), backend, cache_dequant)
+        return cls(t.type_name, data, (t.shape[0], t.shape[1]), backend, cache_dequant, cpu_kernels)
+
+    def _fast_path(self):
+        if self._fast is None:
+            from quantkit.kernels import cpu
+
+            self._fast = False
+            parts = cpu.ggml_parts(self.data, self.type_name) if cpu.available() else None
+            if parts is not None:
+                self._fast = cpu.build(*parts) or False
+        return self._fast or None
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.type_name}, backend={self.backend}" + (
@@ -146,6 +184,8 @@ class GGMLLinear(nn.Module):
             from quantkit.kernels.ggml_matmul import ggml_matmul
 
             return ggml_matmul(x2, self.data, self.type_name).view(*lead, self.out_features)
+        if self.cpu_kernels and x2.device.type == "cpu" and not self.cache_dequant and self._fast_path() is not None:
+            return self._fast(x2).view(*lead, self.out_features)
         if self.cache_dequant:
             if self._cached is None or self._cached.dtype != x2.dtype:
                 self._cached = self._dequant(0, self.out_features, torch.float32).to(x2.dtype).t().contiguous()

@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""GPU benchmark of quantkit's Triton kernels and runtime — one call, under 4 minutes on an H100/H200.
+
+    python benchmarks/gpu.py --out /tmp/gpu-results                 # on the GPU machine
+    TRITON_INTERPRET=1 python benchmarks/gpu.py --smoke --out /tmp/gpu-smoke   # CPU dry run (tiny shapes)
+
+Sections (each guarded: an exception is recorded and the script goes on; results are rewritten after each):
+  1. device-to-device copy bandwidth (the roofline for weight streaming)
+  2. W4 g128 (sym) fused-dequant matmul on Mistral-7B linear shapes x batch 1/4/16/64/256: correctness vs the
+     torch reference, kernel time, weight GB/s and its fraction of copy bandwidth, TFLOP/s vs torch bf16 matmul
+  3. end-to-end decode tokens/s of a Mistral-7B-shaped W4 g128 model (random weights, built on the GPU) vs the
+     same model in bf16 (both through quantkit's static-KV generator, CUDA graph on and off)
+  4. extras at batch 1 / 16: W4 g32 asym, W4 act-order, W8, GGUF Q4_K/Q6_K/Q8_0/Q4_0 matvec
+Writes OUT/results.json and OUT/results.md; prints progress with flush.
+Goals: decode GEMV >= 80% of copy bandwidth at batch 1; W4 e2e decode >= 3x bf16; batch-256 GEMM >= 50% of
+bf16 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+T0 = time.time()
+RESULTS: dict = {"sections": {}, "errors": {}, "goals": {}}
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, device, reps: int = 40) -> float:
+    """Mean ms per call: triton do_bench on a GPU; a couple of timed calls on CPU (smoke)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=reps))
+    fn()
+    t = time.perf_counter()
+    for _ in range(2):
+        fn()
+    return (time.perf_counter() - t) / 2 * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def save(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS["elapsed_s"] = round(elapsed(), 1)
+    (out / "results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    (out / "results.md").write_text(markdown())
+
+
+def section(name: str, out: Path):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            log(f"== {name}")
+            t = time.time()
+            try:
+                value = fn(*args, **kwargs)
+                RESULTS["sections"][name] = {"seconds": round(time.time() - t, 1)}
+                return value
+            except Exception as e:  # keep going: the other sections still run
+                RESULTS["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+                log(f"!! {name} failed: {type(e).__name__}: {e}")
+                return None
+            finally:
+                save(out)
+        return run
+    return wrap
+
+
+# ------------------------------------------------------------------ builders
+
+
+def random_packed(k: int, n: int, bits: int, group: int, symmetric: bool, device, act_order: bool = False):
+    """A random PackedInt made directly on the device (random codes = random words)."""
+    from quantkit.kernels.pack import PackedInt, pack_quant_tensor
+    from quantkit.quant.tensor import QuantTensor
+
+    gs = k if group == -1 else group
+    groups = k // gs
+    if act_order or not symmetric or bits != 4:
+        maxq = (1 << bits) - 1
+        codes = torch.randint(0, maxq + 1, (n, k), dtype=torch.uint8, device=device)
+        zeros = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32, device=device) if symmetric
+                 else torch.randint(0, maxq + 1, (n, groups), dtype=torch.int32, device=device))
+        scales = (torch.rand(n, groups, device=device) * 0.01 + 0.001).half()
+        g_idx = None
+        if act_order:
+            perm = torch.randperm(k, device=device)
+            g_idx = (torch.arange(k, device=device) // gs)[perm].to(torch.int32)
+        return pack_quant_tensor(QuantTensor(codes, scales, zeros, bits, gs, symmetric, g_idx))
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
+    scales = (torch.rand(groups, n, device=device) * 0.01 + 0.001).half()
+    return PackedInt(qweight, scales, None, 4, 4, gs, k, n)
+
+
+def mistral7b_config(layers: int, smoke: bool):
+    from quantkit.model.config import ModelConfig
+
+    if smoke:
+        return ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                       rope_theta=1e6)
+
+
+def build_model(cfg, device, quantized: bool, backend: str):
+    """Random-weight Transformer: W4 g128 QuantLinears (lm_head kept bf16, as GPTQ does) or all bf16."""
+    from torch import nn
+
+    from quantkit.model.reference import Transformer
+    from quantkit.runtime.model import _set_module, fuse_projections
+    from quantkit.runtime.qlinear import QuantLinear
+
+    dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear):
+            if quantized and name != "lm_head":
+                _set_module(model, name, QuantLinear(random_packed(mod.in_features, mod.out_features, 4, 128, True,
+                                                                   device), backend))
+            else:
+                state[name + ".weight"] = torch.randn(mod.out_features, mod.in_features, device=device,
+                                                      dtype=dtype) * 0.02
+    for name, p in model.state_dict().items():
+        if name not in state and p.is_meta:
+            state[name] = (torch.ones(p.shape, device=device, dtype=dtype) if "norm" in name
+                           else torch.randn(p.shape, device=device, dtype=dtype) * 0.02)
+    model.load_state_dict(state, strict=False, assign=True)
+    fuse_projections(model)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    total = 0
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+# ------------------------------------------------------------------ sections
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="directory for results.json and results.md")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the end-to-end model")
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds; optional sections are skipped beyond it")
+    args = ap.parse_args()
+    out = args.out
+
+    if torch.cuda.is_available() and not interpreting():
+        device = torch.device("cuda")
+    elif interpreting():
+        device = torch.device("cpu")
+    else:
+        sys.exit("error: no CUDA GPU here; for a CPU dry run use TRITON_INTERPRET=1 ... --smoke")
+    smoke = args.smoke
+    batches = [1, 4, 16] if smoke else [1, 4, 16, 64, 256]
+    shapes = ([(256, 256), (256, 128), (256, 512), (512, 256)] if smoke
+              else [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])  # (in K, out N)
+    layers = 2 if smoke else args.layers
+    steps = 2 if smoke else args.decode_steps
+
+    import triton
+
+    RESULTS["env"] = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else None,
+        "smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    log("env", RESULTS["env"])
+    torch.manual_seed(0)
+
+    @section("copy_bandwidth", out)
+    def copy_bandwidth():
+        nbytes = (8 << 20) if smoke else (1 << 30)
+        a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        ms = bench_ms(lambda: b.copy_(a), device)
+        gbps = 2 * nbytes / ms / 1e6  # read + write
+        RESULTS["copy_GBps"] = round(gbps, 1)
+        log(f"copy bandwidth {gbps:.0f} GB/s (read+write of {nbytes >> 20} MiB in {ms:.3f} ms)")
+        del a, b
+        return gbps
+
+    copy_gbps = copy_bandwidth() or float("nan")
+
+    @section("w4_g128_shapes", out)
+    def shapes_section():
+        import torch.nn.functional as F
+
+        from quantkit.kernels.int_matmul import int_matmul
+        from quantkit.kernels.pack import dequant_packed
+
+        rows = RESULTS.setdefault("w4_g128", [])
+        for k, n in shapes:
+            p = random_packed(k, n, 4, 128, True, device)
+            w_ref = dequant_packed(p)  # fp32 [K, N], reference only
+            w_bf16 = w_ref.t().contiguous().to(torch.bfloat16)
+            wbytes = p.qweight.numel() * 4 + p.scales.numel() * 2
+            for m in batches:
+                row = {"K": k, "N": n, "M": m}
+                try:
+                    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                    y = int_matmul(x, p)  # also picks the config
+                    row["rel_err"] = rel_err(y, x.float() @ w_ref)
+                    row["ok"] = row["rel_err"] <= 1e-2
+                    t_q = bench_ms(lambda: int_matmul(x, p), device)
+                    t_b = bench_ms(lambda: F.linear(x, w_bf16), device)
+                    row.update(ms=round(t_q, 4), bf16_ms=round(t_b, 4), speedup_vs_bf16=round(t_b / t_q, 2),
+                               weight_GBps=round(wbytes / t_q / 1e6, 1),
+                               frac_copy_bw=round(wbytes / t_q / 1e6 / copy_gbps, 3),
+                               TFLOPs=round(2 * m * n * k / t_q / 1e9, 2), bf16_TFLOPs=round(2 * m * n * k / t_b / 1e9, 2),
+                               frac_bf16_tflops=round(t_b / t_q, 3))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+                log("w4g128", row)
+                save(out)
+            del p, w_ref, w_bf16
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    shapes_section()
+
+    def decode_rate(model, cuda_graph: bool, n_steps: int, prompt_len: int = 32):
+        from quantkit.runtime.generate import Generator
+
+        gen = Generator(model, max_len=prompt_len + n_steps + 8, cuda_graph=cuda_graph)
+        prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+        sync(device)
+        t = time.perf_counter()
+        logits = gen.forward(prompt, 0)
+        sync(device)
+        prefill_s = time.perf_counter() - t
+        token = logits.argmax(-1)
+        gen.decode_step(token, prompt_len)  # warm-up (graph capture, kernel config choice)
+        sync(device)
+        t = time.perf_counter()
+        for i in range(n_steps):
+            logits = gen.decode_step(token, prompt_len + 1 + i)
+        sync(device)
+        dt = time.perf_counter() - t
+        finite = bool(torch.isfinite(logits.float()).all())
+        return {"tok_per_s": round(n_steps / dt, 2), "ms_per_token": round(dt / n_steps * 1e3, 3),
+                "prefill_tok_per_s": round(prompt_len / prefill_s, 1), "finite_logits": finite}
+
+    @section("e2e_decode", out)
+    def e2e():
+        cfg = mistral7b_config(layers, smoke)
+        res = RESULTS.setdefault("e2e", {"layers": layers, "config": "Mistral-7B shapes" if not smoke else "tiny"})
+        backend = "triton"
+        for kind in ("w4_g128", "bf16"):
+            model = build_model(cfg, device, kind == "w4_g128", backend)
+            res[kind] = {"weight_GB": round(weight_bytes(model) / 1e9, 3)}
+            log(f"built {kind} model: {res[kind]['weight_GB']} GB")
+            for graph in ((True, False) if device.type == "cuda" else (False,)):
+                key = "graph" if graph else "eager"
+                try:
+                    res[kind][key] = decode_rate(model, graph, steps if graph else max(2, steps // 4))
+                except Exception as e:
+                    res[kind][key] = {"error": f"{type(e).__name__}: {e}"}
+                    RESULTS["errors"][f"e2e_{kind}_{key}"] = traceback.format_exc()[-3000:]
+                log(kind, key, res[kind][key])
+                save(out)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for key in ("graph", "eager"):
+            try:
+                res[f"speedup_{key}"] = round(res["w4_g128"][key]["tok_per_s"] / res["bf16"][key]["tok_per_s"], 2)
+            except Exception:
+                pass
+
+    e2e()
+
+    @section("extras", out)
+    def extras():
+        import numpy as np
+
+        from quantkit.kernels.ggml_matmul import ggml_matvec
+        from quantkit.kernels.ggml_ref import BLOCK_SIZES, dequantize_rows
+        from quantkit.kernels.int_matmul import int_matmul
+        from quantkit.kernels.pack import int_matmul_ref
+
+        k, n = shapes[0]
+        rows = RESULTS.setdefault("extras", [])
+        for label, bits, group, sym, act in (("w4 g32 asym", 4, 32, False, False), ("w4 g128 act-order", 4, 128, True, True),
+                                             ("w8 g128 sym", 8, 128, True, False), ("w8 per-channel", 8, -1, True, False)):
+            if elapsed() > args.budget:
+                break
+            p = random_packed(k, n, bits, group, sym, device, act_order=act)
+            for m in (1, 16):
+                row = {"kind": label, "K": k, "N": n, "M": m}
+                try:
+                    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                    row["rel_err"] = rel_err(int_matmul(x, p), int_matmul_ref(x, p))
+                    row["ok"] = row["rel_err"] <= 1e-2
+                    t = bench_ms(lambda: int_matmul(x, p), device)
+                    row.update(ms=round(t, 4), weight_GBps=round(p.nbytes() / t / 1e6, 1))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+                log("extra", row)
+        f16_fields = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+        rng = np.random.default_rng(0)
+        for type_name in ("Q4_K", "Q6_K", "Q8_0", "Q4_0"):
+            if elapsed() > args.budget:
+                break
+            row = {"kind": f"gguf {type_name}", "K": k, "N": n, "M": 1}
+            try:
+                qk, nb = BLOCK_SIZES[type_name]
+                data = rng.integers(0, 256, (n, k // qk, nb), dtype=np.uint8)
+                for off in f16_fields[type_name]:
+                    d = (rng.standard_normal((n, k // qk)) * 0.01).astype(np.float16)
+                    data[..., off:off + 2] = d.view(np.uint8).reshape(n, k // qk, 2)
+                data = torch.from_numpy(data.reshape(n, -1)).to(device)
+                x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+                ref = x.float() @ dequantize_rows(data, type_name).t()
+                row["rel_err"] = rel_err(ggml_matvec(x, data, type_name), ref)
+                row["ok"] = row["rel_err"] <= 1e-2
+                t = bench_ms(lambda: ggml_matvec(x, data, type_name), device)
+                row.update(ms=round(t, 4), weight_GBps=round(data.numel() / t / 1e6, 1),
+                           frac_copy_bw=round(data.numel() / t / 1e6 / copy_gbps, 3))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            log("extra", row)
+
+    if elapsed() < args.budget:
+        extras()
+    else:
+        log("skipping extras (time budget)")
+
+    try:
+        goals()
+    except Exception as e:
+        RESULTS["errors"]["goals"] = f"{type(e).__name__}: {e}"
+    save(out)
+    log("done; results in", out)
+    print(markdown(), flush=True)
+
+
+def goals() -> None:
+    g = RESULTS["goals"]
+    rows = [r for r in RESULTS.get("w4_g128", []) if "ms" in r]
+    b1 = [r["frac_copy_bw"] for r in rows if r["M"] == 1]
+    if b1:
+        g["gemv_batch1_frac_copy_bw_min"] = min(b1)
+        g["gemv_batch1_frac_copy_bw_mean"] = round(sum(b1) / len(b1), 3)
+        g["gemv_batch1_goal_0.8_met"] = min(b1) >= 0.8
+    big = [r["frac_bf16_tflops"] for r in rows if r["M"] == max(x["M"] for x in rows) and "frac_bf16_tflops" in r]
+    if big:
+        g["large_batch_frac_bf16_tflops_min"] = min(big)
+        g["large_batch_goal_0.5_met"] = min(big) >= 0.5
+    e2e = RESULTS.get("e2e", {})
+    if "speedup_graph" in e2e or "speedup_eager" in e2e:
+        best = max(e2e.get("speedup_graph", 0), e2e.get("speedup_eager", 0))
+        g["e2e_decode_speedup"] = best
+        g["e2e_goal_3x_met"] = best >= 3
+    g["all_correct"] = all(r.get("ok", False) for r in RESULTS.get("w4_g128", []) + RESULTS.get("extras", []))
+
+
+def markdown() -> str:
+    env = RESULTS.get("env", {})
+    lines = [f"# quantkit GPU benchmark — {env.get('device')} (torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"{env.get('date')})", "", f"copy bandwidth: {RESULTS.get('copy_GBps')} GB/s", "",
+             "| K→N | M | ok | rel err | ms | bf16 ms | x bf16 | weight GB/s | % copy | TFLOP/s | bf16 TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in RESULTS.get("w4_g128", []):
+        if "ms" not in r:
+            lines.append(f"| {r['K']}→{r['N']} | {r['M']} | error: {r.get('error', '')[:80]} |")
+            continue
+        lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {r['ok']} | {r['rel_err']:.1e} | {r['ms']} | {r['bf16_ms']} | "
+                     f"{r['speedup_vs_bf16']} | {r['weight_GBps']} | {100 * r['frac_copy_bw']:.0f}% | {r['TFLOPs']} | "
+                     f"{r['bf16_TFLOPs']} |")
+    e2e = RESULTS.get("e2e")
+    if e2e:
+        lines += ["", f"End-to-end decode ({e2e.get('layers')} layers, batch 1):", "",
+                  "| model | weights GB | CUDA graph tok/s | eager tok/s |", "|---|---|---|---|"]
+        for kind in ("w4_g128", "bf16"):
+            d = e2e.get(kind, {})
+            lines.append(f"| {kind} | {d.get('weight_GB')} | {d.get('graph', {}).get('tok_per_s', d.get('graph'))} | "
+                         f"{d.get('eager', {}).get('tok_per_s', d.get('eager'))} |")
+        lines.append(f"\nspeedup W4/bf16: graph {e2e.get('speedup_graph')}x, eager {e2e.get('speedup_eager')}x")
+    if RESULTS.get("extras"):
+        lines += ["", "| extra | M | ok | rel err | ms | weight GB/s |", "|---|---|---|---|---|---|"]
+        for r in RESULTS["extras"]:
+            lines.append(f"| {r['kind']} {r['K']}→{r['N']} | {r['M']} | {r.get('ok')} | {r.get('rel_err', float('nan')):.1e} | "
+                         f"{r.get('ms')} | {r.get('weight_GBps')} |" if "ms" in r else
+                         f"| {r['kind']} | {r['M']} | error: {r.get('error', '')[:80]} |")
+    lines += ["", "Goals: " + json.dumps(RESULTS.get("goals", {})), ""]
+    if RESULTS.get("errors"):
+        lines += ["Errors: " + ", ".join(RESULTS["errors"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
