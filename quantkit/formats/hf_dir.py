@@ -184,8 +184,8 @@ def model_card(fmt: str, base_model: str, description: str, loaders: list[str], 
     lines += [f"# {Path(base_model).name} ({fmt})", "", f"Quantized with quantkit {__version__}: {description}.", ""]
     if provenance.get("method"):
         lines.append(f"- method: `{provenance['method']}`")
-    if provenance.get("scheme"):
-        lines.append(f"- scheme: `{provenance['scheme']}`")
+    if provenance.get("scheme") or provenance.get("preset"):
+        lines.append(f"- scheme: `{provenance.get('scheme') or provenance.get('preset')}`")
     calib = provenance.get("calibration")
     if isinstance(calib, dict) and calib:
         lines.append("- calibration: " + ", ".join(f"{k}={v}" for k, v in calib.items()))
