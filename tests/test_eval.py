@@ -70,6 +70,8 @@ def test_windows_follow_the_conventions():
     assert len(lc) == 3 and all(w.tokens[0, 0].item() == 1 for w in lc)  # first token replaced by BOS
     assert lc[1].first == 8 and torch.equal(lc[1].targets, ids[16 + 9:32])
     assert len(list(iter_windows(ids, "gptq", 16, max_windows=2))) == 2
+    spread = list(iter_windows(torch.arange(1000), "gptq", 10, max_windows=4, spread=True))
+    assert [w.index for w in spread] == [0, 25, 50, 75] and spread[1].tokens[0, 0].item() == 250
 
 
 def test_uniform_logits_give_vocab_perplexity():

@@ -37,6 +37,7 @@ def progress_wrapper(enabled: bool, desc: str):
 @click.option("--ctx", type=int, default=None, help="Window length (default 2048 for gptq, 512 for llamacpp).")
 @click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top %% and Δp against it.")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--spread", is_flag=True, help="With --max-windows: N windows evenly spaced over the whole text.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--backend", default="auto", show_default=True, help="Kernel backend for quantized weights (auto, torch, triton).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -44,7 +45,7 @@ def progress_wrapper(enabled: bool, desc: str):
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if the model has none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
-def command(model, text_path, convention, ctx, ref, max_windows, device, backend, dtype, tokenizer_path, as_json,
+def command(model, text_path, convention, ctx, ref, max_windows, spread, device, backend, dtype, tokenizer_path, as_json,
             no_progress):
     """Perplexity of MODEL on a text, in a named convention, with ± standard error and window/token counts.
 
@@ -68,15 +69,15 @@ def command(model, text_path, convention, ctx, ref, max_windows, device, backend
     t_load = time.perf_counter() - t0
     out = {"model": {"source": model, **{k: v for k, v in test.info.items() if k in ("format", "device", "backend", "dtype", "weight_types", "weight_bytes")}},
            "text": text_facts(text_path, texts, len(ids)), "tokenizer": str(tok.path), "convention": convention,
-           "ctx": ctx, "bos": "once at the start" if convention == "gptq" else "replaces each chunk's first token"}
+           "ctx": ctx, "max_windows": max_windows, "spread": spread, "bos": "once at the start" if convention == "gptq" else "replaces each chunk's first token"}
     t1 = time.perf_counter()
     if reference is None:
         result = evaluate_perplexity(test.logits_fn(), ids, convention, ctx, progress=progress, bos_id=tok.bos_id,
-                                     max_windows=max_windows)
+                                     max_windows=max_windows, spread=spread)
         out["ppl"] = result.to_dict()
     else:
         cmp = compare_models(reference.logits_fn(), test.logits_fn(), ids, convention, ctx, progress=progress,
-                             bos_id=tok.bos_id, max_windows=max_windows)
+                             bos_id=tok.bos_id, max_windows=max_windows, spread=spread)
         out["ppl"] = cmp["ppl_test"]
         out["ref"] = {"source": ref, "ppl": cmp["ppl_ref"]}
         out["compare"] = {k: v for k, v in cmp.items() if k not in ("ppl_ref", "ppl_test")}
@@ -89,7 +90,7 @@ def command(model, text_path, convention, ctx, ref, max_windows, device, backend
                f"{out['model'].get('dtype', '?')})")
     click.echo(f"text        {text_path}: {len(texts)} document(s), {len(ids)} tokens, sha256 {out['text']['sha256'][:12]}")
     click.echo(f"convention  {convention}, ctx {ctx}, BOS {out['bos']}: {p['n_windows']} windows, "
-               f"{p['n_tokens']} scored tokens" + (f" (limited by --max-windows {max_windows})" if max_windows else ""))
+               f"{p['n_tokens']} scored tokens" + (f" (--max-windows {max_windows}{', spread over the text' if spread else ', the first ones'})" if max_windows else ""))
     click.echo(f"PPL         {p['ppl']:.4f} ± {p['ppl_stderr']:.4f}")
     if reference is not None:
         click.echo(f"PPL(ref)    {out['ref']['ppl']['ppl']:.4f} ± {out['ref']['ppl']['ppl_stderr']:.4f}   ({ref})")

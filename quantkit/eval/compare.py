@@ -13,7 +13,7 @@ from quantkit.eval.perplexity import (LogitsFn, NLLStats, PerplexityResult, chec
 
 def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor,
                    convention: str = "llamacpp", ctx: int | None = None, progress: bool = True, bos_id: int = 1,
-                   max_windows: int | None = None) -> dict:
+                   max_windows: int | None = None, spread: bool = False) -> dict:
     """{"convention", "ctx", "n_windows", "n_tokens", "ppl_ref", "ppl_test" (PerplexityResult dicts), "kld",
     "same_top", "delta_p", "ppl" (llama.cpp's PPL statistics)} on the positions the convention scores."""
     ctx = check_convention(convention, ctx)
@@ -23,7 +23,7 @@ def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids:
         total = min(total, max(1, int(max_windows)))
     acc = KLDAccumulator()
     ref_stats, test_stats = NLLStats(), NLLStats()
-    windows = iter_windows(ids, convention, ctx, bos_id, max_windows)
+    windows = iter_windows(ids, convention, ctx, bos_id, max_windows, spread)
     with torch.no_grad():
         for window in progress_bar(windows, total, f"compare ({convention}, ctx {ctx})", progress):
             ref = ref_logits_fn(window.tokens)

@@ -50,8 +50,12 @@ def count_windows(n_tokens: int, convention: str, ctx: int | None = None) -> int
 
 
 def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq", ctx: int | None = None,
-                 bos_id: int = 1, max_windows: int | None = None) -> Iterator[Window]:
-    """The windows a convention evaluates, in order (see the module docstring)."""
+                 bos_id: int = 1, max_windows: int | None = None, spread: bool = False) -> Iterator[Window]:
+    """The windows a convention evaluates, in order (see the module docstring).
+
+    max_windows limits the count: the first N windows, or with `spread` N windows evenly spaced over the whole
+    stream (window k of N is window floor(k * total / N)), a deterministic sample of a long text.
+    """
     ctx = check_convention(convention, ctx)
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     n = ids.numel()
@@ -60,11 +64,11 @@ def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gpt
         raise EvalError(
             f"text is too short: {n} tokens, convention {convention} with ctx {ctx} needs at least {need}"
         )
-    count = n // ctx
-    if max_windows is not None:
-        count = min(count, max(1, int(max_windows)))
+    total = n // ctx
+    count = total if max_windows is None else min(total, max(1, int(max_windows)))
+    indices = [k * total // count for k in range(count)] if spread else range(count)
     first = 0 if convention == "gptq" else ctx // 2
-    for i in range(count):
+    for i in indices:
         window = ids[i * ctx:(i + 1) * ctx].clone()
         if convention == "llamacpp":
             window[0] = bos_id
@@ -144,7 +148,7 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
 
 def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq",
                         ctx: int | None = None, progress: bool = True, bos_id: int = 1,
-                        max_windows: int | None = None) -> PerplexityResult:
+                        max_windows: int | None = None, spread: bool = False) -> PerplexityResult:
     """Perplexity of `logits_fn` on `token_ids` under a named convention (module docstring)."""
     ctx = check_convention(convention, ctx)
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
@@ -152,7 +156,7 @@ def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Te
     if max_windows is not None:
         total = min(total, max(1, int(max_windows)))
     stats = NLLStats()
-    windows = iter_windows(ids, convention, ctx, bos_id, max_windows)
+    windows = iter_windows(ids, convention, ctx, bos_id, max_windows, spread)
     with torch.no_grad():
         for window in progress_bar(windows, total, f"perplexity ({convention}, ctx {ctx})", progress):
             stats.add(window_nll(logits_fn(window.tokens), window))
