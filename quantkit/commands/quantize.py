@@ -59,9 +59,9 @@ def resolve_formats(formats: str | None, gguf_type: str | None, method: str) -> 
 
 
 def make_plan(ckpt, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
-              device) -> Plan:
+              device, has_imatrix: bool = False) -> Plan:
     fmts = resolve_formats(formats, gguf_type, method)
-    has_imatrix = calib is not None and "gguf" in fmts
+    has_imatrix = has_imatrix or (calib is not None and "gguf" in fmts)
     return build_plan(ckpt.config, preset=preset, formats=fmts, gguf_type=gguf_type, overrides=list(overrides),
                       method=method, act_order=act_order, n_samples=calib_samples, seqlen=calib_seqlen, device=device,
                       checkpoint=ckpt, has_imatrix=has_imatrix)
@@ -107,6 +107,8 @@ def _write_log(log: list[dict], path: Path) -> None:
               help="Output directory (GGUF: file). With several formats, a directory holding one output per format.")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ damping, fraction of mean(diag H).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="GPTQ lazy-batch block size.")
+@click.option("--imatrix", "imatrix_in", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GGUF: use this importance matrix (llama.cpp imatrix file, e.g. from `quantkit imatrix`).")
 @click.option("--imatrix-out", type=click.Path(path_type=Path), default=None,
               help="Also save the collected importance matrix (llama.cpp imatrix GGUF) to this file.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
@@ -117,7 +119,7 @@ def _write_log(log: list[dict], path: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (targets, sizes, BPW, memory) and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
-            seed, device, as_json, output, damp, block_size, imatrix_out, work_dir, resume, force, dry_run,
+            seed, device, as_json, output, damp, block_size, imatrix_in, imatrix_out, work_dir, resume, force, dry_run,
             no_progress):
     """Quantize MODEL layer by layer (only one decoder layer in memory) and write the requested format(s).
 
@@ -134,7 +136,9 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     if method in ("gptq", "awq") and calib is None:
         calib = "builtin"
     plan = make_plan(ckpt, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples,
-                     calib_seqlen, device)
+                     calib_seqlen, device, has_imatrix=imatrix_in is not None)
+    if imatrix_in is not None and plan.gguf_type is None:
+        raise click.UsageError("--imatrix applies to --format gguf only")
     if dry_run:
         _print_plan(plan, as_json)
         return
@@ -143,7 +147,7 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     _device_check(device)
     result = run_quantize(ckpt, plan, output, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                           seed=seed, device=device, damp=damp, block_size=block_size, imatrix_out=imatrix_out,
-                          work_dir=work_dir, resume=resume, force=force, progress=not (no_progress or as_json),
+                          imatrix_in=imatrix_in, work_dir=work_dir, resume=resume, force=force, progress=not (no_progress or as_json),
                           t_start=t0)
     if as_json:
         click.echo(json.dumps(result))
@@ -159,7 +163,8 @@ def _print_plan(plan: Plan, as_json: bool) -> None:
 
 
 def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_seqlen, seed, device, damp,
-                 block_size, imatrix_out, work_dir, resume, force, progress, t_start) -> dict[str, Any]:
+                 block_size, imatrix_out, work_dir, resume, force, progress, t_start,
+                 imatrix_in: Path | None = None) -> dict[str, Any]:
     from quantkit import __version__
     from quantkit.formats.base import WriteOptions, get_format
     from quantkit.io import check_output_path
@@ -197,6 +202,13 @@ def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_
         provenance["gptq"] = {"damp": damp, "block_size": block_size, "static_groups": True}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
+    importance = None
+    if imatrix_in is not None:
+        from quantkit.gguf.imatrix import read_imatrix
+
+        importance = read_imatrix(imatrix_in).to_canonical()
+        provenance["imatrix"] = str(imatrix_in)
+
     targets = plan.targets()
     multi = len(plan.formats) > 1
     if multi:
@@ -211,7 +223,9 @@ def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_
             extra: dict[str, Any] = {}
             if fmt == "gguf":
                 extra["ftype"] = plan.gguf_type
-                if calib_set is not None:
+                if imatrix_in is not None:
+                    extra["importance_meta"] = {"file": str(imatrix_in), "entries": len(importance or {})}
+                elif calib_set is not None:
                     extra["importance_meta"] = {"file": "(collected by quantkit quantize)",
                                                 "dataset": calib_set.identity["source"],
                                                 "entries": sum(1 for e in plan.entries if e.quantized),
@@ -235,7 +249,7 @@ def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_
         result = quantize_model(ckpt, targets, writers, calib_set.tokens if calib_set is not None else None, opts,
                                 work_dir=work, resume=resume,
                                 calibration=calib_set.identity if calib_set is not None else None,
-                                progress=progress, log_fn=lambda m: click.echo(m, err=True))
+                                progress=progress, log_fn=lambda m: click.echo(m, err=True), importance=importance)
     except KeyboardInterrupt:
         click.echo(f"interrupted: completed layers are kept in {work}; run the same command again to resume", err=True)
         raise
@@ -247,7 +261,7 @@ def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_
         _write_log(result.log, log_path)
         log_paths.append(str(log_path))
     if imatrix_out is not None:
-        _save_imatrix(result.imatrix, imatrix_out, calib_set, ckpt)
+        _save_imatrix(result.imatrix, imatrix_out, calib_set, force)
 
     bytes_in = plan.bytes_in
     outputs = []
@@ -273,17 +287,14 @@ def run_quantize(ckpt, plan: Plan, output: Path, *, calib, calib_samples, calib_
     }
 
 
-def _save_imatrix(imatrix, path: Path, calib_set, ckpt) -> None:
-    try:
-        from quantkit.gguf import imatrix as imatrix_file
-    except ImportError:
-        raise QuantkitError("--imatrix-out needs quantkit.gguf.imatrix, which is not available in this build") from None
-    writer = getattr(imatrix_file, "write_imatrix", None) or getattr(imatrix_file, "save_imatrix", None)
-    if writer is None:
-        raise QuantkitError("quantkit.gguf.imatrix has no write_imatrix function")
-    writer(path, {n: (s, c) for n, (s, c) in imatrix.items()},
-           dataset=calib_set.identity["source"] if calib_set is not None else "",
-           chunks=calib_set.n_samples if calib_set is not None else 0)
+def _save_imatrix(imatrix, path: Path, calib_set, force: bool) -> None:
+    from quantkit.gguf.imatrix import Imatrix, write_imatrix
+
+    im = Imatrix.from_canonical({n: s for n, (s, _) in imatrix.items()}, {n: c for n, (_, c) in imatrix.items()},
+                                datasets=[str(calib_set.identity["source"])] if calib_set is not None else [],
+                                chunk_count=calib_set.n_samples if calib_set is not None else 0,
+                                chunk_size=calib_set.seqlen if calib_set is not None else 0)
+    write_imatrix(path, im, force=force)
 
 
 def render_summary(r: dict[str, Any]) -> str:

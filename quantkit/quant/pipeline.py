@@ -168,8 +168,10 @@ class LayerwiseQuantizer:
     def __init__(self, ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None,
                  options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
                  calibration: dict[str, Any] | None = None, progress: bool = True,
-                 on_layer_done: Callable[[int], None] | None = None, log_fn: Callable[[str], None] | None = None):
+                 on_layer_done: Callable[[int], None] | None = None, log_fn: Callable[[str], None] | None = None,
+                 importance: dict[str, torch.Tensor] | None = None):
         self.ckpt = ckpt
+        self.given_importance = importance or {}  # canonical name -> mean x² per input column (an imatrix file)
         self.config = ckpt.config
         self.targets = {n: targets.get(n) for n in ckpt.tensor_names()}
         unknown = [n for n in targets if n not in ckpt.tensors]
@@ -182,7 +184,7 @@ class LayerwiseQuantizer:
             raise SchemeError(f"unknown method {self.method!r}; choose rtn, gptq or awq")
         ggml_quant = any(isinstance(t, str) and t not in FLOAT_GGML for t in self.targets.values())
         self.uses_imatrix = options.collect_imatrix or (ggml_quant and self.method == "rtn" and calib_tokens is not None
-                                                        and options.importance_for_ggml)
+                                                        and options.importance_for_ggml and not self.given_importance)
         self.needs_forward = self.method in ("gptq", "awq") or self.uses_imatrix
         if self.method in ("gptq", "awq") and calib_tokens is None:
             raise CalibrationError(f"--method {self.method} needs calibration data (--calib)")
@@ -199,6 +201,11 @@ class LayerwiseQuantizer:
             from quantkit.calib import tokens_sha256
 
             calib_sha = tokens_sha256(self.tokens)
+        if self.given_importance:
+            h = hashlib.sha256()
+            for k in sorted(self.given_importance):
+                h.update(k.encode() + self.given_importance[k].float().numpy().tobytes())
+            calib_sha = f"{calib_sha}+imatrix:{h.hexdigest()[:16]}"
         self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha)
         self.log: list[dict[str, Any]] = []
         self.imatrix: dict[str, tuple[torch.Tensor, int]] = {}
@@ -330,6 +337,8 @@ class LayerwiseQuantizer:
                             self.imatrix[f"{prefix}{local}.weight"] = (c.sum_sq.cpu(), c.count)
             for group in arch.LINEAR_GROUPS:
                 self._quantize_group(i, group, prefix, modules, None, 0.0, source_dtypes, results, log_rows)
+        elif self.method == "gptq":
+            out_acts = self._gptq_layer(i, layer, acts, prefix, modules, source_dtypes, results, log_rows)
         else:
             if self.method == "awq":
                 folded_norms = self._apply_awq(layer, acts, prefix, log_rows)
@@ -381,6 +390,75 @@ class LayerwiseQuantizer:
         del layer, modules, params
         return named, out_acts, log_rows
 
+    def _gptq_layer(self, i: int, layer: DecoderLayer, acts: torch.Tensor, prefix: str, modules: dict,
+                    source_dtypes: dict, results: dict, log_rows: list) -> torch.Tensor:
+        """True-sequential GPTQ with staged inputs: each group's inputs are computed once from cached tensors.
+
+        q/k/v see norm1(x); o_proj sees the attention core (with quantized q/k/v; the only attention pass);
+        gate/up see norm2(h) with h = x + o(attn) (quantized o); down sees silu(gate(n)) * up(n) (quantized
+        gate/up); the layer output is h + down(...). The same arithmetic as DecoderLayer.forward, piece by piece.
+        """
+        from quantkit.quant.gptq import GPTQ
+
+        assert arch.LINEAR_GROUPS == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                      ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+        bs = max(1, self.options.batch_size)
+        attn, mlp = layer.self_attn, layer.mlp
+        cos, sin, mask = self._rope_mask(acts.shape[1])
+        batches = [(j, min(j + bs, acts.shape[0])) for j in range(0, acts.shape[0], bs)]
+        dev = self.device
+
+        def run_group(group, inputs_fn):
+            names = [f"{prefix}{local}.weight" for local in group]
+            quantized = any(self.targets.get(n) is not None for n in names)
+            if not quantized and not self.uses_imatrix:
+                return
+            gptq = GPTQ(modules[group[0]].in_features, name=f"{prefix}{group[0]}", device=dev) if quantized else None
+            collector = _Collector(gptq=gptq, imatrix=self.uses_imatrix)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for a, b in batches:
+                    collector(None, (inputs_fn(a, b),))
+            fwd = time.perf_counter() - t0
+            if self.uses_imatrix and collector.sum_sq is not None:
+                for n in names:
+                    self.imatrix[n] = (collector.sum_sq.cpu(), collector.count)
+            self._quantize_group(i, group, prefix, modules, gptq, fwd, source_dtypes, results, log_rows)
+
+        x_of = lambda a, b: acts[a:b].to(dev)  # noqa: E731
+        run_group(arch.LINEAR_GROUPS[0], lambda a, b: layer.input_layernorm(x_of(a, b)))
+
+        # the attention core with quantized q/k/v, once: the input of o_proj
+        core = _Collector(keep=True, stop=True)
+        handle = attn.o_proj.register_forward_pre_hook(core)
+        try:
+            with torch.no_grad():
+                for a, b in batches:
+                    try:
+                        attn(layer.input_layernorm(x_of(a, b)), cos, sin, mask)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        attn_in = core.kept  # per batch, [b, seq, q_size] on cpu
+        run_group(arch.LINEAR_GROUPS[1], lambda a, b: attn_in[a // bs].to(dev))
+
+        with torch.no_grad():
+            h_mid = [x_of(a, b) + attn.o_proj(attn_in[a // bs].to(dev)) for a, b in batches]
+            h_mid = [h.cpu() for h in h_mid]
+        del attn_in
+        norm2 = lambda a, b: layer.post_attention_layernorm(h_mid[a // bs].to(dev))  # noqa: E731
+        run_group(arch.LINEAR_GROUPS[2], norm2)
+
+        def down_in(a, b):
+            n = norm2(a, b)
+            return F.silu(mlp.gate_proj(n)) * mlp.up_proj(n)
+
+        run_group(arch.LINEAR_GROUPS[3], down_in)
+        with torch.no_grad():
+            out = [(h_mid[a // bs].to(dev) + mlp.down_proj(down_in(a, b))).to("cpu", torch.float32) for a, b in batches]
+        return torch.cat(out)
+
     def _quantize_group(self, i: int, group: tuple[str, ...], prefix: str, modules: dict, gptq, fwd_seconds: float,
                         source_dtypes: dict, results: dict, log_rows: list) -> None:
         """Quantize the linears of one group and put their dequantized weights back into the layer."""
@@ -404,15 +482,16 @@ class LayerwiseQuantizer:
             elif target in FLOAT_GGML:
                 qt = weight.to(source_dtypes[n])
             else:
-                importance = None
-                if n in self.imatrix and self.options.importance_for_ggml:
+                importance = self.given_importance.get(n)
+                if importance is None and n in self.imatrix and self.options.importance_for_ggml:
                     s, c = self.imatrix[n]
                     importance = s / max(c, 1)
                 qt = encode_ggml(weight, target, importance)
             if isinstance(qt, (QuantTensor, GGMLTensor)):
                 qt.error.pop("seconds", None)  # timings go to the log, not into the (reproducible) output
                 w_hat = _dequant(qt)
-                row["sqnr_db"] = round(sqnr_db(weight, w_hat), 3)
+                sq = qt.error.get("sqnr_db")
+                row["sqnr_db"] = sq if sq is not None else round(sqnr_db(weight, w_hat), 3)
                 mod.weight.data = w_hat.to(self.device)
             row["seconds"] = round(time.perf_counter() - t0, 4)
             if fwd_seconds:

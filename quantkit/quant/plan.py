@@ -234,7 +234,8 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
     layer_fp32 = layer_params * 4
     calibrated = method in ("gptq", "awq") or any(isinstance(t, str) and t not in ("F32", "F16", "BF16")
                                                  for t in targets.values()) and n_samples > 0
-    acts = 2 * n_samples * seqlen * h * 4 if calibrated else 0  # layer inputs + outputs, fp32
+    # layer inputs + outputs in fp32; GPTQ also caches the attention core and the mid-layer residual
+    acts = (2 * h + (config.q_size + h if method == "gptq" else 0)) * n_samples * seqlen * 4 if calibrated else 0
     batch = min(n_samples, FORWARD_BATCH)
     workspace = batch * seqlen * max(3 * f, 4 * h) * 4 + batch * config.num_attention_heads * seqlen * seqlen * 4 if calibrated else 0
     largest_in = max(h, f, config.q_size)
