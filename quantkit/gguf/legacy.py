@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.gguf import search
-from quantkit.gguf.f32ops import F32, first_absmax, fp16_bits, roundf, trunc_to_int, wrap_u8
+from quantkit.gguf.f32ops import F32, first_absmax, fp16_bits
 
 QK = 32
 
@@ -64,8 +64,10 @@ def pack_q5_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
 def q8_0_ref(x: np.ndarray) -> np.ndarray:
     amax = np.abs(x).max(axis=1)
     d = amax / F32(127)
-    qs = roundf(x * _inverse(d)[:, None])
-    return pack_q8_0(d, qs.astype(np.int32))
+    v = x * _inverse(d)[:, None]
+    # roundf: |v| <= 127 so v +- 0.5 is exact in float64, and the int8 cast truncates toward zero
+    qs = np.add(v, np.copysign(F32(0.5), v), dtype=np.float64).astype(np.int8)
+    return pack_q8_0(d, qs)
 
 
 def _symmetric_ref(x: np.ndarray, nlevels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +75,8 @@ def _symmetric_ref(x: np.ndarray, nlevels: int) -> tuple[np.ndarray, np.ndarray]
     mx = first_absmax(x, axis=1)
     d = mx / F32(-half)
     v = x * _inverse(d)[:, None] + F32(half + 0.5)
-    q = np.minimum(nlevels - 1, ((trunc_to_int(v) + 128) & 0xFF) - 128)  # (int8_t) cast, MIN(nmax, .)
-    return d, wrap_u8(q)
+    # MIN(nmax, (int8_t)v): v lies in [0.5, nlevels + 0.5] for finite input, so the casts cannot wrap
+    return d, np.minimum(F32(nlevels - 1), np.trunc(v)).astype(np.uint8)
 
 
 def q4_0_ref(x: np.ndarray) -> np.ndarray:
@@ -91,19 +93,18 @@ def _affine_ref(x: np.ndarray, nlevels: int) -> tuple[np.ndarray, np.ndarray, np
     mn = x.min(axis=1)
     mx = x.max(axis=1)
     d = (mx - mn) / F32(nlevels - 1)
-    v = (x - mn[:, None]) * _inverse(d)[:, None] + F32(0.5)
-    return d, mn, trunc_to_int(v)
+    v = (x - mn[:, None]) * _inverse(d)[:, None] + F32(0.5)  # in [0.5, nlevels - 0.5] (+ rounding)
+    return d, mn, np.trunc(v)
 
 
 def q4_1_ref(x: np.ndarray) -> np.ndarray:
     d, m, q = _affine_ref(x, 16)
-    q = np.minimum(15, ((q + 128) & 0xFF) - 128)  # MIN(15, (int8_t)v)
-    return pack_q4_1(d, m, wrap_u8(q))
+    return pack_q4_1(d, m, np.minimum(F32(15), q).astype(np.uint8))  # MIN(15, (int8_t)v)
 
 
 def q5_1_ref(x: np.ndarray) -> np.ndarray:
     d, m, q = _affine_ref(x, 32)
-    return pack_q5_1(d, m, wrap_u8(q))  # (uint8_t)v, no clamp in C
+    return pack_q5_1(d, m, q.astype(np.uint8))  # (uint8_t)v, no clamp in C
 
 
 # ---------------------------------------------------------------- importance-weighted (quantize_row_qX_impl)
