@@ -98,10 +98,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 sl2 = s2 - wa[i] * li * li
                 v = xa[i] * sl2 / slx
                 live = slx > 0
-                if bool(np.any(live & ~(np.abs(v) <= NEAREST_SAFE))):
-                    nl = np.clip(nearest_int(v), -nmax, nmax - 1).astype(np.float32)
-                else:
-                    nl = np.clip(np.rint(v), -nmax, nmax - 1)
+                nl = np.clip(nearest_int(v), -nmax, nmax - 1).astype(np.float32)  # v may be huge: the bit trick
                 slx2 = slx + wxa[i] * nl
                 sl22 = sl2 + wa[i] * nl * nl
                 acc = live & (nl != li) & (sl22 > 0) & (slx2 * slx2 * s2 > sx * sx * sl22)
