@@ -250,3 +250,4 @@ class GGMLGrid:
 
 def ggml_grid(type_name: str) -> GGMLGrid:
     return GGMLGrid(type_name)
+get_grid = ggml_grid  # the name quant/pipeline.py looks up first
