@@ -55,9 +55,9 @@ def sync(device) -> None:
 def bench_ms(fn, device, reps: int = 40) -> float:
     """Mean ms per call: triton do_bench on a GPU; a couple of timed calls on CPU (smoke)."""
     if device.type == "cuda":
-        import triton.testing
+        from quantkit.kernels.tune import time_gpu
 
-        return float(triton.testing.do_bench(fn, warmup=10, rep=reps))
+        return time_gpu(fn, rep=reps)  # CUDA-graph replay: kernel time without Python launch overhead
     fn()
     t = time.perf_counter()
     for _ in range(2):
@@ -265,7 +265,7 @@ def main() -> None:
     def decode_rate(model, cuda_graph: bool, n_steps: int, prompt_len: int = 32):
         from quantkit.runtime.generate import Generator
 
-        gen = Generator(model, max_len=prompt_len + n_steps + 8, cuda_graph=cuda_graph)
+        gen = Generator(model, max_len=prompt_len + n_steps + 8, cuda_graph=cuda_graph, fused_norm=True)
         prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
         sync(device)
         t = time.perf_counter()

@@ -114,3 +114,19 @@ def test_int_matmul_batched_leading_dims_and_both_kernels():
     assert big.shape == (2, 9, 24)
     torch.testing.assert_close(big[0, :4], small, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(big, int_matmul_ref(x.reshape(-1, 128), p).reshape(2, 9, 24), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,h,dtype", [(1, 256, torch.float32), (5, 200, torch.float16), (3, 96, torch.bfloat16)])
+def test_rmsnorm_kernel_equals_reference(rows, h, dtype):
+    from quantkit.kernels.norm import rmsnorm, rmsnorm_ref
+    from quantkit.model.reference import RMSNorm
+
+    x = torch.randn(rows, h, device=DEVICE).to(dtype)
+    w = (torch.rand(h, device=DEVICE) + 0.5).to(dtype)
+    out = torch.full((rows, h), float("nan"), device=DEVICE, dtype=dtype)
+    got = rmsnorm(x, w, 1e-5, out=out)
+    ref = rmsnorm_ref(x, w, 1e-5)
+    module = RMSNorm(h, 1e-5).to(DEVICE)
+    module.weight.data = w.clone()
+    torch.testing.assert_close(ref, module(x))  # the reference is the model's RMSNorm
+    assert not torch.isnan(got).any() and rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)

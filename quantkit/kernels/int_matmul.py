@@ -116,7 +116,7 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
     n_ok = offs_n < N
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BKW, BN), dtype=tl.float32)  # reduced over BKW once, after the loop
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
     for k0 in range(k_start, k_stop, BK):
@@ -124,30 +124,24 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
         w_ok = kw * PF < K
         wmask = w_ok[:, None] & n_ok[None, :]
         packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=wmask, other=0)
-        if SCALE_AFTER:
+        if SCALE_AFTER:  # the whole tile is one group: one [BN] row of scales (and zeros)
             g0 = k0 // group_size
-            s_row = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            s_t = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
             if HAS_ZEROS:
-                z_row = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+                z_t = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
         elif WORD_GROUPS:
             gw = (kw * PF) // group_size
-            s_w = tl.load(s_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
+            s_t = tl.load(s_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
             if HAS_ZEROS:
-                z_w = tl.load(z_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
-        part = tl.zeros((BM, BN), dtype=tl.float32)
+                z_t = tl.load(z_ptr + gw[:, None] * lds + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
         for j in tl.static_range(PF):
             kk = kw * PF + j
             q = ((packed >> (j * CBITS)) & MASKQ).to(tl.float32)
-            if SCALE_AFTER:
+            if SCALE_AFTER or WORD_GROUPS:
                 if HAS_ZEROS:
-                    w = q - z_row[None, :]
+                    w = (q - z_t) * s_t
                 else:
-                    w = q - ZP
-            elif WORD_GROUPS:
-                if HAS_ZEROS:
-                    w = (q - z_w) * s_w
-                else:
-                    w = (q - ZP) * s_w
+                    w = (q - ZP) * s_t
             else:
                 if HAS_GIDX:
                     g = tl.load(g_ptr + kk, mask=kk < K, other=0)
@@ -162,11 +156,8 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                     w = (q - ZP) * s_e
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
                         other=0.0).to(tl.float32)
-            part += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-        if SCALE_AFTER:
-            acc += part * s_row[None, :]
-        else:
-            acc += part
+            acc3 += x[:, :, None] * w[None, :, :]
+    acc = tl.sum(acc3, axis=1)
     omask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_OUT:
         tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)

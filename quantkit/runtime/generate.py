@@ -79,7 +79,8 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, model: Transformer, max_len: int | None = None, batch: int = 1, cuda_graph: bool | None = None):
+    def __init__(self, model: Transformer, max_len: int | None = None, batch: int = 1, cuda_graph: bool | None = None,
+                 fused_norm: bool | None = None):
         cfg = model.config
         self.model, self.cfg, self.batch = model, cfg, batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -92,6 +93,8 @@ class Generator:
         self.positions = positions
         self.cached: list[int] = []  # tokens whose keys/values are in the cache (batch 1 bookkeeping)
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        # Triton RMSNorm (kernels/norm.py): default on the GPU
+        self.fused_norm = (self.device.type == "cuda") if fused_norm is None else fused_norm
         self._graph = None
 
     # ---- forward pieces ----
@@ -109,7 +112,7 @@ class Generator:
         cfg = self.cfg
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = self._norm(layer.input_layernorm, h)
             if hasattr(attn, "qkv_fused"):
                 q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             else:
@@ -122,24 +125,34 @@ class Generator:
             self.v[i].index_copy_(2, pos, v)
             keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
             values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
-            if t == 1 and h.device.type == "cpu":
+            if t == 1:
                 out = self._attend_one(q, keys, values, mask)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
-            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+            h = h + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, h))
         return h
+
+    def _norm(self, norm, h):
+        if self.fused_norm:
+            from quantkit.kernels.norm import rmsnorm
+
+            return rmsnorm(h, norm.weight, norm.eps)
+        return norm(h)
+
+    def _head(self, h):
+        return self.model.lm_head(self._norm(self.model.model.norm, h))
 
     @staticmethod
     def _attend_one(q, keys, values, mask):
-        """One query per sequence, grouped-query attention in plain matmuls (cheaper than SDPA's CPU kernel
-        setup at decode sizes). q [b, heads, 1, d], keys/values [b, kv_heads, L, d], mask [1, L]."""
+        """One query per sequence, grouped-query attention in plain matmuls (cheaper than SDPA's setup at decode
+        sizes, and CUDA-graph safe on every backend). q [b, heads, 1, d], keys/values [b, kv_heads, L, d]."""
         b, heads, _, d = q.shape
         kv_heads = keys.shape[1]
         qg = q.reshape(b, kv_heads, heads // kv_heads, d)
-        scores = (qg @ keys.transpose(-1, -2)) * (d ** -0.5)
-        scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return (scores @ values).reshape(b, heads, 1, d)
+        scores = (qg.float() @ keys.float().transpose(-1, -2)) * (d ** -0.5)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+        return (probs @ values).reshape(b, heads, 1, d)
 
     @staticmethod
     def _mlp(mlp, x):
@@ -160,14 +173,14 @@ class Generator:
         h = self._layers(h, pos, self.cos[start_pos:end], self.sin[start_pos:end], self._mask(pos, end), end)
         if not all_logits:
             h = h[:, -1:]
-        logits = self.model.head(h)
+        logits = self._head(h)
         return logits if all_logits else logits[:, -1]
 
     def _static_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.model.embed(token)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
         h = self._layers(h, pos, cos, sin, self._mask(pos, self.max_len), None)
-        return self.model.head(h)[:, -1]
+        return self._head(h)[:, -1]
 
     @torch.inference_mode()
     def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
