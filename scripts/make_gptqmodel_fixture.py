@@ -4,7 +4,7 @@
 
 A random MistralForCausalLM (hidden 64, 2 layers, vocab 512, fp16) is quantized by GPTQModel 7.6 on CPU twice:
 `gptqmodel-sym-g32` (sym, desc_act false) and `gptqmodel-asym-actorder-g32` (asym, desc_act true: a v1 "zero
-minus one" checkpoint with a non-monotonic g_idx). Next to each, `reference_logits.pt` holds the logits that
+minus one" checkpoint with a non-monotonic g_idx), and once as AWQ GEMM (`gptqmodel-awq-gemm-g32`, AutoAWQ's layout). Next to each, `reference_logits.pt` holds the logits that
 GPTQModel's own loaded model gives for `PROMPT_IDS` (fp32, dequantize-then-matmul path, see exact_logits), so the test can compare even where
 gptqmodel is not installed.
 """
@@ -22,18 +22,19 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
 PROMPT_IDS = [[1, 17, 250, 3, 99, 400, 12, 77, 5, 301, 222, 8]]
-VARIANTS = {
-    "gptqmodel-sym-g32": dict(bits=4, group_size=32, desc_act=False, sym=True),
-    "gptqmodel-asym-actorder-g32": dict(bits=4, group_size=32, desc_act=True, sym=False),
+VARIANTS = {  # name -> (config class name, config kwargs)
+    "gptqmodel-sym-g32": ("QuantizeConfig", dict(bits=4, group_size=32, desc_act=False, sym=True)),
+    "gptqmodel-asym-actorder-g32": ("QuantizeConfig", dict(bits=4, group_size=32, desc_act=True, sym=False)),
+    "gptqmodel-awq-gemm-g32": ("AWQConfig", dict(bits=4, group_size=32, format="gemm")),
 }
 
 
-def make_source(directory: Path) -> Path:
+def make_source(directory: Path, hidden: int = 64, intermediate: int = 128, kv_heads: int = 2) -> Path:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
+    cfg = MistralConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=hidden // 4, rope_theta=1e6,
                         sliding_window=None, max_position_embeddings=256, tie_word_embeddings=False)
     model = MistralForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(directory)
@@ -73,16 +74,24 @@ def calibration(n: int = 32, length: int = 64) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to (re)make")
     args = ap.parse_args()
-    from gptqmodel import GPTQModel, QuantizeConfig
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = make_source(Path(tmp) / "src")
-        for name, qargs in VARIANTS.items():
-            model = GPTQModel.load(str(src), QuantizeConfig(**qargs), device="cpu")
-            model.quantize(calibration(), batch_size=4)
+        # AWQ's clip search works on batches of 256 output channels: every linear needs out % 256 == 0
+        wide = make_source(Path(tmp) / "wide", hidden=256, intermediate=512, kv_heads=4)
+        for name, (cls, qargs) in VARIANTS.items():
+            if args.only and name not in args.only:
+                continue
+            source = wide if cls == "AWQConfig" else src
+            model = GPTQModel.load(str(source), getattr(gptqmodel, cls)(**qargs), device="cpu")
+            extra = {"backend": BACKEND.AWQ_TORCH} if cls == "AWQConfig" else {}  # default AWQ backend needs CUDA
+            model.quantize(calibration(), batch_size=4, **extra)
             target = out / name
             shutil.rmtree(target, ignore_errors=True)
             model.save(str(target))

@@ -153,3 +153,19 @@ def test_quantkit_reads_compressed_tensors_library_output(tmp_path, preset):
         # output: it expects weight_zero_point [out, groups] (see formats/compressed-tensors.md)
         with pytest.raises(RuntimeError, match="mismatch"):
             transformers_logits_fn(path)
+
+
+def test_quantkit_reads_gptqmodel_awq_checkpoint():
+    """GPTQModel 7.6 wrote AutoAWQ's GEMM layout (zero_point false: symmetric, qzeros all 8)."""
+    path = FIXTURES / "gptqmodel-awq-gemm-g32"
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "awq"
+    q = ckpt.get("model.layers.0.mlp.down_proj.weight")
+    assert q.bits == 4 and q.group_size == 32 and q.symmetric
+    saved = torch.load(path / "reference_logits.pt")
+    prompt = torch.tensor(saved["prompt_ids"])
+    with torch.no_grad():
+        ours = dequantized_model(ckpt)(prompt)
+    assert rel_err(ours, saved["logits"]) <= 1e-2  # GPTQModel's own CPU forward (bf16 inside its kernel)
+    if missing_client("awq") is None:
+        assert rel_err(ours, transformers_logits_fn(path)(prompt)) <= 1e-3

@@ -96,8 +96,7 @@ def read_awq(path: Path) -> QuantizedCheckpoint:
         raise FormatError(f"{path}: AWQ bits={bits!r}; the GEMM layout holds 4-bit weights")
     if not isinstance(group_size, int) or group_size == 0:
         raise FormatError(f"{path}: quantization_config field 'group_size' missing or invalid ({group_size!r})")
-    if qc.get("zero_point") is False:
-        raise FormatError(f"{path}: AWQ zero_point=false checkpoints are not supported")
+    zero_point = qc.get("zero_point", True) is not False  # false (GPTQModel sym AWQ): qzeros hold 2^(bits-1)
     config = load_model_config(path)
     files = SafetensorsDir(path)
     stored = group_stored(files, "qweight")
@@ -108,9 +107,14 @@ def read_awq(path: Path) -> QuantizedCheckpoint:
         gs = in_f if group_size == -1 else group_size
         groups = -(-in_f // gs)
         qweight = require(files, f"{prefix}.qweight", (in_f, cols), ("I32",))
-        qzeros = require(files, f"{prefix}.qzeros", (groups, cols), ("I32",))
         scales = require(files, f"{prefix}.scales", (groups, out_f), ("F16", "BF16", "F32"))
-        zeros = packing.awq_unpack(qzeros).t().contiguous().to(torch.int32)
+        if zero_point or f"{prefix}.qzeros" in files:
+            qzeros = require(files, f"{prefix}.qzeros", (groups, cols), ("I32",))
+            zeros = packing.awq_unpack(qzeros).t().contiguous().to(torch.int32)
+            if not zero_point and not bool((zeros == 8).all()):
+                raise FormatError(f"{path}: {prefix}.qzeros is not 8 everywhere although zero_point is false")
+        else:
+            zeros = torch.full((out_f, groups), 8, dtype=torch.int32)
         return QuantTensor(codes=packing.awq_unpack(qweight).t().contiguous(), scales=scales.t().contiguous(),
                            zeros=zeros, bits=4, group_size=gs, symmetric=bool((zeros == 8).all()))
 
