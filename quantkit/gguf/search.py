@@ -135,6 +135,18 @@ def _rounded(v: np.ndarray, lo: int, hi: int, exact: bool) -> np.ndarray:
     return np.clip(v, lo, hi, out=v)
 
 
+def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min and max over axis 0 as C's `if (x[i] < min) min = x[i]` scan keeps them: the values are np.min/np.max;
+    only a zero extreme can differ (its sign is that of the first zero met), so those groups are redone exactly."""
+    mn, mx = x.min(axis=0), x.max(axis=0)
+    for ext, arg in ((mn, np.argmin), (mx, np.argmax)):
+        cols = np.flatnonzero(ext == 0)
+        if cols.size:
+            sub = x[:, cols]
+            ext[cols] = np.take_along_axis(sub, arg(sub, axis=0)[None, :], axis=0)[0]
+    return mn, mx
+
+
 def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float, nstep: int,
                     use_mad: bool, degenerate_if_le: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`make_qkx2_quants` (degenerate_if_le=False) / `make_qkx3_quants` (True; weights default to x^2):
@@ -142,9 +154,7 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
 
     Returns (scale [B], the_min [B] (the positive amount subtracted), L [n, B] int32 in 0..nmax)."""
     w = weights if weights is not None else x * x
-    # first minimum / maximum met, as C's strict comparisons keep them (matters only for the sign of zero)
-    mn = np.take_along_axis(x, np.argmin(x, axis=0)[None, :], axis=0)[0]
-    mx = np.take_along_axis(x, np.argmax(x, axis=0)[None, :], axis=0)[0]
+    mn, mx = _first_min_max(x)
     x_lo = mn.copy()
     sum_w = seqsum_first(w)
     sum_x = seqsum_first(w * x)
@@ -156,12 +166,15 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     buf = np.empty_like(x)
     wl = np.empty_like(x)
 
-    def codes(iscale, mn_cur, xm):
-        # v = iscale*(x - min) lies between iscale*(x_lo - min) and iscale*(max - min) (rounding is monotonic)
+    def codes(iscale, span_lo, span_hi, xm):
+        # v = iscale*(x - min) lies between iscale*(x_lo - min) and iscale*(max - min) (rounding is monotonic);
+        # span_lo/span_hi are those differences for the current min
         with np.errstate(invalid="ignore", over="ignore"):
-            lo, hi = iscale * (x_lo - mn_cur), iscale * (mx - mn_cur)
-            safe = bool(np.all((iscale >= 0) & (lo >= -NEAREST_SAFE) & (hi <= NEAREST_SAFE)))
+            lo, hi = (iscale * span_lo).min(), (iscale * span_hi).max()
+            safe = iscale.min() >= 0 and lo >= -NEAREST_SAFE and hi <= NEAREST_SAFE  # False on NaN
             np.multiply(iscale, xm, out=lf)
+        if safe and lo >= F32(-0.5) and hi < F32(nmax + 0.5):
+            return np.rint(lf, out=lf)  # already inside [0, nmax] after rounding: no clamp needed
         return _rounded(lf, 0, nmax, exact=not safe)
 
     def error(scale, the_min, out):
@@ -178,7 +191,8 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     with np.errstate(divide="ignore"):
         iscale = F32(nmax) / rng
         scale = F32(1.0) / iscale
-    codes(iscale, mn, xm)
+    span_lo, span_hi = x_lo - mn, mx - mn
+    codes(iscale, span_lo, span_hi, xm)
     best_error = error(scale, mn, buf)
     # The codes of the winning candidate are recomputed at the end from its (iscale, min) — the same float32
     # operations — instead of being copied out at every improvement.
@@ -186,15 +200,18 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     # C updates `min` when a candidate wins, and later candidates use the updated min (in `max - min` and
     # `x - min`): keep that.
     mn_best = mn.copy()
+    min_moved = False
     if nstep >= 1:
         for step in range(nstep + 1):
-            if step:
-                rng = np.where(degenerate, F32(1.0), mx - mn_best).astype(np.float32)
+            if min_moved:
+                span_lo, span_hi = x_lo - mn_best, mx - mn_best
+                rng = np.where(degenerate, F32(1.0), span_hi)
                 np.subtract(x, mn_best, out=xm)
+                min_moved = False
             mn_cur = mn_best
             with np.errstate(divide="ignore"):
                 iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / rng
-            codes(iscale, mn_cur, xm)
+            codes(iscale, span_lo, span_hi, xm)
             np.multiply(w, lf, out=wl)
             sum_l = seqsum(wl)
             np.multiply(wl, lf, out=buf)
@@ -206,8 +223,9 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
                 this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
                 this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
                 pos = this_min > 0
-                this_min = np.where(pos, F32(0.0), this_min).astype(np.float32)
-                this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(np.float32)
+                if pos.any():
+                    this_min = np.where(pos, F32(0.0), this_min)
+                    this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
                 cur_error = error(this_scale, this_min, buf)
             better = (D > 0) & (cur_error < best_error)
             if better.any():
@@ -216,8 +234,9 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
                 best_error = np.where(better, cur_error, best_error)
                 scale = np.where(better, this_scale, scale)
                 mn_best = np.where(better, this_min, mn_best)
+                min_moved = True
     np.subtract(x, best_codes_min, out=xm)
-    L = codes(best_iscale, best_codes_min, xm)
+    L = codes(best_iscale, x_lo - best_codes_min, mx - best_codes_min, xm)
     L = np.where(degenerate, 0, L.astype(np.int32))
     scale = np.where(degenerate, F32(0.0), scale).astype(np.float32)
     the_min = -np.where(degenerate, mn, mn_best).astype(np.float32)
