@@ -53,9 +53,15 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
     writer = GGUFFileWriter(out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt),
                             name=name or display_name(ckpt.path.name), extra_kvs=extra, importance=importance,
                             force=force, progress=progress)
-    with writer:
-        for tensor_name in types:
-            weight = ckpt.get_tensor(tensor_name)
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = list(types)
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:
+        # read the next tensor while the current one is encoded and written (at most two in memory)
+        pending = reader.submit(ckpt.get_tensor, names[0]) if names else None
+        for i, tensor_name in enumerate(names):
+            weight = pending.result()
+            pending = reader.submit(ckpt.get_tensor, names[i + 1]) if i + 1 < len(names) else None
             writer.add(tensor_name, weight)
             del weight
         return writer.finish()

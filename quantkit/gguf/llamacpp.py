@@ -87,17 +87,23 @@ def parse_kld_summary(output: str) -> dict[str, float]:
 
 
 def run_perplexity(tool: Path, model: Path, text_file: Path, *, ctx: int, chunks: int, threads: int = 2,
-                   kld_base_out: Path | None = None, kld_base_in: Path | None = None, timeout: int = 1800) -> str:
+                   kld_base_out: Path | None = None, kld_base_in: Path | None = None, timeout: int = 1800,
+                   extra: tuple[str, ...] | list[str] = ()) -> str:
     """Run llama-perplexity; returns its combined output (raises with the tail of the log on failure)."""
-    args = [str(tool), "-m", str(model), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    args = [str(tool), "-m", str(model), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads),
+            *extra]
     if kld_base_out is not None:
         args += ["-f", str(text_file), "--kl-divergence-base", str(kld_base_out)]
     elif kld_base_in is not None:
         args += ["--kl-divergence-base", str(kld_base_in), "--kl-divergence"]
     else:
         args += ["-f", str(text_file)]
-    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    output = proc.stdout
-    if proc.returncode != 0:
-        raise QuantkitError(f"llama-perplexity failed on {model} (exit {proc.returncode}): {output[-2000:]}")
+    for _ in range(3):
+        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        output = proc.stdout
+        if proc.returncode != 0:
+            raise QuantkitError(f"llama-perplexity failed on {model} (exit {proc.returncode}): {output[-2000:]}")
+        # llama.cpp's asynchronous logger can lose its last lines at exit: run again until the summary is there
+        if "Final estimate" in output or ("Mean    KLD" in output or "Mean KLD" in output):
+            break
     return output

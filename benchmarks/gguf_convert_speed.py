@@ -1,0 +1,161 @@
+"""GGUF conversion speed and memory: quantkit vs llama.cpp on a Mistral-7B-shaped BF16 checkpoint.
+
+A synthetic checkpoint with Mistral-7B-Instruct-v0.2's real tensor names and shapes (hidden 4096, ffn 14336,
+32/8 heads, vocab 32000; `--layers` of the 32 decoder layers, default all) is generated once, deterministically,
+as BF16 safetensors shards in the work dir. For each target type (Q8_0, Q4_0, Q4_K_M):
+
+  quantkit:   quantkit convert SRC --format gguf --type T -o OUT          (streams tensor by tensor)
+  llama.cpp:  convert_hf_to_gguf.py SRC --outtype bf16  (once)  +  llama-quantize BF16.gguf OUT T 2
+
+Wall time and peak RSS of each process (os.wait4) are measured in this script, one process at a time; the ratio
+is quantkit / (llama.cpp convert + quantize). Outputs are deleted after each measurement; `--cleanup` deletes
+the synthetic checkpoint at the end.
+
+Usage: nice -n 10 python benchmarks/gguf_convert_speed.py [--layers 8] [--work /tmp/gguf_speed] [--cleanup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quantkit.model import arch
+from quantkit.model.config import ModelConfig
+from quantkit.testing import NANO_PATH, llamacpp_bin, llamacpp_convert_script
+
+TARGETS = ("Q8_0", "Q4_0", "Q4_K_M")
+
+
+def mistral_7b_config(layers: int) -> ModelConfig:
+    return ModelConfig(num_hidden_layers=layers)  # the dataclass defaults are Mistral-7B-Instruct-v0.2's
+
+
+def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3) -> Path:
+    """Deterministic BF16 weights (N(0, 0.02), norms ~1) under real names, written shard by shard."""
+    done = path / ".complete"
+    if done.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    cfg = mistral_7b_config(layers)
+    shapes = cfg.expected_shapes()
+    names = [n for n in arch.canonical_names(layers) if n in shapes]
+    groups, cur, used = [], [], 0
+    for n in names:
+        size = 2
+        for d in shapes[n]:
+            size *= d
+        if cur and used + size > shard_bytes:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += size
+    groups.append(cur)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for n in group:
+            gen = torch.Generator().manual_seed(zlib.crc32(n.encode()))
+            shape = shapes[n]
+            if len(shape) == 1:
+                t = 1.0 + 0.05 * torch.randn(shape, generator=gen)
+            else:
+                t = 0.02 * torch.randn(shape, generator=gen)
+            tensors[n] = t.to(torch.bfloat16)
+            total += tensors[n].numel() * 2
+            weight_map[n] = fname
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        del tensors
+        print(f"  wrote {fname}", file=sys.stderr)
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(NANO_PATH / f, path / f)
+    done.write_text("ok")
+    return path
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run one process; wall seconds and its peak RSS (ru_maxrss of that child only)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return {"seconds": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 1024**3, 3),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--work", default="/tmp/gguf_speed")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--cleanup", action="store_true", help="delete the synthetic checkpoint at the end")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = generate_checkpoint(work / f"mistral-7b-shaped-{args.layers}L", args.layers)
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    quantize, convert = llamacpp_bin("llama-quantize"), llamacpp_convert_script()
+    if quantize is None or convert is None:
+        raise SystemExit("needs llama.cpp's llama-quantize and convert_hf_to_gguf.py")
+    results: dict = {"layers": args.layers, "source_bytes": src_bytes, "targets": {}}
+
+    bf16 = work / "llamacpp-BF16.gguf"
+    results["llamacpp_convert_bf16"] = measure(
+        [sys.executable, str(convert), str(src), "--outtype", "bf16", "--outfile", str(bf16)], work / "convert.log")
+    print(f"llama.cpp convert_hf_to_gguf -> BF16: {results['llamacpp_convert_bf16']}", file=sys.stderr)
+    for target in args.targets.split(","):
+        theirs, ours = work / f"llamacpp-{target}.gguf", work / f"quantkit-{target}.gguf"
+        lq = measure([str(quantize), str(bf16), str(theirs), target, str(os.cpu_count() or 2)],
+                     work / f"quantize-{target}.log")
+        theirs_size = theirs.stat().st_size
+        theirs.unlink()
+        qk = measure([sys.executable, "-m", "quantkit", "convert", str(src), "--format", "gguf", "--type", target,
+                      "-o", str(ours), "--no-progress"], work / f"quantkit-{target}.log")
+        ours_size = ours.stat().st_size
+        ours.unlink()
+        total = results["llamacpp_convert_bf16"]["seconds"] + lq["seconds"]
+        results["targets"][target] = {
+            "quantkit": qk, "llamacpp_quantize": lq, "llamacpp_total_seconds": round(total, 1),
+            "ratio_quantkit_over_llamacpp": round(qk["seconds"] / total, 3),
+            "bytes": {"quantkit": ours_size, "llamacpp": theirs_size},
+        }
+        print(f"{target}: {results['targets'][target]}", file=sys.stderr)
+    bf16.unlink()
+    if args.cleanup:
+        shutil.rmtree(src)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+
+    gb = src_bytes / 1e9
+    print(f"\nMistral-7B-shaped BF16 checkpoint, {args.layers} of 32 layers, {gb:.2f} GB; llama.cpp convert_hf_to_gguf "
+          f"to BF16: {results['llamacpp_convert_bf16']['seconds']} s, peak RSS "
+          f"{results['llamacpp_convert_bf16']['peak_rss_gib']} GiB\n")
+    print("| target | quantkit s | quantkit peak RSS GiB | llama.cpp convert+quantize s | llama-quantize peak RSS GiB "
+          "| ratio quantkit/llama.cpp | sizes (quantkit / llama.cpp bytes) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for target, r in results["targets"].items():
+        print(f"| {target} | {r['quantkit']['seconds']} | {r['quantkit']['peak_rss_gib']} | {r['llamacpp_total_seconds']} "
+              f"| {r['llamacpp_quantize']['peak_rss_gib']} | {r['ratio_quantkit_over_llamacpp']} "
+              f"| {r['bytes']['quantkit']:,} / {r['bytes']['llamacpp']:,} |")
+
+
+if __name__ == "__main__":
+    main()
