@@ -72,6 +72,11 @@ def save_tensors(path: str | Path, named: Iterable[tuple[str, Any]], extra: dict
         order.append([name, meta])
     for k, v in (extra or {}).items():
         flat[f"extra::{k}"] = v.detach().cpu().contiguous()
+    seen: set[int] = set()
+    for k, v in flat.items():  # safetensors refuses tensors sharing memory (e.g. one imatrix for q/k/v)
+        if v.numel() and v.data_ptr() in seen:
+            flat[k] = v.clone()
+        seen.add(flat[k].data_ptr())
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(flat, str(tmp), metadata={META_KEY: json.dumps({"order": order, "info": info or {}})})
