@@ -124,7 +124,8 @@ def _ggml_grid(type_name: str):
 def encode_ggml(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> GGMLTensor:
     from quantkit.gguf import codec
 
-    return codec.encode(weight.float(), type_name, importance)
+    imp = None if importance is None else importance.float().cpu()
+    return codec.encode(weight.float().cpu(), type_name, imp)
 
 
 def _dequant(t) -> torch.Tensor:
