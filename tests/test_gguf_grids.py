@@ -108,3 +108,16 @@ def test_gptq_through_ggml_grid_beats_rtn(type_name):
         return float(((x @ (wq - w).T) ** 2).mean())
 
     assert out_err(w_gptq) < 0.9 * out_err(w_rtn), (out_err(w_gptq), out_err(w_rtn))
+
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_1"])
+def test_encode_of_off_grid_weights_rounds_and_reports(type_name):
+    grid = GGMLGrid(type_name)
+    w = torch.from_numpy(edge_weights(16, 256, seed=9))
+    params = fit_all(grid, w)
+    enc = grid.encode(w, params)  # not fake-quantized first
+    assert enc.error["off_grid_weights"] > 0.9 * w.numel() - 512
+    gs = grid.group_size
+    expected = torch.cat([grid.fake_quant(w[:, c:c + gs], params[c // gs]) for c in range(0, 256, gs)], dim=1)
+    assert torch.equal(bits(dequantize_ggml(enc)), bits(expected))
