@@ -231,3 +231,10 @@ def test_imatrix_file_from_llama_imatrix_roundtrips(tmp_path, nano_path, pg_cali
         np.testing.assert_allclose(dat.importance(name), gg.importance(name), rtol=1e-5)
     written = write_imatrix(tmp_path / "rewritten.gguf", gg)
     assert written.read_bytes() == (tmp_path / "imatrix.gguf").read_bytes()
+
+
+def test_non_finite_weights_are_refused_with_the_index():
+    x = np.zeros((600, 512), np.float32)
+    x[550, 7] = np.nan
+    with pytest.raises(SchemeError, match=r"blk.3.ffn_up.weight: weight contains NaN or Inf \(first at index \[550, 7\]\)"):
+        quantize_ggml(x, "Q4_K", name="blk.3.ffn_up.weight")

@@ -71,9 +71,6 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
     x = _as_f32(weight)
     shape = tuple(x.shape)
     _check(type_name, shape, name)
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0].tolist()
-        raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
     x2 = x.reshape(-1, shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
     rows, cols = x2.shape
     if type_name in FLOAT_TYPES:
@@ -95,7 +92,11 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
 
     def encode_chunk(r0: int) -> None:
         r1 = min(rows, r0 + step)
-        out[r0:r1] = _encode_rows(x2[r0:r1], type_name, qw).reshape(r1 - r0, -1)
+        chunk = x2[r0:r1]
+        if not np.isfinite(chunk).all():
+            bad = (np.argwhere(~np.isfinite(chunk))[0] + [r0, 0]).tolist()
+            raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
+        out[r0:r1] = _encode_rows(chunk, type_name, qw).reshape(r1 - r0, -1)
 
     n_threads = min(len(starts), threads or os.cpu_count() or 1)
     if n_threads <= 1:
