@@ -115,3 +115,15 @@ def test_convert_command_rejects_unknown_type(nano_path, tmp_path):
                                    "-o", str(tmp_path / "x.gguf")])
     assert res.exit_code != 0 and "Q7_X" in str(res.exception)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_quantize_command_gguf_goes_through_the_pipeline_to_the_same_bytes(nano_path, nano, tmp_path):
+    """`quantkit quantize --format gguf --type Q4_K_M` (calibration pipeline -> GGUF writer, GGMLTensors in HF row
+    order) gives the same blocks as the streaming converter."""
+    out = tmp_path / "q.gguf"
+    res = CliRunner().invoke(cli, ["quantize", str(nano_path), "--format", "gguf", "--type", "Q4_K_M", "-o", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ref = write_gguf(nano, tmp_path / "ref.gguf", "Q4_K_M", progress=False)
+    assert _differing_blocks(out, ref)[0] == 0
