@@ -260,3 +260,16 @@ def test_cli_chat_reads_turns_from_stdin(nano_path, capfd, monkeypatch):
     out, err = capfd.readouterr()
     assert len([line for line in out.splitlines() if line.strip()]) >= 1
     assert err.count("tok/s") >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (run without TRITON_INTERPRET)")
+def test_gpu_cuda_graph_decode_matches_eager(nano_path):
+    model = load_model(rtn_source(nano_path, mixed_schemes), device="cuda", backend="triton", dtype=torch.float16)
+    eager = Generator(model, max_len=48, cuda_graph=False).generate(PROMPT, 16)
+    graph = Generator(model, max_len=48, cuda_graph=True).generate(PROMPT, 16)
+    assert graph.tokens == eager.tokens
+    ref = reference_from(rtn_source(nano_path, mixed_schemes)).cuda().half()
+    x = torch.tensor([PROMPT], device="cuda")
+    with torch.no_grad():
+        assert rel(model(x).float(), ref(x).float()) <= 2e-2

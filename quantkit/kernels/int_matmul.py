@@ -190,7 +190,7 @@ def _split_for(tiles: int, k: int, bk: int, device, want: int | None = None) -> 
     k_tiles = triton.cdiv(k, bk)
     if want is None:
         want = max(1, (2 * tune.sm_count(device)) // max(tiles, 1))
-    split = max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1, 16))
+    split = max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1, 32))
     per = triton.cdiv(k_tiles, split) * bk
     return triton.cdiv(k, per), per
 

@@ -43,7 +43,7 @@ def pick(key: Hashable, candidates: Sequence[Any], run: Callable[[Any], None]) -
     best, best_t, errors = None, float("inf"), []
     for cfg in candidates:
         try:
-            t = time_gpu(lambda: run(cfg), rep=10)
+            t = time_gpu(lambda: run(cfg), rep=5)
         except Exception as e:  # a config the compiler rejects (shared memory, registers) is just skipped
             errors.append(f"{cfg}: {type(e).__name__}: {e}")
             continue

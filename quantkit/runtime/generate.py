@@ -199,7 +199,7 @@ class Generator:
     def _capture(self) -> None:
         self._tok = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
         self._pos = torch.zeros((1,), dtype=torch.long, device=self.device)
-        saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v)] if self.cached else None
+        saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v)]  # warm-up/capture write position 0
         # warm-up on a side stream picks kernel configs and allocates outside the graph, then capture
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -211,10 +211,9 @@ class Generator:
         with torch.cuda.graph(graph):
             self._logits = self._static_step(self._tok, self._pos)
         self._graph = graph
-        if saved is not None:  # warm-up wrote position 0: put the cache back
-            for (k, v), dst_k, dst_v in zip(saved, self.k, self.v):
-                dst_k.copy_(k)
-                dst_v.copy_(v)
+        for (k, v), dst_k, dst_v in zip(saved, self.k, self.v):
+            dst_k.copy_(k)
+            dst_v.copy_(v)
 
     # ---- generation ----
 

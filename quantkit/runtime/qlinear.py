@@ -16,7 +16,8 @@ repacked copy of the codes built at first use (bf16 arithmetic: not bit-comparab
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import nn
 
@@ -107,7 +108,7 @@ class QuantLinear(nn.Module):
     def _chunk_rows(self) -> int:
         pf = 32 // self.container_bits
         step = max(pf, CHUNK_ELEMS // max(self.out_features, 1))
-        unit = pf if self.g_idx is not None else np.lcm(pf, self.group_size)
+        unit = pf if self.g_idx is not None else math.lcm(pf, self.group_size)
         return max(unit, step // unit * unit)
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class GGMLLinear(nn.Module):
                          cpu_kernels: bool = False):
         if len(t.shape) != 2:
             raise ValueError(f"GGMLLinear needs a 2-D tensor, got shape {t.shape}")
-        data = torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1)).to(device or "cpu")
+        data = _block_bytes(t).to(device or "cpu")
         return cls(t.type_name, data, (t.shape[0], t.shape[1]), backend, cache_dequant, cpu_kernels)
 
     def _fast_path(self):
@@ -209,12 +210,18 @@ class GGMLEmbedding(nn.Module):
 
     @classmethod
     def from_ggml_tensor(cls, t: GGMLTensor, device=None, dtype=torch.float32):
-        data = torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1)).to(device or "cpu")
+        data = _block_bytes(t).to(device or "cpu")
         return cls(t.type_name, data, (t.shape[0], t.shape[1]), dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = self.data.index_select(0, tokens.reshape(-1))
         return dequantize_rows(rows, self.type_name).to(self.dtype).view(*tokens.shape, self.embedding_dim)
+
+
+def _block_bytes(t: GGMLTensor) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1))
 
 
 def _triton_types() -> tuple[str, ...]:
