@@ -248,3 +248,28 @@ def test_missing_tensor_and_bad_config(gptq_out):
     (gptq_out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="marlin"):
         read_checkpoint(gptq_out)
+
+
+def test_one_quantization_many_formats(source, tmp_path):
+    """The same QuantTensors go to every format; all read back to identical tensors."""
+    outs = {"gptq": tmp_path / "g", "awq": tmp_path / "a", "compressed-tensors": tmp_path / "c"}
+    kept = {}
+
+    def keep(name, t):
+        kept[name] = t
+        return t
+
+    export_rtn(source, outs, Scheme(4, 32, False), transform=keep)
+    readers = {fmt: read_checkpoint(p) for fmt, p in outs.items()}
+    for name, t in kept.items():
+        if isinstance(t, QuantTensor):
+            for fmt, ck in readers.items():
+                assert_same(t, ck.get(name), f"{fmt}:{name}")
+
+
+def test_one_format_failing_aborts_all(source, tmp_path):
+    """A tensor one format cannot hold (act-order into AWQ) leaves none of the outputs behind."""
+    outs = {"gptq": tmp_path / "g", "awq": tmp_path / "a"}
+    with pytest.raises(SchemeError):
+        export_rtn(source, outs, Scheme(4, 32, True), transform=lambda n, t: permuted_g_idx(t, 3) if isinstance(t, QuantTensor) else t)
+    assert os.listdir(tmp_path) == []

@@ -40,6 +40,7 @@ def test_verify_compressed_tensors_passes(ct_out, nano_path, capsys):
     assert abs(result["client"]["client_vs_source"]["kld_mean"] - q["kld_mean"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_verify_without_client_reports_skip(ct_out, nano_path, capsys):
     code, out = run(capsys, "verify", str(ct_out), "--ref", str(nano_path), "--no-client")
     assert code == 0, out.err
