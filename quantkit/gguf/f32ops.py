@@ -6,7 +6,7 @@ left to right. numpy's float32 elementwise ufuncs are IEEE-exact, so the same ex
 the same bits. What needs care:
 - reductions: numpy's `sum` is pairwise; `seqsum` adds strictly in order, starting from +0.0 like C's `s = 0`;
 - rounding: `nearest_int` is ggml's `fval + 12582912.f` bit trick (round half to even for |f| < 2^22, and the
-  same garbage as C outside that range); `roundf` rounds half away from zero (C's `roundf`);
+  same garbage as C outside that range); where the range is known to be safe the searches use np.rint instead;
 - narrowing: C stores ints into uint8/int8 fields with wrap-around; `wrap_u8` / `wrap_i8` do the same.
 """
 
@@ -23,18 +23,6 @@ def nearest_int(f: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: float32 add of 1.5*2^23, then the low mantissa bits (int32)."""
     v = np.asarray(f, dtype=np.float32) + MAGIC
     return (v.view(np.int32) & 0x007FFFFF) - 0x00400000
-
-
-def roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero) on float32, returned as float32."""
-    t = np.trunc(v)
-    frac = v - t  # exact in float32
-    return np.where(np.abs(frac) >= F32(0.5), t + np.sign(v), t).astype(np.float32)
-
-
-def trunc_to_int(v: np.ndarray) -> np.ndarray:
-    """C's float -> int conversion (truncation toward zero), as int32."""
-    return np.trunc(v).astype(np.int32)
 
 
 def wrap_u8(v: np.ndarray) -> np.ndarray:
@@ -81,26 +69,9 @@ def first_absmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.take_along_axis(x, np.expand_dims(idx, axis), axis=axis).squeeze(axis)
 
 
-def seq_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C's `min = max = x[0]; for i>=1: if (x[i] < min) min = x[i]; if (x[i] > max) max = x[i];` over axis 0.
-
-    Same values as np.min/np.max except that the sign of a zero extreme is the first one met, as in C."""
-    mn = x[0].copy()
-    mx = x[0].copy()
-    for i in range(1, x.shape[0]):
-        np.copyto(mn, x[i], where=x[i] < mn)
-        np.copyto(mx, x[i], where=x[i] > mx)
-    return mn, mx
-
-
 def fp16_bits(v: np.ndarray) -> np.ndarray:
     """float32 -> IEEE half (round to nearest even, like GGML_FP32_TO_FP16), as uint16 bits."""
     return np.asarray(v, dtype=np.float32).astype(np.float16).view(np.uint16)
-
-
-def fp16_round(v: np.ndarray) -> np.ndarray:
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))."""
-    return np.asarray(v, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 def bf16_bits(v: np.ndarray) -> np.ndarray:

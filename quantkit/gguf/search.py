@@ -13,10 +13,6 @@ import numpy as np
 from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum, seqsum_first, wrap_u8
 
 
-def _clamp(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    return np.minimum(hi, np.maximum(lo, v))
-
-
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: symmetric scale search (19 candidates).
 
