@@ -169,3 +169,39 @@ def test_quantkit_reads_gptqmodel_awq_checkpoint():
     assert rel_err(ours, saved["logits"]) <= 1e-2  # GPTQModel's own CPU forward (bf16 inside its kernel)
     if missing_client("awq") is None:
         assert rel_err(ours, transformers_logits_fn(path)(prompt)) <= 1e-3
+
+
+def test_gptqmodel_loads_mixed_scheme_gptq(tmp_path):
+    """Per-module schemes and float linears go to GPTQModel's `dynamic`; GPTQModel honours it exactly
+    (transformers 5.24 ignores `dynamic`, see formats/gptq.md)."""
+    need("gptq")
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel
+
+    from quantkit.quant.scheme import parse_override
+    from quantkit.testing import make_random_checkpoint
+
+    src = make_random_checkpoint(tmp_path / "src", hidden=128, heads=4, kv_heads=2, intermediate=256, layers=2,
+                                 vocab=512)
+    # (4-bit overrides: GPTQModel's CPU kernel choice follows the top-level bits, so an 8-bit module fails there)
+    overrides = [parse_override("re:.*down_proj=w4a16-g128-asym"),
+                 parse_override("-:model\\.layers\\.1\\.self_attn\\.o_proj")]
+    out = export_rtn(src, {"gptq": tmp_path / "g"}, PRESETS["w4a16-g32"], overrides=overrides)["gptq"]
+    assert len(read_checkpoint(out).metadata["quantization_config"]["dynamic"]) == 3
+    ckpt = read_checkpoint(out)
+    model = GPTQModel.load(str(out), device="cpu", dtype=torch.float32).model
+    checked = 0
+    for name in ckpt.names:
+        t = ckpt.get(name)
+        if isinstance(t, torch.Tensor):
+            continue
+        module = model.get_submodule(name[: -len(".weight")])
+        assert (module.bits, module.group_size) == (t.bits, t.group_size), name
+        assert torch.equal(module.dequantize_weight().T.float(), t.dequantize()), name
+        checked += 1
+    assert checked == 13
+    o_proj = model.get_submodule("model.layers.1.self_attn.o_proj")
+    assert isinstance(o_proj, torch.nn.Linear)
+    assert torch.equal(o_proj.weight.float(), ckpt.get("model.layers.1.self_attn.o_proj.weight").float())
