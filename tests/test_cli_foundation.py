@@ -119,3 +119,21 @@ def test_inspect_gguf_converted_by_llamacpp(capsys, fixture_dir, tmp_path):
     assert info["config"]["num_key_value_heads"] == 2 and info["config"]["rope_theta"] == 1e6
     text, _ = run_cli(capsys, "inspect", str(out))
     assert "format        gguf" in text and "BPW" in text
+
+
+def test_inspect_and_compare_quantized_gptq(capsys, tmp_path, text_file):
+    """A GPTQ-format RTN checkpoint: inspect shows int4 tensors, compare gives a finite SQNR and a positive KLD."""
+    import importlib.util
+
+    if importlib.util.find_spec("quantkit.commands.quantize") is None:
+        pytest.skip("quantize command not available yet")
+    base = make_random_checkpoint(tmp_path / "b", hidden=128, intermediate=256, seed=6)
+    run_cli(capsys, "quantize", str(base), "--method", "rtn", "--preset", "w4a16-g128", "--format", "gptq",
+            "-o", str(tmp_path / "q"), "--no-progress")
+    info = json.loads(run_cli(capsys, "inspect", str(tmp_path / "q"), "--json")[0])
+    assert info["format"] == "gptq" and info["tensor_types"]["int4-g128"] == 14
+    result = json.loads(run_cli(capsys, "compare", str(base), str(tmp_path / "q"), "--text", str(text_file),
+                                "--ctx", "64", "--max-windows", "2", "--json", "--no-progress")[0])
+    linears = [r for r in result["weights"] if r["kind"] == "int4-g128"]
+    assert len(linears) == 14 and all(10 < r["sqnr_db"] < 30 for r in linears)
+    assert result["compare"]["kld"]["mean"] > 0

@@ -23,14 +23,16 @@ def open_stored(spec: str) -> tuple[list[str], Callable[[str], object]]:
     from quantkit.model.checkpoint import open_checkpoint
 
     path = Path(spec).expanduser()
-    if path.exists() and not ((path / "config.json").exists() and "quantization_config" not in (path / "config.json").read_text()):
-        from quantkit.formats.base import read_checkpoint
+    if path.exists():
+        from quantkit.formats.base import detect_format
 
         try:
-            q = read_checkpoint(path)
-            return list(q.names), q.get
+            fmt = detect_format(path)
         except FormatError:
-            pass
+            fmt = None
+        if fmt is not None and fmt.name not in ("hf", "consolidated"):
+            q = fmt.read(path)
+            return list(q.names), q.get
     ckpt = open_checkpoint(spec)
     return ckpt.tensor_names(), ckpt.get_tensor
 

@@ -15,6 +15,9 @@ import click
 
 from quantkit.errors import QuantkitError
 
+# registry formats that are plain full-precision layouts: shown through open_checkpoint (shards, dtypes, checks)
+FULL_PRECISION_FORMATS = ("hf", "consolidated")
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -174,24 +177,16 @@ def inspect_path(spec: str) -> dict[str, Any]:
     from quantkit.model.checkpoint import open_checkpoint
 
     path = Path(spec).expanduser()
-    if path.exists() and not ((path / "config.json").exists() and not _has_quantization_config(path)
-                              or (path / "params.json").exists()):
+    if path.exists():
         from quantkit.formats.base import detect_format
 
         try:
-            fmt = detect_format(path)
+            fmt = detect_format(path)  # quantized formats (GGUF file, quantization_config / quantize_config.json)
         except QuantkitError:
             fmt = None
-        if fmt is not None:
+        if fmt is not None and fmt.name not in FULL_PRECISION_FORMATS:
             return describe_quantized(fmt.read(path))
     return describe_checkpoint(open_checkpoint(spec))
-
-
-def _has_quantization_config(path: Path) -> bool:
-    try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return False
 
 
 # ---- rendering ----
