@@ -273,3 +273,14 @@ def test_one_format_failing_aborts_all(source, tmp_path):
     with pytest.raises(SchemeError):
         export_rtn(source, outs, Scheme(4, 32, True), transform=lambda n, t: permuted_g_idx(t, 3) if isinstance(t, QuantTensor) else t)
     assert os.listdir(tmp_path) == []
+
+
+def test_symmetric_v2_zeros_labelled_v1_are_recognised(source, tmp_path):
+    """Some writers store true zeros (8) under checkpoint_format 'gptq'; for sym: true that is unambiguous."""
+    out, kept = written_tensors(source, "gptq", Scheme(4, 32, True), tmp_path, extra={"checkpoint_format": "gptq_v2"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = cfg["quantization_config"]["format"] = "gptq"
+    (out / "config.json").write_text(json.dumps(cfg))
+    ckpt = read_checkpoint(out)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert_same(kept[name], ckpt.get(name), name)

@@ -202,11 +202,18 @@ def read_gptq(path: Path) -> QuantizedCheckpoint:
                 raise FormatError(f"{path}: {prefix}.g_idx has values outside [0, {groups})")
             if torch.equal(g_idx.long(), torch.arange(in_f) // gs):
                 g_idx = None
+        zeros = packing.gptq_unpack_qzeros(qzeros, bits, out_f, v1=v1)
+        symmetric = bool(s.get("sym", True))
+        if v1 and symmetric and not bool((zeros == 1 << (bits - 1)).all()):
+            # some writers label true (v2) zeros "gptq": a symmetric checkpoint's zeros must all be 2^(bits-1)
+            raw = packing.gptq_unpack_qzeros(qzeros, bits, out_f, v1=False)
+            if bool((raw == 1 << (bits - 1)).all()):
+                zeros = raw
         return QuantTensor(
             codes=packing.gptq_unpack_qweight(qweight, bits, in_f),
             scales=scales.t().contiguous(),
-            zeros=packing.gptq_unpack_qzeros(qzeros, bits, out_f, v1=v1).to(torch.int32),
-            bits=bits, group_size=gs, symmetric=bool(s.get("sym", True)), g_idx=g_idx,
+            zeros=zeros.to(torch.int32),
+            bits=bits, group_size=gs, symmetric=symmetric, g_idx=g_idx,
         )
 
     return build_checkpoint(path, "gptq", config, stored, decode, qc, {"checkpoint_format": fmt})

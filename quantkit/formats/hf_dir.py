@@ -133,6 +133,9 @@ def source_config_dict(source_dir: Path | None, config: ModelConfig) -> dict[str
     return config.to_hf_dict()
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: several writers, one hash
+
+
 def source_checksums(source_dir: Path | None) -> dict[str, str]:
     """sha256 of every weight and config file of the source (what `quantkit.json` records as the source checksum)."""
     if source_dir is None or not Path(source_dir).is_dir():
@@ -141,7 +144,11 @@ def source_checksums(source_dir: Path | None) -> dict[str, str]:
     for f in sorted(Path(source_dir).iterdir()):
         if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "params.json",
                                                                         "model.safetensors.index.json")):
-            out[f.name] = sha256_file(f)
+            st = f.stat()
+            key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in _SHA_CACHE:
+                _SHA_CACHE[key] = sha256_file(f)
+            out[f.name] = _SHA_CACHE[key]
     return out
 
 
