@@ -79,9 +79,10 @@ def main() -> None:
     import gptqmodel
     from gptqmodel import BACKEND, GPTQModel
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # GPTQModel writes ./logs/*.log into the working directory
         src = make_source(Path(tmp) / "src")
         # AWQ's clip search works on batches of 256 output channels: every linear needs out % 256 == 0
         wide = make_source(Path(tmp) / "wide", hidden=256, intermediate=512, kv_heads=4)
