@@ -117,6 +117,14 @@ def test_config_spellings_rope_parameters_and_dtype():
     assert ModelConfig.from_hf_dict({**V02, "torch_dtype": "torch.float32"}).dtype == torch.float32
 
 
+def test_config_refuses_what_the_reference_model_cannot_run():
+    with pytest.raises(ConfigError, match="rope_scaling type 'llama3' is not supported"):
+        ModelConfig.from_hf_dict({**V02, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConfigError, match="attention_bias"):
+        ModelConfig.from_hf_dict({**V02, "attention_bias": True})
+    assert ModelConfig.from_hf_dict({**V02, "rope_scaling": None, "attention_bias": False}).rope_theta == 1e6
+
+
 def test_config_unknown_architecture_lists_supported():
     with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*MistralForCausalLM"):
         ModelConfig.from_hf_dict({**V02, "architectures": ["GPT2LMHeadModel"]})

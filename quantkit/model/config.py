@@ -104,6 +104,15 @@ class ModelConfig:
             rope_theta = cfg["rope_parameters"].get("rope_theta")
         if rope_theta is None:
             rope_theta = 10000.0
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = cfg.get(key)
+            if isinstance(scaling, dict):
+                kind = scaling.get("rope_type", scaling.get("type", "default"))
+                if kind not in (None, "default"):
+                    raise ConfigError(f"{source}: {key} type {kind!r} is not supported (only plain RoPE, 'default')")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise ConfigError(f"{source}: {key}: true is not supported (Mistral/Llama linears have no bias)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in cfg]
         if missing:
