@@ -35,17 +35,20 @@ def progress_wrapper(enabled: bool, desc: str):
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="gptq", show_default=True,
               help="gptq: non-overlapping windows, one BOS, all targets; llamacpp: llama-perplexity's chunks.")
 @click.option("--ctx", type=int, default=None, help="Window length (default 2048 for gptq, 512 for llamacpp).")
-@click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top %% and Δp against it.")
+@click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top % and Δp against it.")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
 @click.option("--spread", is_flag=True, help="With --max-windows: N windows evenly spaced over the whole text.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--backend", default="auto", show_default=True, help="Kernel backend for quantized weights (auto, torch, triton).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Activation dtype (default float32 on CPU, bfloat16 on CUDA).")
+@click.option("--cache-dequant", is_flag=True,
+              help="Dequantize quantized weights once and keep them (faster over many windows; full-precision memory).")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if the model has none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
-def command(model, text_path, convention, ctx, ref, max_windows, spread, device, backend, dtype, tokenizer_path, as_json,
+def command(model, text_path, convention, ctx, ref, max_windows, spread, device, backend, dtype, cache_dequant,
+            tokenizer_path, as_json,
             no_progress):
     """Perplexity of MODEL on a text, in a named convention, with ± standard error and window/token counts.
 
@@ -62,7 +65,7 @@ def command(model, text_path, convention, ctx, ref, max_windows, spread, device,
     ctx = check_convention(convention, ctx)
     texts = read_texts(text_path)  # fail fast on a bad --text before loading models
     t0 = time.perf_counter()
-    test = load_eval_model(model, device, dtype, backend, progress_wrapper(progress, "loading model"))
+    test = load_eval_model(model, device, dtype, backend, progress_wrapper(progress, "loading model"), cache_dequant)
     reference = load_eval_model(ref, device, dtype, backend, progress_wrapper(progress, "loading reference")) if ref else None
     tok = pick_tokenizer(tokenizer_path, test, reference)
     ids = tokenize_for_convention(tok, texts, convention)

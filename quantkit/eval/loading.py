@@ -41,7 +41,7 @@ def _has_runtime() -> bool:
 
 
 def load_eval_model(spec: str, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
-                    progress=None) -> EvalModel:
+                    progress=None, cache_dequant: bool = False) -> EvalModel:
     from quantkit.model.checkpoint import open_checkpoint
 
     torch_dtype = DTYPES[dtype] if dtype else None
@@ -50,7 +50,8 @@ def load_eval_model(spec: str, device: str = "cpu", dtype: str | None = None, ba
         from quantkit.runtime.model import load_model
 
         target = spec if local else open_checkpoint(spec)
-        model = load_model(target, device=device, backend=backend, dtype=torch_dtype, progress=progress)
+        extra = {"cache_dequant": True} if cache_dequant else {}
+        model = load_model(target, device=device, backend=backend, dtype=torch_dtype, progress=progress, **extra)
         info = dict(getattr(model, "runtime_info", {}))
         tok = info.get("tokenizer_path")
         dev = model.model.norm.weight.device
