@@ -56,8 +56,12 @@ def _chunk(data_ptr, row_off, row_ok, c, TYPE: tl.constexpr):
         d = _f16_at(data_ptr + base + 208, row_ok)
         w = (d[:, None] * sc.to(tl.int8, bitcast=True).to(tl.float32)) * (q - 32).to(tl.float32)
     else:  # Q4_K (144 B) / Q5_K (176 B): d, dmin f16, scales[12] 6-bit packed, (qh[32]), qs[128]
-        BLK: tl.constexpr = 144 if TYPE == 2 else 176
-        QS: tl.constexpr = 16 if TYPE == 2 else 48
+        if TYPE == 2:
+            BLK = 144
+            QS = 16
+        else:
+            BLK = 176
+            QS = 48
         blk = c // 8
         j = c % 8
         base = row_off + blk * BLK

@@ -137,7 +137,12 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
         for j in tl.static_range(PF):
             kk = kw * PF + j
             q = ((packed >> (j * CBITS)) & MASKQ).to(tl.float32)
-            if SCALE_AFTER or WORD_GROUPS:
+            if SCALE_AFTER:  # (no `or` of constexprs: older Triton front ends reject BoolOps)
+                if HAS_ZEROS:
+                    w = (q - z_t) * s_t
+                else:
+                    w = (q - ZP) * s_t
+            elif WORD_GROUPS:
                 if HAS_ZEROS:
                     w = (q - z_t) * s_t
                 else:
