@@ -182,7 +182,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the end-to-end model")
     ap.add_argument("--decode-steps", type=int, default=64)
-    ap.add_argument("--budget", type=float, default=200.0, help="seconds; optional sections are skipped beyond it")
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds; the extras are skipped beyond it")
+    ap.add_argument("--shapes-budget", type=float, default=140.0,
+                    help="seconds; remaining shape/batch points are skipped beyond it so the e2e section runs")
     args = ap.parse_args()
     out = args.out
 
@@ -198,7 +200,7 @@ def main() -> None:
               else [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])  # (in K, out N)
     layers = 2 if smoke else args.layers
     if smoke and args.budget == 200.0:
-        args.budget = 3600.0  # the interpreter is slow; run every section
+        args.budget = args.shapes_budget = 3600.0  # the interpreter is slow; run every section
     steps = 2 if smoke else args.decode_steps
 
     import triton
@@ -240,6 +242,9 @@ def main() -> None:
             w_bf16 = w_ref.t().contiguous().to(torch.bfloat16)
             wbytes = p.qweight.numel() * 4 + p.scales.numel() * 2
             for m in batches:
+                if elapsed() > args.shapes_budget:
+                    log(f"skipping {k}->{n} M={m} (shapes budget {args.shapes_budget}s; e2e runs next)")
+                    continue
                 row = {"K": k, "N": n, "M": m}
                 try:
                     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -322,14 +327,20 @@ def main() -> None:
         from quantkit.kernels.int_matmul import int_matmul
         from quantkit.kernels.pack import int_matmul_ref
 
+        from quantkit.kernels import tune
+
+        tune.NO_SEARCH = True  # extras use each kernel's default config (no compile-heavy search)
         k, n = shapes[0]
         rows = RESULTS.setdefault("extras", [])
+        RESULTS["extras_note"] = "default kernel configs, no autotuning"
         for label, bits, group, sym, act in (("w4 g32 asym", 4, 32, False, False), ("w4 g128 act-order", 4, 128, True, True),
                                              ("w8 g128 sym", 8, 128, True, False), ("w8 per-channel", 8, -1, True, False)):
             if elapsed() > args.budget:
                 break
             p = random_packed(k, n, bits, group, sym, device, act_order=act)
             for m in (1, 16):
+                if elapsed() > args.budget:
+                    break
                 row = {"kind": label, "K": k, "N": n, "M": m}
                 try:
                     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
