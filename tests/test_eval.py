@@ -1,5 +1,6 @@
 """Perplexity conventions and KLD statistics, checked against independent computations."""
 
+import json
 import math
 
 import pytest
@@ -137,3 +138,19 @@ def test_perturbed_model_has_small_positive_kld(small):
                             progress=False)
     assert 0 < result["kld"]["mean"] < 0.01
     assert result["ppl_test"]["n_tokens"] == 4 * 63
+
+
+def test_markdown_report_from_eval_document(tmp_path, small):
+    from quantkit.eval.report import markdown_report, write_report
+
+    ours, _ = small
+    cmp = compare_models(ours, ours, stream(256), "llamacpp", 64, progress=False)
+    out = {"model": {"source": "m", "format": "hf", "device": "cpu", "dtype": "float32"},
+           "text": {"path": "t.txt", "documents": 1, "tokens": 256, "sha256": "ab" * 32}, "tokenizer": "tok",
+           "convention": "llamacpp", "ctx": 64, "bos": "replaces each chunk's first token", "max_windows": None,
+           "ppl": cmp["ppl_test"], "ref": {"source": "m", "ppl": cmp["ppl_ref"]},
+           "compare": {k: v for k, v in cmp.items() if k not in ("ppl_ref", "ppl_test")}}
+    md = markdown_report(out)
+    assert "## KL divergence" in md and "Same top token: 100.000" in md and "| 4 / 124 |" in md
+    write_report(out, tmp_path / "rep")
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["ctx"] == 64

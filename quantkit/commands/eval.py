@@ -45,11 +45,12 @@ def progress_wrapper(enabled: bool, desc: str):
 @click.option("--cache-dequant", is_flag=True,
               help="Dequantize quantized weights once and keep them (faster over many windows; full-precision memory).")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if the model has none.")
+@click.option("--report", "report_dir", type=click.Path(), default=None,
+              help="Also write report.json and report.md into this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 def command(model, text_path, convention, ctx, ref, max_windows, spread, device, backend, dtype, cache_dequant,
-            tokenizer_path, as_json,
-            no_progress):
+            tokenizer_path, report_dir, as_json, no_progress):
     """Perplexity of MODEL on a text, in a named convention, with ± standard error and window/token counts.
 
     \b
@@ -85,6 +86,10 @@ def command(model, text_path, convention, ctx, ref, max_windows, spread, device,
         out["ref"] = {"source": ref, "ppl": cmp["ppl_ref"]}
         out["compare"] = {k: v for k, v in cmp.items() if k not in ("ppl_ref", "ppl_test")}
     out["timing_s"] = {"load": round(t_load, 2), "eval": round(time.perf_counter() - t1, 2)}
+    if report_dir:
+        from quantkit.eval.report import write_report
+
+        write_report(out, report_dir)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
