@@ -66,12 +66,18 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(nano, syntheti
     assert kv["quantize.imatrix.entries_count"] == 6 * 7 and kv["quantize.imatrix.chunks_count"] == 10
 
 
-def test_data_free_mix_is_byte_identical_to_llama_quantize(nano, tmp_path):
+@pytest.mark.parametrize("ftype", ["Q4_K_M", pytest.param("Q6_K", marks=pytest.mark.slow),
+                                   pytest.param("Q2_K", marks=pytest.mark.slow),
+                                   pytest.param("Q3_K_M", marks=pytest.mark.slow),
+                                   pytest.param("Q5_K_M", marks=pytest.mark.slow),
+                                   pytest.param("Q4_0", marks=pytest.mark.slow),
+                                   pytest.param("Q8_0", marks=pytest.mark.slow)])
+def test_data_free_mix_is_byte_identical_to_llama_quantize(nano, tmp_path, ftype):
     tool = require_llamacpp("llama-quantize")["llama-quantize"]
     f32 = write_gguf(nano, tmp_path / "f32.gguf", "F32", progress=False)
     theirs = tmp_path / "theirs.gguf"
-    subprocess.run([str(tool), str(f32), str(theirs), "Q4_K_M", "2"], check=True, capture_output=True)
-    ours = write_gguf(nano, tmp_path / "ours.gguf", "Q4_K_M", progress=False)
+    subprocess.run([str(tool), str(f32), str(theirs), ftype, "2"], check=True, capture_output=True)
+    ours = write_gguf(nano, tmp_path / "ours.gguf", ftype, progress=False)
     bad, total = _differing_blocks(theirs, ours)
     assert bad <= total // 1000, f"{bad} of {total} blocks differ"
 
