@@ -15,7 +15,9 @@ from pathlib import Path
 
 from quantkit.testing import make_sparse_checkpoint
 
-REPORT_RSS = "import resource, sys; print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+# VmHWM (peak RSS of this address space); ru_maxrss would survive exec and count the parent at fork time
+REPORT_RSS = ("import sys; print('PEAK_RSS_KIB', next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))"
+              ".split()[1], file=sys.stderr)")
 
 
 def peak_rss(code: str) -> int:

@@ -92,7 +92,9 @@ def test_inspect_peak_rss_far_below_checkpoint_size(tmp_path):
     assert size > 2 * 1000**3
     code = (f"import resource, sys\nfrom quantkit.cli import main\ntry:\n    main(['inspect', {str(path)!r}, '--json'])\n"
             "except SystemExit as e:\n    assert not e.code\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+            # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the forking pytest process
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+            "print('PEAK', hwm, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["parameters"] > 1_000_000_000
