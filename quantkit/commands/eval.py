@@ -7,7 +7,7 @@ import time
 
 import click
 
-from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CTX
+from quantkit.eval.perplexity import CONVENTIONS
 
 
 def text_facts(path: str, texts: list[str], n_tokens: int) -> dict:

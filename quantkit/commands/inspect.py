@@ -89,8 +89,6 @@ def config_checks(config) -> list[dict]:
 
 
 def describe_checkpoint(ckpt) -> dict[str, Any]:
-    from quantkit.model.checkpoint import TensorInfo  # noqa: F401  (type of ckpt.tensors values)
-
     cfg = ckpt.config
     files = []
     for f in ckpt.files:
