@@ -41,10 +41,17 @@ DEFAULT_CONFIGS = ("rtn:w8a16", "rtn:w4a16-g128", "gptq:w4a16-g128:pg", "gptq:w4
                    "rtn:w4a16-g128-asym", "awq:w4a16-g128-asym:pg", "awq:w4a16-g128-asym:builtin")
 
 
-def logits_fn(model):
+def logits_fn(model, cache: dict | None = None):
+    """Model logits; with `cache`, each window's logits are computed once (the BF16 reference, shared by configs)."""
     def fn(tokens):
+        key = hash(tokens.numpy().tobytes()) if cache is not None else None
+        if key is not None and key in cache:
+            return cache[key]
         with torch.no_grad():
-            return model(tokens)
+            out = model(tokens)
+        if key is not None:
+            cache[key] = out
+        return out
     return fn
 
 
@@ -87,6 +94,7 @@ def main(argv=None) -> int:
     ref = Transformer.from_checkpoint(ckpt, torch.float32).eval()
     calib = {}
     rows = []
+    ref_cache: dict = {}
     max_windows = args.windows or None
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.configs.split(","):
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
                 print(f"{spec}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                 rows.append({"config": spec, "skipped": f"{type(e).__name__}: {e}"})
                 continue
-            r = compare_models(logits_fn(ref), logits_fn(model), eval_ids, "gptq", 512, progress=False,
+            r = compare_models(logits_fn(ref, ref_cache), logits_fn(model), eval_ids, "gptq", 512, progress=False,
                                bos_id=tok.bos_id, max_windows=max_windows)
             row = {"config": spec, "method": method, "preset": preset, "calib": source or "-", **info,
                    "ppl": r["ppl_test"]["ppl"], "ppl_stderr": r["ppl_test"]["ppl_stderr"],
