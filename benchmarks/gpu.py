@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the end-to-end model")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--budget", type=float, default=200.0, help="seconds; the extras are skipped beyond it")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: shapes, e2e, extras")
     ap.add_argument("--shapes-budget", type=float, default=140.0,
                     help="seconds; remaining shape/batch points are skipped beyond it so the e2e section runs")
     args = ap.parse_args()
@@ -267,7 +268,9 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    shapes_section()
+    skip = set(filter(None, args.skip.split(",")))
+    if "shapes" not in skip:
+        shapes_section()
 
     def decode_rate(model, cuda_graph: bool, n_steps: int, prompt_len: int = 32):
         from quantkit.runtime.generate import Generator
@@ -318,7 +321,8 @@ def main() -> None:
             except Exception:
                 pass
 
-    e2e()
+    if "e2e" not in skip:
+        e2e()
 
     @section("extras", out)
     def extras():
@@ -376,7 +380,9 @@ def main() -> None:
             rows.append(row)
             log("extra", row)
 
-    if elapsed() < args.budget:
+    if "extras" in skip:
+        pass
+    elif elapsed() < args.budget:
         extras()
     else:
         log("skipping extras (time budget)")
