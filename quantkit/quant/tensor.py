@@ -91,7 +91,7 @@ class GGMLTensor:
 
     type_name: str  # "Q4_K", "Q8_0", "F16", ... (gguf.GGMLQuantizationType member name)
     shape: tuple[int, ...]
-    data: np.ndarray  # raw bytes as uint8 [rows, bytes_per_row] (or float array for F32/F16/BF16)
+    data: np.ndarray  # raw bytes as uint8 [rows, bytes_per_row], float types included
     error: dict[str, Any] = field(default_factory=dict)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
