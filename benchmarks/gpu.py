@@ -275,7 +275,7 @@ def main() -> None:
     def decode_rate(model, cuda_graph: bool, n_steps: int, prompt_len: int = 32):
         from quantkit.runtime.generate import Generator
 
-        gen = Generator(model, max_len=prompt_len + n_steps + 8, cuda_graph=cuda_graph, fused_norm=True)
+        gen = Generator(model, max_len=prompt_len + n_steps + 8, cuda_graph=cuda_graph, fused_kernels=True)
         prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
         sync(device)
         t = time.perf_counter()

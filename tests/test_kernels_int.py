@@ -130,3 +130,22 @@ def test_rmsnorm_kernel_equals_reference(rows, h, dtype):
     module.weight.data = w.clone()
     torch.testing.assert_close(ref, module(x))  # the reference is the model's RMSNorm
     assert not torch.isnan(got).any() and rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("b,t,dtype", [(1, 1, torch.float32), (2, 3, torch.float16)])
+def test_rope_cache_kernel_equals_reference(b, t, dtype):
+    from quantkit.kernels.rope import rope_cache_ref, rope_qkv_into_cache
+    from quantkit.model.reference import rope_cos_sin
+
+    nh, nkv, d, max_len = 4, 2, 16, 12
+    cos, sin = rope_cos_sin(torch.arange(max_len, device=DEVICE), d, 10000.0, dtype)
+    qkv = torch.randn(b, t, (nh + 2 * nkv) * d, device=DEVICE).to(dtype)
+    pos = torch.arange(5, 5 + t, device=DEVICE)
+    caches = [torch.full((b, nkv, max_len, d), float("nan"), device=DEVICE, dtype=dtype) for _ in range(4)]
+    q = rope_qkv_into_cache(qkv, cos, sin, pos, nh, nkv, caches[0], caches[1])
+    q_ref = rope_cache_ref(qkv, cos, sin, pos, nh, nkv, caches[2], caches[3])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(q, q_ref) <= tol
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.isnan(), want.isnan())  # exactly the positions 5..5+t written
+        assert rel_err(got[:, :, 5:5 + t], want[:, :, 5:5 + t]) <= tol

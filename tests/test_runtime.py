@@ -177,7 +177,14 @@ def test_triton_backend_matches_torch_backend_in_interpreter(tmp_path):
         assert rel(b(x[:, :1]), a(x[:, :1])) <= 1e-4  # decode-sized (gemv kernel)
     with torch.no_grad():
         full = a(x)
-    gen = Generator(b, max_len=8, fused_norm=True, cuda_graph=False)  # + the Triton RMSNorm of the GPU path
+    gen = Generator(b, max_len=8, fused_kernels=True, cuda_graph=False)  # + the Triton RMSNorm / RoPE-cache kernels of the GPU path
+    assert rel(gen.forward(x[:, :4], 0), full[:, 3]) <= 1e-4
+    assert rel(gen.decode_step(x[0, 4:5], 4), full[:, 4]) <= 1e-4
+    uniform = load_model(rtn_source(path, lambda n: PRESETS["w4a16-g32"]), device=device, backend="triton")
+    assert hasattr(uniform.model.layers[0].self_attn, "qkv_fused")  # so the fused RoPE + cache kernel runs
+    with torch.no_grad():
+        full = uniform(x)
+    gen = Generator(uniform, max_len=8, fused_kernels=True, cuda_graph=False)
     assert rel(gen.forward(x[:, :4], 0), full[:, 3]) <= 1e-4
     assert rel(gen.decode_step(x[0, 4:5], 4), full[:, 4]) <= 1e-4
 

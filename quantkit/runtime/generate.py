@@ -80,7 +80,7 @@ class GenerationResult:
 
 class Generator:
     def __init__(self, model: Transformer, max_len: int | None = None, batch: int = 1, cuda_graph: bool | None = None,
-                 fused_norm: bool | None = None):
+                 fused_kernels: bool | None = None):
         cfg = model.config
         self.model, self.cfg, self.batch = model, cfg, batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -93,8 +93,8 @@ class Generator:
         self.positions = positions
         self.cached: list[int] = []  # tokens whose keys/values are in the cache (batch 1 bookkeeping)
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
-        # Triton RMSNorm (kernels/norm.py): default on the GPU
-        self.fused_norm = (self.device.type == "cuda") if fused_norm is None else fused_norm
+        # Triton RMSNorm (kernels/norm.py) and RoPE + cache write (kernels/rope.py): default on the GPU
+        self.fused_kernels = (self.device.type == "cuda") if fused_kernels is None else fused_kernels
         self._graph = None
 
     # ---- forward pieces ----
@@ -113,16 +113,22 @@ class Generator:
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
-            if hasattr(attn, "qkv_fused"):
-                q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            if self.fused_kernels and hasattr(attn, "qkv_fused"):
+                from quantkit.kernels.rope import rope_qkv_into_cache
+
+                q = rope_qkv_into_cache(attn.qkv_fused(x), self.cos, self.sin, pos, cfg.num_attention_heads,
+                                        cfg.num_key_value_heads, self.k[i], self.v[i])
             else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-            k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-            v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k[i].index_copy_(2, pos, k)
-            self.v[i].index_copy_(2, pos, v)
+                if hasattr(attn, "qkv_fused"):
+                    q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+                else:
+                    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+                k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+                v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                self.k[i].index_copy_(2, pos, k)
+                self.v[i].index_copy_(2, pos, v)
             keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
             values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
             if t == 1:
@@ -134,7 +140,7 @@ class Generator:
         return h
 
     def _norm(self, norm, h):
-        if self.fused_norm:
+        if self.fused_kernels:
             from quantkit.kernels.norm import rmsnorm
 
             return rmsnorm(h, norm.weight, norm.eps)
