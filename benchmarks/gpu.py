@@ -272,6 +272,31 @@ def main() -> None:
     if "shapes" not in skip:
         shapes_section()
 
+    @section("gemv_variants", out)
+    def gemv_variants():
+        """Best time of each batch<=8 kernel family, from the config search the shapes section already ran
+        (no extra kernel runs): which GEMV design wins on this card, and which configs were rejected."""
+        from quantkit.kernels import tune
+
+        rows = RESULTS.setdefault("gemv_variants", [])
+        for key, times in tune.timings().items():
+            if key[0] != "int" or key[1] > 8:
+                continue
+            best: dict = {}
+            for cfg, t in times.items():
+                fam = variant_family(cfg)
+                if fam not in best or t < best[fam][0]:
+                    best[fam] = (t, cfg)
+            rejected = [e for e in tune.skipped().get(key, []) if "differs" in e]
+            rows.append({"K": key[3], "N": key[2], "M": key[1], "chosen": str(tune.chosen().get(key)),
+                         "best_ms": {f: round(v[0], 4) for f, v in sorted(best.items())},
+                         "best_cfg": {f: str(v[1]) for f, v in sorted(best.items())},
+                         "rejected_wrong_output": rejected[:4]})
+            log("gemv variants", rows[-1])
+
+    if "shapes" not in skip:
+        gemv_variants()
+
     def decode_rate(model, cuda_graph: bool, n_steps: int, prompt_len: int = 32):
         from quantkit.runtime.generate import Generator
 
@@ -396,6 +421,12 @@ def main() -> None:
     print(markdown(), flush=True)
 
 
+def variant_family(cfg) -> str:
+    if cfg[0] == "fast":
+        return {0: "fast/no-split", 1: "fast/split+sum-kernel", 2: "fast/split+ticket"}[cfg[-1]]
+    return "gemv(plain)" if cfg[0] == "gemv" else "gemm(tensor-core)"
+
+
 def goals() -> None:
     g = RESULTS["goals"]
     rows = [r for r in RESULTS.get("w4_g128", []) if "ms" in r]
@@ -429,6 +460,14 @@ def markdown() -> str:
         lines.append(f"| {r['K']}→{r['N']} | {r['M']} | {r['ok']} | {r['rel_err']:.1e} | {r['ms']} | {r['bf16_ms']} | "
                      f"{r['speedup_vs_bf16']} | {r['weight_GBps']} | {100 * r['frac_copy_bw']:.0f}% | {r['TFLOPs']} | "
                      f"{r['bf16_TFLOPs']} |")
+    if RESULTS.get("gemv_variants"):
+        fams = sorted({f for r in RESULTS["gemv_variants"] for f in r["best_ms"]})
+        lines += ["", "Batch<=8 kernel families, best ms each (from the config search):", "",
+                  "| K→N | M | " + " | ".join(fams) + " | chosen | rejected (wrong output) |",
+                  "|---|---|" + "---|" * (len(fams) + 2)]
+        for r in RESULTS["gemv_variants"]:
+            lines.append(f"| {r['K']}→{r['N']} | {r['M']} | " + " | ".join(str(r['best_ms'].get(f, '')) for f in fams)
+                         + f" | {r['chosen']} | {len(r['rejected_wrong_output'])} |")
     e2e = RESULTS.get("e2e")
     if e2e:
         lines += ["", f"End-to-end decode ({e2e.get('layers')} layers, batch 1):", "",

@@ -149,3 +149,40 @@ def test_rope_cache_kernel_equals_reference(b, t, dtype):
     for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(got.isnan(), want.isnan())  # exactly the positions 5..5+t written
         assert rel_err(got[:, :, 5:5 + t], want[:, :, 5:5 + t]) <= tol
+
+
+GEMV_CASES = [c for c in CASES if c[0] <= 8]
+
+
+def _gemv_configs(m, p):
+    """Every batch<=8 kernel family: the fast GEMV (no split / split + sum kernel / split + in-kernel ticket
+    reduction, several K-tiles) and the plain GEMV."""
+    from quantkit.kernels.int_matmul import _fast_ok
+
+    bm = 1 << max(0, (m - 1).bit_length())
+    cfgs = [("gemv", bm, 32, 32, 4, 1), ("gemv", bm, 64, 64, 4, 2)]
+    for bk in (128, 64, 32):
+        if _fast_ok(p, bk):
+            cfgs += [("fast", bm, 32, bk, 4, 3, 1, 0), ("fast", bm, 32, bk, 4, 3, 8, 1),
+                     ("fast", bm, 64, bk, 4, 3, 8, 2)]
+    return cfgs
+
+
+@pytest.mark.parametrize("m,n,k,bits,group,sym,act,scattered,dtype", GEMV_CASES)
+def test_every_gemv_variant_equals_reference(m, n, k, bits, group, sym, act, scattered, dtype):
+    from quantkit.kernels.int_matmul import _split_locks, int_matmul
+
+    qt = random_quant_tensor(n, k, bits, group, sym, act_order=act, scattered_gidx=scattered)
+    p = pack_quant_tensor(qt).to(DEVICE)
+    cfgs = _gemv_configs(m, p)
+    if group in (64, 128) and not scattered:
+        assert any(c[0] == "fast" for c in cfgs)  # the fast kernel is really exercised on aligned groups
+    for cfg in cfgs:
+        for _ in range(2):  # twice: the split-K tickets must re-arm after each call
+            x = torch.randn(m, k, device=DEVICE).to(dtype)
+            out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+            got = int_matmul(x, p, out=out, config=cfg)
+            ref = int_matmul_ref(x, p)
+            assert not torch.isnan(got).any(), cfg
+            assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), cfg
+    assert int(_split_locks(torch.device(DEVICE)).abs().sum()) == 0

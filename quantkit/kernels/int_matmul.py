@@ -171,6 +171,74 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
 
 
 @triton.jit
+def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
+                          M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
+                          CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_MODE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Batch 1-8 decode, contiguous groups with group_size % BK == 0 (one group per K-tile).
+
+    Per K-tile: one coalesced [BK/PF, BN] load of packed words; code j of every word is peeled off with a shift and
+    turned into fp32 without an int->float convert ((q | 0x4B000000) reinterpreted is 2^23 + q); it multiplies the
+    strided activations x[k0 + w*PF + j]. The exact sum_k q*x is reduced once per tile, then the zero point
+    (via sum_k x) and the group scale are applied to the [BM, BN] partial: sum_k (q - z) s x = s (sum q x - z sum x).
+    SPLIT_MODE 0: no split-K, write out; 1: write fp32 partials [S, M, N] (summed by `_sum_splits_kernel`);
+    2: write partials, and the last CTA of each N-tile (atomic ticket in `lock_ptr`) sums them in split order
+    (deterministic) into out and re-arms the ticket."""
+    PF: tl.constexpr = 32 // CBITS
+    BKW: tl.constexpr = BK // PF
+    MASKQ: tl.constexpr = (1 << CBITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BM)
+    m_ok = offs_m < M
+    offs_w = tl.arange(0, BKW)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        kw = k0 // PF + offs_w
+        w_ok = kw * PF < K
+        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=w_ok[:, None] & n_ok[None, :], other=0)
+        g0 = k0 // group_size
+        s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+        part = tl.zeros((BM, BKW, BN), dtype=tl.float32)
+        xsum = tl.zeros((BM, BKW), dtype=tl.float32)
+        for j in tl.static_range(PF):
+            kk = kw * PF + j
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                         other=0.0).to(tl.float32)
+            bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
+            qf = bits.to(tl.float32, bitcast=True) - 8388608.0
+            part += xj[:, :, None] * qf[None, :, :]
+            xsum += xj
+        dot = tl.sum(part, axis=1)  # [BM, BN]
+        xs = tl.sum(xsum, axis=1)  # [BM]
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            acc += (dot - xs[:, None] * z[None, :]) * s[None, :]
+        else:
+            acc += (dot - ZP * xs[:, None]) * s[None, :]
+    omask = m_ok[:, None] & n_ok[None, :]
+    o_offs = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_MODE == 0:
+        tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + o_offs, acc, mask=omask)
+        if SPLIT_MODE == 2:
+            split = tl.num_programs(1)
+            tl.debug_barrier()  # every thread's partial is written before the (gpu-scope acq_rel) ticket
+            ticket = tl.atomic_add(lock_ptr + pid_n, 1)
+            if ticket == split - 1:
+                tot = tl.zeros((BM, BN), dtype=tl.float32)
+                for sp in range(0, split):
+                    tot += tl.load(part_ptr + sp * M * N + o_offs, mask=omask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
+@triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
@@ -200,23 +268,37 @@ def _split_for(tiles: int, k: int, bk: int, device, want: int | None = None) -> 
     return triton.cdiv(k, per), per
 
 
+def _fast_ok(p: PackedInt, bk: int) -> bool:
+    """The fast GEMV handles contiguous groups that are whole multiples of its K-tile."""
+    return p.g_idx is None and p.group_size % bk == 0 and bk % p.pack_factor == 0
+
+
 def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
-    """Configs: ("gemv", BM, BN, BK, warps, split_mul) or ("gemm", BM, BN, BK, warps, stages, split_mul)."""
-    if tune.interpreting():
-        if m <= 8:
-            return [("gemv", triton.next_power_of_2(m), 32, 32, 4, 1)]
-        return [("gemm", 16, 32, 32, 4, 1, 1)]
+    """Configs: ("fast", BM, BN, BK, warps, stages, ctas_per_sm, split_mode) (batch <= 8, aligned groups),
+    ("gemv", BM, BN, BK, warps, split_mul) or ("gemm", BM, BN, BK, warps, stages, split_mul).
+    The first entry is the default (used untimed under the interpreter and with tune.NO_SEARCH)."""
     cands: list[tuple] = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
         pf = p.pack_factor
-        for bn, bk, warps in ((256, 128, 4), (128, 128, 4), (128, 256, 4), (64, 256, 4), (256, 64, 4), (512, 64, 8),
-                              (256, 256, 8), (64, 64, 4)):
+        fast_tiles = [(bn, bk, w) for bn, bk, w in ((128, 128, 4), (256, 128, 4), (64, 128, 4), (256, 64, 4),
+                                                    (128, 64, 4), (128, 32, 4))
+                      if _fast_ok(p, bk) and bm * (bk // pf) * bn <= 4096 * w][:4]
+        if tune.interpreting():
+            bks = [bk for bk in (128, 64, 32) if _fast_ok(p, bk)]
+            return [("fast", bm, 32, bks[0], 4, 3, 4, 2)] if bks else [("gemv", bm, 32, 32, 4, 1)]
+        for bn, bk, warps in fast_tiles:
+            for ctas, mode in ((4, 2), (2, 2), (8, 2), (4, 1), (1, 0)):
+                cands.append(("fast", bm, bn, bk, warps, 3, ctas, mode))
+        for bn, bk, warps in ((256, 128, 4), (128, 128, 4)):
             if bm * (bk // pf) * bn <= 8192 * (warps // 4):
                 for mul in (1, 2):
                     cands.append(("gemv", bm, bn, bk, warps, mul))
         cands += [("gemm", 16, 64, 128, 4, 4, 1), ("gemm", 16, 128, 64, 4, 4, 1)]
-    elif m <= 64:
+        return cands
+    if tune.interpreting():
+        return [("gemm", 16, 32, 32, 4, 1, 1)]
+    if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         cands += [("gemm", bm, 64, 128, 4, 4, 1), ("gemm", bm, 128, 64, 4, 4, 1), ("gemm", bm, 128, 128, 8, 3, 1),
                   ("gemm", bm, 256, 64, 8, 3, 1), ("gemm", bm, 64, 64, 4, 5, 1)]
@@ -226,8 +308,29 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
     return cands
 
 
-def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ dequant(W)^T -> [..., N] in x.dtype, on the device of x."""
+def _safe_config(m: int, p: PackedInt) -> tuple:
+    """The plain reference-checked kernels: candidates are verified against this one before they are timed."""
+    if m <= 8:
+        return ("gemv", triton.next_power_of_2(m), 64, 64, 4, 1)
+    return ("gemm", 16 if m <= 16 else 64, 64, 64, 4, 3, 1)
+
+
+_LOCKS: dict = {}
+
+
+def _split_locks(device) -> torch.Tensor:
+    """Per-device int32 tickets for the fast GEMV's in-kernel split-K reduction (each kernel re-arms its own to 0;
+    allocated once, before any CUDA-graph capture, so captured launches keep pointing at it)."""
+    key = str(device)
+    if key not in _LOCKS:
+        _LOCKS[key] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _LOCKS[key]
+
+
+def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) @ dequant(W)^T -> [..., N] in x.dtype, on the device of x.
+
+    `config`: force one launch config (see `_candidates`; tests and benchmarks), else the tuned pick."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if p.perm is not None:
@@ -255,6 +358,24 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -
 
     def launch(cfg, dst=out2):
         kind = cfg[0]
+        if kind == "fast":
+            _, bm, bn, bk, warps, stages, ctas, mode = cfg
+            tiles = triton.cdiv(n, bn)
+            k_tiles = triton.cdiv(k, bk)
+            want = 1 if mode == 0 else max(1, min(k_tiles, 64, (ctas * tune.sm_count(x2.device)) // tiles))
+            per = triton.cdiv(k_tiles, want) * bk
+            split = triton.cdiv(k, per)
+            mode = 0 if split == 1 else mode
+            parts = dst if mode == 0 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+            locks = _split_locks(x2.device) if mode == 2 else p.qweight
+            _int_gemv_fast_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, dst, parts, locks, m, n, k,
+                                                  x2.stride(0), p.group_size, per, ldq, lds, CBITS=p.container_bits,
+                                                  ZP=p.symmetric_zero, HAS_ZEROS=p.zeros is not None,
+                                                  SPLIT_MODE=mode, BM=bm, BN=bn, BK=bk, num_warps=warps,
+                                                  num_stages=stages)
+            if mode == 1:
+                sum_splits(parts, dst)
+            return
         if kind == "gemv":
             _, bm, bn, bk, warps, mul = cfg
             tiles = triton.cdiv(n, bn)
@@ -282,9 +403,26 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None) -
         if split > 1:
             sum_splits(target, dst)
 
+    if config is not None:
+        launch(config)
+        return out.view(*lead, n)
     mbucket = triton.next_power_of_2(m) if m <= 64 else (128 if m <= 128 else 256)
     key = ("int", mbucket, n, k, p.bits, p.group_size, p.zeros is not None, p.g_idx is not None, x2.dtype,
            x2.device.type)
-    cfg = tune.pick(key, _candidates(m, n, k, p, x2.device), lambda c: launch(c, torch.empty_like(out2)))
+    ref: list[torch.Tensor] = []
+
+    def agrees(cfg) -> bool:  # a candidate must match the plain kernel on these inputs before it is timed
+        if not ref:
+            ref.append(torch.empty_like(out2))
+            launch(_safe_config(m, p), ref[0])
+        got = torch.empty_like(out2)
+        for _ in range(2):  # twice: the split-K tickets must have re-armed
+            launch(cfg, got)
+            a, b = got.float(), ref[0].float()
+            if not bool(torch.isfinite(a).all()) or float((a - b).norm()) > 1e-2 * float(b.norm()) + 1e-6:
+                return False
+        return True
+
+    cfg = tune.pick(key, _candidates(m, n, k, p, x2.device), lambda c: launch(c, torch.empty_like(out2)), agrees)
     launch(cfg)
     return out.view(*lead, n)

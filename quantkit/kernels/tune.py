@@ -11,6 +11,8 @@ import os
 from typing import Any, Callable, Hashable, Sequence
 
 _CACHE: dict[Hashable, Any] = {}
+_TIMES: dict[Hashable, dict] = {}  # key -> {cfg: ms} of the last search
+_ERRORS: dict[Hashable, list] = {}  # key -> skipped configs and why
 NO_SEARCH = False  # True: take each key's first (default) candidate without timing (quick benchmark passes)
 
 
@@ -34,25 +36,34 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick(key: Hashable, candidates: Sequence[Any], run: Callable[[Any], None]) -> Any:
-    """The fastest of `candidates` for `key` (`run(cfg)` launches the kernel once with cfg)."""
+def pick(key: Hashable, candidates: Sequence[Any], run: Callable[[Any], None],
+         check: Callable[[Any], bool] | None = None) -> Any:
+    """The fastest of `candidates` for `key` (`run(cfg)` launches the kernel once with cfg). `check(cfg)`, when
+    given, must return True before a candidate is timed (a config whose output disagrees is skipped). The
+    measured times are kept in `timings()`."""
     if key in _CACHE:
         return _CACHE[key]
     if interpreting() or NO_SEARCH or len(candidates) == 1:
         _CACHE[key] = candidates[0]
         return candidates[0]
-    best, best_t, errors = None, float("inf"), []
+    best, best_t, errors, times = None, float("inf"), [], {}
     for cfg in candidates:
         try:
+            if check is not None and not check(cfg):
+                errors.append(f"{cfg}: output differs from the reference kernel")
+                continue
             t = time_gpu(lambda: run(cfg), rep=5)
         except Exception as e:  # a config the compiler rejects (shared memory, registers) is just skipped
             errors.append(f"{cfg}: {type(e).__name__}: {e}")
             continue
+        times[cfg] = t
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
         raise RuntimeError(f"no kernel config ran for {key}: " + " | ".join(errors)[:2000])
     _CACHE[key] = best
+    _TIMES[key] = times
+    _ERRORS[key] = errors
     return best
 
 
@@ -72,3 +83,12 @@ def time_gpu(fn: Callable[[], Any], rep: int = 20) -> float:
 
 def chosen() -> dict[Hashable, Any]:
     return dict(_CACHE)
+
+
+def timings() -> dict[Hashable, dict]:
+    """key -> {cfg: ms} measured by `pick` (GPU searches only)."""
+    return dict(_TIMES)
+
+
+def skipped() -> dict[Hashable, list]:
+    return dict(_ERRORS)
