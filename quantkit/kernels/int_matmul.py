@@ -179,8 +179,9 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
 
     Per K-tile: one coalesced [BK/PF, BN] load of packed words; code j of every word is peeled off with a shift and
     turned into fp32 without an int->float convert ((q | 0x4B000000) reinterpreted is 2^23 + q); it multiplies the
-    strided activations x[k0 + w*PF + j]. The exact sum_k q*x is reduced once per tile, then the zero point
-    (via sum_k x) and the group scale are applied to the [BM, BN] partial: sum_k (q - z) s x = s (sum q x - z sum x).
+    strided activations x[k0 + w*PF + j]. The exact per-word sums q*x are formed first, then the zero point (via
+    the matching sums of x) and the group scale are applied once per word row: (q - z) s x summed = s (sum q x -
+    z sum x). The word-row axis is reduced once, after the loop (no per-tile cross-warp reduction).
     SPLIT_MODE 0: no split-K, write out; 1: write fp32 partials [S, M, N] (summed by `_sum_splits_kernel`);
     2: write partials, and the last CTA of each N-tile (atomic ticket in `lock_ptr`) sums them in split order
     (deterministic) into out and re-arms the ticket."""
@@ -194,32 +195,68 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
     offs_w = tl.arange(0, BKW)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
-    for k0 in range(k_start, k_stop, BK):
-        kw = k0 // PF + offs_w
-        w_ok = kw * PF < K
-        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=w_ok[:, None] & n_ok[None, :], other=0)
-        g0 = k0 // group_size
-        s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
-        part = tl.zeros((BM, BKW, BN), dtype=tl.float32)
-        xsum = tl.zeros((BM, BKW), dtype=tl.float32)
-        for j in tl.static_range(PF):
-            kk = kw * PF + j
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
-                         other=0.0).to(tl.float32)
-            bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
-            qf = bits.to(tl.float32, bitcast=True) - 8388608.0
-            part += xj[:, :, None] * qf[None, :, :]
-            xsum += xj
-        dot = tl.sum(part, axis=1)  # [BM, BN]
-        xs = tl.sum(xsum, axis=1)  # [BM]
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
-            acc += (dot - xs[:, None] * z[None, :]) * s[None, :]
-        else:
-            acc += (dot - ZP * xs[:, None]) * s[None, :]
+    if BM == 1:  # plain 2-D tiles for the single-token decode
+        # The scale row is loaded in the packed tile's shape (row stride 0, cache hits) so both loads get the same
+        # register layout and no shared-memory layout conversion happens inside the loop. The next tile's words
+        # and scales are loaded before the current tile is computed (register double-buffering).
+        zero_rows = 0 * offs_w[:, None]
+        kw = k_start // PF + offs_w
+        t_ok = (kw * PF < k_stop)[:, None] & n_ok[None, :]
+        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=t_ok, other=0)
+        s = tl.load(s_ptr + (k_start // group_size) * lds + (offs_n[None, :] + zero_rows), mask=t_ok, other=0)
+        acc2 = tl.zeros((BKW, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BK):
+            kw = k0 // PF + offs_w
+            kwn = kw + BKW
+            n_okt = (kwn * PF < k_stop)[:, None] & n_ok[None, :]
+            packed_next = tl.load(qw_ptr + kwn[:, None] * ldq + offs_n[None, :], mask=n_okt, other=0)
+            s_next = tl.load(s_ptr + ((k0 + BK) // group_size) * lds + (offs_n[None, :] + zero_rows), mask=n_okt,
+                             other=0)
+            part = tl.zeros((BKW, BN), dtype=tl.float32)
+            xsum = tl.zeros((BKW,), dtype=tl.float32)
+            for j in tl.static_range(PF):
+                kk = kw * PF + j
+                xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
+                qf = bits.to(tl.float32, bitcast=True) - 8388608.0
+                part += xj[:, None] * qf
+                xsum += xj
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + (k0 // group_size) * lds + (offs_n[None, :] + zero_rows),
+                            mask=(kw * PF < K)[:, None] & n_ok[None, :], other=0).to(tl.float32)
+                acc2 += (part - xsum[:, None] * z) * s.to(tl.float32)
+            else:
+                acc2 += (part - ZP * xsum[:, None]) * s.to(tl.float32)
+            packed = packed_next
+            s = s_next
+        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
+    else:
+        acc3 = tl.zeros((BM, BKW, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BK):
+            kw = k0 // PF + offs_w
+            w_ok = kw * PF < K
+            packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=w_ok[:, None] & n_ok[None, :],
+                             other=0)
+            g0 = k0 // group_size
+            s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            part = tl.zeros((BM, BKW, BN), dtype=tl.float32)
+            xsum = tl.zeros((BM, BKW), dtype=tl.float32)
+            for j in tl.static_range(PF):
+                kk = kw * PF + j
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
+                qf = bits.to(tl.float32, bitcast=True) - 8388608.0
+                part += xj[:, :, None] * qf[None, :, :]
+                xsum += xj
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+                acc3 += (part - xsum[:, :, None] * z[None, None, :]) * s[None, None, :]
+            else:
+                acc3 += (part - ZP * xsum[:, :, None]) * s[None, None, :]
+        acc = tl.sum(acc3, axis=1)  # [BM, BN]
     omask = m_ok[:, None] & n_ok[None, :]
     o_offs = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_MODE == 0:
