@@ -194,69 +194,50 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
     n_ok = offs_n < N
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
-    offs_w = tl.arange(0, BKW)
+    # Rows of every 2-D tile are (m, w) pairs: R = BM * BKW rows, row r is activation row r // BKW and packed word
+    # row r % BKW, so each batch row multiplies its own copy of the word tile (the copies are L1 hits).
+    R: tl.constexpr = BM * BKW
+    offs_r = tl.arange(0, R)
+    r_w = offs_r % BKW
+    r_m = offs_r // BKW
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
-    if BM == 1:  # plain 2-D tiles for the single-token decode
-        # The scale row is loaded in the packed tile's shape (row stride 0, cache hits) so both loads get the same
-        # register layout and no shared-memory layout conversion happens inside the loop. The next tile's words
-        # and scales are loaded before the current tile is computed (register double-buffering).
-        zero_rows = 0 * offs_w[:, None]
-        kw = k_start // PF + offs_w
-        t_ok = (kw * PF < k_stop)[:, None] & n_ok[None, :]
-        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=t_ok, other=0)
-        s = tl.load(s_ptr + (k_start // group_size) * lds + (offs_n[None, :] + zero_rows), mask=t_ok, other=0)
-        acc2 = tl.zeros((BKW, BN), dtype=tl.float32)
-        for k0 in range(k_start, k_stop, BK):
-            kw = k0 // PF + offs_w
-            kwn = kw + BKW
-            n_okt = (kwn * PF < k_stop)[:, None] & n_ok[None, :]
-            packed_next = tl.load(qw_ptr + kwn[:, None] * ldq + offs_n[None, :], mask=n_okt, other=0)
-            s_next = tl.load(s_ptr + ((k0 + BK) // group_size) * lds + (offs_n[None, :] + zero_rows), mask=n_okt,
-                             other=0)
-            part = tl.zeros((BKW, BN), dtype=tl.float32)
-            xsum = tl.zeros((BKW,), dtype=tl.float32)
-            for j in tl.static_range(PF):
-                kk = kw * PF + j
-                xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
-                qf = bits.to(tl.float32, bitcast=True) - 8388608.0
-                part += xj[:, None] * qf
-                xsum += xj
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + (k0 // group_size) * lds + (offs_n[None, :] + zero_rows),
-                            mask=(kw * PF < K)[:, None] & n_ok[None, :], other=0).to(tl.float32)
-                acc2 += (part - xsum[:, None] * z) * s.to(tl.float32)
-            else:
-                acc2 += (part - ZP * xsum[:, None]) * s.to(tl.float32)
-            packed = packed_next
-            s = s_next
-        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
-    else:
-        acc3 = tl.zeros((BM, BKW, BN), dtype=tl.float32)
-        for k0 in range(k_start, k_stop, BK):
-            kw = k0 // PF + offs_w
-            w_ok = kw * PF < K
-            packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=w_ok[:, None] & n_ok[None, :],
-                             other=0)
-            g0 = k0 // group_size
-            s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
-            part = tl.zeros((BM, BKW, BN), dtype=tl.float32)
-            xsum = tl.zeros((BM, BKW), dtype=tl.float32)
-            for j in tl.static_range(PF):
-                kk = kw * PF + j
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
-                qf = bits.to(tl.float32, bitcast=True) - 8388608.0
-                part += xj[:, :, None] * qf[None, :, :]
-                xsum += xj
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
-                acc3 += (part - xsum[:, :, None] * z[None, None, :]) * s[None, None, :]
-            else:
-                acc3 += (part - ZP * xsum[:, :, None]) * s[None, None, :]
-        acc = tl.sum(acc3, axis=1)  # [BM, BN]
+    # The scale row is loaded in the packed tile's shape (row stride 0, cache hits) so both loads get the same
+    # register layout and no shared-memory layout conversion happens inside the loop. The next tile's words
+    # and scales are loaded before the current tile is computed (register double-buffering).
+    zero_rows = 0 * offs_r[:, None]
+    kw = k_start // PF + r_w
+    t_ok = (kw * PF < k_stop)[:, None] & n_ok[None, :]
+    packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=t_ok, other=0)
+    s = tl.load(s_ptr + (k_start // group_size) * lds + (offs_n[None, :] + zero_rows), mask=t_ok, other=0)
+    x_row = x_ptr + r_m * stride_xm
+    x_ok = r_m < M
+    acc2 = tl.zeros((R, BN), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BK):
+        kw = k0 // PF + r_w
+        kwn = kw + BKW
+        n_okt = (kwn * PF < k_stop)[:, None] & n_ok[None, :]
+        packed_next = tl.load(qw_ptr + kwn[:, None] * ldq + offs_n[None, :], mask=n_okt, other=0)
+        s_next = tl.load(s_ptr + ((k0 + BK) // group_size) * lds + (offs_n[None, :] + zero_rows), mask=n_okt,
+                         other=0)
+        part = tl.zeros((R, BN), dtype=tl.float32)
+        xsum = tl.zeros((R,), dtype=tl.float32)
+        for j in tl.static_range(PF):
+            kk = kw * PF + j
+            xj = tl.load(x_row + kk, mask=x_ok & (kk < K), other=0.0).to(tl.float32)
+            bits = ((packed >> (j * CBITS)) & MASKQ) | 0x4B000000
+            qf = bits.to(tl.float32, bitcast=True) - 8388608.0
+            part += xj[:, None] * qf
+            xsum += xj
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + (k0 // group_size) * lds + (offs_n[None, :] + zero_rows),
+                        mask=(kw * PF < K)[:, None] & n_ok[None, :], other=0).to(tl.float32)
+            acc2 += (part - xsum[:, None] * z) * s.to(tl.float32)
+        else:
+            acc2 += (part - ZP * xsum[:, None]) * s.to(tl.float32)
+        packed = packed_next
+        s = s_next
+    acc = tl.sum(tl.reshape(acc2, (BM, BKW, BN)), axis=1)  # [BM, BN]
     omask = m_ok[:, None] & n_ok[None, :]
     o_offs = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_MODE == 0:
@@ -318,9 +299,11 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
     if m <= 8:
         bm = triton.next_power_of_2(m)
         pf = p.pack_factor
+        # register budget: the [BM * BK/PF, BN] tiles (words, next words, partial, accumulator) fit without spills
+        # up to 4096 elements at 4 warps (checked with ptxas for sm_90)
         fast_tiles = [(bn, bk, w) for bn, bk, w in ((128, 128, 4), (256, 128, 4), (64, 128, 4), (256, 64, 4),
-                                                    (128, 64, 4), (128, 32, 4))
-                      if _fast_ok(p, bk) and bm * (bk // pf) * bn <= 4096 * w][:4]
+                                                    (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 32, 4))
+                      if _fast_ok(p, bk) and bm * (bk // pf) * bn <= 1024 * w][:4]
         if tune.interpreting():
             bks = [bk for bk in (128, 64, 32) if _fast_ok(p, bk)]
             return [("fast", bm, 32, bks[0], 4, 3, 4, 2)] if bks else [("gemv", bm, 32, 32, 4, 1)]
