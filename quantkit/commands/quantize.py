@@ -144,6 +144,8 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
         return
     if output is None:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
+    if not 0 < damp <= 1:
+        raise click.UsageError(f"--damp {damp}: expected a fraction of the mean Hessian diagonal in (0, 1]")
     _device_check(device)
     result = run_quantize(ckpt, plan, output, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                           seed=seed, device=device, damp=damp, block_size=block_size, imatrix_out=imatrix_out,
