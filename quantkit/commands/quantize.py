@@ -19,7 +19,7 @@ def model_options(f):
     """The options `plan` and `quantize` share (what to produce)."""
     options = [
         click.argument("model"),
-        click.option("--preset", default=None, help="Integer scheme preset (default w4a16-g128): w8a16, w4a16-g128, "
+        click.option("--preset", default=None, help="Integer scheme preset (default w4a16-g128; w4a16-g128-asym with --method awq): w8a16, w4a16-g128, "
                      "w4a16-g128-asym, w4a16-g32, ... (see quantkit/quant/scheme.py)."),
         click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
                      help="rtn: round to nearest (no data); gptq / awq: calibration-driven."),

@@ -278,7 +278,8 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
         if gguf_type:
             raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
         _check_formats(formats)
-        targets = _int_targets(config, preset or "w4a16-g128", list(overrides), act_order)
+        preset = preset or ("w4a16-g128-asym" if method == "awq" else "w4a16-g128")  # AWQ's usual zero-point scheme
+        targets = _int_targets(config, preset, list(overrides), act_order)
         for scheme in {t for t in targets.values() if isinstance(t, Scheme)}:
             _check_format_schemes(formats, scheme)
             if method == "awq" and scheme.act_order:
@@ -300,7 +301,7 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
         else:
             bytes_out = numel * 2
         entries.append(PlanEntry(name, shape, dtype, target, bytes_in, bytes_out))
-    plan = Plan(config, entries, method, formats, None if gguf else (preset or "w4a16-g128"), gguf_type,
+    plan = Plan(config, entries, method, formats, None if gguf else preset, gguf_type,
                 list(overrides), device=device,
                 calibration={"n_samples": n_samples, "seqlen": seqlen} if method != "rtn" or has_imatrix else {})
     src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
