@@ -186,3 +186,27 @@ def test_every_gemv_variant_equals_reference(m, n, k, bits, group, sym, act, sca
             assert not torch.isnan(got).any(), cfg
             assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), cfg
     assert int(_split_locks(torch.device(DEVICE)).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,k,group,sym,dtype", [(19, 37, 128, 128, True, torch.float16),
+                                                   (17, 50, 64, 32, False, torch.float32),
+                                                   (40, 72, 256, 64, True, torch.bfloat16),
+                                                   (3, 40, 128, 64, False, torch.float16)])
+def test_joined_unpack_w4_gemm_equals_reference(m, n, k, group, sym, dtype):
+    """The W4 tensor-core GEMM that loads each packed word once and joins its 8 codes (K order permuted in
+    both operands), with and without split-K."""
+    from quantkit.kernels.int_matmul import _w4_ok, int_matmul
+
+    qt = random_quant_tensor(n, k, 4, group, sym)
+    p = pack_quant_tensor(qt).to(DEVICE)
+    for bk in (32, 64):
+        assert _w4_ok(p, bk) == (group % bk == 0)
+        if not _w4_ok(p, bk):
+            continue
+        for mul in (0, 1):
+            x = torch.randn(m, k, device=DEVICE).to(dtype)
+            out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+            got = int_matmul(x, p, out=out, config=("gemm4", 16, 32, bk, 4, 2, mul))
+            ref = int_matmul_ref(x, p)
+            assert not torch.isnan(got).any()
+            assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), (bk, mul)

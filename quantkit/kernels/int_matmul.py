@@ -257,6 +257,73 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
 
 
 @triton.jit
+def _int_gemm_w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+                        M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
+                        ZP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_OUT: tl.constexpr, UPCAST: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tensor-core GEMM for 4-bit codes, contiguous groups, group_size % BK == 0. Each packed word is loaded
+    once ([BK/8, BN] per tile instead of a [BK, BN] gather); its 8 codes are joined into a [BK, BN] tile whose
+    row order is j * BK/8 + w (code j of word row w), and the activations are loaded in that same K order (a dot
+    product does not care about the order of K as long as both operands agree)."""
+    BKW: tl.constexpr = BK // 8
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    c = tl.arange(0, BK)
+    c_k = (c % BKW) * 8 + c // BKW  # tile column c holds input row k0 + c_k
+    offs_w = tl.arange(0, BKW)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        kx = k0 + c_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx[None, :], mask=m_ok[:, None] & (kx < K)[None, :],
+                    other=0.0)
+        kw = k0 // 8 + offs_w
+        packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=(kw * 8 < K)[:, None] & n_ok[None, :],
+                         other=0)
+        q0 = packed & 15
+        q1 = (packed >> 4) & 15
+        q2 = (packed >> 8) & 15
+        q3 = (packed >> 12) & 15
+        q4 = (packed >> 16) & 15
+        q5 = (packed >> 20) & 15
+        q6 = (packed >> 24) & 15
+        q7 = (packed >> 28) & 15
+        # [BKW, BN, 2(bit2), 2(bit1), 2(bit0)] -> [8, BKW, BN] in j order -> [BK, BN]
+        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+        q = tl.reshape(tl.permute(q, (2, 3, 4, 0, 1)), (BK, BN))
+        g0 = k0 // group_size
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            w = q.to(tl.float32) - z[None, :]
+        else:
+            w = (q - ZP).to(tl.float32)
+        if UPCAST:
+            part = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            part = tl.dot(x, w.to(x.dtype))
+        s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+        acc += part * s[None, :]
+    omask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_OUT:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=omask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
@@ -315,6 +382,7 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
                 for mul in (1, 2):
                     cands.append(("gemv", bm, bn, bk, warps, mul))
         cands += [("gemm", 16, 64, 128, 4, 4, 1), ("gemm", 16, 128, 64, 4, 4, 1)]
+        cands += [c for c in (("gemm4", 16, 64, 128, 4, 4, 1), ("gemm4", 16, 128, 64, 4, 4, 1)) if _w4_ok(p, c[3])]
         return cands
     if tune.interpreting():
         return [("gemm", 16, 32, 32, 4, 1, 1)]
@@ -322,10 +390,19 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         cands += [("gemm", bm, 64, 128, 4, 4, 1), ("gemm", bm, 128, 64, 4, 4, 1), ("gemm", bm, 128, 128, 8, 3, 1),
                   ("gemm", bm, 256, 64, 8, 3, 1), ("gemm", bm, 64, 64, 4, 5, 1)]
+        w4 = [("gemm4", bm, 64, 128, 4, 4, 1), ("gemm4", bm, 128, 64, 4, 4, 1), ("gemm4", bm, 128, 128, 8, 3, 1),
+              ("gemm4", bm, 256, 64, 8, 3, 1), ("gemm4", bm, 128, 128, 4, 4, 0)]
     else:
         cands += [("gemm", 128, 128, 64, 8, 3, 0), ("gemm", 128, 256, 64, 8, 3, 0), ("gemm", 64, 128, 64, 4, 4, 0),
                   ("gemm", 128, 128, 32, 4, 4, 0), ("gemm", 64, 256, 64, 8, 3, 0), ("gemm", 128, 64, 128, 8, 3, 0)]
-    return cands
+        w4 = [("gemm4", 128, 128, 64, 8, 3, 0), ("gemm4", 128, 128, 64, 8, 4, 0), ("gemm4", 64, 128, 64, 4, 4, 0),
+              ("gemm4", 128, 128, 128, 8, 3, 0), ("gemm4", 64, 256, 64, 8, 3, 0), ("gemm4", 128, 64, 64, 4, 4, 0)]
+    return cands + [c for c in w4 if _w4_ok(p, c[3])]
+
+
+def _w4_ok(p: PackedInt, bk: int) -> bool:
+    """The joined-unpack W4 GEMM: 4-bit words, contiguous groups that are whole multiples of its K-tile."""
+    return p.container_bits == 4 and p.g_idx is None and p.group_size % bk == 0
 
 
 def _safe_config(m: int, p: PackedInt) -> tuple:
@@ -395,6 +472,18 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, c
                                                   num_stages=stages)
             if mode == 1:
                 sum_splits(parts, dst)
+            return
+        if kind == "gemm4":
+            _, bm, bn, bk, warps, stages, mul = cfg
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            split, per = _split_for(tiles, k, bk, x2.device, 1 if mul == 0 else None)
+            target = dst if split == 1 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+            _int_gemm_w4_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, target, m, n, k, x2.stride(0),
+                                                p.group_size, per, ldq, lds, ZP=p.symmetric_zero,
+                                                HAS_ZEROS=p.zeros is not None, SPLIT_OUT=split > 1, UPCAST=upcast,
+                                                BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            if split > 1:
+                sum_splits(target, dst)
             return
         if kind == "gemv":
             _, bm, bn, bk, warps, mul = cfg
