@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gguf_quality")
     ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
     ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (both tools)")
+    ap.add_argument("--qk-windows", type=int, default=16, help="windows for quantkit's own eval (CPU-bound)")
     ap.add_argument("--skip-gptq", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
@@ -131,7 +132,7 @@ def main() -> None:
         out = run_perplexity(perplexity, path, eval_txt, ctx=CTX, chunks=args.chunks, kld_base_in=base)
         lc = parse_kld_summary(out)
         qk = compare_models(ref_fn, logits_fn_for(path), ids, convention="llamacpp", ctx=CTX, progress=False,
-                            max_windows=args.chunks)
+                            max_windows=args.qk_windows)
         results[key] = {"label": label, "file": path.name, "bytes": path.stat().st_size, "llamacpp": lc,
                         "quantkit": {"kld_mean": qk["kld"]["mean"], "kld_p99": qk["kld"]["p99"],
                                      "same_top_pct": 100 * qk["same_top"]["fraction"],
@@ -139,9 +140,9 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         print(f"  evaluated {label}", file=sys.stderr)
 
-    print(f"\nmistral-nano, eval: pride-and-prejudice (first 200k chars), {args.chunks} chunks x {CTX} tokens "
-          f"(KLD on the second half of each chunk); calibration: the-hound-of-the-baskervilles, "
-          f"{args.calib_chunks} x {CTX} tokens for every imatrix / GPTQ run.\n")
+    print(f"\nmistral-nano, eval: pride-and-prejudice (first 200k chars), llama.cpp {args.chunks} chunks / quantkit "
+          f"{args.qk_windows} windows x {CTX} tokens (KLD on the second half of each); calibration: "
+          f"the-hound-of-the-baskervilles, {args.calib_chunks} x {CTX} tokens for every imatrix / GPTQ run.\n")
     print("| variant | size (bytes) | llama.cpp mean KLD | llama.cpp same top % | llama.cpp PPL | quantkit mean KLD "
           "| quantkit same top % | quantkit PPL |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
