@@ -1,12 +1,23 @@
 """Triton W2/W4/W8 group-quantized matmul with fused dequantization: `y = x @ dequant(W)^T`.
 
-Two kernels over the `PackedInt` layout (kernels/pack.py), fp32 accumulation, output in x's dtype:
+Kernels over the `PackedInt` layout (kernels/pack.py), fp32 accumulation, output in x's dtype:
+  - `_int_gemv_fast_kernel`: batch 1-8 decode when groups are contiguous multiples of the K-tile (the common
+    GPTQ/AWQ/RTN case). One coalesced, vectorised load of [BK/PF, BN] packed words per tile (next tile prefetched
+    into registers), codes peeled off with shift/mask and turned into fp32 with the 2^23 magic number (no
+    int->float converts), zero point and group scale applied once per word row, no shared memory in the loop.
+    Split-K partials are reduced either by `_sum_splits_kernel` or inside the kernel by the last CTA of each
+    N-tile (atomic ticket, summed in split order: deterministic, one launch).
+  - `_int_gemv_kernel`: the plain batch 1-8 kernel (any group layout, g_idx gathers); also the reference the
+    tuned candidates are checked against.
   - `_int_gemm_kernel`: tensor-core tiles (`tl.dot`) for prefill / batched decode; optional split-K.
     When a K-tile lies inside one group (group_size % BLOCK_K == 0, contiguous groups) the tile is multiplied
     as exact integers (q - z) and the group scale is applied to the [BM, BN] partial product afterwards.
-  - `_int_gemv_kernel`: batch 1-8 decode, no tensor cores: broadcast-multiply-reduce, split-K over many CTAs
-    so the weight stream keeps all SMs busy (the memory-bound case).
-Split-K partials (fp32 [S, M, N]) are summed by `_sum_splits_kernel` (deterministic, no atomics).
+  - `_int_gemm_w4_kernel`: the same for 4-bit codes, loading each packed word once and joining its 8 codes
+    (K order permuted identically in both operands) instead of gathering a [BK, BN] word tile.
+`int_matmul` times the candidate configs of every kernel once per (batch bucket, shape, scheme) on the GPU
+(`tune.pick`, CUDA-graph timing), after checking each candidate's output against the plain kernel.
+Split-K partials (fp32 [S, M, N]) are summed by `_sum_splits_kernel` (deterministic, no atomics) or by the
+ticket reduction above (the tickets are per-device and assume one stream runs these kernels at a time).
 Reference: `quantkit.kernels.pack.int_matmul_ref` — `(x[:, perm].float() @ dequant_packed(p)).to(x.dtype)`.
 """
 

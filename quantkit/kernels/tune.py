@@ -1,8 +1,9 @@
 """Tiny launch-config picker shared by the kernels.
 
 On a GPU the first call for a key times each candidate config (CUDA-graph replay, so Python launch overhead does
-not hide the kernel time) and remembers the fastest (configs that fail to compile are skipped); under TRITON_INTERPRET=1 (CPU tests) the first candidate
-is used without timing. Picking must happen before CUDA-graph capture (the runtime warms up first).
+not hide the kernel time) and remembers the fastest (configs that fail to compile, or whose output disagrees
+with a reference kernel when the caller passes a check, are skipped; the timings are kept for reports); under
+TRITON_INTERPRET=1 (CPU tests) the first candidate is used without timing. Picking must happen before CUDA-graph capture (the runtime warms up first).
 """
 
 from __future__ import annotations
