@@ -210,3 +210,27 @@ def test_joined_unpack_w4_gemm_equals_reference(m, n, k, group, sym, dtype):
             ref = int_matmul_ref(x, p)
             assert not torch.isnan(got).any()
             assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), (bk, mul)
+
+
+def test_tune_pick_skips_candidates_that_disagree_or_fail(monkeypatch):
+    """The GPU search (timing stubbed out here) never picks a config whose output is wrong or that fails, keeps
+    the timings, and reports why each skipped config was skipped."""
+    from quantkit.kernels import tune
+
+    fake_ms = {"wrong-but-fast": 0.1, "ok-slow": 0.9, "ok-fast": 0.5, "broken": 0.01}
+    monkeypatch.setattr(tune, "interpreting", lambda: False)
+    monkeypatch.setattr(tune, "time_gpu", lambda fn, rep=20: (fn(), fake_ms[last[0]])[1])
+    last = [None]
+
+    def run(cfg):
+        last[0] = cfg
+        if cfg == "broken":
+            raise RuntimeError("out of resources")
+
+    key = ("test-pick", object())
+    best = tune.pick(key, list(fake_ms), run, check=lambda cfg: cfg != "wrong-but-fast")
+    assert best == "ok-fast"
+    assert set(tune.timings()[key]) == {"ok-slow", "ok-fast"}
+    reasons = " ".join(tune.skipped()[key])
+    assert "wrong-but-fast" in reasons and "differs" in reasons and "out of resources" in reasons
+    assert tune.pick(key, ["ok-slow"], run) == "ok-fast"  # cached
