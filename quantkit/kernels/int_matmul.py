@@ -186,7 +186,7 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
                           M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
                           CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_MODE: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Batch 1-8 decode, contiguous groups with group_size % BK == 0 (one group per K-tile).
+    """Batch 1-8 decode, contiguous groups that hold whole packed words (group_size % PF == 0).
 
     Per K-tile: one coalesced [BK/PF, BN] load of packed words; code j of every word is peeled off with a shift and
     turned into fp32 without an int->float convert ((q | 0x4B000000) reinterpreted is 2^23 + q); it multiplies the
@@ -213,14 +213,14 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
     r_m = offs_r // BKW
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
-    # The scale row is loaded in the packed tile's shape (row stride 0, cache hits) so both loads get the same
-    # register layout and no shared-memory layout conversion happens inside the loop. The next tile's words
-    # and scales are loaded before the current tile is computed (register double-buffering).
-    zero_rows = 0 * offs_r[:, None]
+    # Every word row lies inside one group (group_size % PF == 0), so the scales are loaded per word row in the
+    # packed tile's shape (rows of one group are the same addresses: cache hits); both loads get the same register
+    # layout and no shared-memory layout conversion happens inside the loop. The next tile's words and scales
+    # are loaded before the current tile is computed (register double-buffering).
     kw = k_start // PF + r_w
     t_ok = (kw * PF < k_stop)[:, None] & n_ok[None, :]
     packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=t_ok, other=0)
-    s = tl.load(s_ptr + (k_start // group_size) * lds + (offs_n[None, :] + zero_rows), mask=t_ok, other=0)
+    s = tl.load(s_ptr + ((kw * PF) // group_size)[:, None] * lds + offs_n[None, :], mask=t_ok, other=0)
     x_row = x_ptr + r_m * stride_xm
     x_ok = r_m < M
     acc2 = tl.zeros((R, BN), dtype=tl.float32)
@@ -229,8 +229,7 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
         kwn = kw + BKW
         n_okt = (kwn * PF < k_stop)[:, None] & n_ok[None, :]
         packed_next = tl.load(qw_ptr + kwn[:, None] * ldq + offs_n[None, :], mask=n_okt, other=0)
-        s_next = tl.load(s_ptr + ((k0 + BK) // group_size) * lds + (offs_n[None, :] + zero_rows), mask=n_okt,
-                         other=0)
+        s_next = tl.load(s_ptr + ((kwn * PF) // group_size)[:, None] * lds + offs_n[None, :], mask=n_okt, other=0)
         part = tl.zeros((R, BN), dtype=tl.float32)
         xsum = tl.zeros((R,), dtype=tl.float32)
         for j in tl.static_range(PF):
@@ -241,7 +240,7 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
             part += xj[:, None] * qf
             xsum += xj
         if HAS_ZEROS:
-            z = tl.load(z_ptr + (k0 // group_size) * lds + (offs_n[None, :] + zero_rows),
+            z = tl.load(z_ptr + ((kw * PF) // group_size)[:, None] * lds + offs_n[None, :],
                         mask=(kw * PF < K)[:, None] & n_ok[None, :], other=0).to(tl.float32)
             acc2 += (part - xsum[:, None] * z) * s.to(tl.float32)
         else:
@@ -365,8 +364,8 @@ def _split_for(tiles: int, k: int, bk: int, device, want: int | None = None) -> 
 
 
 def _fast_ok(p: PackedInt, bk: int) -> bool:
-    """The fast GEMV handles contiguous groups that are whole multiples of its K-tile."""
-    return p.g_idx is None and p.group_size % bk == 0 and bk % p.pack_factor == 0
+    """The fast GEMV handles contiguous groups that hold whole packed words (any K-tile of whole words)."""
+    return p.g_idx is None and p.group_size % p.pack_factor == 0 and bk % p.pack_factor == 0
 
 
 def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
