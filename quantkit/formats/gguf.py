@@ -40,7 +40,8 @@ class GGUFFormat:
         extra = imatrix_kvs(options.extra.get("importance_meta"))
         extra += [(f"quantkit.{k}", "STRING", str(v)) for k, v in options.provenance.items()]
         return GGUFFileWriter(out, config, types, ftype=ftype, vocab=vocab, name=display_name(Path(source_dir).name),
-                              extra_kvs=extra, importance=options.extra.get("importance"), force=options.force)
+                              extra_kvs=extra, importance=options.extra.get("importance"), force=options.force,
+                              model_dir=source_dir)
 
     def detect(self, path: Path) -> bool:
         path = Path(path)

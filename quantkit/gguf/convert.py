@@ -52,7 +52,7 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
         extra.append((f"quantkit.{key}", "STRING", str(value)))
     writer = GGUFFileWriter(out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt),
                             name=name or display_name(ckpt.path.name), extra_kvs=extra, importance=importance,
-                            force=force, progress=progress)
+                            force=force, progress=progress, model_dir=ckpt.path)
     from concurrent.futures import ThreadPoolExecutor
 
     names = list(types)

@@ -60,14 +60,15 @@ def display_name(source_name: str) -> str:
                     else w for w in source_name.strip().replace("-", " ").split())
 
 
-def model_kvs(config: ModelConfig, file_type: int, name: str | None) -> list[tuple[str, str, Any]]:
-    """The general.* and llama.* KVs of llama.cpp's converter, in its order."""
+def model_kvs(config: ModelConfig, file_type: int, name: str | None, describe: bool = True) -> list[tuple[str, str, Any]]:
+    """The general.* and llama.* KVs of llama.cpp's converter, in its order (`describe`: name and size label)."""
     prefix = config.arch.gguf_arch
     kvs: list[tuple[str, str, Any]] = [("general.type", "STRING", "model")]
-    if name:
+    if describe and name:
         kvs.append(("general.name", "STRING", name))
+    if describe:
+        kvs.append(("general.size_label", "STRING", _size_label(config.num_parameters())))
     kvs += [
-        ("general.size_label", "STRING", _size_label(config.num_parameters())),
         (f"{prefix}.block_count", "UINT32", config.num_hidden_layers),
         (f"{prefix}.context_length", "UINT32", config.max_position_embeddings),
         (f"{prefix}.embedding_length", "UINT32", config.hidden_size),
@@ -84,6 +85,21 @@ def model_kvs(config: ModelConfig, file_type: int, name: str | None) -> list[tup
         ("general.quantization_version", "UINT32", QUANTIZATION_VERSION),
     ]
     return kvs
+
+
+def _model_card_metadata(model_dir, name: str | None, quantized_by: str, config: ModelConfig):
+    """general.* from the source's model card (README.md front matter) exactly as llama.cpp's converter reads it
+    (the `gguf` package's own `Metadata.load`)."""
+    from gguf.metadata import Metadata
+
+    n_params = config.num_parameters()
+    meta = Metadata.load(None, Path(model_dir), None, n_params)
+    if meta.name is None and name:
+        meta.name = name
+    if meta.size_label is None:
+        meta.size_label = _size_label(n_params)
+    meta.quantized_by = quantized_by
+    return meta
 
 
 def _add_kv(w: GGUFWriter, key: str, vtype: str, value: Any) -> None:
@@ -110,7 +126,7 @@ class GGUFFileWriter:
     def __init__(self, out: str | Path, config: ModelConfig, types: dict[str, str], *, ftype: str,
                  vocab: GGUFVocab | None = None, name: str | None = None, quantized_by: str = "quantkit",
                  extra_kvs: list[tuple[str, str, Any]] = (), importance: dict[str, torch.Tensor] | None = None,
-                 force: bool = False, progress: bool = True):
+                 force: bool = False, progress: bool = True, model_dir: str | Path | None = None):
         self.out = check_output_path(out, force)
         self.config = config
         self.importance = importance or {}
@@ -136,9 +152,14 @@ class GGUFFileWriter:
         self.tmp = Path(tmp)
         try:
             w = GGUFWriter(None, config.arch.gguf_arch)
-            kvs = model_kvs(config, get_file_type(ftype).llama_ftype, name)
-            kvs.insert(2 if name else 1, ("general.quantized_by", "STRING", quantized_by))
-            for key, vtype, value in kvs:
+            meta = _model_card_metadata(model_dir, name, quantized_by, config) if model_dir else None
+            kvs = model_kvs(config, get_file_type(ftype).llama_ftype, name, describe=meta is None)
+            if meta is None:
+                kvs.insert(2 if name else 1, ("general.quantized_by", "STRING", quantized_by))
+            _add_kv(w, *kvs[0])
+            if meta is not None:
+                meta.set_gguf_meta_model(w)  # general.name, size_label, license, tags, languages, ... (model card)
+            for key, vtype, value in kvs[1:]:
                 _add_kv(w, key, vtype, value)
             for key, vtype, value in (vocab.kvs() if vocab else []):
                 _add_kv(w, key, vtype, value)
