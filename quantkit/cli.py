@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 import click
@@ -64,7 +65,13 @@ def cli() -> None:
     """
 
 
+def _terminate(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so every atomic output removes its temporary file before the process ends."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except click.exceptions.Abort:
