@@ -270,9 +270,10 @@ class GPTQ:
             if d * 10 > max_damp * (1 + 1e-9):
                 raise HessianError(f"{name}: the Hessian is not positive definite even with damp {d:g} × mean "
                                    "diagonal (fp64); the calibration inputs are degenerate")
-            warnings.warn(f"{name}: Hessian not positive definite with damp {d:g}; retrying with {d * 10:g}",
+            nxt = d * 10 if d > 0 else 1e-4  # a zero damp cannot grow by multiplication
+            warnings.warn(f"{name}: Hessian not positive definite with damp {d:g}; retrying with {nxt:g}",
                           stacklevel=3)
-            d *= 10
+            d = nxt
             retries += 1
 
 
