@@ -120,10 +120,8 @@ def make_random_checkpoint(
     if layout == "consolidated":
         cons = {}
         for name, t in state.items():
-            if name.endswith("self_attn.q_proj.weight"):
-                t = arch.hf_to_interleaved(t, heads)
-            elif name.endswith("self_attn.k_proj.weight"):
-                t = arch.hf_to_interleaved(t, kv_heads)
+            if config.rope_heads(name):
+                t = arch.hf_to_interleaved(t, config.rope_heads(name))
             cons[arch.to_consolidated(name)] = t.contiguous()
         save_file(cons, str(directory / "consolidated.safetensors"), metadata=meta)
         (directory / "params.json").write_text(json.dumps(config.to_params_dict(), indent=2) + "\n")

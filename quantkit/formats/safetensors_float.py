@@ -57,10 +57,9 @@ class FloatWriter:
                                   f"(got {type(tensor).__name__}); dequantize first or choose a quantized format")
             t = tensor.to(self.dtype)
             if self.layout == "consolidated":
-                if name.endswith("self_attn.q_proj.weight"):
-                    t = arch.hf_to_interleaved(t, self.config.num_attention_heads)
-                elif name.endswith("self_attn.k_proj.weight"):
-                    t = arch.hf_to_interleaved(t, self.config.num_key_value_heads)
+                heads = self.config.rope_heads(name)
+                if heads:
+                    t = arch.hf_to_interleaved(t, heads)
                 try:
                     name = arch.to_consolidated(name)
                 except KeyError:

@@ -162,7 +162,11 @@ def data_bytes(config: ModelConfig, types: dict[str, str], alignment: int = 32) 
 
 
 def tensor_nbytes(shape: tuple[int, ...], type_name: str) -> int:
-    blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    """Bytes of a tensor of `shape` (numpy order) stored as ggml type `type_name`."""
+    try:
+        blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    except KeyError:
+        raise SchemeError(f"unknown ggml type {type_name!r}") from None
     rows = 1
     for d in shape[:-1]:
         rows *= d

@@ -258,11 +258,8 @@ def config_from_kv(kv: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path:
 
 def unpermute_rows(name: str, rows: np.ndarray | torch.Tensor, config: ModelConfig):
     """GGUF -> HF row order for q_proj / k_proj."""
-    if name.endswith("self_attn.q_proj.weight"):
-        heads = config.num_attention_heads
-    elif name.endswith("self_attn.k_proj.weight"):
-        heads = config.num_key_value_heads
-    else:
+    heads = config.rope_heads(name)
+    if not heads:
         return rows
     if isinstance(rows, np.ndarray):
         return arch.interleaved_to_hf(torch.from_numpy(rows), heads).numpy()

@@ -111,11 +111,8 @@ def _add_kv(w: GGUFWriter, key: str, vtype: str, value: Any) -> None:
 
 def permute_rows_for_gguf(name: str, rows: np.ndarray, config: ModelConfig) -> np.ndarray:
     """HF -> GGUF row order for q_proj / k_proj (any per-row data: floats or ggml block bytes)."""
-    if name.endswith("self_attn.q_proj.weight"):
-        heads = config.num_attention_heads
-    elif name.endswith("self_attn.k_proj.weight"):
-        heads = config.num_key_value_heads
-    else:
+    heads = config.rope_heads(name)
+    if not heads:
         return rows
     return arch.hf_to_interleaved(torch.from_numpy(rows), heads).numpy()
 

@@ -146,11 +146,9 @@ class Checkpoint:
                 t = f.get_tensor(info.stored_name)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {info.stored_name!r} ({e})") from None
-        if self.layout == "consolidated":
-            if name.endswith("self_attn.q_proj.weight"):
-                t = arch.interleaved_to_hf(t, self.config.num_attention_heads)
-            elif name.endswith("self_attn.k_proj.weight"):
-                t = arch.interleaved_to_hf(t, self.config.num_key_value_heads)
+        heads = self.config.rope_heads(name)
+        if self.layout == "consolidated" and heads:
+            t = arch.interleaved_to_hf(t, heads)
         return t
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:

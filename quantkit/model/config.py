@@ -60,6 +60,15 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def rope_heads(self, name: str) -> int | None:
+        """Head count of a Q or K projection (whose rotary rows the HF <-> GGUF/consolidated permutation moves
+        within each head), or None for every other tensor."""
+        if name.endswith("self_attn.q_proj.weight"):
+            return self.num_attention_heads
+        if name.endswith("self_attn.k_proj.weight"):
+            return self.num_key_value_heads
+        return None
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical tensor name -> shape, for validating a checkpoint against its config."""
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size

@@ -51,18 +51,9 @@ def scheme_nbytes(scheme: Scheme, shape: tuple[int, ...], format_name: str | Non
 
 
 def ggml_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from quantkit.gguf.mixes import tensor_nbytes
 
-    try:
-        blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    except KeyError:
-        raise SchemeError(f"unknown ggml type {type_name!r}") from None
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    if shape[-1] % blck:
-        raise SchemeError(f"row length {shape[-1]} is not a multiple of the {type_name} block size {blck}")
-    return rows * (shape[-1] // blck) * size
+    return tensor_nbytes(shape, type_name)
 
 
 @dataclass
