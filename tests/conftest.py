@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from quantkit.testing import NANO_PATH, llamacpp_bin, shared_data
 
@@ -31,3 +32,12 @@ def require_llamacpp(*tools: str):
         if llamacpp_bin(tool) is None:
             pytest.skip(f"llama.cpp tool {tool} not built (run scripts/build_llamacpp.sh)")
     return {tool: llamacpp_bin(tool) for tool in tools}
+
+
+@pytest.fixture
+def single_thread():
+    """Small tensors: one torch thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,7 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one thread is faster, and far faster on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_layer(kv_heads=2, dtype=torch.float64, seed=0, hidden=128, heads=4, inter=256):

@@ -14,14 +14,7 @@ from quantkit.quant.scheme import Scheme
 from quantkit.quant.tensor import QuantTensor
 
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one thread is faster, and far faster on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_problem(out_f=96, in_f=256, tokens=1024, seed=0):

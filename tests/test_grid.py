@@ -7,14 +7,7 @@ from quantkit.quant.rtn import quantize_rtn
 from quantkit.quant.scheme import Scheme, get_preset
 
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one thread is faster, and far faster on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def direct_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype=torch.float16):
