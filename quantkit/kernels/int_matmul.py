@@ -65,23 +65,25 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size, ldq
 
 
 @triton.jit
+def _tile_coords(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile ordering: GROUP_M consecutive row-tiles share each weight tile while it is in L2."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % gm, (pid % width) // gm
+
+
+@triton.jit
 def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                      M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
                      BITS: tl.constexpr, CBITS: tl.constexpr, ZP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      HAS_GIDX: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_OUT: tl.constexpr,
                      UPCAST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    # grouped ordering: GROUP_M row-tiles share weight tiles in L2
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gm
-    pid_n = (pid % width) // gm
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -276,16 +278,8 @@ def _int_gemm_w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     row order is j * BK/8 + w (code j of word row w), and the activations are loaded in that same K order (a dot
     product does not care about the order of K as long as both operands agree)."""
     BKW: tl.constexpr = BK // 8
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gm
-    pid_n = (pid % width) // gm
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
