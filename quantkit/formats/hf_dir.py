@@ -121,16 +121,28 @@ class OutputDir:
 
 # ---- config / provenance / card ----
 
-def source_config_dict(source_dir: Path | None, config: ModelConfig) -> dict[str, Any]:
-    """The source's config.json as it is (all keys kept), else one made from ModelConfig (consolidated sources)."""
+def source_config_dict(source_dir: Path | None, config: ModelConfig, dtype_name: str | None = None) -> dict[str, Any]:
+    """The source's config.json as it is (all keys kept), else one made from ModelConfig (consolidated sources).
+    With `dtype_name`, the stored dtype is rewritten in whichever spellings the config has (torch_dtype, dtype)."""
+    cfg = None
     if source_dir is not None and (Path(source_dir) / "config.json").is_file():
         try:
             cfg = json.loads((Path(source_dir) / "config.json").read_text())
             cfg.pop("quantization_config", None)
-            return cfg
         except json.JSONDecodeError:
-            pass
-    return config.to_hf_dict()
+            cfg = None
+    if cfg is None:
+        cfg = config.to_hf_dict()
+    if dtype_name is not None:
+        cfg["torch_dtype"] = dtype_name
+        if "dtype" in cfg:
+            cfg["dtype"] = dtype_name
+    return cfg
+
+
+def base_model_name(provenance: dict[str, Any], source_dir: Path | None) -> str:
+    """What a model card names as `base_model`: the provenance's, else the source directory's name."""
+    return str(provenance.get("base_model") or (source_dir.name if source_dir else "unknown"))
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: several writers, one hash

@@ -16,8 +16,8 @@ import torch
 
 from quantkit.errors import FormatError, SchemeError
 from quantkit.formats.base import QuantizedCheckpoint, StoredTensor, WriteOptions
-from quantkit.formats.hf_dir import (OutputDir, SafetensorsDir, model_card, provenance_record, read_json,
-                                     source_config_dict, tokenizer_in)
+from quantkit.formats.hf_dir import (OutputDir, SafetensorsDir, base_model_name, model_card, provenance_record,
+                                     read_json, source_config_dict, tokenizer_in)
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import PRESETS, Scheme
@@ -155,11 +155,7 @@ class HFQuantWriter:
         try:
             self._check_complete()
             qc = self.codec.quantization_config(self.modules, sorted(self.float_linears))
-            cfg = source_config_dict(self.source_dir, self.config)
-            dtype_name = str(self.float_dtype).replace("torch.", "")
-            cfg["torch_dtype"] = dtype_name
-            if "dtype" in cfg:
-                cfg["dtype"] = dtype_name
+            cfg = source_config_dict(self.source_dir, self.config, str(self.float_dtype).replace("torch.", ""))
             cfg["quantization_config"] = qc
             self.dir.write_json("config.json", cfg, sort_keys=self.codec.config_sort_keys())
             for fname, obj in self.codec.extra_files(qc).items():
@@ -168,7 +164,7 @@ class HFQuantWriter:
             prov = dict(self.options.provenance)
             record = provenance_record(self.codec.name, self.source_dir, prov, self.schemes, self.errors, qc)
             self.dir.write_json("quantkit.json", record)
-            base = str(prov.get("base_model") or (self.source_dir.name if self.source_dir else "unknown"))
+            base = base_model_name(prov, self.source_dir)
             self.dir.write_text("README.md", model_card(self.codec.name, base, self.codec.description,
                                                         self.codec.loaders, prov))
             return self.dir.finish()

@@ -18,7 +18,8 @@ import torch
 
 from quantkit.errors import FormatError, SchemeError
 from quantkit.formats.base import QuantizedCheckpoint, StoredTensor, WriteOptions, register
-from quantkit.formats.hf_dir import OutputDir, model_card, provenance_record, quantization_config_of, source_config_dict
+from quantkit.formats.hf_dir import (OutputDir, base_model_name, model_card, provenance_record,
+                                     quantization_config_of, source_config_dict)
 from quantkit.model import arch
 from quantkit.model.checkpoint import open_checkpoint
 from quantkit.model.config import ModelConfig
@@ -73,11 +74,7 @@ class FloatWriter:
         try:
             dtype_name = str(self.dtype).replace("torch.", "")
             if self.layout == "hf":
-                cfg = source_config_dict(self.source_dir, self.config)
-                cfg["torch_dtype"] = dtype_name
-                if "dtype" in cfg:
-                    cfg["dtype"] = dtype_name
-                self.dir.write_json("config.json", cfg)
+                self.dir.write_json("config.json", source_config_dict(self.source_dir, self.config, dtype_name))
             else:
                 self.dir.write_json("params.json", self.config.to_params_dict())
             self.dir.copy_tokenizer_files(self.source_dir)
@@ -85,8 +82,7 @@ class FloatWriter:
             prov.setdefault("dtype", dtype_name)
             self.dir.write_json("quantkit.json", provenance_record(self.layout, self.source_dir, prov, {}, {}, None))
             if self.layout == "hf":
-                base = str(prov.get("base_model") or (self.source_dir.name if self.source_dir else "unknown"))
-                card = model_card(self.layout, base, f"{dtype_name} safetensors, Hugging Face layout", [], prov,
+                card = model_card(self.layout, base_model_name(prov, self.source_dir), f"{dtype_name} safetensors, Hugging Face layout", [], prov,
                                   relation=None)
                 self.dir.write_text("README.md", card)
             return self.dir.finish()
