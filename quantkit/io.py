@@ -79,6 +79,20 @@ def atomic_file(target: str | Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, target)
 
 
+def read_json_object(path: str | Path, error: type[Exception]) -> dict:
+    """A JSON file that must hold an object; failures raise `error` naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
 def write_json(path: str | Path, obj, sort_keys: bool = False) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 

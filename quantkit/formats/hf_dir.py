@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantkit import __version__
+from quantkit.io import read_json_object
 from quantkit.errors import CheckpointError, FormatError
 from quantkit.io import check_output_path, sha256_file, shard_file_name, tensor_nbytes, write_json
 from quantkit.model.config import ModelConfig
@@ -281,15 +282,7 @@ class SafetensorsDir:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, FormatError)
 
 
 def quantization_config_of(path: Path) -> dict[str, Any] | None:
