@@ -7,8 +7,7 @@ from typing import Sequence
 import torch
 
 from quantkit.eval.kld import KLDAccumulator
-from quantkit.eval.perplexity import (LogitsFn, NLLStats, PerplexityResult, check_convention, count_windows,
-                                      iter_windows, progress_bar, window_nll)
+from quantkit.eval.perplexity import LogitsFn, NLLStats, PerplexityResult, plan_windows, progress_bar, window_nll
 
 
 def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor,
@@ -16,14 +15,9 @@ def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids:
                    max_windows: int | None = None, spread: bool = False) -> dict:
     """{"convention", "ctx", "n_windows", "n_tokens", "ppl_ref", "ppl_test" (PerplexityResult dicts), "kld",
     "same_top", "delta_p", "ppl" (llama.cpp's PPL statistics)} on the positions the convention scores."""
-    ctx = check_convention(convention, ctx)
-    ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
-    total = count_windows(ids.numel(), convention, ctx)
-    if max_windows is not None:
-        total = min(total, max(1, int(max_windows)))
+    ctx, windows, total = plan_windows(token_ids, convention, ctx, bos_id, max_windows, spread)
     acc = KLDAccumulator()
     ref_stats, test_stats = NLLStats(), NLLStats()
-    windows = iter_windows(ids, convention, ctx, bos_id, max_windows, spread)
     with torch.no_grad():
         for window in progress_bar(windows, total, f"compare ({convention}, ctx {ctx})", progress):
             ref = ref_logits_fn(window.tokens)

@@ -146,17 +146,23 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="win", leave=False, dynamic_ncols=True)
 
 
-def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq",
-                        ctx: int | None = None, progress: bool = True, bos_id: int = 1,
-                        max_windows: int | None = None, spread: bool = False) -> PerplexityResult:
-    """Perplexity of `logits_fn` on `token_ids` under a named convention (module docstring)."""
+def plan_windows(token_ids: Sequence[int] | torch.Tensor, convention: str, ctx: int | None, bos_id: int,
+                 max_windows: int | None, spread: bool) -> tuple[int, Iterator, int]:
+    """(ctx, windows, how many) for scoring `token_ids` under a convention, at most `max_windows` of them."""
     ctx = check_convention(convention, ctx)
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     total = count_windows(ids.numel(), convention, ctx)
     if max_windows is not None:
         total = min(total, max(1, int(max_windows)))
+    return ctx, iter_windows(ids, convention, ctx, bos_id, max_windows, spread), total
+
+
+def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq",
+                        ctx: int | None = None, progress: bool = True, bos_id: int = 1,
+                        max_windows: int | None = None, spread: bool = False) -> PerplexityResult:
+    """Perplexity of `logits_fn` on `token_ids` under a named convention (module docstring)."""
+    ctx, windows, total = plan_windows(token_ids, convention, ctx, bos_id, max_windows, spread)
     stats = NLLStats()
-    windows = iter_windows(ids, convention, ctx, bos_id, max_windows, spread)
     with torch.no_grad():
         for window in progress_bar(windows, total, f"perplexity ({convention}, ctx {ctx})", progress):
             stats.add(window_nll(logits_fn(window.tokens), window))
