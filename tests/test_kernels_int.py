@@ -151,6 +151,51 @@ def test_rope_cache_kernel_equals_reference(b, t, dtype):
         assert rel_err(got[:, :, 5:5 + t], want[:, :, 5:5 + t]) <= tol
 
 
+
+@pytest.mark.parametrize("b,heads,kv_heads,d,max_len,pos,window,dtype", [
+    (1, 8, 2, 32, 40, 0, None, torch.float32),
+    (2, 4, 4, 16, 70, 69, None, torch.float32),  # every position, more than one block
+    (1, 8, 2, 32, 100, 77, 20, torch.float16),  # sliding window
+    (1, 6, 2, 64, 50, 33, None, torch.bfloat16),  # a group of 3 (padded to 4)
+])
+def test_decode_attention_kernel_equals_reference(b, heads, kv_heads, d, max_len, pos, window, dtype):
+    from quantkit.kernels.attention import decode_attention, decode_attention_ref
+
+    q = torch.randn(b, heads, 1, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, kv_heads, max_len, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, kv_heads, max_len, d, device=DEVICE).to(dtype)
+    k[:, :, pos + 1:] = float("nan")  # positions after pos are never read
+    v[:, :, pos + 1:] = float("nan")
+    p = torch.tensor([pos], device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    got = decode_attention(q, k, v, p, window, out=out)
+    ref = decode_attention_ref(q, torch.nan_to_num(k), torch.nan_to_num(v), p, window)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("rows,h,dtype", [(1, 256, torch.float32), (3, 200, torch.bfloat16)])
+def test_add_rmsnorm_kernel_equals_reference(rows, h, dtype):
+    from quantkit.kernels.norm import add_rmsnorm, add_rmsnorm_ref
+
+    x, delta = (torch.randn(rows, h, device=DEVICE).to(dtype) for _ in range(2))
+    w = (torch.rand(h, device=DEVICE) + 0.5).to(dtype)
+    got_h, got_y = add_rmsnorm(x, delta, w, 1e-5)
+    ref_h, ref_y = add_rmsnorm_ref(x, delta, w, 1e-5)
+    # fp32: the residual is exactly h + delta (bf16: one ulp apart at most; the interpreter truncates on casts)
+    assert torch.equal(got_h, ref_h) if dtype == torch.float32 else rel_err(got_h, ref_h) <= 1e-2
+    assert rel_err(got_y, ref_y) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("rows,f,dtype", [(1, 100, torch.float32), (4, 1500, torch.bfloat16)])
+def test_silu_mul_kernel_equals_reference(rows, f, dtype):
+    from quantkit.kernels.activation import silu_mul, silu_mul_ref
+
+    gu = torch.randn(rows, 2 * f, device=DEVICE).to(dtype) * 3
+    got = silu_mul(gu)
+    assert got.shape == (rows, f)
+    assert rel_err(got, silu_mul_ref(gu)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
 GEMV_CASES = [c for c in CASES if c[0] <= 8]
 
 
@@ -211,6 +256,27 @@ def test_joined_unpack_w4_gemm_equals_reference(m, n, k, group, sym, dtype):
             assert not torch.isnan(got).any()
             assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), (bk, mul)
 
+
+
+@pytest.mark.parametrize("m,n,k,group,sym,dtype", [(19, 37, 128, 128, True, torch.float16),
+                                                   (17, 50, 64, 32, False, torch.float32),
+                                                   (40, 72, 256, 64, True, torch.bfloat16),
+                                                   (1, 40, 128, 64, False, torch.float16)])
+def test_swapped_operand_w4_gemm_equals_reference(m, n, k, group, sym, dtype):
+    """The W4 GEMM computing out^T = W x^T (weight tile as the MMA's left operand), ragged M and N tiles,
+    with and without split-K."""
+    from quantkit.kernels.int_matmul import int_matmul
+
+    qt = random_quant_tensor(n, k, 4, group, sym)
+    p = pack_quant_tensor(qt).to(DEVICE)
+    for bn, bm in ((32, 16), (16, 32)):
+        for mul in (0, 1):
+            x = torch.randn(m, k, device=DEVICE).to(dtype)
+            out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+            got = int_matmul(x, p, out=out, config=("gemm4t", bn, bm, 32, 4, 2, mul))
+            ref = int_matmul_ref(x, p)
+            assert not torch.isnan(got).any()
+            assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2), (bn, bm, mul)
 
 def test_tune_pick_skips_candidates_that_disagree_or_fail(monkeypatch):
     """The GPU search (timing stubbed out here) never picks a config whose output is wrong or that fails, keeps

@@ -14,6 +14,8 @@ Kernels over the `PackedInt` layout (kernels/pack.py), fp32 accumulation, output
     as exact integers (q - z) and the group scale is applied to the [BM, BN] partial product afterwards.
   - `_int_gemm_w4_kernel`: the same for 4-bit codes, loading each packed word once and joining its 8 codes
     (K order permuted identically in both operands) instead of gathering a [BK, BN] word tile.
+  - `_int_gemm_w4t_kernel`: the W4 GEMM with swapped operands (out^T = W x^T): the dequantized weight tile is the
+    left (register) operand of the MMA and the batch its N dimension.
 `int_matmul` times the candidate configs of every kernel once per (batch bucket, shape, scheme) on the GPU
 (`tune.pick`, CUDA-graph timing), after checking each candidate's output against the plain kernel.
 Split-K partials (fp32 [S, M, N]) are summed by `_sum_splits_kernel` (deterministic, no atomics) or by the
@@ -328,6 +330,67 @@ def _int_gemm_w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
 
 
 @triton.jit
+def _int_gemm_w4t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+                         M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
+                         ZP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_OUT: tl.constexpr, UPCAST: tl.constexpr,
+                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """`_int_gemm_w4_kernel` with the operands swapped: out^T [BN, BM] += W [BN, BK] @ x^T [BK, BM]. The
+    dequantized weight tile is the left operand, which Hopper's wgmma may take straight from registers (the right
+    operand must sit in shared memory: here that is the activations, a plain pipelined load); the batch becomes
+    the MMA's N dimension, so small batches waste less of each tile."""
+    BKW: tl.constexpr = BK // 8
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    c = tl.arange(0, BK)
+    c_k = (c % BKW) * 8 + c // BKW  # tile column c holds input row k0 + c_k
+    offs_w = tl.arange(0, BKW)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        kx = k0 + c_k
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None], mask=m_ok[None, :] & (kx < K)[:, None],
+                     other=0.0)  # [BK, BM]
+        kw = k0 // 8 + offs_w
+        packed = tl.load(qw_ptr + kw[None, :] * ldq + offs_n[:, None], mask=(kw * 8 < K)[None, :] & n_ok[:, None],
+                         other=0)  # [BN, BKW]
+        q0 = packed & 15
+        q1 = (packed >> 4) & 15
+        q2 = (packed >> 8) & 15
+        q3 = (packed >> 12) & 15
+        q4 = (packed >> 16) & 15
+        q5 = (packed >> 20) & 15
+        q6 = (packed >> 24) & 15
+        q7 = (packed >> 28) & 15
+        # [BN, BKW, 2(bit2), 2(bit1), 2(bit0)] -> [BN, 8, BKW] in j order -> [BN, BK]
+        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+        q = tl.reshape(tl.permute(q, (0, 2, 3, 4, 1)), (BN, BK))
+        g0 = k0 // group_size
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+            w = q.to(tl.float32) - z[:, None]
+        else:
+            w = (q - ZP).to(tl.float32)
+        if UPCAST:
+            part = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(w.to(xt.dtype), xt)
+        s = tl.load(s_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
+        acc += part * s[:, None]
+    omask = n_ok[:, None] & m_ok[None, :]
+    o_offs = offs_m[None, :] * N + offs_n[:, None]
+    if SPLIT_OUT:
+        tl.store(out_ptr + pid_k * M * N + o_offs, acc, mask=omask)
+    else:
+        tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
@@ -364,7 +427,8 @@ def _fast_ok(p: PackedInt, bk: int) -> bool:
 
 def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
     """Configs: ("fast", BM, BN, BK, warps, stages, ctas_per_sm, split_mode) (batch <= 8, aligned groups),
-    ("gemv", BM, BN, BK, warps, split_mul) or ("gemm", BM, BN, BK, warps, stages, split_mul).
+    ("gemv", BM, BN, BK, warps, split_mul), ("gemm" | "gemm4", BM, BN, BK, warps, stages, split_mul) or
+    ("gemm4t", BN, BM, BK, warps, stages, split_mul) (swapped operands: note the tile order)
     The first entry is the default (used untimed under the interpreter and with tune.NO_SEARCH)."""
     cands: list[tuple] = []
     if m <= 8:
@@ -372,9 +436,11 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
         pf = p.pack_factor
         # register budget: the [BM * BK/PF, BN] tiles (words, next words, partial, accumulator) fit without spills
         # up to 4096 elements at 4 warps (checked with ptxas for sm_90)
+        # longer K-tiles keep more bytes in flight per CTA (the batch-1 GEMV is latency-bound on small matrices)
         fast_tiles = [(bn, bk, w) for bn, bk, w in ((128, 128, 4), (256, 128, 4), (64, 128, 4), (256, 64, 4),
-                                                    (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 32, 4))
-                      if _fast_ok(p, bk) and bm * (bk // pf) * bn <= 1024 * w][:4]
+                                                    (64, 256, 4), (32, 256, 4), (128, 256, 8), (64, 512, 8),
+                                                    (32, 512, 4), (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 32, 4))
+                      if _fast_ok(p, bk) and bm * (bk // pf) * bn <= 1024 * w][:9]
         if tune.interpreting():
             bks = [bk for bk in (128, 64, 32) if _fast_ok(p, bk)]
             return [("fast", bm, 32, bks[0], 4, 3, 4, 2)] if bks else [("gemv", bm, 32, 32, 4, 1)]
@@ -386,7 +452,9 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
                 for mul in (1, 2):
                     cands.append(("gemv", bm, bn, bk, warps, mul))
         cands += [("gemm", 16, 64, 128, 4, 4, 1), ("gemm", 16, 128, 64, 4, 4, 1)]
-        cands += [c for c in (("gemm4", 16, 64, 128, 4, 4, 1), ("gemm4", 16, 128, 64, 4, 4, 1)) if _w4_ok(p, c[3])]
+        cands += [c for c in (("gemm4", 16, 64, 128, 4, 4, 1), ("gemm4", 16, 128, 64, 4, 4, 1),
+                              ("gemm4t", 64, 16, 128, 4, 4, 1), ("gemm4t", 128, 16, 128, 4, 4, 1),
+                              ("gemm4t", 128, 16, 64, 4, 4, 1)) if _w4_ok(p, c[3])]
         return cands
     if tune.interpreting():
         return [("gemm", 16, 32, 32, 4, 1, 1)]
@@ -395,12 +463,18 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
         cands += [("gemm", bm, 64, 128, 4, 4, 1), ("gemm", bm, 128, 64, 4, 4, 1), ("gemm", bm, 128, 128, 8, 3, 1),
                   ("gemm", bm, 256, 64, 8, 3, 1), ("gemm", bm, 64, 64, 4, 5, 1)]
         w4 = [("gemm4", bm, 64, 128, 4, 4, 1), ("gemm4", bm, 128, 64, 4, 4, 1), ("gemm4", bm, 128, 128, 8, 3, 1),
-              ("gemm4", bm, 256, 64, 8, 3, 1), ("gemm4", bm, 128, 128, 4, 4, 0)]
+              ("gemm4", bm, 256, 64, 8, 3, 1), ("gemm4", bm, 128, 128, 4, 4, 0),
+              ("gemm4t", 64, bm, 128, 4, 4, 1), ("gemm4t", 128, bm, 128, 4, 4, 1), ("gemm4t", 128, bm, 64, 4, 4, 1),
+              ("gemm4t", 128, bm, 128, 8, 3, 0), ("gemm4t", 256, bm, 64, 8, 3, 0)]
     else:
         cands += [("gemm", 128, 128, 64, 8, 3, 0), ("gemm", 128, 256, 64, 8, 3, 0), ("gemm", 64, 128, 64, 4, 4, 0),
                   ("gemm", 128, 128, 32, 4, 4, 0), ("gemm", 64, 256, 64, 8, 3, 0), ("gemm", 128, 64, 128, 8, 3, 0)]
         w4 = [("gemm4", 128, 128, 64, 8, 3, 0), ("gemm4", 128, 128, 64, 8, 4, 0), ("gemm4", 64, 128, 64, 4, 4, 0),
-              ("gemm4", 128, 128, 128, 8, 3, 0), ("gemm4", 64, 256, 64, 8, 3, 0), ("gemm4", 128, 64, 64, 4, 4, 0)]
+              ("gemm4", 128, 128, 128, 8, 3, 0), ("gemm4", 64, 256, 64, 8, 3, 0), ("gemm4", 128, 64, 64, 4, 4, 0),
+              # swapped operands (weight tile = wgmma's register operand): ("gemm4t", BN, BM, BK, warps, stages, 0)
+              ("gemm4t", 128, 128, 64, 8, 3, 0), ("gemm4t", 128, 256, 64, 8, 3, 0), ("gemm4t", 256, 128, 64, 8, 3, 0),
+              ("gemm4t", 128, 128, 64, 4, 4, 0), ("gemm4t", 64, 256, 64, 4, 3, 0), ("gemm4t", 128, 128, 128, 8, 3, 0),
+              ("gemm4t", 128, 64, 64, 4, 4, 0)]
     return cands + [c for c in w4 if _w4_ok(p, c[3])]
 
 
@@ -486,6 +560,19 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, c
                                                 p.group_size, per, ldq, lds, ZP=p.symmetric_zero,
                                                 HAS_ZEROS=p.zeros is not None, SPLIT_OUT=split > 1, UPCAST=upcast,
                                                 BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            if split > 1:
+                sum_splits(target, dst)
+            return
+        if kind == "gemm4t":
+            _, bn, bm, bk, warps, stages, mul = cfg
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            split, per = _split_for(tiles, k, bk, x2.device, 1 if mul == 0 else None)
+            target = dst if split == 1 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+            grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+            _int_gemm_w4t_kernel[grid](x2, p.qweight, p.scales, zeros, target, m, n, k, x2.stride(0), p.group_size,
+                                       per, ldq, lds, ZP=p.symmetric_zero, HAS_ZEROS=p.zeros is not None,
+                                       SPLIT_OUT=split > 1, UPCAST=upcast, BN=bn, BM=bm, BK=bk, num_warps=warps,
+                                       num_stages=stages)
             if split > 1:
                 sum_splits(target, dst)
             return

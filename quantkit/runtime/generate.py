@@ -107,47 +107,81 @@ class Generator:
         return allowed
 
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, cos, sin, mask, k_len: int | None) -> torch.Tensor:
-        """pos: positions [T] (tensor). k_len None = static decode (attend over the whole cache)."""
+        """pos: positions [T] (tensor). k_len None = static decode (attend over the whole cache). Returns the final
+        hidden states after the model's last norm."""
+        if self.fused_kernels:
+            return self._layers_fused(h, pos, cos, sin, mask, k_len)
         b, t, _ = h.shape
         cfg = self.cfg
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
-            if self.fused_kernels and hasattr(attn, "qkv_fused"):
-                from quantkit.kernels.rope import rope_qkv_into_cache
-
-                q = rope_qkv_into_cache(attn.qkv_fused(x), self.cos, self.sin, pos, cfg.num_attention_heads,
-                                        cfg.num_key_value_heads, self.k[i], self.v[i])
-            else:
-                if hasattr(attn, "qkv_fused"):
-                    q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-                else:
-                    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-                q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-                k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-                v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                self.k[i].index_copy_(2, pos, k)
-                self.v[i].index_copy_(2, pos, v)
-            keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
-            values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
-            if t == 1:
-                out = self._attend_one(q, keys, values, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            x = layer.input_layernorm(h)
+            q = self._qkv_rope_cache(attn, x, i, pos, cos, sin)
+            out = self._attention(q, i, pos, mask, k_len)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
-            h = h + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, h))
-        return h
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+        return self.model.model.norm(h)
 
-    def _norm(self, norm, h):
-        if self.fused_kernels:
-            from quantkit.kernels.norm import rmsnorm
+    def _layers_fused(self, h, pos, cos, sin, mask, k_len):
+        """The GPU path: Triton RMSNorm (the residual add folded into each norm after the first), RoPE + cache
+        write, one-kernel decode attention and SwiGLU; same math as `_layers` up to rounding order."""
+        from quantkit.kernels.activation import silu_mul
+        from quantkit.kernels.norm import add_rmsnorm, rmsnorm
 
-            return rmsnorm(h, norm.weight, norm.eps)
-        return norm(h)
+        b, t, _ = h.shape
+        cfg = self.cfg
+        layers = self.model.model.layers
+        x = rmsnorm(h, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q = self._qkv_rope_cache(attn, x, i, pos, cos, sin)
+            out = self._attention(q, i, pos, mask, k_len)
+            o = attn.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
+            norm = layer.post_attention_layernorm
+            h, x = add_rmsnorm(h, o, norm.weight, norm.eps)
+            if hasattr(mlp, "gate_up_fused"):
+                d = mlp.down_proj(silu_mul(mlp.gate_up_fused(x)))
+            else:
+                d = mlp(x)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.model.norm
+            h, x = add_rmsnorm(h, d, norm.weight, norm.eps)
+        return x
 
-    def _head(self, h):
-        return self.model.lm_head(self._norm(self.model.model.norm, h))
+    def _qkv_rope_cache(self, attn, x, i: int, pos, cos, sin) -> torch.Tensor:
+        """q [b, heads, t, d] (rotated); the rotated keys and the values are written into layer i's cache."""
+        b, t, _ = x.shape
+        cfg = self.cfg
+        if self.fused_kernels and hasattr(attn, "qkv_fused"):
+            from quantkit.kernels.rope import rope_qkv_into_cache
+
+            return rope_qkv_into_cache(attn.qkv_fused(x), self.cos, self.sin, pos, cfg.num_attention_heads,
+                                       cfg.num_key_value_heads, self.k[i], self.v[i])
+        if hasattr(attn, "qkv_fused"):
+            q, k, v = attn.qkv_fused(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.k[i].index_copy_(2, pos, k)
+        self.v[i].index_copy_(2, pos, v)
+        return q
+
+    def _attention(self, q, i: int, pos, mask, k_len):
+        keys = self.k[i] if k_len is None else self.k[i][:, :, :k_len]
+        values = self.v[i] if k_len is None else self.v[i][:, :, :k_len]
+        if q.shape[2] == 1:
+            hd = q.shape[-1]
+            if self.fused_kernels and q.is_contiguous() and hd & (hd - 1) == 0:
+                from quantkit.kernels.attention import decode_attention
+
+                return decode_attention(q, self.k[i], self.v[i], pos[-1:], self.cfg.sliding_window)
+            return self._attend_one(q, keys, values, mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _head(self, x):
+        return self.model.lm_head(x)
 
     @staticmethod
     def _attend_one(q, keys, values, mask):

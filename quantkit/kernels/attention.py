@@ -1,0 +1,87 @@
+"""Decode attention (one query per sequence) over the static KV cache, in one Triton kernel.
+
+The GPU decode step otherwise spends ~8 small kernels per layer on attention (casts, two matmuls, scale, mask,
+softmax) and reads the whole cache. Here each program takes one (sequence, kv head) pair and the GQA group of
+query heads that share it, walks the cache positions that the query may see (0..pos, or the sliding window) in
+blocks with an online softmax in fp32, and writes the group's outputs. The position is read from a device tensor,
+so a CUDA graph captured once serves every step.
+
+Reference: `decode_attention_ref` — the runtime's unfused path (`Generator._attend_one`: fp32 scores, masked
+softmax, probabilities rounded to the cache dtype before the value product).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, KVH, max_len, window, scale,
+                             GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr):
+    pid = tl.program_id(0)  # b * KVH + kv head
+    b = pid // KVH
+    kvh = pid % KVH
+    pos = tl.load(pos_ptr)
+    lo = tl.maximum(pos - window + 1, 0)
+    g = tl.arange(0, GP)
+    g_ok = g < GROUP
+    d = tl.arange(0, D)
+    head0 = kvh * GROUP  # first query head of the group (heads of one kv head are consecutive)
+    q = tl.load(q_ptr + ((b * KVH * GROUP + head0 + g) * D)[:, None] + d[None, :], mask=g_ok[:, None],
+                other=0.0).to(tl.float32)  # [GP, D]
+    cache = (b * KVH + kvh) * max_len * D
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for start in range(lo, pos + 1, BL):
+        offs = start + tl.arange(0, BL)
+        ok = offs <= pos
+        kt = tl.load(k_ptr + cache + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * scale  # [GP, BL]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + cache + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + ((b * KVH * GROUP + head0 + g) * D)[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [b, H, 1, D] (contiguous); caches [b, KVH, max_len, D] holding positions 0..pos; pos: int64 tensor [1]
+    -> [b, H, 1, D]: softmax(q k^T / sqrt(D)) v over positions max(0, pos - window + 1)..pos."""
+    b, heads, t, d = q.shape
+    kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    if t != 1 or heads % kv_heads or d & (d - 1) or not q.is_contiguous() or not k_cache.is_contiguous():
+        raise ValueError(f"decode_attention: needs one contiguous query per sequence and a power-of-two head dim, "
+                         f"got q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    group = heads // kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    window = sliding_window if sliding_window is not None else max_len + 1
+    _decode_attention_kernel[(b * kv_heads,)](q, k_cache, v_cache, pos, out, kv_heads, max_len, window, d ** -0.5,
+                                              GROUP=group, GP=max(triton.next_power_of_2(group), 2), D=d,
+                                              BL=32 if d >= 128 else 64, num_warps=4)
+    return out
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos, sliding_window=None):
+    """Plain torch, the runtime's unfused decode attention."""
+    b, heads, _, d = q.shape
+    kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    p = int(pos.reshape(-1)[0])
+    k_pos = torch.arange(max_len, device=q.device)
+    allowed = k_pos <= p
+    if sliding_window is not None:
+        allowed &= k_pos > p - sliding_window
+    qg = q.reshape(b, kv_heads, heads // kv_heads, d)
+    scores = (qg.float() @ k_cache.float().transpose(-1, -2)) * (d ** -0.5)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(v_cache.dtype)
+    return (probs @ v_cache).reshape(b, heads, 1, d)
