@@ -310,11 +310,12 @@ def main() -> None:
         sync(device)
         prefill_s = time.perf_counter() - t
         token = logits.argmax(-1)
-        gen.decode_step(token, prompt_len)  # warm-up (graph capture, kernel config choice)
+        for i in range(2):  # warm-up: graph capture, kernel configs, both pointer alignments of the position
+            gen.decode_step(token, prompt_len + i)
         sync(device)
         t = time.perf_counter()
         for i in range(n_steps):
-            logits = gen.decode_step(token, prompt_len + 1 + i)
+            logits = gen.decode_step(token, prompt_len + 2 + i)
         sync(device)
         dt = time.perf_counter() - t
         finite = bool(torch.isfinite(logits.float()).all())
@@ -330,6 +331,7 @@ def main() -> None:
         plain = Generator(model, max_len=prompt_len + steps + 4, cuda_graph=False, fused_kernels=False)
         prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
         a, b = fast.forward(prompt, 0), plain.forward(prompt, 0)
+        plain_prefill = b.clone()
         errs, same = [rel_err(a, b)], [bool((a.argmax(-1) == b.argmax(-1)).all())]
         token = b.argmax(-1)
         for i in range(steps):
@@ -337,7 +339,16 @@ def main() -> None:
             errs.append(rel_err(a, b))
             same.append(bool((a.argmax(-1) == b.argmax(-1)).all()))
             token = b.argmax(-1)
-        return {"max_rel_err": max(errs), "same_top": sum(same) / len(same), "ok": max(errs) <= 2e-2}
+        # the yardstick: how far the plain path itself moves when the embeddings change by one bf16 step (random
+        # deep bf16 models amplify rounding; measured on the H100: W4 0.2%, bf16 7%)
+        emb = model.model.embed_tokens.weight
+        saved = emb.data.clone()
+        emb.data = (emb.float() * (1 + 2 ** -8)).to(emb.dtype)
+        moved = rel_err(Generator(model, max_len=prompt_len + 4, cuda_graph=False, fused_kernels=False)
+                        .forward(prompt, 0), plain_prefill)
+        emb.data = saved
+        return {"max_rel_err": max(errs), "same_top": sum(same) / len(same), "one_step_sensitivity": moved,
+                "ok": max(errs) <= max(2e-2, 2 * moved) and all(same)}
 
     @section("e2e_decode", out)
     def e2e():
