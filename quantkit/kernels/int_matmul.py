@@ -468,7 +468,9 @@ def _candidates(m: int, n: int, k: int, p: PackedInt, device) -> list[tuple]:
               ("gemm4t", 128, bm, 128, 8, 3, 0), ("gemm4t", 256, bm, 64, 8, 3, 0)]
     else:
         cands += [("gemm", 128, 128, 64, 8, 3, 0), ("gemm", 128, 256, 64, 8, 3, 0), ("gemm", 64, 128, 64, 4, 4, 0),
-                  ("gemm", 128, 128, 32, 4, 4, 0), ("gemm", 64, 256, 64, 8, 3, 0), ("gemm", 128, 64, 128, 8, 3, 0)]
+                  ("gemm", 128, 128, 32, 4, 4, 0), ("gemm", 64, 256, 64, 8, 3, 0), ("gemm", 128, 64, 128, 8, 3, 0),
+                  # one row-tile of 256: each weight tile is dequantized once for the whole batch
+                  ("gemm", 256, 64, 64, 8, 3, 0), ("gemm", 256, 128, 64, 8, 3, 0), ("gemm", 256, 64, 128, 8, 3, 0)]
         w4 = [("gemm4", 128, 128, 64, 8, 3, 0), ("gemm4", 128, 128, 64, 8, 4, 0), ("gemm4", 64, 128, 64, 4, 4, 0),
               ("gemm4", 128, 128, 128, 8, 3, 0), ("gemm4", 64, 256, 64, 8, 3, 0), ("gemm4", 128, 64, 64, 4, 4, 0),
               # swapped operands (weight tile = wgmma's register operand): ("gemm4t", BN, BM, BK, warps, stages, 0)
