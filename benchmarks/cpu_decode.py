@@ -9,8 +9,10 @@ quantkit modes, each decoding TOKENS tokens greedily after a short prompt (stati
   cpu-kernels  torch int4/int8 CPU kernels on the packed codes (the `generate` default on CPU)
   exact        fp32 dequantize-per-chunk reference path (no full-precision weights kept)
   cache        --cache-dequant: dequantized fp32 weights kept after first use (memory traded for speed)
+  compiled     cpu-kernels + the decode step compiled with torch.compile (`Generator(compile=True)`,
+               `quantkit generate --compile`); compile time is spent in the warm-up, not in the timed steps
 Runs alternate between llama.cpp and quantkit (`--rounds`) so a loaded machine affects both alike; the median
-of the rounds is reported. Ratio = quantkit / llama.cpp (goal >= 0.5 for cpu-kernels).
+of the rounds is reported. Ratio = quantkit / llama.cpp (goal >= 0.5).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch  # noqa: E402
 
 from quantkit.testing import NANO_PATH, llamacpp_bin  # noqa: E402
 
-MODES = {"cpu-kernels": dict(cpu_kernels=True), "exact": dict(), "cache": dict(cache_dequant=True)}
+MODES = {"cpu-kernels": dict(cpu_kernels=True), "exact": dict(), "cache": dict(cache_dequant=True),
+         "compiled": dict(cpu_kernels=True)}
+GENERATOR_OPTIONS = {"compiled": dict(compile=True)}
 
 
 def llama_bench(path: Path, threads: int, tokens: int) -> float:
@@ -41,17 +45,18 @@ def llama_bench(path: Path, threads: int, tokens: int) -> float:
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def quantkit_decode(model, tokens: int) -> float:
-    from quantkit.runtime.generate import Generator
-
-    gen = Generator(model, max_len=tokens + 16)
+def quantkit_decode(gen, tokens: int) -> float:
+    """Prefill a 5-token prompt, warm up (first use builds repacked weights; a compiled step compiles), then time
+    `tokens` greedy decode steps (each includes the argmax over the vocabulary)."""
     prompt = torch.tensor([[1, 6843, 3714, 264, 727]])
     logits = gen.forward(prompt, 0)
     tok = logits.argmax(-1)
-    gen.decode_step(tok, 5)  # first use builds repacked weights / caches
+    for i in range(2 if gen.compile else 1):
+        tok = gen.decode_step(tok, 5 + i).argmax(-1)
+    start = 7 if gen.compile else 6
     t = time.perf_counter()
     for i in range(tokens):
-        tok = gen.decode_step(tok, 6 + i).argmax(-1)
+        tok = gen.decode_step(tok, start + i).argmax(-1)
     return tokens / (time.perf_counter() - t)
 
 
@@ -79,6 +84,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
+    from quantkit.runtime.generate import Generator
     from quantkit.runtime.model import load_model
 
     torch.set_num_threads(args.threads)
@@ -87,12 +93,14 @@ def main() -> None:
     results = []
     for path in files:
         models = {mode: load_model(path, **MODES[mode]) for mode in modes}
+        gens = {mode: Generator(models[mode], max_len=args.tokens + 16, **GENERATOR_OPTIONS.get(mode, {}))
+                for mode in modes}  # one per mode, reused across rounds (a compiled step compiles once)
         runs: dict[str, list[float]] = {"llama.cpp": [], **{m: [] for m in modes}}
         for r in range(args.rounds):
             runs["llama.cpp"].append(llama_bench(path, args.threads, args.tokens))
             for mode in modes:
                 n = args.tokens if mode != "exact" else max(8, args.tokens // 4)  # the exact path is slow
-                runs[mode].append(quantkit_decode(models[mode], n))
+                runs[mode].append(quantkit_decode(gens[mode], n))
             print(f"{path.name} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()),
                   file=sys.stderr, flush=True)
         med = {k: statistics.median(v) for k, v in runs.items()}
@@ -100,7 +108,7 @@ def main() -> None:
                "tok_per_s": {k: round(v, 2) for k, v in med.items()},
                "ratio_vs_llama.cpp": {m: round(med[m] / med["llama.cpp"], 3) for m in modes}}
         results.append(row)
-        del models
+        del models, gens
     print(f"CPU decode, batch 1, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} "
           f"interleaved rounds ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     print("| file | llama.cpp tok/s | " + " | ".join(f"quantkit {m} tok/s (ratio)" for m in modes) + " |")

@@ -15,7 +15,7 @@ from quantkit.commands._runtime_options import load_for_generation, runtime_opti
 @click.option("--verbose", "-v", is_flag=True, help="Print the speed line after every answer (stderr).")
 @runtime_options
 def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype,
-            cache_dequant, cpu_kernels):
+            cache_dequant, cpu_kernels, compile_step=False):
     """Chat with MODEL: each line on stdin is a user turn; answers stream to stdout.
 
     The conversation is re-encoded with the chat template every turn; the KV cache keeps the shared prefix, so
@@ -29,7 +29,7 @@ def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed,
 
     params = SamplingParams(temperature, top_k, top_p, seed)
     net, tok = load_for_generation(model, device, backend, dtype, cache_dequant, cpu_kernels)
-    gen = Generator(net, max_len=min(4096, net.config.max_position_embeddings))
+    gen = Generator(net, max_len=min(4096, net.config.max_position_embeddings), compile=compile_step)
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": system}] if system else []
     total_tokens, total_s = 0, 0.0

@@ -14,7 +14,8 @@ from quantkit.commands._runtime_options import load_for_generation, runtime_opti
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template ([INST] ... [/INST]).")
 @runtime_options
-def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant, cpu_kernels):
+def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant, cpu_kernels,
+            compile_step=False):
     """Generate text from MODEL (full-precision source, GPTQ/AWQ/compressed-tensors directory or GGUF file).
 
     The text streams to stdout; the speed line (prefill and decode tokens/s) goes to stderr at the end.
@@ -35,7 +36,8 @@ def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, de
         ids = tok.encode(prompt, bos=True)
         streamer = TextStreamer(tok, ids[1:] if ids and ids[0] == tok.bos_id else ids)
         sys.stdout.write(streamer.text)
-    gen = Generator(net, max_len=min(len(ids) + max_tokens + 1, net.config.max_position_embeddings))
+    gen = Generator(net, max_len=min(len(ids) + max_tokens + 1, net.config.max_position_embeddings),
+                    compile=compile_step)
     first = True
     for t in gen.stream(ids, max_tokens, params, eos_id=tok.eos_id):
         piece = streamer.push(t)

@@ -6,7 +6,9 @@ activation quantization; the exact path stays the default).
   (w = (q - 8) * scale + zero). Serves int4 QuantTensors, Q4_0, Q4_1 and Q4_K (sub-block scale and min folded).
 - `GroupedInt8CPU`: int8 codes per group with a per-(row, group) scale and optional additive offset ->
   one `aten._weight_int8pack_mm` per group plus `sum_g(x_g) @ offset`. Serves Q8_0, Q6_K, Q5_K and int8.
-References: `Int4CPU.reference` / `GroupedInt8CPU.reference` (dequantize to fp32 and matmul).
+- `DirectGGML`: the block bytes as stored, through the C++ extension kernels/cpu_ext.py (Q6_K; 16-bit
+  activations, fp32 accumulation) — preferred over the grouped int8 path where the extension builds.
+References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul.
 """
 
 from __future__ import annotations
@@ -122,6 +124,27 @@ def ggml_parts(data: torch.Tensor, type_name: str):
         codes = (_q4k_codes(b[..., 48:176]) | high).reshape(r, -1)
         return "int8", codes, (d[..., None] * sc).reshape(r, -1), -(dmin[..., None] * m).reshape(r, -1), 32
     return None
+
+
+class DirectGGML:
+    """x @ W^T on ggml block bytes kept exactly as stored (kernels/cpu_ext.py)."""
+
+    def __init__(self, data: torch.Tensor, type_name: str):
+        self.data, self.type_name = data.contiguous(), type_name
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        from quantkit.kernels.cpu_ext import ggml_matmul
+
+        return ggml_matmul(x2, self.data, self.type_name).to(x2.dtype)
+
+
+def direct_ggml(data: torch.Tensor, type_name: str) -> DirectGGML | None:
+    """The extension's kernel for this type, or None (type not covered, or no compiler here)."""
+    from quantkit.kernels import cpu_ext
+
+    if type_name not in cpu_ext.SUPPORTED or data.shape[1] % cpu_ext.block_bytes(type_name) or not cpu_ext.available():
+        return None
+    return DirectGGML(data, type_name)
 
 
 def build(kind: str, codes, scale, zero, group_size):

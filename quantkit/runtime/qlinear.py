@@ -163,6 +163,10 @@ class GGMLLinear(nn.Module):
             from quantkit.kernels import cpu
 
             self._fast = False
+            direct = cpu.direct_ggml(self.data, self.type_name)
+            if direct is not None:
+                self._fast = direct
+                return self._fast
             parts = cpu.ggml_parts(self.data, self.type_name) if cpu.available() else None
             if parts is not None:
                 self._fast = cpu.build(*parts) or False

@@ -1,0 +1,286 @@
+"""A small C++ CPU extension (built on first use with torch.utils.cpp_extension.load_inline) that multiplies
+activations by ggml block bytes exactly as GGUF stores them — no repacking, no full-precision copy.
+
+`ggml_matmul(x [M, K] float32, data uint8 [N, K / 256 * 210], "Q6_K") -> [M, N] float32`
+
+Math: each row of `x` is rounded to 16-bit integers per 256 values (`quantize_x16`: d = max|x| / 32767,
+q = round(x / d); finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels),
+each 16-value sub-block's dot product sum((code - 32) * q) is an exact integer, and a super-block contributes
+d_weight * d_x * sum_j scale_j * dot_j in float32. `reference_matmul` is that computation in plain torch
+(equal up to float summation order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates
+(relative error ~1e-5, from the 16-bit activation rounding).
+
+The kernel uses AVX512-VNNI (`vpdpwssd`: 32 16-bit multiply-adds per instruction) where the compiler targets it
+(-march=native) and a portable scalar loop otherwise; weight rows are split across torch's intra-op threads.
+`available()` is False (and callers keep their other paths) when the extension cannot be built here.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from quantkit.kernels.ggml_ref import BLOCK_SIZES, _blocks, _f16
+
+SUPPORTED = ("Q6_K",)
+
+
+def block_bytes(type_name: str) -> int:
+    return BLOCK_SIZES[type_name][1]
+
+_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define QK_AVX512 1
+#endif
+
+namespace {
+
+constexpr int QK = 256;
+constexpr int Q6K_BYTES = 210;
+
+inline float half_bits(const uint8_t* p) {
+  return static_cast<float>(c10::Half(static_cast<uint16_t>(p[0] | (p[1] << 8)), c10::Half::from_bits()));
+}
+
+// x row [K] -> q [K] int16 and d [K/256]: x ~= q * d with |q| <= 32767 (rounding error ~1e-5 of max|x|)
+void quantize_x16(const float* x, int64_t k, int16_t* q, float* d) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    float iscale = amax > 0.f ? 32767.f / amax : 0.f;
+    d[b] = amax > 0.f ? 1.f / iscale : 0.f;
+    for (int i = 0; i < QK; ++i) {
+      float v = std::nearbyint(xb[i] * iscale);
+      q[b * QK + i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+    }
+  }
+}
+
+// one weight row, one activation row: sum_b d_w * d_x * sum_j sc_j * sum_{i in j} (code_i - 32) * xq_i
+float q6k_row_scalar(const uint8_t* row, int64_t nb, const int16_t* xq, const float* xd) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * Q6K_BYTES;
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const int16_t* x = xq + b * QK;
+    int32_t sums[16] = {0};
+    for (int h = 0; h < 2; ++h) {
+      const int base = h * 128;
+      for (int l = 0; l < 32; ++l) {
+        int c1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        int c2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        int c3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        int c4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        sums[(base + l) / 16] += c1 * x[base + l];
+        sums[(base + l + 32) / 16] += c2 * x[base + l + 32];
+        sums[(base + l + 64) / 16] += c3 * x[base + l + 64];
+        sums[(base + l + 96) / 16] += c4 * x[base + l + 96];
+      }
+      ql += 64;
+      qh += 32;
+    }
+    float blk_acc = 0.f;
+    for (int j = 0; j < 16; ++j) blk_acc += static_cast<float>(sc[j]) * static_cast<float>(sums[j]);
+    acc += half_bits(blk + 208) * xd[b] * blk_acc;
+  }
+  return acc;
+}
+
+#ifdef QK_AVX512
+// weight rows [n0, n1) against all M activation rows; codes are unpacked once per super-block
+void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, int64_t m,
+                     int64_t k, const int16_t* xq, const float* xd, float* out, int64_t n) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(0x03), off = _mm512_set1_epi8(32);
+  const __m512i cnt01 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  const __m512i cnt23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  __m512i idx[8];
+  for (int c = 0; c < 8; ++c) {
+    alignas(64) int32_t t[16];
+    for (int i = 0; i < 16; ++i) t[i] = 2 * c + i / 8;  // 32 values = 16 lanes of pair sums = sub-blocks 2c, 2c+1
+    idx[c] = _mm512_load_si512(t);
+  }
+  std::vector<__m512> acc(m);
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* row = w + j * row_bytes;
+    for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * Q6K_BYTES;
+      __m512i codes[8];  // 8 chunks of 32 signed 16-bit codes
+      for (int h = 0; h < 2; ++h) {
+        __m512i lo = _mm512_loadu_si512(blk + 64 * h);
+        __m512i hi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
+        __m512i a = _mm512_or_si512(_mm512_and_si512(lo, m4),
+                                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hi, cnt01), m3), 4));
+        __m512i bq = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4),
+                                     _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hi, cnt23), m3), 4));
+        a = _mm512_sub_epi8(a, off);
+        bq = _mm512_sub_epi8(bq, off);
+        codes[4 * h + 0] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a, 0));
+        codes[4 * h + 1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a, 1));
+        codes[4 * h + 2] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bq, 0));
+        codes[4 * h + 3] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bq, 1));
+      }
+      const __m512 scf = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
+          _mm512_set1_ps(half_bits(blk + 208)));
+      __m512 scv[8];
+      for (int c = 0; c < 8; ++c) scv[c] = _mm512_permutexvar_ps(idx[c], scf);
+      for (int64_t r = 0; r < m; ++r) {
+        const int16_t* x = xq + r * k + b * QK;
+        __m512 blk_acc = _mm512_setzero_ps();
+        for (int c = 0; c < 8; ++c) {
+          __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), codes[c], _mm512_loadu_si512(x + 32 * c));
+          blk_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scv[c], blk_acc);
+        }
+        acc[r] = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(xd[r * nb + b]), acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < m; ++r) out[r * n + j] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+#endif
+
+at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data) {
+  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q6k_matmul: bad inputs");
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
+  TORCH_CHECK(k % QK == 0 && data.size(1) == nb * Q6K_BYTES,
+              "q6k_matmul: K must be a multiple of 256 and data [N, K/256*210]");
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor d8 = data.contiguous();
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> xd(m * nb);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) quantize_x16(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* w = d8.data_ptr<uint8_t>();
+  const int64_t row_bytes = nb * Q6K_BYTES;
+  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+#ifdef QK_AVX512
+    q6k_rows_avx512(w, row_bytes, n0, n1, nb, m, k, xq.data(), xd.data(), op, n);
+#else
+    for (int64_t j = n0; j < n1; ++j)
+      for (int64_t r = 0; r < m; ++r)
+        op[r * n + j] = q6k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
+#endif
+  });
+  return out;
+}
+
+bool has_avx512() {
+#ifdef QK_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor simd_flag() { return at::scalar_tensor(has_avx512() ? 1 : 0, at::kLong); }
+
+}  // namespace
+
+TORCH_LIBRARY(quantkit_cpu, m) {
+  m.def("q6k_matmul(Tensor x, Tensor data) -> Tensor");
+  m.def("simd_flag() -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
+  m.impl("q6k_matmul", &q6k_matmul);
+}
+
+TORCH_LIBRARY_IMPL(quantkit_cpu, CompositeExplicitAutograd, m) {
+  m.impl("simd_flag", &simd_flag);
+}
+"""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build() -> bool:
+    from torch.utils.cpp_extension import load_inline
+
+    load_inline(name="quantkit_cpu_ext", cpp_sources=[_SOURCE], is_python_module=False, verbose=False,
+                extra_cflags=["-O3", "-march=native"])
+
+    @torch.library.register_fake("quantkit_cpu::q6k_matmul")
+    def _(x, data):
+        return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
+
+    return True
+
+
+def available() -> bool:
+    """Build/load the extension once per process (a C++ compiler is needed the first time); False if impossible."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _state["ok"] = _build()
+            except Exception as e:  # no compiler / headers: the callers keep torch's kernels
+                _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
+        return bool(_state["ok"])
+
+
+def build_error() -> str | None:
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def uses_simd() -> bool:
+    return available() and bool(torch.ops.quantkit_cpu.simd_flag())
+
+
+def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32."""
+    if type_name != "Q6_K":
+        raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
+    return torch.ops.quantkit_cpu.q6k_matmul(x2, data)
+
+
+# ---- plain torch references ----
+
+
+def quantize_x16(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (q int32 [M, K/256, 256] in -32767..32767, d float32 [M, K/256]): the kernel's activation
+    rounding (x ~= q * d per 256 values)."""
+    xb = x2.float().reshape(x2.shape[0], -1, 256)
+    amax = xb.abs().amax(-1)
+    iscale = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * iscale[..., None]).clamp(-32767, 32767).to(torch.int32)
+    d = torch.where(amax > 0, 1.0 / iscale, torch.zeros_like(amax))
+    return q, d
+
+
+def q6k_codes_scales(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K bytes -> (codes int32 0..63 [N, nb, 256], sub-block scales int32 [N, nb, 16], d float32 [N, nb])."""
+    b = _blocks(data, "Q6_K")
+    ql = b[..., 0:128].to(torch.int32).reshape(*b.shape[:2], 2, 64)
+    qh = b[..., 128:192].to(torch.int32).reshape(*b.shape[:2], 2, 1, 32)
+    low = torch.stack([ql[..., 0:32] & 0xF, ql[..., 32:64] & 0xF, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], dim=-2)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32)[:, None]
+    codes = (low | (((qh >> shifts) & 3) << 4)).reshape(*b.shape[:2], 256)
+    scales = b[..., 192:208].contiguous().view(torch.int8).to(torch.int32)
+    return codes, scales, _f16(b[..., 208:210])
+
+
+def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_K") -> torch.Tensor:
+    """Plain torch version of the kernel's arithmetic (16-bit activations, exact integer sub-block sums)."""
+    if type_name != "Q6_K":
+        raise ValueError(f"cpu_ext reference: no {type_name}")
+    codes, scales, dw = q6k_codes_scales(data)  # [N, nb, 256], [N, nb, 16], [N, nb]
+    q, dx = quantize_x16(x2)  # [M, nb, 256], [M, nb]
+    n, nb = dw.shape
+    prod = torch.einsum("nbk,mbk->mnbk", (codes - 32).double(), q.double()).reshape(q.shape[0], n, nb, 16, 16)
+    blocks = (prod.sum(-1) * scales.double()).sum(-1)  # [M, N, nb]: exact integers
+    return (blocks * dw.double()[None] * dx.double()[:, None]).sum(-1).float()

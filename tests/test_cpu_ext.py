@@ -1,0 +1,106 @@
+"""The C++ CPU extension (kernels/cpu_ext.py) against its plain-torch reference and the exact fp32 result, and the
+compiled CPU decode step (Generator(compile=True)) against the eager one."""
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit.kernels import cpu, cpu_ext
+from quantkit.kernels.ggml_ref import dequantize_rows
+from quantkit.runtime.qlinear import GGMLLinear
+from test_kernels_ggml import random_blocks  # noqa: E402 (tests/ is on sys.path under pytest)
+
+needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason=f"C++ extension unavailable: {cpu_ext.build_error()}")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@needs_ext
+@pytest.mark.parametrize("m,n,blocks", [(1, 48, 1), (3, 40, 3), (9, 16, 2)])
+def test_q6k_kernel_matches_reference_and_exact_fp32(m, n, blocks):
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q6_K", n, blocks, rng))
+    x = torch.randn(m, 256 * blocks) * torch.rand(m, 1) * 10
+    x[0, :7] *= 50  # an outlier block
+    got = cpu_ext.ggml_matmul(x, data, "Q6_K")
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert rel(got, cpu_ext.reference_matmul(x, data)) <= 1e-5  # same arithmetic, summation order aside
+    exact = x @ dequantize_rows(data, "Q6_K").t()
+    assert rel(got, exact) <= 1e-3  # 16-bit activation rounding only (typically ~3e-5)
+    assert rel(cpu_ext.reference_matmul(x, data), exact) <= 1e-3
+
+
+@needs_ext
+def test_q6k_kernel_edge_cases():
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q6_K", 32, 2, rng))
+    x = torch.zeros(2, 512)
+    x[1, 256:] = torch.randn(256)  # first super-block of row 1 all zero (scale 0 path)
+    got = cpu_ext.ggml_matmul(x, data, "Q6_K")
+    assert torch.equal(got[0], torch.zeros(32))
+    assert rel(got[1], (x[1:] @ dequantize_rows(data, "Q6_K").t())[0]) <= 1e-3
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        cpu_ext.ggml_matmul(torch.zeros(1, 300), data, "Q6_K")
+    with pytest.raises(ValueError, match="no kernel"):
+        cpu_ext.ggml_matmul(torch.zeros(1, 256), data, "Q5_0")
+
+
+def test_q6k_reference_is_the_dequantized_matmul():
+    """The reference itself (no extension needed): 16-bit activations + integer block sums ~= fp32 matmul."""
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q6_K", 8, 2, rng))
+    x = torch.randn(2, 512)
+    assert rel(cpu_ext.reference_matmul(x, data), x @ dequantize_rows(data, "Q6_K").t()) <= 1e-3
+
+
+@needs_ext
+def test_ggml_linear_q6k_uses_the_extension():
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q6_K", 32, 2, rng))
+    lin = GGMLLinear("Q6_K", data, (32, 512), cpu_kernels=True)
+    x = torch.randn(2, 3, 512)
+    out = lin(x)
+    assert isinstance(lin._fast, cpu.DirectGGML)
+    assert rel(out, x @ dequantize_rows(data, "Q6_K").t()) <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def nano_q4_k_m(tmp_path_factory, nano_path):
+    """mistral-nano as GGUF Q4_K_M (Q4_K and Q6_K linears, Q6_K output matrix) written by the real writer."""
+    from quantkit.cli import main
+
+    path = tmp_path_factory.mktemp("gguf") / "nano-Q4_K_M.gguf"
+    try:
+        main(["quantize", str(nano_path), "--type", "Q4_K_M", "-o", str(path)])
+    except SystemExit as e:
+        assert not e.code, f"quantize failed ({e.code})"
+    return path
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_matches_eager_and_is_deterministic(nano_q4_k_m):
+    from quantkit.runtime.generate import Generator
+    from quantkit.runtime.model import load_model
+
+    model = load_model(nano_q4_k_m, cpu_kernels=True)
+    prompt = [1, 6843, 3714, 264, 727, 28725, 736]
+    eager, compiled = Generator(model, max_len=48), Generator(model, max_len=48, compile=True)
+    tok_e = eager.forward(torch.tensor([prompt[:4]]), 0).argmax(-1)
+    tok_c = compiled.forward(torch.tensor([prompt[:4]]), 0).argmax(-1)
+    for pos in range(4, 12):  # teacher-forced steps first (the 1st is eager, the 2nd compiles), then greedy
+        tok_e = torch.tensor([prompt[pos]]) if pos < len(prompt) else tok_e
+        tok_c = torch.tensor([prompt[pos]]) if pos < len(prompt) else tok_c
+        le, lc = eager.decode_step(tok_e, pos), compiled.decode_step(tok_c, pos)
+        # equal up to float summation order, which the bf16 rounding inside the int4 kernel can amplify
+        assert rel(lc, le) <= 1e-2, pos
+        tok_e, tok_c = le.argmax(-1), lc.argmax(-1)
+    assert compiled._compiled is not None and compiled._compiled_calls >= 6
+    for k_e, k_c in zip(eager.k, compiled.k):  # the compiled step wrote the same cache entries
+        assert rel(k_c[:, :, :7], k_e[:, :, :7]) <= 1e-2
+    again = Generator(model, max_len=48, compile=True)
+    a = again.generate(prompt, 24)
+    again.cached = []
+    b = again.generate(prompt, 24)
+    assert a.tokens == b.tokens and len(a.tokens) == 24  # greedy decoding through the compiled step is deterministic
