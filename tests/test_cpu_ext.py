@@ -26,7 +26,9 @@ def test_q6k_kernel_matches_reference_and_exact_fp32(m, n, blocks):
     x[0, :7] *= 50  # an outlier block
     got = cpu_ext.ggml_matmul(x, data, "Q6_K")
     assert got.shape == (m, n) and got.dtype == torch.float32
-    assert rel(got, cpu_ext.reference_matmul(x, data)) <= 1e-5  # same arithmetic, summation order aside
+    ref = cpu_ext.reference_matmul(x, data)
+    assert rel(got, ref) <= 1e-5  # same arithmetic, summation order aside
+    assert rel(cpu_ext.ggml_matmul(x, data, "Q6_K", portable=True), ref) <= 1e-5  # the non-SIMD loop too
     exact = x @ dequantize_rows(data, "Q6_K").t()
     assert rel(got, exact) <= 1e-3  # 16-bit activation rounding only (typically ~3e-5)
     assert rel(cpu_ext.reference_matmul(x, data), exact) <= 1e-3

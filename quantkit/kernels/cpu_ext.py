@@ -3,15 +3,17 @@ activations by ggml block bytes exactly as GGUF stores them — no repacking, no
 
 `ggml_matmul(x [M, K] float32, data uint8 [N, K / 256 * 210], "Q6_K") -> [M, N] float32`
 
-Math: each row of `x` is rounded to 16-bit integers per 256 values (`quantize_x16`: d = max|x| / 32767,
-q = round(x / d); finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels),
+Math: each row of `x` is rounded to 15-bit integers per 256 values (`quantize_x15`: d = max|x| / 16383,
+q = round(x / d); much finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels),
 each 16-value sub-block's dot product sum((code - 32) * q) is an exact integer, and a super-block contributes
 d_weight * d_x * sum_j scale_j * dot_j in float32. `reference_matmul` is that computation in plain torch
 (equal up to float summation order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates
-(relative error ~1e-5, from the 16-bit activation rounding).
+(relative error ~1e-4, from the activation rounding).
 
-The kernel uses AVX512-VNNI (`vpdpwssd`: 32 16-bit multiply-adds per instruction) where the compiler targets it
-(-march=native) and a portable scalar loop otherwise; weight rows are split across torch's intra-op threads.
+The AVX512-VNNI path (where -march=native provides it) splits q = 128 * hi + lo into two int8 digits and runs
+`vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring the -32
+code offset from per-sub-block activation sums; elsewhere a portable scalar loop computes the same integers.
+Weight rows are split across torch's intra-op threads.
 `available()` is False (and callers keep their other paths) when the extension cannot be built here.
 """
 
@@ -51,17 +53,19 @@ inline float half_bits(const uint8_t* p) {
   return static_cast<float>(c10::Half(static_cast<uint16_t>(p[0] | (p[1] << 8)), c10::Half::from_bits()));
 }
 
-// x row [K] -> q [K] int16 and d [K/256]: x ~= q * d with |q| <= 32767 (rounding error ~1e-5 of max|x|)
-void quantize_x16(const float* x, int64_t k, int16_t* q, float* d) {
+constexpr float XQ_MAX = 16383.f;  // activations become 15-bit integers: x = 128 * hi + lo, hi int8, lo 0..127
+
+// x row [K] -> q [K] int16 (|q| <= 16383) and d [K/256]: x ~= q * d (rounding error <= 3e-5 of max|x| per block)
+void quantize_x15(const float* x, int64_t k, int16_t* q, float* d) {
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    float iscale = amax > 0.f ? 32767.f / amax : 0.f;
+    float iscale = amax > 0.f ? XQ_MAX / amax : 0.f;
     d[b] = amax > 0.f ? 1.f / iscale : 0.f;
     for (int i = 0; i < QK; ++i) {
       float v = std::nearbyint(xb[i] * iscale);
-      q[b * QK + i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+      q[b * QK + i] = static_cast<int16_t>(std::min(XQ_MAX, std::max(-XQ_MAX, v)));
     }
   }
 }
@@ -99,17 +103,33 @@ float q6k_row_scalar(const uint8_t* row, int64_t nb, const int16_t* xq, const fl
 }
 
 #ifdef QK_AVX512
+// Activations for the VNNI kernel: hi/lo int8 digits (x = 128 * hi + lo) and, per 16-value sub-block,
+// -32 * sum(x) (the codes are used unsigned, 0..63; this restores the -32 offset).
+void split_x15(const int16_t* q, int64_t k, int8_t* hi, int8_t* lo, float* neg32sum) {
+  for (int64_t i = 0; i < k; ++i) {
+    hi[i] = static_cast<int8_t>(q[i] >> 7);  // arithmetic shift: floor division by 128
+    lo[i] = static_cast<int8_t>(q[i] & 127);
+  }
+  for (int64_t j = 0; j < k / 16; ++j) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += q[j * 16 + i];
+    neg32sum[j] = -32.f * static_cast<float>(s);
+  }
+}
+
 // weight rows [n0, n1) against all M activation rows; codes are unpacked once per super-block
 void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, int64_t m,
-                     int64_t k, const int16_t* xq, const float* xd, float* out, int64_t n) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(0x03), off = _mm512_set1_epi8(32);
-  const __m512i cnt01 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  const __m512i cnt23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
-  __m512i idx[8];
-  for (int c = 0; c < 8; ++c) {
+                     int64_t k, const int8_t* xhi, const int8_t* xlo, const float* xneg, const float* xd, float* out,
+                     int64_t n) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi8(0x3F);
+  // the 2 high bits of the 4 values sharing a qh byte sit at bits 0-1, 2-3, 4-5, 6-7; move each pair to bits 4-5
+  const __m512i shl_ab = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_cd = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) {
     alignas(64) int32_t t[16];
-    for (int i = 0; i < 16; ++i) t[i] = 2 * c + i / 8;  // 32 values = 16 lanes of pair sums = sub-blocks 2c, 2c+1
-    idx[c] = _mm512_load_si512(t);
+    for (int i = 0; i < 16; ++i) t[i] = 4 * v + i / 4;  // lane i of a 64-value chunk sums values 4i..4i+3
+    idx[v] = _mm512_load_si512(t);
   }
   std::vector<__m512> acc(m);
   for (int64_t j = n0; j < n1; ++j) {
@@ -117,34 +137,32 @@ void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1
     for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * Q6K_BYTES;
-      __m512i codes[8];  // 8 chunks of 32 signed 16-bit codes
+      __m512i codes[4];  // 4 chunks of 64 unsigned codes, in value order
       for (int h = 0; h < 2; ++h) {
         __m512i lo = _mm512_loadu_si512(blk + 64 * h);
         __m512i hi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
-        __m512i a = _mm512_or_si512(_mm512_and_si512(lo, m4),
-                                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hi, cnt01), m3), 4));
-        __m512i bq = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4),
-                                     _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hi, cnt23), m3), 4));
-        a = _mm512_sub_epi8(a, off);
-        bq = _mm512_sub_epi8(bq, off);
-        codes[4 * h + 0] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a, 0));
-        codes[4 * h + 1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a, 1));
-        codes[4 * h + 2] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bq, 0));
-        codes[4 * h + 3] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bq, 1));
+        // ternary-logic 0xE4 = m4 ? low-nibble source : high-bits source; then keep 6 bits
+        codes[2 * h] = _mm512_and_si512(
+            _mm512_ternarylogic_epi32(lo, _mm512_sllv_epi16(hi, shl_ab), m4, 0xE4), m6);
+        codes[2 * h + 1] = _mm512_and_si512(
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), _mm512_srlv_epi16(hi, shr_cd), m4, 0xE4), m6);
       }
-      const __m512 scf = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
-          _mm512_set1_ps(half_bits(blk + 208)));
-      __m512 scv[8];
-      for (int c = 0; c < 8; ++c) scv[c] = _mm512_permutexvar_ps(idx[c], scf);
+      const __m512 scf = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192))));
+      __m512 scv[4];
+      for (int v = 0; v < 4; ++v) scv[v] = _mm512_permutexvar_ps(idx[v], scf);
+      const float dw = half_bits(blk + 208);
       for (int64_t r = 0; r < m; ++r) {
-        const int16_t* x = xq + r * k + b * QK;
-        __m512 blk_acc = _mm512_setzero_ps();
-        for (int c = 0; c < 8; ++c) {
-          __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), codes[c], _mm512_loadu_si512(x + 32 * c));
-          blk_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scv[c], blk_acc);
+        const int64_t off = r * k + b * QK;
+        __m512 blk_acc = _mm512_mul_ps(scf, _mm512_loadu_ps(xneg + off / 16));
+        for (int v = 0; v < 4; ++v) {
+          const __m512i zero = _mm512_setzero_si512();
+          __m512i dh = _mm512_dpbusd_epi32(zero, codes[v], _mm512_loadu_si512(xhi + off + 64 * v));
+          __m512i dl = _mm512_dpbusd_epi32(zero, codes[v], _mm512_loadu_si512(xlo + off + 64 * v));
+          __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 7), dl);
+          blk_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scv[v], blk_acc);
         }
-        acc[r] = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(xd[r * nb + b]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(dw * xd[r * nb + b]), acc[r]);
       }
     }
     for (int64_t r = 0; r < m; ++r) out[r * n + j] = _mm512_reduce_add_ps(acc[r]);
@@ -152,7 +170,7 @@ void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1
 }
 #endif
 
-at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data) {
+at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q6k_matmul: bad inputs");
   const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
   TORCH_CHECK(k % QK == 0 && data.size(1) == nb * Q6K_BYTES,
@@ -162,19 +180,26 @@ at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data) {
   std::vector<int16_t> xq(m * k);
   std::vector<float> xd(m * nb);
   const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) quantize_x16(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+#ifdef QK_AVX512
+  std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
+  std::vector<float> xneg(portable ? 0 : m * k / 16);
+  if (!portable) split_x15(xq.data(), m * k, xhi.data(), xlo.data(), xneg.data());
+#endif
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* w = d8.data_ptr<uint8_t>();
   const int64_t row_bytes = nb * Q6K_BYTES;
   at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
 #ifdef QK_AVX512
-    q6k_rows_avx512(w, row_bytes, n0, n1, nb, m, k, xq.data(), xd.data(), op, n);
-#else
+    if (!portable) {
+      q6k_rows_avx512(w, row_bytes, n0, n1, nb, m, k, xhi.data(), xlo.data(), xneg.data(), xd.data(), op, n);
+      return;
+    }
+#endif
     for (int64_t j = n0; j < n1; ++j)
       for (int64_t r = 0; r < m; ++r)
         op[r * n + j] = q6k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
-#endif
   });
   return out;
 }
@@ -192,7 +217,7 @@ at::Tensor simd_flag() { return at::scalar_tensor(has_avx512() ? 1 : 0, at::kLon
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cpu, m) {
-  m.def("q6k_matmul(Tensor x, Tensor data) -> Tensor");
+  m.def("q6k_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
   m.def("simd_flag() -> Tensor");
 }
 
@@ -216,7 +241,7 @@ def _build() -> bool:
                 extra_cflags=["-O3", "-march=native"])
 
     @torch.library.register_fake("quantkit_cpu::q6k_matmul")
-    def _(x, data):
+    def _(x, data, portable=False):
         return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
 
     return True
@@ -241,23 +266,27 @@ def uses_simd() -> bool:
     return available() and bool(torch.ops.quantkit_cpu.simd_flag())
 
 
-def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str) -> torch.Tensor:
-    """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32."""
+def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str, portable: bool = False) -> torch.Tensor:
+    """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32. `portable`: the scalar loop
+    even where the SIMD path exists (same integers; for tests)."""
     if type_name != "Q6_K":
         raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
-    return torch.ops.quantkit_cpu.q6k_matmul(x2, data)
+    return torch.ops.quantkit_cpu.q6k_matmul(x2, data, portable)
 
 
 # ---- plain torch references ----
 
 
-def quantize_x16(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] float -> (q int32 [M, K/256, 256] in -32767..32767, d float32 [M, K/256]): the kernel's activation
+XQ_MAX = 16383.0
+
+
+def quantize_x15(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (q int32 [M, K/256, 256] in -16383..16383, d float32 [M, K/256]): the kernel's activation
     rounding (x ~= q * d per 256 values)."""
     xb = x2.float().reshape(x2.shape[0], -1, 256)
     amax = xb.abs().amax(-1)
-    iscale = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
-    q = torch.round(xb * iscale[..., None]).clamp(-32767, 32767).to(torch.int32)
+    iscale = torch.where(amax > 0, torch.tensor(XQ_MAX) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * iscale[..., None]).clamp(-XQ_MAX, XQ_MAX).to(torch.int32)
     d = torch.where(amax > 0, 1.0 / iscale, torch.zeros_like(amax))
     return q, d
 
@@ -275,11 +304,11 @@ def q6k_codes_scales(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_K") -> torch.Tensor:
-    """Plain torch version of the kernel's arithmetic (16-bit activations, exact integer sub-block sums)."""
+    """Plain torch version of the kernel's arithmetic (15-bit activations, exact integer sub-block sums)."""
     if type_name != "Q6_K":
         raise ValueError(f"cpu_ext reference: no {type_name}")
     codes, scales, dw = q6k_codes_scales(data)  # [N, nb, 256], [N, nb, 16], [N, nb]
-    q, dx = quantize_x16(x2)  # [M, nb, 256], [M, nb]
+    q, dx = quantize_x15(x2)  # [M, nb, 256], [M, nb]
     n, nb = dw.shape
     prod = torch.einsum("nbk,mbk->mnbk", (codes - 32).double(), q.double()).reshape(q.shape[0], n, nb, 16, 16)
     blocks = (prod.sum(-1) * scales.double()).sum(-1)  # [M, N, nb]: exact integers
