@@ -18,7 +18,7 @@ def rel(a, b):
 
 
 @needs_ext
-@pytest.mark.parametrize("m,n,blocks", [(1, 48, 1), (3, 40, 3), (9, 16, 2)])
+@pytest.mark.parametrize("m,n,blocks", [(1, 48, 1), (1, 37, 2), (3, 40, 3), (9, 16, 2)])
 def test_q6k_kernel_matches_reference_and_exact_fp32(m, n, blocks):
     rng = np.random.default_rng()
     data = torch.from_numpy(random_blocks("Q6_K", n, blocks, rng))
@@ -32,6 +32,23 @@ def test_q6k_kernel_matches_reference_and_exact_fp32(m, n, blocks):
     exact = x @ dequantize_rows(data, "Q6_K").t()
     assert rel(got, exact) <= 1e-3  # 16-bit activation rounding only (typically ~3e-5)
     assert rel(cpu_ext.reference_matmul(x, data), exact) <= 1e-3
+
+
+@needs_ext
+def test_q6k_kernel_splits_rows_across_threads():
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q6_K", 1000, 1, rng))
+    x = torch.randn(1, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpu_ext.ggml_matmul(x, data, "Q6_K")
+        torch.set_num_threads(1)
+        one = cpu_ext.ggml_matmul(x, data, "Q6_K")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output row is computed by one thread, in the same order
+    assert rel(one, cpu_ext.reference_matmul(x, data)) <= 1e-5
 
 
 @needs_ext

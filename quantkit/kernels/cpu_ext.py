@@ -117,6 +117,84 @@ void split_x15(const int16_t* q, int64_t k, int8_t* hi, int8_t* lo, float* neg32
   }
 }
 
+// 16 vectors -> one vector holding their 16 horizontal sums (in a fixed lane order, see reduce16_order)
+inline __m512 reduce16(const __m512* v) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_unpacklo_ps(y[2 * i], y[2 * i + 1]), _mm512_unpackhi_ps(y[2 * i], y[2 * i + 1]));
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x44), _mm512_shuffle_ps(z[0], z[1], 0xEE));
+}
+
+// the permutation that puts reduce16's output in input order (found by running it on v[i] = i)
+__m512i reduce16_order() {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_set1_ps(static_cast<float>(i) / 16.f);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, reduce16(v));
+  alignas(64) int32_t inv[16];
+  for (int l = 0; l < 16; ++l) inv[static_cast<int>(lanes[l] + 0.5f)] = l;
+  return _mm512_load_si512(inv);
+}
+
+// one activation row (decode): accumulators stay in registers, 16 rows share one horizontal reduction
+void q6k_rows_avx512_m1(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb,
+                        const int8_t* xhi, const int8_t* xlo, const float* xneg, const float* xd, float* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi8(0x3F);
+  const __m512i shl_ab = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_cd = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) {
+    alignas(64) int32_t t[16];
+    for (int i = 0; i < 16; ++i) t[i] = 4 * v + i / 4;
+    idx[v] = _mm512_load_si512(t);
+  }
+  const __m512i order = reduce16_order();
+  __m512 tile[16];
+  for (int64_t j0 = n0; j0 < n1; j0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - j0);
+    for (int64_t i = 0; i < 16; ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      if (i < rows) {
+        const uint8_t* row = w + (j0 + i) * row_bytes;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = row + b * Q6K_BYTES;
+          const __m512 scf = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192))));
+          __m512 blk_acc = _mm512_mul_ps(scf, _mm512_loadu_ps(xneg + b * 16));
+          for (int h = 0; h < 2; ++h) {
+            __m512i lo = _mm512_loadu_si512(blk + 64 * h);
+            __m512i hi = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
+            __m512i c[2];
+            c[0] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, _mm512_sllv_epi16(hi, shl_ab), m4, 0xE4), m6);
+            c[1] = _mm512_and_si512(
+                _mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), _mm512_srlv_epi16(hi, shr_cd), m4, 0xE4), m6);
+            for (int e = 0; e < 2; ++e) {
+              const int v = 2 * h + e;
+              const int64_t off = b * QK + 64 * v;
+              const __m512i zero = _mm512_setzero_si512();
+              __m512i dh = _mm512_dpbusd_epi32(zero, c[e], _mm512_loadu_si512(xhi + off));
+              __m512i dl = _mm512_dpbusd_epi32(zero, c[e], _mm512_loadu_si512(xlo + off));
+              __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 7), dl);
+              blk_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx[v], scf), blk_acc);
+            }
+          }
+          acc = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(half_bits(blk + 208) * xd[b]), acc);
+        }
+      }
+      tile[i] = acc;
+    }
+    const __m512 sums = _mm512_permutexvar_ps(order, reduce16(tile));
+    _mm512_mask_storeu_ps(out + j0, static_cast<__mmask16>((1u << rows) - 1u), sums);
+  }
+}
+
 // weight rows [n0, n1) against all M activation rows; codes are unpacked once per super-block
 void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t nb, int64_t m,
                      int64_t k, const int8_t* xhi, const int8_t* xlo, const float* xneg, const float* xd, float* out,
@@ -192,6 +270,10 @@ at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
   const int64_t row_bytes = nb * Q6K_BYTES;
   at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
 #ifdef QK_AVX512
+    if (!portable && m == 1) {
+      q6k_rows_avx512_m1(w, row_bytes, n0, n1, nb, xhi.data(), xlo.data(), xneg.data(), xd.data(), op);
+      return;
+    }
     if (!portable) {
       q6k_rows_avx512(w, row_bytes, n0, n1, nb, m, k, xhi.data(), xlo.data(), xneg.data(), xd.data(), op, n);
       return;
