@@ -102,7 +102,7 @@ class Generator:
         self.fused_kernels = (self.device.type == "cuda") if fused_kernels is None else fused_kernels
         self._graph = None
         self.compile = bool(compile) and not self.use_graph
-        self._compiled = None
+        self._compiled, self.compile_error = None, None  # compile_error: why compile=True fell back to eager
 
     # ---- forward pieces ----
 
@@ -264,7 +264,11 @@ class Generator:
         self._pos.fill_(pos)
         self._compiled_calls += 1
         if self._compiled_calls == 1:  # compiles, with guards installed
-            return self._compiled(self._tok, self._pos)
+            try:
+                return self._compiled(self._tok, self._pos)
+            except Exception as e:  # e.g. no C++ compiler for inductor: keep decoding eagerly (same results)
+                self.compile, self.compile_error = False, f"{type(e).__name__}: {e}"
+                return self._static_step(self._tok, self._pos)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return self._compiled(self._tok, self._pos)
 
