@@ -115,6 +115,7 @@ def test_compiled_cpu_decode_matches_eager_and_is_deterministic(nano_q4_k_m):
         # equal up to float summation order, which the bf16 rounding inside the int4 kernel can amplify
         assert rel(lc, le) <= 1e-2, pos
         tok_e, tok_c = le.argmax(-1), lc.argmax(-1)
+    assert compiled.compile and compiled.compile_error is None  # really compiled, no eager fallback
     assert compiled._compiled is not None and compiled._compiled_calls >= 6
     for k_e, k_c in zip(eager.k, compiled.k):  # the compiled step wrote the same cache entries
         assert rel(k_c[:, :, :7], k_e[:, :, :7]) <= 1e-2
