@@ -319,8 +319,11 @@ _state: dict[str, object] = {}
 def _build() -> bool:
     from torch.utils.cpp_extension import load_inline
 
-    load_inline(name="quantkit_cpu_ext", cpp_sources=[_SOURCE], is_python_module=False, verbose=False,
-                extra_cflags=["-O3", "-march=native"])
+    # -march=native: the build cache is keyed by the CPU capability too, so a shared home directory never hands
+    # an AVX512 binary to a machine without it
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    load_inline(name=f"quantkit_cpu_ext_{capability}", cpp_sources=[_SOURCE], is_python_module=False,
+                verbose=False, extra_cflags=["-O3", "-march=native"])
 
     @torch.library.register_fake("quantkit_cpu::q6k_matmul")
     def _(x, data, portable=False):

@@ -274,6 +274,8 @@ class Generator:
             except Exception as e:  # e.g. no C++ compiler for inductor: keep decoding eagerly (same results)
                 self.compile, self.compile_error = False, f"{type(e).__name__}: {e}"
                 return self._static_step(self._tok, self._pos)
+        if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: guards are checked on every call
+            return self._compiled(self._tok, self._pos)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return self._compiled(self._tok, self._pos)
 
