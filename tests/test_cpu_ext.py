@@ -136,3 +136,21 @@ def test_cli_generate_compile_flag_gives_the_eager_text(nano_q4_k_m, capfd):
     out, err = capfd.readouterr()
     assert out.startswith("Once upon a time") and len(out.split()) >= 6 and "tok/s" in err
     assert out == eager_out  # same kernels; the compiled step only fuses the small ops around them
+
+
+def test_compile_failure_falls_back_to_eager_decoding(nano_path, monkeypatch):
+    from quantkit.runtime.generate import Generator
+    from quantkit.runtime.model import load_model
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = load_model(nano_path)
+    prompt = [1, 6843, 3714, 264, 727]
+    gen = Generator(model, max_len=32, compile=True)
+    got = gen.generate(prompt, 6)
+    assert not gen.compile and "no C++ compiler" in gen.compile_error
+    assert got.tokens == Generator(model, max_len=32).generate(prompt, 6).tokens
