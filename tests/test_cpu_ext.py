@@ -154,3 +154,19 @@ def test_compile_failure_falls_back_to_eager_decoding(nano_path, monkeypatch):
     got = gen.generate(prompt, 6)
     assert not gen.compile and "no C++ compiler" in gen.compile_error
     assert got.tokens == Generator(model, max_len=32).generate(prompt, 6).tokens
+
+
+def test_cpu_kernel_model_logits_match_the_exact_path(nano_q4_k_m):
+    """Whole mistral-nano Q4_K_M: the cpu-kernels model (int4 kernel + this Q6_K kernel) against the exact fp32
+    dequantize-per-chunk path, prefill (M = 6) and one decode step (M = 1)."""
+    from quantkit.runtime.generate import Generator
+    from quantkit.runtime.model import load_model
+
+    fast, exact = load_model(nano_q4_k_m, cpu_kernels=True), load_model(nano_q4_k_m)
+    prompt = torch.tensor([[1, 6843, 3714, 264, 727, 28725]])
+    gf, ge = Generator(fast, max_len=16), Generator(exact, max_len=16)
+    assert rel(gf.forward(prompt, 0, all_logits=True), ge.forward(prompt, 0, all_logits=True)) <= 1e-2
+    step = torch.tensor([736])
+    assert rel(gf.decode_step(step, 6), ge.decode_step(step, 6)) <= 1e-2
+    if cpu_ext.available():
+        assert isinstance(fast.lm_head._fast, cpu.DirectGGML)
