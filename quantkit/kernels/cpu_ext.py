@@ -12,7 +12,9 @@ d_weight * d_x * sum_j scale_j * dot_j in float32. `reference_matmul` is that co
 
 The AVX512-VNNI path (where -march=native provides it) splits q = 128 * hi + lo into two int8 digits and runs
 `vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring the -32
-code offset from per-sub-block activation sums; elsewhere a portable scalar loop computes the same integers.
+code offset from per-sub-block activation sums; elsewhere a portable scalar loop computes the same integers
+(~35x slower, so the runtime uses this kernel only where `uses_simd()`; kernels/cpu.py keeps torch's grouped
+int8 path otherwise).
 Weight rows are split across torch's intra-op threads.
 `available()` is False (and callers keep their other paths) when the extension cannot be built here.
 """
@@ -30,6 +32,7 @@ SUPPORTED = ("Q6_K",)
 
 def block_bytes(type_name: str) -> int:
     return BLOCK_SIZES[type_name][1]
+
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
@@ -348,7 +351,10 @@ def build_error() -> str | None:
 
 
 def uses_simd() -> bool:
-    return available() and bool(torch.ops.quantkit_cpu.simd_flag())
+    """True where the AVX512-VNNI path was compiled in (the runtime only routes to this kernel then)."""
+    if "simd" not in _state:
+        _state["simd"] = available() and bool(torch.ops.quantkit_cpu.simd_flag())
+    return bool(_state["simd"])
 
 
 def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str, portable: bool = False) -> torch.Tensor:
