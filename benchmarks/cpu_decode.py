@@ -6,7 +6,8 @@
 
 Baseline: `llama-bench -m FILE -p 0 -n TOKENS -t THREADS` (decode only, avg tokens/s).
 quantkit modes, each decoding TOKENS tokens greedily after a short prompt (static KV cache, batch 1):
-  cpu-kernels  torch int4/int8 CPU kernels on the packed codes (the `generate` default on CPU)
+  cpu-kernels  torch int4/int8 CPU kernels on the packed codes, Q6_K through kernels/cpu_ext.py where it builds
+               with AVX512-VNNI (the `generate` default on CPU; eager decode step)
   exact        fp32 dequantize-per-chunk reference path (no full-precision weights kept)
   cache        --cache-dequant: dequantized fp32 weights kept after first use (memory traded for speed)
   compiled     cpu-kernels + the decode step compiled with torch.compile (`Generator(compile=True)`,
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default="cpu-kernels,exact,cache")
+    ap.add_argument("--modes", default="compiled,cpu-kernels,exact,cache")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
