@@ -6,8 +6,9 @@ activation quantization; the exact path stays the default).
   (w = (q - 8) * scale + zero). Serves int4 QuantTensors, Q4_0, Q4_1 and Q4_K (sub-block scale and min folded).
 - `GroupedInt8CPU`: int8 codes per group with a per-(row, group) scale and optional additive offset ->
   one `aten._weight_int8pack_mm` per group plus `sum_g(x_g) @ offset`. Serves Q8_0, Q6_K, Q5_K and int8.
-- `DirectGGML`: the block bytes as stored, through the C++ extension kernels/cpu_ext.py (Q6_K; 16-bit
-  activations, fp32 accumulation) — preferred over the grouped int8 path where the extension builds.
+- `DirectGGML`: the block bytes as stored (no repacked copy), through the C++ extension kernels/cpu_ext.py
+  (Q6_K; activations rounded to 15-bit integers, exact integer sub-block sums, rel. error ~5e-5) — used instead
+  of the grouped int8 path where the extension builds with AVX512-VNNI.
 References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul.
 """
 
