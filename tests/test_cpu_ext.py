@@ -18,20 +18,21 @@ def rel(a, b):
 
 
 @needs_ext
-@pytest.mark.parametrize("m,n,blocks", [(1, 48, 1), (1, 37, 2), (3, 40, 3), (9, 16, 2)])
-def test_q6k_kernel_matches_reference_and_exact_fp32(m, n, blocks):
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0"])
+@pytest.mark.parametrize("m,n,k", [(1, 48, 256), (1, 37, 512), (3, 40, 768), (9, 16, 512)])
+def test_kernel_matches_reference_and_exact_fp32(type_name, m, n, k):
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks("Q6_K", n, blocks, rng))
-    x = torch.randn(m, 256 * blocks) * torch.rand(m, 1) * 10
+    data = torch.from_numpy(random_blocks(type_name, n, k // (256 if type_name == "Q6_K" else 32), rng))
+    x = torch.randn(m, k) * torch.rand(m, 1) * 10
     x[0, :7] *= 50  # an outlier block
-    got = cpu_ext.ggml_matmul(x, data, "Q6_K")
+    got = cpu_ext.ggml_matmul(x, data, type_name)
     assert got.shape == (m, n) and got.dtype == torch.float32
-    ref = cpu_ext.reference_matmul(x, data)
+    ref = cpu_ext.reference_matmul(x, data, type_name)
     assert rel(got, ref) <= 1e-5  # same arithmetic, summation order aside
-    assert rel(cpu_ext.ggml_matmul(x, data, "Q6_K", portable=True), ref) <= 1e-5  # the non-SIMD loop too
-    exact = x @ dequantize_rows(data, "Q6_K").t()
-    assert rel(got, exact) <= 1e-3  # 16-bit activation rounding only (typically ~3e-5)
-    assert rel(cpu_ext.reference_matmul(x, data), exact) <= 1e-3
+    assert rel(cpu_ext.ggml_matmul(x, data, type_name, portable=True), ref) <= 1e-5  # the non-SIMD loop too
+    exact = x @ dequantize_rows(data, type_name).t()
+    assert rel(got, exact) <= 1e-3  # 15-bit activation rounding only (typically ~5e-5)
+    assert rel(ref, exact) <= 1e-3
 
 
 @needs_ext
@@ -66,36 +67,48 @@ def test_q6k_kernel_edge_cases():
         cpu_ext.ggml_matmul(torch.zeros(1, 256), data, "Q5_0")
 
 
-def test_q6k_reference_is_the_dequantized_matmul():
-    """The reference itself (no extension needed): 16-bit activations + integer block sums ~= fp32 matmul."""
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0"])
+def test_reference_is_the_dequantized_matmul(type_name):
+    """The reference itself (no extension needed): 15-bit activations + integer block sums ~= fp32 matmul."""
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks("Q6_K", 8, 2, rng))
+    data = torch.from_numpy(random_blocks(type_name, 8, 2 if type_name == "Q6_K" else 16, rng))
     x = torch.randn(2, 512)
-    assert rel(cpu_ext.reference_matmul(x, data), x @ dequantize_rows(data, "Q6_K").t()) <= 1e-3
+    assert rel(cpu_ext.reference_matmul(x, data, type_name), x @ dequantize_rows(data, type_name).t()) <= 1e-3
 
 
 @pytest.mark.skipif(not cpu_ext.uses_simd(), reason="the runtime uses the extension only with AVX512-VNNI")
-def test_ggml_linear_q6k_uses_the_extension():
+@pytest.mark.parametrize("type_name,blocks,k,direct", [("Q6_K", 2, 512, True), ("Q8_0", 16, 512, True),
+                                                       ("Q8_0", 5, 160, False)])  # K % 256 != 0: grouped int8
+def test_ggml_linear_uses_the_extension(type_name, blocks, k, direct):
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks("Q6_K", 32, 2, rng))
-    lin = GGMLLinear("Q6_K", data, (32, 512), cpu_kernels=True)
-    x = torch.randn(2, 3, 512)
+    data = torch.from_numpy(random_blocks(type_name, 32, blocks, rng))
+    lin = GGMLLinear(type_name, data, (32, k), cpu_kernels=True)
+    x = torch.randn(2, 3, k)
     out = lin(x)
-    assert isinstance(lin._fast, cpu.DirectGGML)
-    assert rel(out, x @ dequantize_rows(data, "Q6_K").t()) <= 1e-3
+    assert isinstance(lin._fast, cpu.DirectGGML) == direct
+    assert rel(out, x @ dequantize_rows(data, type_name).t()) <= (1e-3 if direct else 1e-2)
+
+
+def _nano_gguf(tmp_path_factory, nano_path, ftype):
+    from quantkit.cli import main
+
+    path = tmp_path_factory.mktemp("gguf") / f"nano-{ftype}.gguf"
+    try:
+        main(["quantize", str(nano_path), "--type", ftype, "-o", str(path)])
+    except SystemExit as e:
+        assert not e.code, f"quantize failed ({e.code})"
+    return path
 
 
 @pytest.fixture(scope="module")
 def nano_q4_k_m(tmp_path_factory, nano_path):
     """mistral-nano as GGUF Q4_K_M (Q4_K and Q6_K linears, Q6_K output matrix) written by the real writer."""
-    from quantkit.cli import main
+    return _nano_gguf(tmp_path_factory, nano_path, "Q4_K_M")
 
-    path = tmp_path_factory.mktemp("gguf") / "nano-Q4_K_M.gguf"
-    try:
-        main(["quantize", str(nano_path), "--type", "Q4_K_M", "-o", str(path)])
-    except SystemExit as e:
-        assert not e.code, f"quantize failed ({e.code})"
-    return path
+
+@pytest.fixture(scope="module")
+def nano_q8_0(tmp_path_factory, nano_path):
+    return _nano_gguf(tmp_path_factory, nano_path, "Q8_0")
 
 
 @pytest.mark.slow
@@ -156,16 +169,20 @@ def test_compile_failure_falls_back_to_eager_decoding(nano_path, monkeypatch):
     assert got.tokens == Generator(model, max_len=32).generate(prompt, 6).tokens
 
 
-def test_cpu_kernel_model_logits_match_the_exact_path(nano_q4_k_m):
-    """Whole mistral-nano Q4_K_M: the cpu-kernels model (int4 kernel + this Q6_K kernel) against the exact fp32
-    dequantize-per-chunk path, prefill (M = 6) and one decode step (M = 1)."""
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+def test_cpu_kernel_model_logits_match_the_exact_path(request, ftype):
+    """Whole mistral-nano GGUF: the cpu-kernels model (torch's int4 kernel + this extension's Q6_K / Q8_0) against
+    the exact fp32 dequantize-per-chunk path, prefill (M = 6) and one decode step (M = 1)."""
     from quantkit.runtime.generate import Generator
     from quantkit.runtime.model import load_model
 
-    fast, exact = load_model(nano_q4_k_m, cpu_kernels=True), load_model(nano_q4_k_m)
+    path = request.getfixturevalue({"Q4_K_M": "nano_q4_k_m", "Q8_0": "nano_q8_0"}[ftype])
+    fast, exact = load_model(path, cpu_kernels=True), load_model(path)
     prompt = torch.tensor([[1, 6843, 3714, 264, 727, 28725]])
     gf, ge = Generator(fast, max_len=16), Generator(exact, max_len=16)
     assert rel(gf.forward(prompt, 0, all_logits=True), ge.forward(prompt, 0, all_logits=True)) <= 1e-2
     step = torch.tensor([736])
     assert rel(gf.decode_step(step, 6), ge.decode_step(step, 6)) <= 1e-2
     assert isinstance(fast.lm_head._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
+    if ftype == "Q8_0":
+        assert isinstance(fast.model.layers[0].mlp.down_proj._fast, cpu.DirectGGML) == cpu_ext.uses_simd()

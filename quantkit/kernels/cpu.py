@@ -7,7 +7,7 @@ activation quantization; the exact path stays the default).
 - `GroupedInt8CPU`: int8 codes per group with a per-(row, group) scale and optional additive offset ->
   one `aten._weight_int8pack_mm` per group plus `sum_g(x_g) @ offset`. Serves Q8_0, Q6_K, Q5_K and int8.
 - `DirectGGML`: the block bytes as stored (no repacked copy), through the C++ extension kernels/cpu_ext.py
-  (Q6_K; activations rounded to 15-bit integers, exact integer sub-block sums, rel. error ~5e-5) — used instead
+  (Q6_K, Q8_0; activations rounded to 15-bit integers, exact integer block sums, rel. error ~5e-5) — used instead
   of the grouped int8 path where the extension builds with AVX512-VNNI.
 References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.kernels.ggml_ref import _blocks, _f16, _q4k_codes, k_scale_min
+from quantkit.kernels.ggml_ref import BLOCK_SIZES, _blocks, _f16, _q4k_codes, k_scale_min
 
 
 def available() -> bool:
@@ -144,7 +144,10 @@ def direct_ggml(data: torch.Tensor, type_name: str) -> DirectGGML | None:
     portable loop is ~5x slower than the grouped int8 path, so it only serves as a tested fallback)."""
     from quantkit.kernels import cpu_ext
 
-    if type_name not in cpu_ext.SUPPORTED or data.shape[1] % cpu_ext.block_bytes(type_name) or not cpu_ext.uses_simd():
+    if type_name not in cpu_ext.SUPPORTED or data.shape[1] % BLOCK_SIZES[type_name][1]:
+        return None
+    k = data.shape[1] // BLOCK_SIZES[type_name][1] * BLOCK_SIZES[type_name][0]
+    if k % 256 or not cpu_ext.uses_simd():  # activations are rounded per 256 values
         return None
     return DirectGGML(data, type_name)
 

@@ -1,18 +1,18 @@
 """A small C++ CPU extension (built on first use with torch.utils.cpp_extension.load_inline) that multiplies
 activations by ggml block bytes exactly as GGUF stores them — no repacking, no full-precision copy.
 
-`ggml_matmul(x [M, K] float32, data uint8 [N, K / 256 * 210], "Q6_K") -> [M, N] float32`
+`ggml_matmul(x [M, K] float32, data uint8 [N, row bytes], "Q6_K" | "Q8_0") -> [M, N] float32` (K % 256 == 0)
 
 Math: each row of `x` is rounded to 15-bit integers per 256 values (`quantize_x15`: d = max|x| / 16383,
 q = round(x / d); much finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels),
 each 16-value sub-block's dot product sum((code - 32) * q) is an exact integer, and a super-block contributes
-d_weight * d_x * sum_j scale_j * dot_j in float32. `reference_matmul` is that computation in plain torch
+d_weight * d_x * sum_j scale_j * dot_j in float32 (Q8_0: each 32-value block contributes d_w * d_x * sum(code * q)). `reference_matmul` is that computation in plain torch
 (equal up to float summation order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates
 (relative error ~1e-4, from the activation rounding).
 
 The AVX512-VNNI path (where -march=native provides it) splits q = 128 * hi + lo into two int8 digits and runs
-`vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring the -32
-code offset from per-sub-block activation sums; elsewhere a portable scalar loop computes the same integers
+`vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring the code
+offset (-32 for Q6_K; +128 added to make Q8_0's signed codes unsigned) from per-block activation sums; elsewhere a portable scalar loop computes the same integers
 (~35x slower, so the runtime uses this kernel only where `uses_simd()`; kernels/cpu.py keeps torch's grouped
 int8 path otherwise).
 Weight rows are split across torch's intra-op threads.
@@ -25,13 +25,9 @@ import threading
 
 import torch
 
-from quantkit.kernels.ggml_ref import BLOCK_SIZES, _blocks, _f16
+from quantkit.kernels.ggml_ref import _blocks, _f16
 
-SUPPORTED = ("Q6_K",)
-
-
-def block_bytes(type_name: str) -> int:
-    return BLOCK_SIZES[type_name][1]
+SUPPORTED = ("Q6_K", "Q8_0")
 
 
 _SOURCE = r"""
@@ -41,6 +37,7 @@ _SOURCE = r"""
 #include <torch/library.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -289,6 +286,117 @@ at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
   return out;
 }
 
+// ---- Q8_0: blocks of 34 bytes (f16 d, 32 int8 codes), w = d * code ----
+constexpr int Q80_BYTES = 34;
+
+float q8_0_row_scalar(const uint8_t* row, int64_t nb32, const int16_t* xq, const float* xd) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb32; ++b) {
+    const uint8_t* blk = row + b * Q80_BYTES;
+    const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
+    int32_t sum = 0;
+    for (int i = 0; i < 32; ++i) sum += qs[i] * xq[b * 32 + i];
+    acc += half_bits(blk) * xd[b / 8] * static_cast<float>(sum);
+  }
+  return acc;
+}
+
+#ifdef QK_AVX512
+// Q8_0 activations: hi/lo digits and, per 64 values, a 16-lane vector holding -128 * sum(x) of its first 32-value
+// block in lane 0 and of its second in lane 8 (the codes are used as unsigned code + 128)
+void q8_0_prepare_x(const int16_t* q, int64_t k, int8_t* hi, int8_t* lo, float* corr) {
+  for (int64_t i = 0; i < k; ++i) {
+    hi[i] = static_cast<int8_t>(q[i] >> 7);
+    lo[i] = static_cast<int8_t>(q[i] & 127);
+  }
+  for (int64_t c = 0; c < k / 64; ++c) {
+    for (int l = 0; l < 16; ++l) corr[c * 16 + l] = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      int32_t s = 0;
+      for (int i = 0; i < 32; ++i) s += q[c * 64 + h * 32 + i];
+      corr[c * 16 + h * 8] = -128.f * static_cast<float>(s);
+    }
+  }
+}
+
+// one weight row against one activation row -> a 16-lane partial-sum vector
+inline __m512 q8_0_row_avx512(const uint8_t* row, int64_t k, const int8_t* xhi, const int8_t* xlo,
+                              const float* corr, const float* xd) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b256 = 0; b256 < k / QK; ++b256) {
+    __m512 blk_acc = _mm512_setzero_ps();
+    for (int p = 0; p < 4; ++p) {  // pairs of 32-value blocks
+      const int64_t c = b256 * 4 + p;
+      const uint8_t* blk = row + c * 2 * Q80_BYTES;
+      __m512i u = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + Q80_BYTES + 2)), 1);
+      u = _mm512_xor_si512(u, flip);
+      const __m512i zero = _mm512_setzero_si512();
+      __m512i dh = _mm512_dpbusd_epi32(zero, u, _mm512_loadu_si512(xhi + c * 64));
+      __m512i dl = _mm512_dpbusd_epi32(zero, u, _mm512_loadu_si512(xlo + c * 64));
+      __m512 dot = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh, 7), dl)),
+                                 _mm512_loadu_ps(corr + c * 16));
+      uint16_t d0, d1;
+      std::memcpy(&d0, blk, 2);
+      std::memcpy(&d1, blk + Q80_BYTES, 2);
+      const __m512 scale = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(d1)),
+                                                            _mm_set1_epi16(static_cast<short>(d0))));
+      blk_acc = _mm512_fmadd_ps(dot, scale, blk_acc);
+    }
+    acc = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(xd[b256]), acc);
+  }
+  return acc;
+}
+#endif
+
+at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
+  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q8_0_matmul: bad inputs");
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
+  TORCH_CHECK(k % QK == 0 && data.size(1) == k / 32 * Q80_BYTES,
+              "q8_0_matmul: K must be a multiple of 256 and data [N, K/32*34]");
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor d8 = data.contiguous();
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> xd(m * nb);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* w = d8.data_ptr<uint8_t>();
+  const int64_t row_bytes = k / 32 * Q80_BYTES;
+#ifdef QK_AVX512
+  std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
+  std::vector<float> corr(portable ? 0 : m * k / 4);
+  if (!portable) q8_0_prepare_x(xq.data(), m * k, xhi.data(), xlo.data(), corr.data());
+#endif
+  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+#ifdef QK_AVX512
+    if (!portable) {
+      const __m512i order = reduce16_order();
+      __m512 tile[16];
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j0 = n0; j0 < n1; j0 += 16) {
+          const int64_t rows = std::min<int64_t>(16, n1 - j0);
+          for (int64_t i = 0; i < 16; ++i)
+            tile[i] = i < rows ? q8_0_row_avx512(w + (j0 + i) * row_bytes, k, xhi.data() + r * k,
+                                                 xlo.data() + r * k, corr.data() + r * k / 4, xd.data() + r * nb)
+                               : _mm512_setzero_ps();
+          _mm512_mask_storeu_ps(op + r * n + j0, static_cast<__mmask16>((1u << rows) - 1u),
+                                _mm512_permutexvar_ps(order, reduce16(tile)));
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t j = n0; j < n1; ++j)
+      for (int64_t r = 0; r < m; ++r)
+        op[r * n + j] = q8_0_row_scalar(w + j * row_bytes, k / 32, xq.data() + r * k, xd.data() + r * nb);
+  });
+  return out;
+}
+
 bool has_avx512() {
 #ifdef QK_AVX512
   return true;
@@ -303,11 +411,13 @@ at::Tensor simd_flag() { return at::scalar_tensor(has_avx512() ? 1 : 0, at::kLon
 
 TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("q6k_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
+  m.def("q8_0_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
   m.def("simd_flag() -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
   m.impl("q6k_matmul", &q6k_matmul);
+  m.impl("q8_0_matmul", &q8_0_matmul);
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CompositeExplicitAutograd, m) {
@@ -328,9 +438,10 @@ def _build() -> bool:
     load_inline(name=f"quantkit_cpu_ext_{capability}", cpp_sources=[_SOURCE], is_python_module=False,
                 verbose=False, extra_cflags=["-O3", "-march=native"])
 
-    @torch.library.register_fake("quantkit_cpu::q6k_matmul")
-    def _(x, data, portable=False):
-        return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
+    for op in ("q6k_matmul", "q8_0_matmul"):
+        @torch.library.register_fake(f"quantkit_cpu::{op}")
+        def _(x, data, portable=False):
+            return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
 
     return True
 
@@ -360,9 +471,11 @@ def uses_simd() -> bool:
 def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str, portable: bool = False) -> torch.Tensor:
     """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32. `portable`: the scalar loop
     even where the SIMD path exists (same integers; for tests)."""
-    if type_name != "Q6_K":
-        raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
-    return torch.ops.quantkit_cpu.q6k_matmul(x2, data, portable)
+    if type_name == "Q6_K":
+        return torch.ops.quantkit_cpu.q6k_matmul(x2, data, portable)
+    if type_name == "Q8_0":
+        return torch.ops.quantkit_cpu.q8_0_matmul(x2, data, portable)
+    raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
 
 
 # ---- plain torch references ----
@@ -396,6 +509,14 @@ def q6k_codes_scales(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_K") -> torch.Tensor:
     """Plain torch version of the kernel's arithmetic (15-bit activations, exact integer sub-block sums)."""
+    if type_name == "Q8_0":
+        b = _blocks(data, "Q8_0")  # [N, K/32, 34]
+        codes = b[..., 2:34].contiguous().view(torch.int8).double()  # [N, nb32, 32]
+        q, dx = quantize_x15(x2)  # [M, K/256, 256], [M, K/256]
+        qb = q.double().reshape(q.shape[0], -1, 32)  # [M, nb32, 32]
+        sums = torch.einsum("nbk,mbk->mnb", codes, qb)  # exact integers
+        scale = _f16(b[..., 0:2]).double()[None] * dx.double().repeat_interleave(8, 1)[:, None]
+        return (sums * scale).sum(-1).float()
     if type_name != "Q6_K":
         raise ValueError(f"cpu_ext reference: no {type_name}")
     codes, scales, dw = q6k_codes_scales(data)  # [N, nb, 256], [N, nb, 16], [N, nb]
