@@ -18,11 +18,11 @@ def rel(a, b):
 
 
 @needs_ext
-@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0", "Q5_K"])
 @pytest.mark.parametrize("m,n,k", [(1, 48, 256), (1, 37, 512), (3, 40, 768), (9, 16, 512)])
 def test_kernel_matches_reference_and_exact_fp32(type_name, m, n, k):
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks(type_name, n, k // (256 if type_name == "Q6_K" else 32), rng))
+    data = torch.from_numpy(random_blocks(type_name, n, k // (32 if type_name == "Q8_0" else 256), rng))
     x = torch.randn(m, k) * torch.rand(m, 1) * 10
     x[0, :7] *= 50  # an outlier block
     got = cpu_ext.ggml_matmul(x, data, type_name)
@@ -67,17 +67,18 @@ def test_q6k_kernel_edge_cases():
         cpu_ext.ggml_matmul(torch.zeros(1, 256), data, "Q5_0")
 
 
-@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0", "Q5_K"])
 def test_reference_is_the_dequantized_matmul(type_name):
     """The reference itself (no extension needed): 15-bit activations + integer block sums ~= fp32 matmul."""
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks(type_name, 8, 2 if type_name == "Q6_K" else 16, rng))
+    data = torch.from_numpy(random_blocks(type_name, 8, 16 if type_name == "Q8_0" else 2, rng))
     x = torch.randn(2, 512)
     assert rel(cpu_ext.reference_matmul(x, data, type_name), x @ dequantize_rows(data, type_name).t()) <= 1e-3
 
 
 @pytest.mark.skipif(not cpu_ext.uses_simd(), reason="the runtime uses the extension only with AVX512-VNNI")
 @pytest.mark.parametrize("type_name,blocks,k,direct", [("Q6_K", 2, 512, True), ("Q8_0", 16, 512, True),
+                                                       ("Q5_K", 2, 512, True),
                                                        ("Q8_0", 5, 160, False)])  # K % 256 != 0: grouped int8
 def test_ggml_linear_uses_the_extension(type_name, blocks, k, direct):
     rng = np.random.default_rng()
@@ -109,6 +110,11 @@ def nano_q4_k_m(tmp_path_factory, nano_path):
 @pytest.fixture(scope="module")
 def nano_q8_0(tmp_path_factory, nano_path):
     return _nano_gguf(tmp_path_factory, nano_path, "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def nano_q5_k_m(tmp_path_factory, nano_path):
+    return _nano_gguf(tmp_path_factory, nano_path, "Q5_K_M")
 
 
 @pytest.mark.slow
@@ -169,14 +175,14 @@ def test_compile_failure_falls_back_to_eager_decoding(nano_path, monkeypatch):
     assert got.tokens == Generator(model, max_len=32).generate(prompt, 6).tokens
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q5_K_M"])
 def test_cpu_kernel_model_logits_match_the_exact_path(request, ftype):
-    """Whole mistral-nano GGUF: the cpu-kernels model (torch's int4 kernel + this extension's Q6_K / Q8_0) against
+    """Whole mistral-nano GGUF: the cpu-kernels model (torch's int4 kernel + this extension's Q6_K/Q8_0/Q5_K) against
     the exact fp32 dequantize-per-chunk path, prefill (M = 6) and one decode step (M = 1)."""
     from quantkit.runtime.generate import Generator
     from quantkit.runtime.model import load_model
 
-    path = request.getfixturevalue({"Q4_K_M": "nano_q4_k_m", "Q8_0": "nano_q8_0"}[ftype])
+    path = request.getfixturevalue({"Q4_K_M": "nano_q4_k_m", "Q8_0": "nano_q8_0", "Q5_K_M": "nano_q5_k_m"}[ftype])
     fast, exact = load_model(path, cpu_kernels=True), load_model(path)
     prompt = torch.tensor([[1, 6843, 3714, 264, 727, 28725]])
     gf, ge = Generator(fast, max_len=16), Generator(exact, max_len=16)
@@ -184,5 +190,5 @@ def test_cpu_kernel_model_logits_match_the_exact_path(request, ftype):
     step = torch.tensor([736])
     assert rel(gf.decode_step(step, 6), ge.decode_step(step, 6)) <= 1e-2
     assert isinstance(fast.lm_head._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
-    if ftype == "Q8_0":
-        assert isinstance(fast.model.layers[0].mlp.down_proj._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
+    if ftype in ("Q8_0", "Q5_K_M"):  # Q8_0 / Q5_K gate|up go through the extension too
+        assert isinstance(fast.model.layers[0].mlp.gate_up_fused._fast, cpu.DirectGGML) == cpu_ext.uses_simd()

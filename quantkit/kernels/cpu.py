@@ -7,8 +7,8 @@ activation quantization; the exact path stays the default).
 - `GroupedInt8CPU`: int8 codes per group with a per-(row, group) scale and optional additive offset ->
   one `aten._weight_int8pack_mm` per group plus `sum_g(x_g) @ offset`. Serves Q8_0, Q6_K, Q5_K and int8.
 - `DirectGGML`: the block bytes as stored (no repacked copy), through the C++ extension kernels/cpu_ext.py
-  (Q6_K, Q8_0; activations rounded to 15-bit integers, exact integer block sums, rel. error ~5e-5) — used instead
-  of the grouped int8 path where the extension builds with AVX512-VNNI.
+  (Q6_K, Q8_0, Q5_K; activations rounded to 15-bit integers, exact integer block sums, rel. error ~5e-5) — used
+  instead of the grouped int8 path where the extension builds with AVX512-VNNI (and K % 256 == 0).
 References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul.
 """
 

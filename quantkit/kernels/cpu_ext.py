@@ -4,17 +4,19 @@ activations by ggml block bytes exactly as GGUF stores them — no repacking, no
 `ggml_matmul(x [M, K] float32, data uint8 [N, row bytes], "Q6_K" | "Q8_0") -> [M, N] float32` (K % 256 == 0)
 
 Math: each row of `x` is rounded to 15-bit integers per 256 values (`quantize_x15`: d = max|x| / 16383,
-q = round(x / d); much finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels),
-each 16-value sub-block's dot product sum((code - 32) * q) is an exact integer, and a super-block contributes
-d_weight * d_x * sum_j scale_j * dot_j in float32 (Q8_0: each 32-value block contributes d_w * d_x * sum(code * q)). `reference_matmul` is that computation in plain torch
-(equal up to float summation order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates
-(relative error ~1e-4, from the activation rounding).
+q = round(x / d); much finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels).
+Every block's dot product with the integer codes is then an exact integer, and the float scales are applied per
+block: Q6_K d_w * d_x * sum_j sc_j * sum((code - 32) * q) over its 16-value sub-blocks; Q8_0
+d_w * d_x * sum(code * q) per 32 values; Q5_K d_x * (d * sum_s sc_s * sum(code * q) - dmin * sum_s m_s * sum(q))
+over its 32-value sub-blocks. `reference_matmul` is that computation in plain torch (equal up to float summation
+order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates (relative error ~5e-5, from the
+activation rounding).
 
 The AVX512-VNNI path (where -march=native provides it) splits q = 128 * hi + lo into two int8 digits and runs
-`vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring the code
-offset (-32 for Q6_K; +128 added to make Q8_0's signed codes unsigned) from per-block activation sums; elsewhere a portable scalar loop computes the same integers
-(~35x slower, so the runtime uses this kernel only where `uses_simd()`; kernels/cpu.py keeps torch's grouped
-int8 path otherwise).
+`vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring any code
+offset (-32 for Q6_K; +128 added to make Q8_0's signed codes unsigned) from per-block activation sums, and reduces
+16 weight rows at once. Elsewhere a portable scalar loop computes the same integers (~35x slower, so the runtime
+uses these kernels only where `uses_simd()`; kernels/cpu.py keeps torch's grouped int8 path otherwise).
 Weight rows are split across torch's intra-op threads.
 `available()` is False (and callers keep their other paths) when the extension cannot be built here.
 """
@@ -25,9 +27,9 @@ import threading
 
 import torch
 
-from quantkit.kernels.ggml_ref import _blocks, _f16
+from quantkit.kernels.ggml_ref import _blocks, _f16, _q4k_codes, k_scale_min
 
-SUPPORTED = ("Q6_K", "Q8_0")
+SUPPORTED = ("Q6_K", "Q8_0", "Q5_K")
 
 
 _SOURCE = r"""
@@ -397,6 +399,151 @@ at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool port
   return out;
 }
 
+// ---- Q5_K: 176-byte super-blocks: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) x 8, qh[32], qs[128];
+// value 32s + l = (nibble s%2 of qs[32(s/2) + l]) | (bit s of qh[l]) << 4; w = d * sc_s * q - dmin * m_s ----
+constexpr int Q5K_BYTES = 176;
+
+inline void k_scale_min(const uint8_t* s, int32_t* sc, int32_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+float q5k_row_scalar(const uint8_t* row, int64_t nb, const int16_t* xq, const float* xd) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * Q5K_BYTES;
+    int32_t sc[8], mn[8];
+    k_scale_min(blk + 4, sc, mn);
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + 48;
+    const int16_t* x = xq + b * QK;
+    float dots = 0.f, mins = 0.f;
+    for (int sb = 0; sb < 8; ++sb) {
+      int32_t dot = 0, xs = 0;
+      for (int l = 0; l < 32; ++l) {
+        int q = ((qs[32 * (sb / 2) + l] >> (4 * (sb % 2))) & 0xF) | (((qh[l] >> sb) & 1) << 4);
+        dot += q * x[32 * sb + l];
+        xs += x[32 * sb + l];
+      }
+      dots += static_cast<float>(sc[sb]) * static_cast<float>(dot);
+      mins += static_cast<float>(mn[sb]) * static_cast<float>(xs);
+    }
+    acc += xd[b] * (half_bits(blk) * dots - half_bits(blk + 2) * mins);
+  }
+  return acc;
+}
+
+#ifdef QK_AVX512
+// per 256 values: a 16-lane vector with the 8 sub-block sums of x in lanes 0-7
+void q5k_prepare_x(const int16_t* q, int64_t k, int8_t* hi, int8_t* lo, float* xs) {
+  for (int64_t i = 0; i < k; ++i) {
+    hi[i] = static_cast<int8_t>(q[i] >> 7);
+    lo[i] = static_cast<int8_t>(q[i] & 127);
+  }
+  for (int64_t b = 0; b < k / QK; ++b)
+    for (int l = 0; l < 16; ++l) {
+      int32_t s = 0;
+      if (l < 8)
+        for (int i = 0; i < 32; ++i) s += q[b * QK + l * 32 + i];
+      xs[b * 16 + l] = static_cast<float>(s);
+    }
+}
+
+inline __m512 q5k_row_avx512(const uint8_t* row, int64_t nb, const int8_t* xhi, const int8_t* xlo, const float* xs,
+                             const float* xd, const __m512i* cnt_hi, const __m512i* idx) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m1 = _mm512_set1_epi8(0x01);
+  const __m512i cnt_lo = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * Q5K_BYTES;
+    alignas(64) int32_t sm[16];  // scales in lanes 0-7, mins in 8-15
+    k_scale_min(blk + 4, sm, sm + 8);
+    const __m512 smf = _mm512_cvtepi32_ps(_mm512_load_si512(sm));
+    const __m512i qhv = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)));
+    __m512 blk_acc = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) {  // 64 values: sub-blocks 2j (lanes 0-7), 2j+1 (lanes 8-15)
+      const __m512i qsv =
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 48 + 32 * j)));
+      __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(qsv, cnt_lo), m4);
+      codes = _mm512_or_si512(codes, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qhv, cnt_hi[j]), m1), 4));
+      const int64_t off = b * QK + 64 * j;
+      const __m512i zero = _mm512_setzero_si512();
+      __m512i dh = _mm512_dpbusd_epi32(zero, codes, _mm512_loadu_si512(xhi + off));
+      __m512i dl = _mm512_dpbusd_epi32(zero, codes, _mm512_loadu_si512(xlo + off));
+      __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh, 7), dl));
+      blk_acc = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(idx[j], smf), blk_acc);
+    }
+    // mins: lanes 8-15 of smf against the x sub-block sums (lanes 0-7 of xs): move the mins down first
+    const __m512 mins = _mm512_maskz_permutexvar_ps(0x00FF, idx[4], smf);
+    const __m512 min_term = _mm512_mul_ps(mins, _mm512_loadu_ps(xs + b * 16));
+    const float dx = xd[b];
+    acc = _mm512_fmadd_ps(blk_acc, _mm512_set1_ps(half_bits(blk) * dx), acc);
+    acc = _mm512_fnmadd_ps(min_term, _mm512_set1_ps(half_bits(blk + 2) * dx), acc);
+  }
+  return acc;
+}
+#endif
+
+at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
+  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q5k_matmul: bad inputs");
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
+  TORCH_CHECK(k % QK == 0 && data.size(1) == nb * Q5K_BYTES,
+              "q5k_matmul: K must be a multiple of 256 and data [N, K/256*176]");
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor d8 = data.contiguous();
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> xd(m * nb);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* w = d8.data_ptr<uint8_t>();
+  const int64_t row_bytes = nb * Q5K_BYTES;
+#ifdef QK_AVX512
+  std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
+  std::vector<float> xs(portable ? 0 : m * nb * 16);
+  if (!portable) q5k_prepare_x(xq.data(), m * k, xhi.data(), xlo.data(), xs.data());
+#endif
+  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+#ifdef QK_AVX512
+    if (!portable) {
+      __m512i cnt_hi[4], idx[5];
+      for (int j = 0; j < 4; ++j) {
+        cnt_hi[j] = _mm512_inserti64x4(_mm512_set1_epi16(2 * j), _mm256_set1_epi16(2 * j + 1), 1);
+        alignas(64) int32_t t[16];
+        for (int i = 0; i < 16; ++i) t[i] = 2 * j + i / 8;
+        idx[j] = _mm512_load_si512(t);
+      }
+      alignas(64) int32_t t[16];
+      for (int i = 0; i < 16; ++i) t[i] = 8 + (i % 8);
+      idx[4] = _mm512_load_si512(t);
+      const __m512i order = reduce16_order();
+      __m512 tile[16];
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j0 = n0; j0 < n1; j0 += 16) {
+          const int64_t rows = std::min<int64_t>(16, n1 - j0);
+          for (int64_t i = 0; i < 16; ++i)
+            tile[i] = i < rows ? q5k_row_avx512(w + (j0 + i) * row_bytes, nb, xhi.data() + r * k, xlo.data() + r * k,
+                                                xs.data() + r * nb * 16, xd.data() + r * nb, cnt_hi, idx)
+                               : _mm512_setzero_ps();
+          _mm512_mask_storeu_ps(op + r * n + j0, static_cast<__mmask16>((1u << rows) - 1u),
+                                _mm512_permutexvar_ps(order, reduce16(tile)));
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t j = n0; j < n1; ++j)
+      for (int64_t r = 0; r < m; ++r)
+        op[r * n + j] = q5k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
+  });
+  return out;
+}
+
 bool has_avx512() {
 #ifdef QK_AVX512
   return true;
@@ -412,12 +559,14 @@ at::Tensor simd_flag() { return at::scalar_tensor(has_avx512() ? 1 : 0, at::kLon
 TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("q6k_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
   m.def("q8_0_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
+  m.def("q5k_matmul(Tensor x, Tensor data, bool portable=False) -> Tensor");
   m.def("simd_flag() -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
   m.impl("q6k_matmul", &q6k_matmul);
   m.impl("q8_0_matmul", &q8_0_matmul);
+  m.impl("q5k_matmul", &q5k_matmul);
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CompositeExplicitAutograd, m) {
@@ -438,7 +587,7 @@ def _build() -> bool:
     load_inline(name=f"quantkit_cpu_ext_{capability}", cpp_sources=[_SOURCE], is_python_module=False,
                 verbose=False, extra_cflags=["-O3", "-march=native"])
 
-    for op in ("q6k_matmul", "q8_0_matmul"):
+    for op in ("q6k_matmul", "q8_0_matmul", "q5k_matmul"):
         @torch.library.register_fake(f"quantkit_cpu::{op}")
         def _(x, data, portable=False):
             return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
@@ -475,6 +624,8 @@ def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str, portable: 
         return torch.ops.quantkit_cpu.q6k_matmul(x2, data, portable)
     if type_name == "Q8_0":
         return torch.ops.quantkit_cpu.q8_0_matmul(x2, data, portable)
+    if type_name == "Q5_K":
+        return torch.ops.quantkit_cpu.q5k_matmul(x2, data, portable)
     raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
 
 
@@ -517,6 +668,19 @@ def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_
         sums = torch.einsum("nbk,mbk->mnb", codes, qb)  # exact integers
         scale = _f16(b[..., 0:2]).double()[None] * dx.double().repeat_interleave(8, 1)[:, None]
         return (sums * scale).sum(-1).float()
+    if type_name == "Q5_K":
+        b = _blocks(data, "Q5_K")  # [N, nb, 176]
+        d, dmin = _f16(b[..., 0:2]).double(), _f16(b[..., 2:4]).double()
+        sc, mn = k_scale_min(b[..., 4:16])  # [N, nb, 8] each
+        qh = b[..., 16:48].to(torch.int32)
+        high = ((qh[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
+        codes = (_q4k_codes(b[..., 48:176]) | high).double()  # [N, nb, 8, 32]
+        q, dx = quantize_x15(x2)  # [M, nb, 256], [M, nb]
+        qs = q.double().reshape(q.shape[0], q.shape[1], 8, 32)
+        dots = torch.einsum("nbsk,mbsk->mnbs", codes, qs)  # exact integers
+        xsum = qs.sum(-1)[:, None]  # [M, 1, nb, 8]
+        per_block = d[None] * (dots * sc.double()).sum(-1) - dmin[None] * (xsum * mn.double()).sum(-1)
+        return (per_block * dx.double()[:, None]).sum(-1).float()
     if type_name != "Q6_K":
         raise ValueError(f"cpu_ext reference: no {type_name}")
     codes, scales, dw = q6k_codes_scales(data)  # [N, nb, 256], [N, nb, 16], [N, nb]
