@@ -271,6 +271,21 @@ def _int_gemv_fast_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_p
 
 
 @triton.jit
+def _nibbles(packed):
+    """The 8 four-bit codes of each int32 word as three new trailing axes of size 2: index (b2, b1, b0) holds
+    code j = 4*b2 + 2*b1 + b0 (bits 4j..4j+3 of the word)."""
+    q0 = packed & 15
+    q1 = (packed >> 4) & 15
+    q2 = (packed >> 8) & 15
+    q3 = (packed >> 12) & 15
+    q4 = (packed >> 16) & 15
+    q5 = (packed >> 20) & 15
+    q6 = (packed >> 24) & 15
+    q7 = (packed >> 28) & 15
+    return tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+
+
+@triton.jit
 def _int_gemm_w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
                         M, N, K, stride_xm, group_size, k_per_split, ldq, lds,
                         ZP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_OUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -299,17 +314,8 @@ def _int_gemm_w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
         kw = k0 // 8 + offs_w
         packed = tl.load(qw_ptr + kw[:, None] * ldq + offs_n[None, :], mask=(kw * 8 < K)[:, None] & n_ok[None, :],
                          other=0)
-        q0 = packed & 15
-        q1 = (packed >> 4) & 15
-        q2 = (packed >> 8) & 15
-        q3 = (packed >> 12) & 15
-        q4 = (packed >> 16) & 15
-        q5 = (packed >> 20) & 15
-        q6 = (packed >> 24) & 15
-        q7 = (packed >> 28) & 15
         # [BKW, BN, 2(bit2), 2(bit1), 2(bit0)] -> [8, BKW, BN] in j order -> [BK, BN]
-        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
-        q = tl.reshape(tl.permute(q, (2, 3, 4, 0, 1)), (BK, BN))
+        q = tl.reshape(tl.permute(_nibbles(packed), (2, 3, 4, 0, 1)), (BK, BN))
         g0 = k0 // group_size
         if HAS_ZEROS:
             z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
@@ -359,17 +365,8 @@ def _int_gemm_w4t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
         kw = k0 // 8 + offs_w
         packed = tl.load(qw_ptr + kw[None, :] * ldq + offs_n[:, None], mask=(kw * 8 < K)[None, :] & n_ok[:, None],
                          other=0)  # [BN, BKW]
-        q0 = packed & 15
-        q1 = (packed >> 4) & 15
-        q2 = (packed >> 8) & 15
-        q3 = (packed >> 12) & 15
-        q4 = (packed >> 16) & 15
-        q5 = (packed >> 20) & 15
-        q6 = (packed >> 24) & 15
-        q7 = (packed >> 28) & 15
         # [BN, BKW, 2(bit2), 2(bit1), 2(bit0)] -> [BN, 8, BKW] in j order -> [BN, BK]
-        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
-        q = tl.reshape(tl.permute(q, (0, 2, 3, 4, 1)), (BN, BK))
+        q = tl.reshape(tl.permute(_nibbles(packed), (0, 2, 3, 4, 1)), (BN, BK))
         g0 = k0 // group_size
         if HAS_ZEROS:
             z = tl.load(z_ptr + g0 * lds + offs_n, mask=n_ok, other=0).to(tl.float32)
