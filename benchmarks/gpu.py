@@ -374,6 +374,14 @@ def main() -> None:
                     RESULTS["errors"][f"e2e_{kind}_{key}"] = traceback.format_exc()[-3000:]
                 log(kind, key, res[kind][key])
                 save(out)
+            if kind == "w4_g128" and not smoke and device.type == "cuda":
+                try:  # a long context: the decode attention reads ~4k positions per layer (flash-decoding splits)
+                    res[kind]["graph_ctx4k"] = decode_rate(model, True, steps, prompt_len=4000)
+                except Exception as e:
+                    res[kind]["graph_ctx4k"] = {"error": f"{type(e).__name__}: {e}"}
+                    RESULTS["errors"]["e2e_ctx4k"] = traceback.format_exc()[-3000:]
+                log(kind, "graph, context 4000", res[kind]["graph_ctx4k"])
+                save(out)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -152,13 +152,16 @@ def test_rope_cache_kernel_equals_reference(b, t, dtype):
 
 
 
-@pytest.mark.parametrize("b,heads,kv_heads,d,max_len,pos,window,dtype", [
-    (1, 8, 2, 32, 40, 0, None, torch.float32),
-    (2, 4, 4, 16, 70, 69, None, torch.float32),  # every position, more than one block
-    (1, 8, 2, 32, 100, 77, 20, torch.float16),  # sliding window
-    (1, 6, 2, 64, 50, 33, None, torch.bfloat16),  # a group of 3 (padded to 4)
+@pytest.mark.parametrize("b,heads,kv_heads,d,max_len,pos,window,dtype,splits", [
+    (1, 8, 2, 32, 40, 0, None, torch.float32, 1),
+    (2, 4, 4, 16, 70, 69, None, torch.float32, 1),  # every position, more than one block
+    (1, 8, 2, 32, 100, 77, 20, torch.float16, 1),  # sliding window
+    (1, 6, 2, 64, 50, 33, None, torch.bfloat16, 1),  # a group of 3 (padded to 4)
+    (2, 8, 2, 32, 300, 250, None, torch.float32, 4),  # flash-decoding splits, the last one empty
+    (1, 8, 2, 32, 300, 5, None, torch.float32, 8),  # most splits see no position
+    (1, 8, 2, 32, 300, 290, 100, torch.float16, 4),  # splits + sliding window: early splits empty
 ])
-def test_decode_attention_kernel_equals_reference(b, heads, kv_heads, d, max_len, pos, window, dtype):
+def test_decode_attention_kernel_equals_reference(b, heads, kv_heads, d, max_len, pos, window, dtype, splits):
     from quantkit.kernels.attention import decode_attention, decode_attention_ref
 
     q = torch.randn(b, heads, 1, d, device=DEVICE).to(dtype)
@@ -168,10 +171,17 @@ def test_decode_attention_kernel_equals_reference(b, heads, kv_heads, d, max_len
     v[:, :, pos + 1:] = float("nan")
     p = torch.tensor([pos], device=DEVICE)
     out = torch.full_like(q, float("nan"))
-    got = decode_attention(q, k, v, p, window, out=out)
+    got = decode_attention(q, k, v, p, window, out=out, splits=splits)
     ref = decode_attention_ref(q, torch.nan_to_num(k), torch.nan_to_num(v), p, window)
     assert not torch.isnan(got).any()
     assert rel_err(got, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_attention_split_count_is_fixed_per_cache():
+    from quantkit.kernels.attention import split_count
+
+    assert split_count(100) == 1 and split_count(256) == 1 and split_count(257) == 2
+    assert split_count(4096) == 16 and split_count(32768) == 32
 
 
 @pytest.mark.parametrize("rows,h,dtype", [(1, 256, torch.float32), (3, 200, torch.bfloat16)])
