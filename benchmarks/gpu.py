@@ -524,6 +524,9 @@ def markdown() -> str:
             lines.append(f"| {kind} | {d.get('weight_GB')} | {d.get('graph', {}).get('tok_per_s', d.get('graph'))} | "
                          f"{d.get('eager', {}).get('tok_per_s', d.get('eager'))} | {d.get('fused_vs_unfused')} |")
         lines.append(f"\nspeedup W4/bf16: graph {e2e.get('speedup_graph')}x, eager {e2e.get('speedup_eager')}x")
+        ctx = e2e.get("w4_g128", {}).get("graph_ctx4k")
+        if ctx:
+            lines.append(f"W4 g128 decode at a 4,000-token context (CUDA graph): {ctx.get('tok_per_s', ctx)} tok/s")
     if RESULTS.get("extras"):
         lines += ["", "| extra | M | ok | rel err | ms | weight GB/s |", "|---|---|---|---|---|---|"]
         for r in RESULTS["extras"]:
