@@ -143,6 +143,7 @@ def test_compiled_cpu_decode_matches_eager_and_is_deterministic(nano_q4_k_m):
     again.cached = []
     b = again.generate(prompt, 24)
     assert a.tokens == b.tokens and len(a.tokens) == 24  # greedy decoding through the compiled step is deterministic
+    assert a.extra["compile_s"] > 0 and "compile_s" not in b.extra  # reported once, with the call that compiled
 
 
 @pytest.mark.slow

@@ -52,4 +52,6 @@ def speed_line(result, info) -> str:
             f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_tokens_per_s:.2f} tok/s | "
             f"{info['format']} {info['backend']} {info['device']} {info['dtype']}"
             + (" cache-dequant" if info.get("cache_dequant") else "")
-            + (" cpu-kernels" if info.get("cpu_kernels") and info["device"] == "cpu" else ""))
+            + (" cpu-kernels" if info.get("cpu_kernels") and info["device"] == "cpu" else "")
+            + (f" (decode includes {result.extra['compile_s']:.1f} s of compile)" if result.extra.get("compile_s")
+               else ""))

@@ -108,6 +108,7 @@ class Generator:
         self._graph = None
         self.compile = bool(compile) and not self.use_graph
         self._compiled, self.compile_error = None, None  # compile_error: why compile=True fell back to eager
+        self.compile_s = 0.0  # seconds the first compiled call took (compile or cache load), inside decode time
 
     # ---- forward pieces ----
 
@@ -269,11 +270,14 @@ class Generator:
         self._pos.fill_(pos)
         self._compiled_calls += 1
         if self._compiled_calls == 1:  # compiles, with guards installed
+            t0 = time.perf_counter()
             try:
                 return self._compiled(self._tok, self._pos)
             except Exception as e:  # e.g. no C++ compiler for inductor: keep decoding eagerly (same results)
                 self.compile, self.compile_error = False, f"{type(e).__name__}: {e}"
                 return self._static_step(self._tok, self._pos)
+            finally:
+                self.compile_s = time.perf_counter() - t0
         if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: guards are checked on every call
             return self._compiled(self._tok, self._pos)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
@@ -323,6 +327,7 @@ class Generator:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
         reused = self.prepare(prompt)
+        compiled_before = self.compile_s
         out: list[int] = []
         self.last = GenerationResult(out, len(prompt), 0.0, 0.0, "length", reused)
         if max_new_tokens == 0:
@@ -352,6 +357,8 @@ class Generator:
             token = sample(logits, params, gen)
             tok = int(token[0])
         self.last.decode_s = time.perf_counter() - t1
+        if self.compile_s and not compiled_before:  # the step was compiled during this call
+            self.last.extra["compile_s"] = self.compile_s
 
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                  eos_id: int | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
