@@ -7,8 +7,9 @@ as BF16 safetensors shards in the work dir. For each target type (Q8_0, Q4_0, Q4
   quantkit:   quantkit convert SRC --format gguf --type T -o OUT          (streams tensor by tensor)
   llama.cpp:  convert_hf_to_gguf.py SRC --outtype bf16  (once)  +  llama-quantize BF16.gguf OUT T 2
 
-Wall time and peak RSS of each process (os.wait4) are measured in this script, one process at a time; the ratio
-is quantkit / (llama.cpp convert + quantize). Outputs are deleted after each measurement; `--cleanup` deletes
+Wall time, CPU time and peak memory (the main process's RSS, and the summed PSS of it and its worker processes) of
+each process are measured in this script, one process at a time; the ratio is quantkit / (llama.cpp convert +
+quantize). Outputs are deleted after each measurement; `--cleanup` deletes
 the synthetic checkpoint at the end.
 
 Usage: nice -n 10 python benchmarks/gguf_convert_speed.py [--layers 8] [--work /tmp/gguf_speed] [--cleanup]
@@ -98,17 +99,45 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run one process: wall seconds, CPU seconds and its peak RSS.
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (quantkit's encoder workers)."""
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                stack += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return out
 
-    Peak RSS is the process's own VmHWM, sampled every 50 ms until it exits (monotonic, so the last sample is the
-    peak up to 50 ms before exit). ru_maxrss from wait4 is not used: Linux folds the parent's RSS at fork into it."""
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run one process: wall seconds, CPU seconds (its children included) and peak memory.
+
+    Memory is sampled every 50 ms until it exits: `peak_rss_gib` is the process's own VmHWM (monotonic, so the
+    last sample is the peak up to 50 ms before exit); `peak_pss_gib` is the peak of the summed proportional set size
+    of the process and its descendants (shared pages, e.g. the encoders' shared-memory files, counted once) — the
+    figure that compares a multi-process tool with a single-process one. ru_maxrss from wait4 is not used: Linux
+    folds the parent's RSS at fork into it."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        hwm = 0
+        hwm = pss = 0
         while True:
             hwm = max(hwm, _vm_hwm_kib(proc.pid))
+            pss = max(pss, sum(_pss_kib(p) for p in _tree(proc.pid)))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -117,7 +146,7 @@ def measure(cmd: list[str], log: Path) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {"seconds": round(wall, 1), "peak_rss_gib": round(hwm / 1024**2, 3),
+    return {"seconds": round(wall, 1), "peak_rss_gib": round(hwm / 1024**2, 3), "peak_pss_gib": round(pss / 1024**2, 3),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
@@ -169,14 +198,16 @@ def main() -> None:
 
     gb = src_bytes / 1e9
     print(f"\nMistral-7B-shaped BF16 checkpoint, {args.layers} of 32 layers, {gb:.2f} GB; llama.cpp convert_hf_to_gguf "
-          f"to BF16: {results['llamacpp_convert_bf16']['seconds']} s, peak RSS "
-          f"{results['llamacpp_convert_bf16']['peak_rss_gib']} GiB\n")
-    print("| target | quantkit s | quantkit peak RSS GiB | llama.cpp convert+quantize s | llama-quantize peak RSS GiB "
-          "| ratio quantkit/llama.cpp | sizes (quantkit / llama.cpp bytes) |")
+          f"to BF16: {results['llamacpp_convert_bf16']['seconds']} s, peak PSS / RSS "
+          f"{results['llamacpp_convert_bf16']['peak_pss_gib']} / {results['llamacpp_convert_bf16']['peak_rss_gib']} GiB\n")
+    print("| target | quantkit s | quantkit peak PSS (all processes) / main-process RSS GiB "
+          "| llama.cpp convert+quantize s | llama-quantize peak PSS / RSS GiB | ratio quantkit/llama.cpp "
+          "| sizes (quantkit / llama.cpp bytes) |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for target, r in results["targets"].items():
-        print(f"| {target} | {r['quantkit']['seconds']} | {r['quantkit']['peak_rss_gib']} | {r['llamacpp_total_seconds']} "
-              f"| {r['llamacpp_quantize']['peak_rss_gib']} | {r['ratio_quantkit_over_llamacpp']} "
+        qk, lq = r["quantkit"], r["llamacpp_quantize"]
+        print(f"| {target} | {qk['seconds']} | {qk['peak_pss_gib']} / {qk['peak_rss_gib']} | {r['llamacpp_total_seconds']} "
+              f"| {lq['peak_pss_gib']} / {lq['peak_rss_gib']} | {r['ratio_quantkit_over_llamacpp']} "
               f"| {r['bytes']['quantkit']:,} / {r['bytes']['llamacpp']:,} |")
 
 
