@@ -23,14 +23,28 @@ import numpy as np
 import torch
 
 from quantkit.errors import FormatError, SchemeError
-from quantkit.gguf import dequant, parallel
-from quantkit.gguf.blocks import (BLOCK_SIZES, CHUNK_ELEMENTS, FLOAT_TYPES, K_TYPES, LEGACY_TYPES, SUPPORTED_TYPES,
-                                   encode_checked_rows, row_bytes)
-from quantkit.gguf.f32ops import bf16_bits
+from quantkit.gguf import dequant, kquants, legacy
+from quantkit.gguf.f32ops import F32, bf16_bits, seqsum_rows
 from quantkit.quant.tensor import GGMLTensor
 
-__all__ = ["BLOCK_SIZES", "FLOAT_TYPES", "K_TYPES", "LEGACY_TYPES", "SUPPORTED_TYPES", "row_bytes", "quantize_ggml",
-           "dequantize_array", "dequantize_ggml"]
+# type name -> (elements per block, bytes per block)
+BLOCK_SIZES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
+
+# elements per chunk: big enough to amortize numpy's per-call cost, small enough to stay in L2
+CHUNK_ELEMENTS = 1 << 18
+
+
+def row_bytes(type_name: str, cols: int) -> int:
+    block, size = BLOCK_SIZES[type_name]
+    return cols // block * size
 
 
 def _as_f32(weight) -> np.ndarray:
@@ -53,14 +67,13 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
 
     `importance` ([cols], mean squared activation per input column, e.g. an imatrix entry) switches the legacy
     and k-quant searches to llama.cpp's importance-weighted versions; Q8_0 and the float types ignore it.
-    `threads`: parallel workers over row chunks (default: all CPUs); tensors of 2M elements or more are encoded
-    in worker processes (`quantkit.gguf.parallel`), smaller ones in threads. The bytes do not depend on it."""
-    shape = tuple(weight.shape)
+    `threads`: row chunks are encoded in parallel (numpy releases the GIL); default: all CPUs."""
+    x = _as_f32(weight)
+    shape = tuple(x.shape)
     _check(type_name, shape, name)
-    cols = shape[-1] if len(shape) else 1
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    x2 = x.reshape(-1, shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
+    rows, cols = x2.shape
     if type_name in FLOAT_TYPES:
-        x2 = _as_f32(weight).reshape(rows, cols)
         if type_name == "F32":
             data = x2.view(np.uint8)
         elif type_name == "F16":
@@ -73,21 +86,17 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
         qw = _as_f32(importance).reshape(-1)
         if qw.shape[0] != cols:
             raise SchemeError(f"{name}: importance has {qw.shape[0]} entries for {cols} input columns")
-    out_cols = row_bytes(type_name, cols)
+    out = np.empty((rows, row_bytes(type_name, cols)), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // cols)
     starts = range(0, rows, step)
-    workers = min(len(starts), parallel.worker_count(threads))
-    if workers > 1 and rows * cols >= parallel.MIN_ELEMENTS:
-        data = parallel.encode_in_processes(weight, (rows, cols), type_name, qw, name, out_cols, step, workers,
-                                            _as_f32)
-        if data is not None:
-            return GGMLTensor(type_name, shape, data)
-    x2 = _as_f32(weight).reshape(rows, cols)
-    out = np.empty((rows, out_cols), dtype=np.uint8)
 
     def encode_chunk(r0: int) -> None:
         r1 = min(rows, r0 + step)
-        out[r0:r1] = encode_checked_rows(x2[r0:r1], type_name, qw, name, r0)
+        chunk = x2[r0:r1]
+        if not np.isfinite(chunk).all():
+            bad = (np.argwhere(~np.isfinite(chunk))[0] + [r0, 0]).tolist()
+            raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
+        out[r0:r1] = _encode_rows(chunk, type_name, qw).reshape(r1 - r0, -1)
 
     n_threads = min(len(starts), threads or os.cpu_count() or 1)
     if n_threads <= 1:
@@ -97,6 +106,21 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(encode_chunk, starts))
     return GGMLTensor(type_name, shape, out)
+
+
+def _encode_rows(x: np.ndarray, type_name: str, qw: np.ndarray | None) -> np.ndarray:
+    rows, cols = x.shape
+    block = BLOCK_SIZES[type_name][0]
+    blocks = x.reshape(-1, block)
+    if type_name in K_TYPES:
+        qwb = None if qw is None else np.broadcast_to(qw.reshape(1, -1), (rows, cols)).reshape(-1, block)
+        return kquants.ENCODERS[type_name](blocks, qwb)
+    if qw is None or type_name == "Q8_0":
+        return legacy.REF[type_name](blocks)
+    sigma2 = seqsum_rows(x * x) / F32(cols)  # per row
+    xb = blocks.reshape(rows, cols // block, block)
+    w = qw.reshape(1, -1, block) * np.sqrt(sigma2[:, None, None] + xb * xb)
+    return legacy.WEIGHTED[type_name](blocks, w.reshape(-1, block))
 
 
 def dequantize_array(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
