@@ -89,10 +89,11 @@ def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3)
     return path
 
 
-def _vm_hwm_kib(pid: int) -> int:
+def _status_kib(pid: int, path: str, field: str) -> int:
+    """A `Field:  N kB` line of /proc/PID/<path> (0 once the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass
@@ -100,7 +101,7 @@ def _vm_hwm_kib(pid: int) -> int:
 
 
 def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (quantkit's encoder workers)."""
+    """pid and all its descendants."""
     out, stack = [], [pid]
     while stack:
         p = stack.pop()
@@ -113,22 +114,12 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def measure(cmd: list[str], log: Path) -> dict:
     """Run one process: wall seconds, CPU seconds (its children included) and peak memory.
 
     Memory is sampled every 50 ms until it exits: `peak_rss_gib` is the process's own VmHWM (monotonic, so the
     last sample is the peak up to 50 ms before exit); `peak_pss_gib` is the peak of the summed proportional set size
-    of the process and its descendants (shared pages, e.g. the encoders' shared-memory files, counted once) — the
+    of the process and its descendants (shared pages counted once) — the
     figure that compares a multi-process tool with a single-process one. ru_maxrss from wait4 is not used: Linux
     folds the parent's RSS at fork into it."""
     t0 = time.perf_counter()
@@ -136,8 +127,8 @@ def measure(cmd: list[str], log: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         hwm = pss = 0
         while True:
-            hwm = max(hwm, _vm_hwm_kib(proc.pid))
-            pss = max(pss, sum(_pss_kib(p) for p in _tree(proc.pid)))
+            hwm = max(hwm, _status_kib(proc.pid, "status", "VmHWM:"))
+            pss = max(pss, sum(_status_kib(p, "smaps_rollup", "Pss:") for p in _tree(proc.pid)))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
