@@ -250,17 +250,41 @@ void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1
 }
 #endif
 
+// The common front of the three matmuls: checked inputs, x as float32 and rounded to 15-bit integers per 256 values
+// (quantize_x15), and the block bytes made contiguous.
+struct Front {
+  int64_t m, k, n, nb;
+  at::Tensor x, d8;
+  std::vector<int16_t> xq;
+  std::vector<float> xd;
+};
+
+Front front(const at::Tensor& x_in, const at::Tensor& data, int64_t bytes_per_256, const char* name,
+            const char* layout) {
+  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, name, ": bad inputs");
+  Front f;
+  f.m = x_in.size(0);
+  f.k = x_in.size(1);
+  f.n = data.size(0);
+  f.nb = f.k / QK;
+  TORCH_CHECK(f.k % QK == 0 && data.size(1) == f.nb * bytes_per_256, name,
+              ": K must be a multiple of 256 and data ", layout);
+  f.x = x_in.to(at::kFloat).contiguous();
+  f.d8 = data.contiguous();
+  f.xq.resize(f.m * f.k);
+  f.xd.resize(f.m * f.nb);
+  const float* xp = f.x.data_ptr<float>();
+  for (int64_t r = 0; r < f.m; ++r) quantize_x15(xp + r * f.k, f.k, f.xq.data() + r * f.k, f.xd.data() + r * f.nb);
+  return f;
+}
+
 at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
-  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q6k_matmul: bad inputs");
-  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
-  TORCH_CHECK(k % QK == 0 && data.size(1) == nb * Q6K_BYTES,
-              "q6k_matmul: K must be a multiple of 256 and data [N, K/256*210]");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor d8 = data.contiguous();
-  std::vector<int16_t> xq(m * k);
-  std::vector<float> xd(m * nb);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  Front f = front(x_in, data, Q6K_BYTES, "q6k_matmul", "[N, K/256*210]");
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
+  const at::Tensor& x = f.x;
+  const at::Tensor& d8 = f.d8;
+  std::vector<int16_t>& xq = f.xq;
+  std::vector<float>& xd = f.xd;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> xneg(portable ? 0 : m * k / 16);
@@ -354,16 +378,12 @@ inline __m512 q8_0_row_avx512(const uint8_t* row, int64_t k, const int8_t* xhi, 
 #endif
 
 at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
-  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q8_0_matmul: bad inputs");
-  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
-  TORCH_CHECK(k % QK == 0 && data.size(1) == k / 32 * Q80_BYTES,
-              "q8_0_matmul: K must be a multiple of 256 and data [N, K/32*34]");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor d8 = data.contiguous();
-  std::vector<int16_t> xq(m * k);
-  std::vector<float> xd(m * nb);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  Front f = front(x_in, data, 8 * Q80_BYTES, "q8_0_matmul", "[N, K/32*34]");
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
+  const at::Tensor& x = f.x;
+  const at::Tensor& d8 = f.d8;
+  std::vector<int16_t>& xq = f.xq;
+  std::vector<float>& xd = f.xd;
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* w = d8.data_ptr<uint8_t>();
@@ -489,16 +509,12 @@ inline __m512 q5k_row_avx512(const uint8_t* row, int64_t nb, const int8_t* xhi, 
 #endif
 
 at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
-  TORCH_CHECK(x_in.dim() == 2 && data.dim() == 2 && data.scalar_type() == at::kByte, "q5k_matmul: bad inputs");
-  const int64_t m = x_in.size(0), k = x_in.size(1), n = data.size(0), nb = k / QK;
-  TORCH_CHECK(k % QK == 0 && data.size(1) == nb * Q5K_BYTES,
-              "q5k_matmul: K must be a multiple of 256 and data [N, K/256*176]");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor d8 = data.contiguous();
-  std::vector<int16_t> xq(m * k);
-  std::vector<float> xd(m * nb);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) quantize_x15(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb);
+  Front f = front(x_in, data, Q5K_BYTES, "q5k_matmul", "[N, K/256*176]");
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
+  const at::Tensor& x = f.x;
+  const at::Tensor& d8 = f.d8;
+  std::vector<int16_t>& xq = f.xq;
+  std::vector<float>& xd = f.xd;
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* w = d8.data_ptr<uint8_t>();
