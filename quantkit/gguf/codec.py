@@ -41,7 +41,7 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
         return GGMLTensor(type_name, shape, float_bytes(weight, type_name))
     quantize_ggml = _e1_encoder()
     if quantize_ggml is not None:
-        return quantize_ggml(weight.to(torch.float32), type_name, importance=importance)
+        return quantize_ggml(weight, type_name, importance=importance)  # converts to float32 chunk by chunk
     if type_name in LEGACY_TYPES and importance is None:
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize

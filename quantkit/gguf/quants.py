@@ -67,13 +67,14 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
 
     `importance` ([cols], mean squared activation per input column, e.g. an imatrix entry) switches the legacy
     and k-quant searches to llama.cpp's importance-weighted versions; Q8_0 and the float types ignore it.
-    `threads`: row chunks are encoded in parallel (numpy releases the GIL); default: all CPUs."""
-    x = _as_f32(weight)
-    shape = tuple(x.shape)
+    `threads`: row chunks are encoded in parallel (numpy releases the GIL); default: all CPUs. A bf16/f16 torch
+    weight is converted to float32 chunk by chunk inside the workers (no full float32 copy)."""
+    shape = tuple(weight.shape)
     _check(type_name, shape, name)
-    x2 = x.reshape(-1, shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
-    rows, cols = x2.shape
+    cols = shape[-1] if shape else 1
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     if type_name in FLOAT_TYPES:
+        x2 = _as_f32(weight).reshape(rows, cols)
         if type_name == "F32":
             data = x2.view(np.uint8)
         elif type_name == "F16":
@@ -90,9 +91,16 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
     step = max(1, CHUNK_ELEMENTS // cols)
     starts = range(0, rows, step)
 
+    if isinstance(weight, torch.Tensor):
+        src = weight.detach().to("cpu").reshape(rows, cols)
+        rows_f32 = lambda r0, r1: src[r0:r1].to(torch.float32).numpy()  # noqa: E731
+    else:
+        x2 = _as_f32(weight).reshape(rows, cols)
+        rows_f32 = lambda r0, r1: x2[r0:r1]  # noqa: E731
+
     def encode_chunk(r0: int) -> None:
         r1 = min(rows, r0 + step)
-        chunk = x2[r0:r1]
+        chunk = np.ascontiguousarray(rows_f32(r0, r1))
         if not np.isfinite(chunk).all():
             bad = (np.argwhere(~np.isfinite(chunk))[0] + [r0, 0]).tolist()
             raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
