@@ -1,8 +1,7 @@
 """One float weight -> the ggml bytes of a target type (float casts here; block types via the encoders).
 
-Block types use engineer E1's vectorized encoders (`quantkit.gguf.quants.quantize_ggml`) when present, else the
-`gguf` package's numpy reference for the legacy types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). Float types are plain casts
-(BF16 = round-to-nearest-even, as ggml's fp32->bf16).
+Block types go through `quantkit.gguf.quants.quantize_ggml` (vectorized, byte-identical to ggml's quantizers).
+Float types are plain casts (BF16 = round-to-nearest-even, as ggml's fp32->bf16).
 """
 
 from __future__ import annotations
@@ -10,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantkit.errors import SchemeError
+from quantkit.gguf.quants import quantize_ggml
 from quantkit.quant.tensor import GGMLTensor
-
-LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def float_bytes(weight: torch.Tensor, type_name: str) -> np.ndarray:
@@ -26,30 +23,11 @@ def float_bytes(weight: torch.Tensor, type_name: str) -> np.ndarray:
     return t.view(torch.uint8).numpy().reshape(rows, -1) if t.dim() > 0 else t.view(torch.uint8).numpy().reshape(1, -1)
 
 
-def _e1_encoder():
-    try:
-        from quantkit.gguf.quants import quantize_ggml  # engineer E1
-    except ImportError:
-        return None
-    return quantize_ggml
-
-
 def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> GGMLTensor:
     """Encode a float [out, in] (or 1-D) weight into `type_name`."""
-    shape = tuple(weight.shape)
     if type_name in ("F32", "F16", "BF16"):
-        return GGMLTensor(type_name, shape, float_bytes(weight, type_name))
-    quantize_ggml = _e1_encoder()
-    if quantize_ggml is not None:
-        return quantize_ggml(weight, type_name, importance=importance)  # converts to float32 chunk by chunk
-    if type_name in LEGACY_TYPES and importance is None:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import quantize
-
-        data = quantize(weight.to(torch.float32).numpy(), GGMLQuantizationType[type_name])
-        return GGMLTensor(type_name, shape, data)
-    raise SchemeError(f"no encoder for ggml type {type_name}" + (" with an importance matrix" if importance is not None else "")
-                      + " (quantkit.gguf.quants is not available)")
+        return GGMLTensor(type_name, tuple(weight.shape), float_bytes(weight, type_name))
+    return quantize_ggml(weight, type_name, importance=importance)  # converts to float32 chunk by chunk
 
 
 def raw_bytes(t: GGMLTensor) -> np.ndarray:
