@@ -92,10 +92,6 @@ def test_gguf_with_collected_imatrix_and_saved_imatrix(src, calib_txt, tmp_path,
 
 @pytest.mark.slow
 def test_gptq_onto_ggml_grid_beats_rtn(src, calib_txt, tmp_path, capsys):
-    from quantkit.calib import load_calibration
-    from quantkit.model.reference import Transformer
-    from quantkit.model.tokenizer import load_tokenizer
-
     ckpt = open_checkpoint(src)
     outs = {}
     for method in ("rtn", "gptq"):
@@ -103,20 +99,7 @@ def test_gptq_onto_ggml_grid_beats_rtn(src, calib_txt, tmp_path, capsys):
         _quantize([str(src), "--type", "Q4_0", "--method", method, "--calib", str(calib_txt), "--calib-samples", "8",
                    "--calib-seqlen", "64", "-o", str(out)], capsys)
         outs[method] = read_checkpoint(out)
-    tokens = load_calibration(str(calib_txt), load_tokenizer(ckpt.tokenizer_path), 8, 64, seed=0).tokens
-    ref = Transformer.from_checkpoint(ckpt, torch.float32)
-    with torch.no_grad():
-        want = ref(tokens)
-    errs = {}
-    for method, q in outs.items():
-        model = Transformer.from_checkpoint(ckpt, torch.float32)
-        state = model.state_dict()
-        for name in state:
-            if ".layers." in name and name.endswith("proj.weight"):
-                state[name] = q.get(name).dequantize()
-        model.load_state_dict(state)
-        with torch.no_grad():
-            errs[method] = float((model(tokens) - want).pow(2).mean())
+    errs = _logit_mse(ckpt, outs, calib_txt)
     assert errs["gptq"] < errs["rtn"], errs
 
 
@@ -151,10 +134,6 @@ def test_dry_run_prints_the_plan(src, tmp_path, capsys):
 def test_awq_method_to_awq_format(src, calib_txt, tmp_path, capsys):
     """AWQ through the pipeline: scales folded into the norms (written), linears read back as QuantTensors, and
     the quantized model is closer to the original on the calibration text than RTN with the same scheme."""
-    from quantkit.calib import load_calibration
-    from quantkit.model.reference import Transformer
-    from quantkit.model.tokenizer import load_tokenizer
-
     ckpt = open_checkpoint(src)
     reads = {}
     for method in ("rtn", "awq"):
@@ -165,10 +144,20 @@ def test_awq_method_to_awq_format(src, calib_txt, tmp_path, capsys):
         reads[method] = read_checkpoint(out)
     norm = "model.layers.0.input_layernorm.weight"
     assert not torch.equal(reads["awq"].get(norm).float(), ckpt.get_tensor(norm).float())  # scales folded
+    errs = _logit_mse(ckpt, reads, calib_txt)
+    assert errs["awq"] < errs["rtn"], errs
+
+
+def _logit_mse(ckpt, reads: dict, calib_txt) -> dict:
+    """Mean squared logit error against the original model on the calibration text, for each quantized
+    checkpoint in `reads` (its decoder-layer tensors, dequantized, loaded into the reference model)."""
+    from quantkit.calib import load_calibration
+    from quantkit.model.reference import Transformer
+    from quantkit.model.tokenizer import load_tokenizer
+
     tokens = load_calibration(str(calib_txt), load_tokenizer(ckpt.tokenizer_path), 8, 64, seed=0).tokens
-    ref = Transformer.from_checkpoint(ckpt, torch.float32)
     with torch.no_grad():
-        want = ref(tokens)
+        want = Transformer.from_checkpoint(ckpt, torch.float32)(tokens)
     errs = {}
     for method, q in reads.items():
         model = Transformer.from_checkpoint(ckpt, torch.float32)
@@ -176,8 +165,8 @@ def test_awq_method_to_awq_format(src, calib_txt, tmp_path, capsys):
         for name in state:
             if ".layers." in name:
                 t = q.get(name)
-                state[name] = t.dequantize() if isinstance(t, QuantTensor) else t.float()
+                state[name] = t.dequantize() if isinstance(t, (QuantTensor, GGMLTensor)) else t.float()
         model.load_state_dict(state)
         with torch.no_grad():
             errs[method] = float((model(tokens) - want).pow(2).mean())
-    assert errs["awq"] < errs["rtn"], errs
+    return errs
