@@ -253,10 +253,12 @@ void q6k_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1
 // The common front of the three matmuls: checked inputs, x as float32 and rounded to 15-bit integers per 256 values
 // (quantize_x15), and the block bytes made contiguous.
 struct Front {
-  int64_t m, k, n, nb;
-  at::Tensor x, d8;
+  int64_t m, k, n, nb, row_bytes;
+  at::Tensor x, d8, out;  // out: [m, n] float32, to be filled
   std::vector<int16_t> xq;
   std::vector<float> xd;
+  const uint8_t* w;  // the block bytes, row j at w + j * row_bytes
+  float* op;
 };
 
 Front front(const at::Tensor& x_in, const at::Tensor& data, int64_t bytes_per_256, const char* name,
@@ -275,25 +277,25 @@ Front front(const at::Tensor& x_in, const at::Tensor& data, int64_t bytes_per_25
   f.xd.resize(f.m * f.nb);
   const float* xp = f.x.data_ptr<float>();
   for (int64_t r = 0; r < f.m; ++r) quantize_x15(xp + r * f.k, f.k, f.xq.data() + r * f.k, f.xd.data() + r * f.nb);
+  f.row_bytes = f.nb * bytes_per_256;
+  f.out = at::empty({f.m, f.n}, f.x.options());
+  f.w = f.d8.data_ptr<uint8_t>();
+  f.op = f.out.data_ptr<float>();
   return f;
 }
 
 at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, Q6K_BYTES, "q6k_matmul", "[N, K/256*210]");
-  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
-  const at::Tensor& x = f.x;
-  const at::Tensor& d8 = f.d8;
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
   std::vector<int16_t>& xq = f.xq;
   std::vector<float>& xd = f.xd;
+  float* op = f.op;
+  const uint8_t* w = f.w;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> xneg(portable ? 0 : m * k / 16);
   if (!portable) split_x15(xq.data(), m * k, xhi.data(), xlo.data(), xneg.data());
 #endif
-  at::Tensor out = at::empty({m, n}, x.options());
-  float* op = out.data_ptr<float>();
-  const uint8_t* w = d8.data_ptr<uint8_t>();
-  const int64_t row_bytes = nb * Q6K_BYTES;
   at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
 #ifdef QK_AVX512
     if (!portable && m == 1) {
@@ -309,7 +311,7 @@ at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
       for (int64_t r = 0; r < m; ++r)
         op[r * n + j] = q6k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
   });
-  return out;
+  return f.out;
 }
 
 // ---- Q8_0: blocks of 34 bytes (f16 d, 32 int8 codes), w = d * code ----
@@ -379,15 +381,11 @@ inline __m512 q8_0_row_avx512(const uint8_t* row, int64_t k, const int8_t* xhi, 
 
 at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, 8 * Q80_BYTES, "q8_0_matmul", "[N, K/32*34]");
-  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
-  const at::Tensor& x = f.x;
-  const at::Tensor& d8 = f.d8;
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
   std::vector<int16_t>& xq = f.xq;
   std::vector<float>& xd = f.xd;
-  at::Tensor out = at::empty({m, n}, x.options());
-  float* op = out.data_ptr<float>();
-  const uint8_t* w = d8.data_ptr<uint8_t>();
-  const int64_t row_bytes = k / 32 * Q80_BYTES;
+  float* op = f.op;
+  const uint8_t* w = f.w;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> corr(portable ? 0 : m * k / 4);
@@ -416,7 +414,7 @@ at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool port
       for (int64_t r = 0; r < m; ++r)
         op[r * n + j] = q8_0_row_scalar(w + j * row_bytes, k / 32, xq.data() + r * k, xd.data() + r * nb);
   });
-  return out;
+  return f.out;
 }
 
 // ---- Q5_K: 176-byte super-blocks: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) x 8, qh[32], qs[128];
@@ -510,15 +508,11 @@ inline __m512 q5k_row_avx512(const uint8_t* row, int64_t nb, const int8_t* xhi, 
 
 at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, Q5K_BYTES, "q5k_matmul", "[N, K/256*176]");
-  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb;
-  const at::Tensor& x = f.x;
-  const at::Tensor& d8 = f.d8;
+  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
   std::vector<int16_t>& xq = f.xq;
   std::vector<float>& xd = f.xd;
-  at::Tensor out = at::empty({m, n}, x.options());
-  float* op = out.data_ptr<float>();
-  const uint8_t* w = d8.data_ptr<uint8_t>();
-  const int64_t row_bytes = nb * Q5K_BYTES;
+  float* op = f.op;
+  const uint8_t* w = f.w;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> xs(portable ? 0 : m * nb * 16);
@@ -557,7 +551,7 @@ at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
       for (int64_t r = 0; r < m; ++r)
         op[r * n + j] = q5k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
   });
-  return out;
+  return f.out;
 }
 
 bool has_avx512() {
