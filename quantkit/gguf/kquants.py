@@ -12,6 +12,8 @@ keeps the codes of the search; narrowing to uint8/int8 wraps).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from quantkit.gguf import search
@@ -25,11 +27,6 @@ QK_K = 256
 def _sub(x: np.ndarray, size: int) -> np.ndarray:
     """[N, 256] -> element-major sub-blocks [size, N*256/size] (contiguous)."""
     return np.ascontiguousarray(x.reshape(-1, size).T)
-
-
-def _unsub(a: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of `_sub` for codes / per-element arrays: [size, B] -> [N, 256]."""
-    return a.T.reshape(n, QK_K)
 
 
 def _u16(bits: np.ndarray) -> np.ndarray:
@@ -48,15 +45,19 @@ def _positive_max(v: np.ndarray) -> np.ndarray:
     return np.where(m > 0, m, F32(0)).astype(np.float32)
 
 
-def _requant(x: np.ndarray, L: np.ndarray, dq: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
-             offset: int) -> np.ndarray:
-    """`l = clamp(nearest_int((x + dm)/d), lo, hi) + offset` per sub-block where d != 0, else keep L.
+def _requant(x: np.ndarray, search_codes: Callable[[np.ndarray], np.ndarray], dq: np.ndarray,
+             dm: np.ndarray | None, lo: int, hi: int, offset: int) -> np.ndarray:
+    """`l = clamp(nearest_int((x + dm)/d), lo, hi) + offset` per sub-block where d != 0; the sub-blocks with d == 0
+    keep the codes of the search, `search_codes(sub-block indices)` -> [size, k] (sub-block index = n*S + s).
 
-    x, L [N, S, size]; dq, dm [N, S]."""
+    x [N, S, size]; dq, dm [N, S]. Returns int32 [N, S, size]."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         v = (x + dm[:, :, None]) / dq[:, :, None] if dm is not None else x / dq[:, :, None]
         l = np.minimum(hi, np.maximum(lo, nearest_int(v))) + offset
-    return np.where((dq != 0)[:, :, None], l, L)
+    kept = np.flatnonzero(dq == 0)
+    if kept.size:
+        l.reshape(-1, x.shape[-1])[kept] = search_codes(kept).T
+    return l
 
 
 def pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int):
     sc, m = scale_min_k4(scale_bytes)
     dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
     dm = dmin16.view(np.float16).astype(np.float32)[:, None] * m.astype(np.float32)
-    L = _requant(x.reshape(n, 8, 32), _unsub(L, n).reshape(n, 8, 32), dq, dm, 0, nmax, 0).reshape(n, QK_K)
+    L = _requant(x.reshape(n, 8, 32), L.take, dq, dm, 0, nmax, 0).reshape(n, QK_K)
     return d16, dmin16, scale_bytes, L.astype(np.uint8)
 
 
@@ -173,7 +174,7 @@ def q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d16 = fp16_bits(F32(1) / iscale)
     sc = wrap_i8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
     dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
-    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -32, 31, 32)
+    L = _requant(x.reshape(n, 16, 16), L.take, dq, None, -32, 31, 32)
     out = np.concatenate([pack_q6_k_codes(L.reshape(n, QK_K)), sc.astype(np.int8).view(np.uint8), _u16(d16)], axis=1)
     out[zero_block] = 0
     return out
@@ -185,7 +186,8 @@ def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     n = x.shape[0]
     xs = _sub(x, 16)
     if qw is None:
-        scales, L = search.make_q3_quants(xs, 4)
+        scales, L3 = search.make_q3_quants(xs, 4)
+        search_codes = lambda groups: L3[:, groups]  # noqa: E731
         scales = scales.reshape(n, 16)
         max_scale = first_absmax(scales, axis=1)
         nonzero = max_scale != 0
@@ -199,14 +201,15 @@ def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         w = qw * np.sqrt(sigma2[:, None] + x * x)
         ws = _sub(w, 16)
         sw = seqsum(ws)
-        scales, L = search.make_qx_quants(xs, 4, ws)
+        scales, codes = search.make_qx_quants(xs, 4, ws)
+        search_codes = codes.take
         d_block, ls = search.make_qx_quants(np.ascontiguousarray(scales.reshape(n, 16).T), 32,
                                             np.ascontiguousarray(sw.reshape(n, 16).T))
-        scale_bytes = pack_q3_k_scales(ls.T)
+        scale_bytes = pack_q3_k_scales(ls.take().T)
         d16 = fp16_bits(d_block)
     sc = q3_k_scales(scale_bytes).astype(np.int32) - 32
     dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
-    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, None, -4, 3, 4).reshape(n, QK_K)
+    L = _requant(x.reshape(n, 16, 16), search_codes, dq, None, -4, 3, 4).reshape(n, QK_K)
     return np.concatenate([pack_q3_k_codes(L), scale_bytes, _u16(d16)], axis=1)
 
 
@@ -240,7 +243,7 @@ def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     s = s.astype(np.uint8)
     dq = d16.view(np.float16).astype(np.float32)[:, None] * (s & 0x0F).astype(np.float32)
     dm_ = dmin16.view(np.float16).astype(np.float32)[:, None] * (s >> 4).astype(np.float32)
-    L = _requant(x.reshape(n, 16, 16), _unsub(L, n).reshape(n, 16, 16), dq, dm_, 0, 3, 0).reshape(n, QK_K)
+    L = _requant(x.reshape(n, 16, 16), L.take, dq, dm_, 0, 3, 0).reshape(n, QK_K)
     return np.concatenate([s, pack_2bit(L), _u16(d16), _u16(dmin16)], axis=1)
 
 

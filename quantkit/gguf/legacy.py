@@ -116,24 +116,24 @@ def importance_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.
 
 def q4_0_weighted(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     scale, L = search.make_qx_quants(x.T.copy(), 8, weights.T.copy())
-    return pack_q4_0(scale, L.T)
+    return pack_q4_0(scale, L.take().T)
 
 
 def q5_0_weighted(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     scale, L = search.make_qx_quants(x.T.copy(), 16, weights.T.copy())
-    return pack_q5_0(scale, L.T)
+    return pack_q5_0(scale, L.take().T)
 
 
 def q4_1_weighted(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     scale, the_min, L = search.make_qkx_quants(x.T.copy(), 15, weights.T.copy(), -0.9, 0.05, 36, use_mad=False,
                                                degenerate_if_le=True)
-    return pack_q4_1(scale, -the_min, L.T)
+    return pack_q4_1(scale, -the_min, L.take().T)
 
 
 def q5_1_weighted(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     scale, the_min, L = search.make_qkx_quants(x.T.copy(), 31, weights.T.copy(), -0.9, 0.05, 36, use_mad=False,
                                                degenerate_if_le=True)
-    return pack_q5_1(scale, -the_min, L.T)
+    return pack_q5_1(scale, -the_min, L.take().T)
 
 
 REF = {"Q8_0": q8_0_ref, "Q4_0": q4_0_ref, "Q4_1": q4_1_ref, "Q5_0": q5_0_ref, "Q5_1": q5_1_ref}

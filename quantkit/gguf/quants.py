@@ -53,6 +53,22 @@ def _as_f32(weight) -> np.ndarray:
     return np.ascontiguousarray(weight, dtype=np.float32)
 
 
+def _numpy_rows_f32(src: torch.Tensor):
+    """A function (r0, r1) -> float32 numpy rows of a CPU tensor, converted in numpy only.
+
+    The encoder threads call it concurrently; torch's own dtype conversion would start its intra-op thread pool in
+    each of them, whose spinning threads cost ~15% of the encode time on a 2-core machine. bf16 -> f32 is exact
+    as a 16-bit shift; f16 -> f32 is exact in numpy."""
+    if src.dtype == torch.bfloat16:
+        bits = src.view(torch.int16).numpy().view(np.uint16)
+        return lambda r0, r1: (bits[r0:r1].astype(np.uint32) << 16).view(np.float32)
+    if src.dtype in (torch.float16, torch.float32, torch.float64):
+        arr = src.numpy()
+        return lambda r0, r1: np.asarray(arr[r0:r1], dtype=np.float32)
+    arr = src.to(torch.float32).numpy()
+    return lambda r0, r1: arr[r0:r1]
+
+
 def _check(type_name: str, shape: tuple[int, ...], name: str) -> None:
     if type_name not in BLOCK_SIZES:
         raise SchemeError(f"{name}: unsupported ggml type {type_name!r} (supported: {', '.join(SUPPORTED_TYPES)})")
@@ -92,8 +108,7 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
     starts = range(0, rows, step)
 
     if isinstance(weight, torch.Tensor):
-        src = weight.detach().to("cpu").reshape(rows, cols)
-        rows_f32 = lambda r0, r1: src[r0:r1].to(torch.float32).numpy()  # noqa: E731
+        rows_f32 = _numpy_rows_f32(weight.detach().to("cpu").reshape(rows, cols))
     else:
         x2 = _as_f32(weight).reshape(rows, cols)
         rows_f32 = lambda r0, r1: x2[r0:r1]  # noqa: E731

@@ -8,15 +8,45 @@ operation by operation in float32 (see `f32ops`), so results are bit-identical t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum, seqsum_first, wrap_u8
 
 
-def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class GridCodes:
+    """The codes of a finished scale search, `clamp(nearest_int(iscale * (x - offset)), lo, hi) + shift` per
+    group (0 for the `zero` groups), computed on demand.
+
+    The k-quant encoders re-quantize every weight with the final fp16 scales and keep a search's own codes only
+    for the rare sub-blocks whose quantized scale is 0, so materializing them for every group would be wasted
+    passes over the chunk."""
+
+    x: np.ndarray  # [n, B]
+    iscale: np.ndarray  # [B]
+    offset: np.ndarray | None  # [B], subtracted from x before scaling
+    lo: int
+    hi: int
+    shift: int
+    zero: np.ndarray  # [B] bool
+
+    def take(self, groups: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """int32 codes [n, len(groups)] of the given groups (default: all)."""
+        x = self.x[:, groups]
+        if self.offset is not None:
+            x = x - self.offset[groups]
+        with np.errstate(invalid="ignore", over="ignore"):
+            l = np.minimum(self.hi, np.maximum(self.lo, nearest_int(self.iscale[groups] * x))) + self.shift
+        return np.where(self.zero[groups], 0, l).astype(np.int32)
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, GridCodes]:
     """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: symmetric scale search (19 candidates).
 
-    Returns (scale [B] float32, L [n, B] int32 in 0..2*nmax-1). Weights are `qw` or x^2 when None."""
+    Returns (scale [B] float32, the codes L [n, B] in 0..2*nmax-1 as `GridCodes`). Weights are `qw` or x^2 when
+    None."""
     mx = first_absmax(x, axis=0)
     all_zero = np.abs(mx) < GROUP_MAX_EPS
     safe_max = np.where(all_zero, F32(1.0), mx).astype(np.float32)
@@ -57,11 +87,9 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
             best_iscale = np.where(better, iscale, best_iscale)
             scale = np.where(better, new_scale, scale)
             best = np.where(better, scale * sumlx, best)
-    # the winner's codes, recomputed from its iscale with the same float32 operations
-    L = codes(best_iscale).astype(np.int32) + nmax
-    L = np.where(all_zero, 0, L)
+    # the winner's codes are recomputed from its iscale with the same float32 operations, when needed
     scale = np.where(all_zero, F32(0.0), scale).astype(np.float32)
-    return scale, L
+    return scale, GridCodes(x, best_iscale, None, -nmax, nmax - 1, nmax, all_zero)
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +172,12 @@ def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float, nstep: int,
-                    use_mad: bool, degenerate_if_le: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    use_mad: bool, degenerate_if_le: bool = False) -> tuple[np.ndarray, np.ndarray, GridCodes]:
     """`make_qkx2_quants` (degenerate_if_le=False) / `make_qkx3_quants` (True; weights default to x^2):
     asymmetric scale + min search over `nstep+1` candidate ranges with a weighted least-squares refit.
 
-    Returns (scale [B], the_min [B] (the positive amount subtracted), L [n, B] int32 in 0..nmax)."""
+    Returns (scale [B], the_min [B] (the positive amount subtracted), the codes L [n, B] in 0..nmax as
+    `GridCodes`)."""
     w = weights if weights is not None else x * x
     mn, mx = _first_min_max(x)
     x_lo = mn.copy()
@@ -190,7 +219,7 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     span_lo, span_hi = x_lo - mn, mx - mn
     codes(iscale, span_lo, span_hi, xm)
     best_error = error(scale, mn, buf)
-    # The codes of the winning candidate are recomputed at the end from its (iscale, min) — the same float32
+    # The codes of the winning candidate are recomputed on demand from its (iscale, min) — the same float32
     # operations — instead of being copied out at every improvement.
     best_iscale, best_codes_min = iscale, mn
     # C updates `min` when a candidate wins, and later candidates use the updated min (in `max - min` and
@@ -231,12 +260,9 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
                 scale = np.where(better, this_scale, scale)
                 mn_best = np.where(better, this_min, mn_best)
                 min_moved = True
-    np.subtract(x, best_codes_min, out=xm)
-    L = codes(best_iscale, x_lo - best_codes_min, mx - best_codes_min, xm)
-    L = np.where(degenerate, 0, L.astype(np.int32))
     scale = np.where(degenerate, F32(0.0), scale).astype(np.float32)
     the_min = -np.where(degenerate, mn, mn_best).astype(np.float32)
-    return scale, the_min, L
+    return scale, the_min, GridCodes(x, best_iscale, best_codes_min, 0, nmax, 0, degenerate)
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, quant_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
