@@ -16,6 +16,7 @@ import sys
 import click
 
 from quantkit import __version__
+from quantkit.allocator import tune_allocator
 from quantkit.errors import QuantkitError
 
 # name -> module under quantkit.commands that defines a click command called `command`
@@ -72,6 +73,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    tune_allocator()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except click.exceptions.Abort:

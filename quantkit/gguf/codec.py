@@ -6,11 +6,16 @@ Float types are plain casts (BF16 = round-to-nearest-even, as ggml's fp32->bf16)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from quantkit.gguf.quants import quantize_ggml
 from quantkit.quant.tensor import GGMLTensor
+
+if TYPE_CHECKING:
+    from quantkit.gguf.encode_pool import ProcessEncoder
 
 
 def float_bytes(weight: torch.Tensor, type_name: str) -> np.ndarray:
@@ -23,11 +28,12 @@ def float_bytes(weight: torch.Tensor, type_name: str) -> np.ndarray:
     return t.view(torch.uint8).numpy().reshape(rows, -1) if t.dim() > 0 else t.view(torch.uint8).numpy().reshape(1, -1)
 
 
-def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> GGMLTensor:
-    """Encode a float [out, in] (or 1-D) weight into `type_name`."""
+def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None, name: str = "tensor",
+           pool: ProcessEncoder | None = None) -> GGMLTensor:
+    """Encode a float [out, in] (or 1-D) weight into `type_name` (block types in `pool`'s processes if given)."""
     if type_name in ("F32", "F16", "BF16"):
         return GGMLTensor(type_name, tuple(weight.shape), float_bytes(weight, type_name))
-    return quantize_ggml(weight, type_name, importance=importance)  # converts to float32 chunk by chunk
+    return quantize_ggml(weight, type_name, importance=importance, name=name, pool=pool)
 
 
 def raw_bytes(t: GGMLTensor) -> np.ndarray:

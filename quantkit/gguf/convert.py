@@ -6,12 +6,16 @@ Q4_K_M --method rtn [--imatrix FILE]`. One tensor is in memory at a time (plus t
 
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from quantkit.errors import SchemeError
+from quantkit.gguf.encode_pool import ProcessEncoder
 from quantkit.gguf.mixes import get_file_type, tensor_types
 from quantkit.gguf.tokenizer_export import GGUFVocab, vocab_from_sentencepiece
 from quantkit.gguf.writer import GGUFFileWriter, display_name
@@ -50,13 +54,22 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
     extra = imatrix_kvs(importance_meta)
     for key, value in (provenance or {}).items():
         extra.append((f"quantkit.{key}", "STRING", str(value)))
-    writer = GGUFFileWriter(out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt),
-                            name=name or display_name(ckpt.path.name), extra_kvs=extra, importance=importance,
-                            force=force, progress=progress, model_dir=ckpt.path)
-    from concurrent.futures import ThreadPoolExecutor
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ProcessEncoder()) if _wants_encoder_pool(types) else None
+        writer = stack.enter_context(GGUFFileWriter(
+            out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt), name=name or display_name(ckpt.path.name),
+            extra_kvs=extra, importance=importance, force=force, progress=progress, model_dir=ckpt.path,
+            encoder_pool=pool))
+        return _stream_tensors(ckpt, writer, list(types))
 
-    names = list(types)
-    with writer, ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:
+
+def _wants_encoder_pool(types: dict[str, str]) -> bool:
+    """Worker processes pay off for block types on more than one CPU (float casts need no encoder)."""
+    return (os.cpu_count() or 1) > 1 and any(t not in ("F32", "F16", "BF16") for t in types.values())
+
+
+def _stream_tensors(ckpt: Checkpoint, writer: GGUFFileWriter, names: list[str]) -> Path:
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:
         # read the next tensor while the current one is encoded and written (at most two in memory)
         pending = reader.submit(ckpt.get_tensor, names[0]) if names else None
         for i, tensor_name in enumerate(names):

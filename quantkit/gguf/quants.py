@@ -18,33 +18,23 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from quantkit.errors import FormatError, SchemeError
-from quantkit.gguf import dequant, kquants, legacy
-from quantkit.gguf.f32ops import F32, bf16_bits, seqsum_rows
+from quantkit.gguf import dequant
+from quantkit.gguf.encode import (BLOCK_SIZES, CHUNK_ELEMENTS, FLOAT_TYPES, K_TYPES, LEGACY_TYPES, SUPPORTED_TYPES,
+                                   chunk_starts, encode_rows, row_bytes, widen)
+from quantkit.gguf.f32ops import bf16_bits
 from quantkit.quant.tensor import GGMLTensor
 
-# type name -> (elements per block, bytes per block)
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-}
-FLOAT_TYPES = ("F32", "F16", "BF16")
-LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
+if TYPE_CHECKING:
+    from quantkit.gguf.encode_pool import ProcessEncoder
 
-# elements per chunk: big enough to amortize numpy's per-call cost, small enough to stay in L2
-CHUNK_ELEMENTS = 1 << 18
-
-
-def row_bytes(type_name: str, cols: int) -> int:
-    block, size = BLOCK_SIZES[type_name]
-    return cols // block * size
+__all__ = ["BLOCK_SIZES", "CHUNK_ELEMENTS", "FLOAT_TYPES", "K_TYPES", "LEGACY_TYPES", "SUPPORTED_TYPES", "row_bytes",
+           "stored_rows", "quantize_ggml", "dequantize_array", "dequantize_ggml"]
 
 
 def _as_f32(weight) -> np.ndarray:
@@ -53,20 +43,21 @@ def _as_f32(weight) -> np.ndarray:
     return np.ascontiguousarray(weight, dtype=np.float32)
 
 
-def _numpy_rows_f32(src: torch.Tensor):
-    """A function (r0, r1) -> float32 numpy rows of a CPU tensor, converted in numpy only.
-
-    The encoder threads call it concurrently; torch's own dtype conversion would start its intra-op thread pool in
-    each of them, whose spinning threads cost ~15% of the encode time on a 2-core machine. bf16 -> f32 is exact
-    as a 16-bit shift; f16 -> f32 is exact in numpy."""
-    if src.dtype == torch.bfloat16:
-        bits = src.view(torch.int16).numpy().view(np.uint16)
-        return lambda r0, r1: (bits[r0:r1].astype(np.uint32) << 16).view(np.float32)
-    if src.dtype in (torch.float16, torch.float32, torch.float64):
-        arr = src.numpy()
-        return lambda r0, r1: np.asarray(arr[r0:r1], dtype=np.float32)
-    arr = src.to(torch.float32).numpy()
-    return lambda r0, r1: arr[r0:r1]
+def stored_rows(weight) -> tuple[np.ndarray, str]:
+    """A CPU float weight as a 2-D-able numpy array in its stored width plus its `encode.SOURCE_DTYPES` kind, so
+    the encoders widen it to float32 chunk by chunk, in numpy (torch's own conversion in each encoder thread
+    would start its intra-op thread pool there, whose spinning costs ~15% of the encode time on 2 cores)."""
+    if isinstance(weight, torch.Tensor):
+        t = weight.detach().to("cpu")
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16), "bf16"
+        if t.dtype == torch.float16:
+            return t.numpy(), "f16"
+        return t.to(torch.float32).numpy(), "f32"
+    arr = np.asarray(weight)
+    if arr.dtype == np.float16:
+        return arr, "f16"
+    return np.asarray(arr, dtype=np.float32), "f32"
 
 
 def _check(type_name: str, shape: tuple[int, ...], name: str) -> None:
@@ -78,13 +69,14 @@ def _check(type_name: str, shape: tuple[int, ...], name: str) -> None:
 
 
 def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
-                  threads: int | None = None) -> GGMLTensor:
+                  threads: int | None = None, pool: ProcessEncoder | None = None) -> GGMLTensor:
     """Encode a float weight [rows, cols] (or 1-D) into ggml `type_name` blocks.
 
     `importance` ([cols], mean squared activation per input column, e.g. an imatrix entry) switches the legacy
     and k-quant searches to llama.cpp's importance-weighted versions; Q8_0 and the float types ignore it.
-    `threads`: row chunks are encoded in parallel (numpy releases the GIL); default: all CPUs. A bf16/f16 torch
-    weight is converted to float32 chunk by chunk inside the workers (no full float32 copy)."""
+    Row chunks are encoded in parallel: in `pool`'s worker processes when given (`encode_pool.ProcessEncoder`,
+    what the GGUF writer uses), else in `threads` threads (default: all CPUs). A bf16/f16 weight is widened to
+    float32 chunk by chunk inside the workers (no full float32 copy)."""
     shape = tuple(weight.shape)
     _check(type_name, shape, name)
     cols = shape[-1] if shape else 1
@@ -103,23 +95,16 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
         qw = _as_f32(importance).reshape(-1)
         if qw.shape[0] != cols:
             raise SchemeError(f"{name}: importance has {qw.shape[0]} entries for {cols} input columns")
+    src, kind = stored_rows(weight)
+    src = src.reshape(rows, cols)
+    if pool is not None:
+        return GGMLTensor(type_name, shape, pool.run(src, kind, type_name, qw, name))
     out = np.empty((rows, row_bytes(type_name, cols)), dtype=np.uint8)
-    step = max(1, CHUNK_ELEMENTS // cols)
-    starts = range(0, rows, step)
-
-    if isinstance(weight, torch.Tensor):
-        rows_f32 = _numpy_rows_f32(weight.detach().to("cpu").reshape(rows, cols))
-    else:
-        x2 = _as_f32(weight).reshape(rows, cols)
-        rows_f32 = lambda r0, r1: x2[r0:r1]  # noqa: E731
+    step, starts = chunk_starts(rows, cols)
 
     def encode_chunk(r0: int) -> None:
         r1 = min(rows, r0 + step)
-        chunk = np.ascontiguousarray(rows_f32(r0, r1))
-        if not np.isfinite(chunk).all():
-            bad = (np.argwhere(~np.isfinite(chunk))[0] + [r0, 0]).tolist()
-            raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
-        out[r0:r1] = _encode_rows(chunk, type_name, qw).reshape(r1 - r0, -1)
+        out[r0:r1] = encode_rows(widen(src[r0:r1], kind), type_name, qw, name, r0)
 
     n_threads = min(len(starts), threads or os.cpu_count() or 1)
     if n_threads <= 1:
@@ -129,21 +114,6 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(encode_chunk, starts))
     return GGMLTensor(type_name, shape, out)
-
-
-def _encode_rows(x: np.ndarray, type_name: str, qw: np.ndarray | None) -> np.ndarray:
-    rows, cols = x.shape
-    block = BLOCK_SIZES[type_name][0]
-    blocks = x.reshape(-1, block)
-    if type_name in K_TYPES:
-        qwb = None if qw is None else np.broadcast_to(qw.reshape(1, -1), (rows, cols)).reshape(-1, block)
-        return kquants.ENCODERS[type_name](blocks, qwb)
-    if qw is None or type_name == "Q8_0":
-        return legacy.REF[type_name](blocks)
-    sigma2 = seqsum_rows(x * x) / F32(cols)  # per row
-    xb = blocks.reshape(rows, cols // block, block)
-    w = qw.reshape(1, -1, block) * np.sqrt(sigma2[:, None, None] + xb * xb)
-    return legacy.WEIGHTED[type_name](blocks, w.reshape(-1, block))
 
 
 def dequantize_array(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -17,11 +17,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from quantkit import __version__
 from quantkit.errors import FormatError
@@ -32,6 +32,9 @@ from quantkit.io import check_output_path
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 from quantkit.quant.tensor import GGMLTensor, QuantTensor
+
+if TYPE_CHECKING:
+    from quantkit.gguf.encode_pool import ProcessEncoder
 
 ALIGNMENT = 32
 QUANTIZATION_VERSION = 2
@@ -123,8 +126,10 @@ class GGUFFileWriter:
     def __init__(self, out: str | Path, config: ModelConfig, types: dict[str, str], *, ftype: str,
                  vocab: GGUFVocab | None = None, name: str | None = None, quantized_by: str = "quantkit",
                  extra_kvs: list[tuple[str, str, Any]] = (), importance: dict[str, torch.Tensor] | None = None,
-                 force: bool = False, progress: bool = True, model_dir: str | Path | None = None):
+                 force: bool = False, progress: bool = True, model_dir: str | Path | None = None,
+                 encoder_pool: ProcessEncoder | None = None):
         self.out = check_output_path(out, force)
+        self.encoder_pool = encoder_pool
         self.config = config
         self.importance = importance or {}
         expected = config.expected_shapes()
@@ -199,7 +204,7 @@ class GGUFFileWriter:
         if isinstance(tensor, torch.Tensor):
             if tuple(tensor.shape) != p.shape:
                 raise FormatError(f"{self.out}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(p.shape)}")
-            tensor = codec.encode(tensor, p.type_name, self.importance.get(name))
+            tensor = codec.encode(tensor, p.type_name, self.importance.get(name), name=name, pool=self.encoder_pool)
         if not isinstance(tensor, GGMLTensor):
             raise FormatError(f"{self.out}: tensor {name!r}: cannot write a {type(tensor).__name__} to GGUF")
         if tensor.type_name != p.type_name or tuple(tensor.shape) != p.shape:

@@ -1,0 +1,73 @@
+"""The process-pool encoder gives the same bytes as the in-process encoders, reports errors the same way, and
+leaves no shared memory behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit.errors import SchemeError
+from quantkit.gguf.encode_pool import ProcessEncoder
+from quantkit.gguf.quants import quantize_ggml
+from tests.test_gguf_quants import edge_weights
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ProcessEncoder(workers=2) as p:
+        yield p
+
+
+def _shm_names() -> set[str]:
+    """The POSIX shared-memory blocks multiprocessing.shared_memory created (its names start with psm_)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pool_bytes_equal_in_process_encoding(pool, type_name, dtype):
+    x = torch.from_numpy(edge_weights(70, 512, seed=int(torch.randint(0, 1 << 30, ()))))
+    x[3] /= 1000.0  # keep the large-magnitude row finite in fp16
+    w = x.to(dtype)
+    ours = quantize_ggml(w, type_name, pool=pool)
+    ref = quantize_ggml(w, type_name, threads=1)
+    assert ours.shape == ref.shape and ours.type_name == type_name
+    assert np.array_equal(ours.data, ref.data)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q6_K"])
+def test_pool_with_importance_equals_in_process(pool, type_name):
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((300, 1024)) * 0.02).astype(np.float32)  # several chunks of 256 rows
+    imp = (rng.random(1024) ** 4 * 50).astype(np.float32)
+    ours = quantize_ggml(x, type_name, importance=imp, pool=pool)
+    assert np.array_equal(ours.data, quantize_ggml(x, type_name, importance=imp, threads=1).data)
+    assert not np.array_equal(ours.data, quantize_ggml(x, type_name, pool=pool).data)
+
+
+def test_pool_buffers_grow_and_shrinking_requests_reuse_them(pool):
+    rng = np.random.default_rng()
+    for rows in (8, 700, 40, 1200, 3):  # grows twice, and reuses the larger buffers in between
+        x = (rng.standard_normal((rows, 768)) * 0.02).astype(np.float32)
+        assert np.array_equal(quantize_ggml(x, "Q4_K", pool=pool).data, quantize_ggml(x, "Q4_K", threads=1).data)
+
+
+def test_pool_reports_non_finite_weights_with_the_index(pool):
+    x = np.zeros((600, 512), np.float32)
+    x[550, 7] = np.inf
+    with pytest.raises(SchemeError, match=r"blk.3.ffn_up.weight: weight contains NaN or Inf \(first at index \[550, 7\]\)"):
+        quantize_ggml(x, "Q4_K", name="blk.3.ffn_up.weight", pool=pool)
+    # the pool still works after a failed tensor
+    y = np.ones((4, 256), np.float32)
+    assert np.array_equal(quantize_ggml(y, "Q4_K", pool=pool).data, quantize_ggml(y, "Q4_K", threads=1).data)
+
+
+def test_pool_close_unlinks_its_shared_memory():
+    before = _shm_names()
+    with ProcessEncoder(workers=1) as p:
+        quantize_ggml(np.ones((16, 256), np.float32), "Q8_0", pool=p)
+        assert len(_shm_names() - before) == 2 or not os.path.isdir("/dev/shm")
+    assert _shm_names() - before == set()
