@@ -71,3 +71,18 @@ def test_pool_close_unlinks_its_shared_memory():
         quantize_ggml(np.ones((16, 256), np.float32), "Q8_0", pool=p)
         assert len(_shm_names() - before) == 2 or not os.path.isdir("/dev/shm")
     assert _shm_names() - before == set()
+
+
+def test_a_killed_worker_is_a_clear_error_not_a_hang():
+    import signal
+
+    from quantkit.gguf.encode_pool import EncoderCrashed
+
+    x = np.ones((64, 256), np.float32)
+    with ProcessEncoder(workers=1) as p:
+        quantize_ggml(x, "Q4_K", pool=p)  # the worker is up
+        for proc in list(p._pool._processes.values()):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+        with pytest.raises(EncoderCrashed, match=r"blk.0.ffn_up.weight: an encoder worker process died"):
+            quantize_ggml(x, "Q4_K", name="blk.0.ffn_up.weight", pool=p)

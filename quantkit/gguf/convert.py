@@ -55,7 +55,7 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
     for key, value in (provenance or {}).items():
         extra.append((f"quantkit.{key}", "STRING", str(value)))
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ProcessEncoder()) if _wants_encoder_pool(types) else None
+        pool = stack.enter_context(ProcessEncoder()) if _wants_encoder_pool(types, importance) else None
         writer = stack.enter_context(GGUFFileWriter(
             out, ckpt.config, types, ftype=ft.name, vocab=source_vocab(ckpt), name=name or display_name(ckpt.path.name),
             extra_kvs=extra, importance=importance, force=force, progress=progress, model_dir=ckpt.path,
@@ -63,9 +63,11 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
         return _stream_tensors(ckpt, writer, list(types))
 
 
-def _wants_encoder_pool(types: dict[str, str]) -> bool:
-    """Worker processes pay off for block types on more than one CPU (float casts need no encoder)."""
-    return (os.cpu_count() or 1) > 1 and any(t not in ("F32", "F16", "BF16") for t in types.values())
+def _wants_encoder_pool(types: dict[str, str], importance: dict[str, torch.Tensor] | None) -> bool:
+    """Worker processes pay off for the searched block types (k-quants, imatrix-weighted legacy types) on more
+    than one CPU; float casts and the legacy reference rounding stay in this process (`codec.encode`)."""
+    searched = any(t.endswith("_K") for t in types.values()) or bool(importance)
+    return (os.cpu_count() or 1) > 1 and searched
 
 
 def _stream_tensors(ckpt: Checkpoint, writer: GGUFFileWriter, names: list[str]) -> Path:
