@@ -114,7 +114,8 @@ def _llamacpp_self_agreement(a, b) -> dict:
     return {"same_top": same / total, "max_logprob_diff": max_diff}
 
 
-def compare_with_llamacpp(gguf, text_file, tmp_path, f32_cache=False, numerics=True, no_repack_run=False):
+def compare_with_llamacpp(gguf, text_file, tmp_path, f32_cache=False, numerics=True, no_repack_run=False,
+                          chunks=CHUNKS):
     """llama.cpp's dump against quantkit's dequantized model: "plain" (float32 activations) and "ggml" (ggml's CPU
     activation rounding on the input of every linear, quantkit.gguf.activations). "ggml_f64" is the same model
     with exactly rounded matmul sums; "noise" compares it with "ggml": how much a change of summation order alone
@@ -123,12 +124,12 @@ def compare_with_llamacpp(gguf, text_file, tmp_path, f32_cache=False, numerics=T
     base = tmp_path / (gguf.stem + ".kld")
     # F32 KV cache and no flash attention: llama.cpp's defaults keep K/V in F16
     extra = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"] if f32_cache else []
-    output = run_perplexity(tool, gguf, text_file, ctx=CTX, chunks=CHUNKS, kld_base_out=base, extra=extra)
+    output = run_perplexity(tool, gguf, text_file, ctx=CTX, chunks=chunks, kld_base_out=base, extra=extra)
     lc = read_kld_base(base)
     kernels = None
     if no_repack_run:  # llama.cpp against itself: the same file without weight repacking (different GEMM kernels)
         base2 = tmp_path / (gguf.stem + "-no-repack.kld")
-        run_perplexity(tool, gguf, text_file, ctx=CTX, chunks=CHUNKS, kld_base_out=base2,
+        run_perplexity(tool, gguf, text_file, ctx=CTX, chunks=chunks, kld_base_out=base2,
                        extra=[*extra, "--no-repack"])
         kernels = _llamacpp_self_agreement(lc, read_kld_base(base2))
     q = read_checkpoint(gguf)
