@@ -86,3 +86,27 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang():
             proc.join(10)
         with pytest.raises(EncoderCrashed, match=r"blk.0.ffn_up.weight: an encoder worker process died"):
             quantize_ggml(x, "Q4_K", name="blk.0.ffn_up.weight", pool=p)
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """"spawn" re-imports the main script in every child; the pool hides it, so unguarded top-level code (here:
+    the whole conversion) is not run again per worker."""
+    import subprocess
+    import sys
+
+    from quantkit.testing import REPO_ROOT
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from quantkit.gguf.encode_pool import ProcessEncoder\n"
+        "from quantkit.gguf.quants import quantize_ggml\n"
+        "print('top level', flush=True)\n"
+        "with ProcessEncoder(workers=2) as pool:\n"
+        "    x = np.ones((600, 256), np.float32)\n"
+        "    assert np.array_equal(quantize_ggml(x, 'Q4_K', pool=pool).data, quantize_ggml(x, 'Q4_K').data)\n"
+        "print('done', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["top", "level", "done"], proc.stdout + proc.stderr[-2000:]

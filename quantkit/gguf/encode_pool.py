@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
+import types
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -87,6 +89,25 @@ class ProcessEncoder:
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=tune_allocator)
         self._in = _SharedBuffer()
         self._out = _SharedBuffer()
+        try:
+            self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_workers(self) -> None:
+        """Start every worker now, with the caller's `__main__` hidden: "spawn" re-imports the main script in each
+        child, which would run a script's unguarded top-level code (say, a convert call) once more per worker.
+        The workers need nothing from it."""
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            started = [self._pool.submit(os.getpid) for _ in range(self.workers)]  # each submit starts a process
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+        for f in started:
+            f.result()
 
     def run(self, src: np.ndarray, kind: str, type_name: str, qw: np.ndarray | None, name: str) -> np.ndarray:
         """Stored rows `src` [rows, cols] (`SOURCE_DTYPES[kind]`) -> block bytes [rows, row_bytes] (a new array)."""
