@@ -110,3 +110,13 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["top", "level", "done"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_no_room_in_shared_memory_falls_back_to_in_process_encoding(monkeypatch):
+    from quantkit.gguf import encode_pool
+
+    x = (np.random.default_rng().standard_normal((300, 512)) * 0.02).astype(np.float32)
+    with ProcessEncoder(workers=1) as p:
+        monkeypatch.setattr(encode_pool, "_shm_has_room", lambda nbytes: False)
+        assert p.run(x, "f32", "Q4_K", None, "t") is None
+        assert np.array_equal(quantize_ggml(x, "Q4_K", pool=p).data, quantize_ggml(x, "Q4_K", threads=1).data)

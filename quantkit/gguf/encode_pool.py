@@ -42,9 +42,12 @@ class _SharedBuffer:
     def __init__(self) -> None:
         self.shm: shared_memory.SharedMemory | None = None
 
-    def at_least(self, nbytes: int) -> shared_memory.SharedMemory:
+    def at_least(self, nbytes: int) -> shared_memory.SharedMemory | None:
+        """The buffer, grown to `nbytes` if needed; None when the shared-memory filesystem has no room for it."""
         if self.shm is None or self.shm.size < nbytes:
             self.close()
+            if not _shm_has_room(nbytes):
+                return None
             self.shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
         return self.shm
 
@@ -53,6 +56,17 @@ class _SharedBuffer:
             self.shm.close()
             self.shm.unlink()
             self.shm = None
+
+
+def _shm_has_room(nbytes: int) -> bool:
+    """Whether /dev/shm (where Linux keeps POSIX shared memory) can hold `nbytes` more. Its pages are allocated on
+    first write, so a buffer bigger than the free space is created fine and then kills the writer with SIGBUS —
+    containers often mount only 64 MB there."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):  # not Linux: the OS backs shared memory otherwise
+        return True
+    return st.f_bavail * st.f_frsize >= nbytes + (16 << 20)
 
 
 # ---- worker side
@@ -109,11 +123,14 @@ class ProcessEncoder:
         for f in started:
             f.result()
 
-    def run(self, src: np.ndarray, kind: str, type_name: str, qw: np.ndarray | None, name: str) -> np.ndarray:
-        """Stored rows `src` [rows, cols] (`SOURCE_DTYPES[kind]`) -> block bytes [rows, row_bytes] (a new array)."""
+    def run(self, src: np.ndarray, kind: str, type_name: str, qw: np.ndarray | None, name: str) -> np.ndarray | None:
+        """Stored rows `src` [rows, cols] (`SOURCE_DTYPES[kind]`) -> block bytes [rows, row_bytes] (a new array), or
+        None when shared memory has no room for this tensor (the caller encodes it in-process instead)."""
         rows, cols = src.shape
         ins = self._in.at_least(src.nbytes)
-        outs = self._out.at_least(rows * row_bytes(type_name, cols))
+        outs = self._out.at_least(rows * row_bytes(type_name, cols)) if ins is not None else None
+        if ins is None or outs is None:
+            return None
         staged = np.ndarray(src.shape, src.dtype, buffer=ins.buf)
         step, starts = chunk_starts(rows, cols)
         futures = []

@@ -98,7 +98,9 @@ def quantize_ggml(weight, type_name: str, importance=None, name: str = "tensor",
     src, kind = stored_rows(weight)
     src = src.reshape(rows, cols)
     if pool is not None:
-        return GGMLTensor(type_name, shape, pool.run(src, kind, type_name, qw, name))
+        data = pool.run(src, kind, type_name, qw, name)
+        if data is not None:
+            return GGMLTensor(type_name, shape, data)
     out = np.empty((rows, row_bytes(type_name, cols)), dtype=np.uint8)
     step, starts = chunk_starts(rows, cols)
 
