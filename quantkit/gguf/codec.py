@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from quantkit.gguf.encode import is_searched
 from quantkit.gguf.quants import quantize_ggml
 from quantkit.quant.tensor import GGMLTensor
 
@@ -38,7 +39,7 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     pool)."""
     if type_name in ("F32", "F16", "BF16"):
         return GGMLTensor(type_name, tuple(weight.shape), float_bytes(weight, type_name))
-    searched = type_name.endswith("_K") or (importance is not None and type_name != "Q8_0")
+    searched = is_searched(type_name, importance is not None)
     return quantize_ggml(weight, type_name, importance=importance, name=name, pool=pool if searched else None)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from quantkit.errors import SchemeError
+from quantkit.gguf.encode import is_searched
 from quantkit.gguf.encode_pool import ProcessEncoder
 from quantkit.gguf.mixes import get_file_type, tensor_types
 from quantkit.gguf.tokenizer_export import GGUFVocab, vocab_from_sentencepiece
@@ -66,8 +67,7 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
 def _wants_encoder_pool(types: dict[str, str], importance: dict[str, torch.Tensor] | None) -> bool:
     """Worker processes pay off for the searched block types (k-quants, imatrix-weighted legacy types) on more
     than one CPU; float casts and the legacy reference rounding stay in this process (`codec.encode`)."""
-    searched = any(t.endswith("_K") for t in types.values()) or bool(importance)
-    return (os.cpu_count() or 1) > 1 and searched
+    return (os.cpu_count() or 1) > 1 and any(is_searched(t, bool(importance)) for t in types.values())
 
 
 def _stream_tensors(ckpt: Checkpoint, writer: GGUFFileWriter, names: list[str]) -> Path:

@@ -31,6 +31,12 @@ CHUNK_ELEMENTS = 1 << 18
 SOURCE_DTYPES = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
 
 
+def is_searched(type_name: str, has_importance: bool) -> bool:
+    """Whether encoding `type_name` runs a scale search (k-quants; legacy types other than Q8_0 given an imatrix),
+    rather than the legacy reference rounding (a few passes per block)."""
+    return type_name in K_TYPES or (has_importance and type_name in LEGACY_TYPES and type_name != "Q8_0")
+
+
 def row_bytes(type_name: str, cols: int) -> int:
     block, size = BLOCK_SIZES[type_name]
     return cols // block * size

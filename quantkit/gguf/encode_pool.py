@@ -21,7 +21,7 @@ import multiprocessing as mp
 import os
 import sys
 import types
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
 
@@ -147,6 +147,7 @@ class ProcessEncoder:
         except BaseException:
             for f in futures:
                 f.cancel()
+            wait(futures)  # chunks already running still use the buffers: the next tensor must not overwrite them
             raise
         finally:
             del staged
