@@ -120,3 +120,13 @@ def test_no_room_in_shared_memory_falls_back_to_in_process_encoding(monkeypatch)
         monkeypatch.setattr(encode_pool, "_shm_has_room", lambda nbytes: False)
         assert p.run(x, "f32", "Q4_K", None, "t") is None
         assert np.array_equal(quantize_ggml(x, "Q4_K", pool=p).data, quantize_ggml(x, "Q4_K", threads=1).data)
+
+
+def test_tensors_over_the_staging_cap_are_encoded_in_process(monkeypatch):
+    from quantkit.gguf import encode_pool
+
+    x = (np.random.default_rng().standard_normal((64, 512)) * 0.02).astype(np.float32)
+    with ProcessEncoder(workers=1) as p:
+        monkeypatch.setattr(encode_pool, "MAX_STAGED_BYTES", x.nbytes - 1)
+        assert p.run(x, "f32", "Q6_K", None, "t") is None
+        assert np.array_equal(quantize_ggml(x, "Q6_K", pool=p).data, quantize_ggml(x, "Q6_K", threads=1).data)

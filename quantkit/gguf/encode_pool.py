@@ -32,6 +32,11 @@ from quantkit.errors import QuantkitError
 from quantkit.gguf.encode import SOURCE_DTYPES, chunk_starts, encode_rows, row_bytes, widen
 
 
+# The staged copy of a tensor's rows lives beside the tensor itself; beyond this size (a float32 7B embedding is
+# 0.5 GB, a bf16 one 0.25 GB) the tensor is encoded in-process instead, so peak memory stays ~1 GB.
+MAX_STAGED_BYTES = 256 << 20
+
+
 class EncoderCrashed(QuantkitError):
     """An encoder worker process died (killed, or out of memory)."""
 
@@ -125,8 +130,11 @@ class ProcessEncoder:
 
     def run(self, src: np.ndarray, kind: str, type_name: str, qw: np.ndarray | None, name: str) -> np.ndarray | None:
         """Stored rows `src` [rows, cols] (`SOURCE_DTYPES[kind]`) -> block bytes [rows, row_bytes] (a new array), or
-        None when shared memory has no room for this tensor (the caller encodes it in-process instead)."""
+        None when the tensor is larger than MAX_STAGED_BYTES or shared memory has no room for it (the caller
+        encodes it in-process instead)."""
         rows, cols = src.shape
+        if src.nbytes > MAX_STAGED_BYTES:
+            return None
         ins = self._in.at_least(src.nbytes)
         outs = self._out.at_least(rows * row_bytes(type_name, cols)) if ins is not None else None
         if ins is None or outs is None:
