@@ -284,11 +284,37 @@ Front front(const at::Tensor& x_in, const at::Tensor& data, int64_t bytes_per_25
   return f;
 }
 
+// out[r, j] = row_value(bytes of weight row j, r) for weight rows [n0, n1) and every activation row r.
+template <class RowValue>
+void scalar_rows(const Front& f, int64_t n0, int64_t n1, RowValue row_value) {
+  for (int64_t j = n0; j < n1; ++j)
+    for (int64_t r = 0; r < f.m; ++r) f.op[r * f.n + j] = row_value(f.w + j * f.row_bytes, r);
+}
+
+#ifdef QK_AVX512
+// The same from 16-lane partial sums, row_vector(bytes of weight row j, r): 16 weight rows at a time are reduced
+// together and stored with one masked store.
+template <class RowVector>
+void tiled_rows_avx512(const Front& f, int64_t n0, int64_t n1, RowVector row_vector) {
+  const __m512i order = reduce16_order();
+  __m512 tile[16];
+  for (int64_t r = 0; r < f.m; ++r) {
+    for (int64_t j0 = n0; j0 < n1; j0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, n1 - j0);
+      for (int64_t i = 0; i < 16; ++i)
+        tile[i] = i < rows ? row_vector(f.w + (j0 + i) * f.row_bytes, r) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(f.op + r * f.n + j0, static_cast<__mmask16>((1u << rows) - 1u),
+                            _mm512_permutexvar_ps(order, reduce16(tile)));
+    }
+  }
+}
+#endif
+
 at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, Q6K_BYTES, "q6k_matmul", "[N, K/256*210]");
   const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
-  std::vector<int16_t>& xq = f.xq;
-  std::vector<float>& xd = f.xd;
+  const std::vector<int16_t>& xq = f.xq;
+  const std::vector<float>& xd = f.xd;
   float* op = f.op;
   const uint8_t* w = f.w;
 #ifdef QK_AVX512
@@ -307,9 +333,9 @@ at::Tensor q6k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
       return;
     }
 #endif
-    for (int64_t j = n0; j < n1; ++j)
-      for (int64_t r = 0; r < m; ++r)
-        op[r * n + j] = q6k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
+    scalar_rows(f, n0, n1, [&](const uint8_t* row, int64_t r) {
+      return q6k_row_scalar(row, nb, xq.data() + r * k, xd.data() + r * nb);
+    });
   });
   return f.out;
 }
@@ -381,38 +407,27 @@ inline __m512 q8_0_row_avx512(const uint8_t* row, int64_t k, const int8_t* xhi, 
 
 at::Tensor q8_0_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, 8 * Q80_BYTES, "q8_0_matmul", "[N, K/32*34]");
-  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
-  std::vector<int16_t>& xq = f.xq;
-  std::vector<float>& xd = f.xd;
-  float* op = f.op;
-  const uint8_t* w = f.w;
+  const int64_t m = f.m, k = f.k, nb = f.nb;
+  const std::vector<int16_t>& xq = f.xq;
+  const std::vector<float>& xd = f.xd;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> corr(portable ? 0 : m * k / 4);
   if (!portable) q8_0_prepare_x(xq.data(), m * k, xhi.data(), xlo.data(), corr.data());
 #endif
-  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, f.n, 256, [&](int64_t n0, int64_t n1) {
 #ifdef QK_AVX512
     if (!portable) {
-      const __m512i order = reduce16_order();
-      __m512 tile[16];
-      for (int64_t r = 0; r < m; ++r) {
-        for (int64_t j0 = n0; j0 < n1; j0 += 16) {
-          const int64_t rows = std::min<int64_t>(16, n1 - j0);
-          for (int64_t i = 0; i < 16; ++i)
-            tile[i] = i < rows ? q8_0_row_avx512(w + (j0 + i) * row_bytes, k, xhi.data() + r * k,
-                                                 xlo.data() + r * k, corr.data() + r * k / 4, xd.data() + r * nb)
-                               : _mm512_setzero_ps();
-          _mm512_mask_storeu_ps(op + r * n + j0, static_cast<__mmask16>((1u << rows) - 1u),
-                                _mm512_permutexvar_ps(order, reduce16(tile)));
-        }
-      }
+      tiled_rows_avx512(f, n0, n1, [&](const uint8_t* row, int64_t r) {
+        return q8_0_row_avx512(row, k, xhi.data() + r * k, xlo.data() + r * k, corr.data() + r * k / 4,
+                               xd.data() + r * nb);
+      });
       return;
     }
 #endif
-    for (int64_t j = n0; j < n1; ++j)
-      for (int64_t r = 0; r < m; ++r)
-        op[r * n + j] = q8_0_row_scalar(w + j * row_bytes, k / 32, xq.data() + r * k, xd.data() + r * nb);
+    scalar_rows(f, n0, n1, [&](const uint8_t* row, int64_t r) {
+      return q8_0_row_scalar(row, k / 32, xq.data() + r * k, xd.data() + r * nb);
+    });
   });
   return f.out;
 }
@@ -508,17 +523,15 @@ inline __m512 q5k_row_avx512(const uint8_t* row, int64_t nb, const int8_t* xhi, 
 
 at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool portable) {
   Front f = front(x_in, data, Q5K_BYTES, "q5k_matmul", "[N, K/256*176]");
-  const int64_t m = f.m, k = f.k, n = f.n, nb = f.nb, row_bytes = f.row_bytes;
-  std::vector<int16_t>& xq = f.xq;
-  std::vector<float>& xd = f.xd;
-  float* op = f.op;
-  const uint8_t* w = f.w;
+  const int64_t m = f.m, k = f.k, nb = f.nb;
+  const std::vector<int16_t>& xq = f.xq;
+  const std::vector<float>& xd = f.xd;
 #ifdef QK_AVX512
   std::vector<int8_t> xhi(portable ? 0 : m * k), xlo(portable ? 0 : m * k);
   std::vector<float> xs(portable ? 0 : m * nb * 16);
   if (!portable) q5k_prepare_x(xq.data(), m * k, xhi.data(), xlo.data(), xs.data());
 #endif
-  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, f.n, 256, [&](int64_t n0, int64_t n1) {
 #ifdef QK_AVX512
     if (!portable) {
       __m512i cnt_hi[4], idx[5];
@@ -531,25 +544,16 @@ at::Tensor q5k_matmul(const at::Tensor& x_in, const at::Tensor& data, bool porta
       alignas(64) int32_t t[16];
       for (int i = 0; i < 16; ++i) t[i] = 8 + (i % 8);
       idx[4] = _mm512_load_si512(t);
-      const __m512i order = reduce16_order();
-      __m512 tile[16];
-      for (int64_t r = 0; r < m; ++r) {
-        for (int64_t j0 = n0; j0 < n1; j0 += 16) {
-          const int64_t rows = std::min<int64_t>(16, n1 - j0);
-          for (int64_t i = 0; i < 16; ++i)
-            tile[i] = i < rows ? q5k_row_avx512(w + (j0 + i) * row_bytes, nb, xhi.data() + r * k, xlo.data() + r * k,
-                                                xs.data() + r * nb * 16, xd.data() + r * nb, cnt_hi, idx)
-                               : _mm512_setzero_ps();
-          _mm512_mask_storeu_ps(op + r * n + j0, static_cast<__mmask16>((1u << rows) - 1u),
-                                _mm512_permutexvar_ps(order, reduce16(tile)));
-        }
-      }
+      tiled_rows_avx512(f, n0, n1, [&](const uint8_t* row, int64_t r) {
+        return q5k_row_avx512(row, nb, xhi.data() + r * k, xlo.data() + r * k, xs.data() + r * nb * 16,
+                              xd.data() + r * nb, cnt_hi, idx);
+      });
       return;
     }
 #endif
-    for (int64_t j = n0; j < n1; ++j)
-      for (int64_t r = 0; r < m; ++r)
-        op[r * n + j] = q5k_row_scalar(w + j * row_bytes, nb, xq.data() + r * k, xd.data() + r * nb);
+    scalar_rows(f, n0, n1, [&](const uint8_t* row, int64_t r) {
+      return q5k_row_scalar(row, nb, xq.data() + r * k, xd.data() + r * nb);
+    });
   });
   return f.out;
 }
