@@ -56,7 +56,7 @@ def main() -> None:
     import torch
 
     from quantkit.formats.dequantized import dequantized_model
-    from quantkit.formats.export import export_rtn
+    from quantkit.pipeline.export import export_rtn
     from quantkit.quant.scheme import PRESETS
 
     python = ensure_venv(Path(args.venv))

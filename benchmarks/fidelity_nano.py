@@ -7,8 +7,8 @@ Evaluation: wikitext-2 test (../shared/data/wikitext-2-raw/wiki.test.raw), perpl
 ctx 512 (non-overlapping windows, one BOS at the start of the stream), the first `--windows` windows (a fixed
 subset; 0 = all). KLD(base || quant) per scored position, mean over positions (quantkit.eval.compare).
 Calibration: ../shared/data/pg-english/calib (`pg`) and quantkit's built-in set (`builtin`), 128 x 512 tokens.
-Each configuration runs the real layer-wise pipeline (quant/pipeline.py) into a dump and is evaluated by loading
-the dequantized weights into the reference model (fp32).
+Each configuration runs the real layer-wise pipeline (quantkit/pipeline/layerwise.py) into a dump and is evaluated by
+loading the dequantized weights into the reference model (fp32).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from quantkit.eval.perplexity import read_texts, tokenize_for_convention  # noqa
 from quantkit.model.checkpoint import open_checkpoint  # noqa: E402
 from quantkit.model.reference import Transformer  # noqa: E402
 from quantkit.model.tokenizer import load_tokenizer  # noqa: E402
-from quantkit.quant.dump import DumpWriter, read_dump  # noqa: E402
-from quantkit.quant.pipeline import PipelineOptions, quantize_model  # noqa: E402
-from quantkit.quant.plan import build_plan  # noqa: E402
-from quantkit.quant.tensor import QuantTensor  # noqa: E402
+from quantkit.formats.dump import DumpWriter, read_dump  # noqa: E402
+from quantkit.pipeline.layerwise import PipelineOptions, quantize_model  # noqa: E402
+from quantkit.pipeline.plan import build_plan  # noqa: E402
+from quantkit.tensors import QuantTensor  # noqa: E402
 from quantkit.testing import NANO_PATH, shared_data  # noqa: E402
 
 DEFAULT_CONFIGS = ("rtn:w8a16", "rtn:w4a16-g128", "gptq:w4a16-g128:pg", "gptq:w4a16-g128:builtin",
@@ -59,7 +59,7 @@ def quantized_model(ckpt, method: str, preset: str, tokens, damp: float, workdir
     plan = build_plan(ckpt.config, preset=preset, formats=["dump"], method=method, checkpoint=ckpt)
     out = workdir / f"{method}-{preset}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    res = quantize_model(ckpt, plan.targets(), [DumpWriter(out)], tokens if method != "rtn" else None,
+    quantize_model(ckpt, plan.targets(), [DumpWriter(out)], tokens if method != "rtn" else None,
                          PipelineOptions(method=method, damp=damp), progress=True)
     seconds = time.perf_counter() - t0
     model = Transformer.from_checkpoint(ckpt, torch.float32)
@@ -67,7 +67,7 @@ def quantized_model(ckpt, method: str, preset: str, tokens, damp: float, workdir
     for name, t in read_dump(out):
         state[name] = t.dequantize() if isinstance(t, QuantTensor) else t.float()
     model.load_state_dict(state)
-    return model.eval(), {"quantize_seconds": round(seconds, 2), "bpw": round(plan.bpw, 3)}
+    return model.eval(), {"quantize_seconds": round(seconds, 2), "bpw": round(plan.bpw("dump"), 3)}
 
 
 def main(argv=None) -> int:

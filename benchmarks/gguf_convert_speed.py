@@ -193,14 +193,16 @@ def main() -> None:
     gb = src_bytes / 1e9
     print(f"\nMistral-7B-shaped BF16 checkpoint, {args.layers} of 32 layers, {gb:.2f} GB; llama.cpp convert_hf_to_gguf "
           f"to BF16: {results['llamacpp_convert_bf16']['seconds']} s, peak PSS / RSS "
-          f"{results['llamacpp_convert_bf16']['peak_pss_gib']} / {results['llamacpp_convert_bf16']['peak_rss_gib']} GiB\n")
+          f"{results['llamacpp_convert_bf16']['peak_pss_gib']} / "
+          f"{results['llamacpp_convert_bf16']['peak_rss_gib']} GiB\n")
     print("| target | quantkit s | quantkit peak PSS (all processes) / main-process RSS GiB "
           "| llama.cpp convert+quantize s | llama-quantize peak PSS / RSS GiB | ratio quantkit/llama.cpp "
           "| sizes (quantkit / llama.cpp bytes) |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for target, r in results["targets"].items():
         qk, lq = r["quantkit"], r["llamacpp_quantize"]
-        print(f"| {target} | {qk['seconds']} | {qk['peak_pss_gib']} / {qk['peak_rss_gib']} | {r['llamacpp_total_seconds']} "
+        print(f"| {target} | {qk['seconds']} | {qk['peak_pss_gib']} / {qk['peak_rss_gib']} "
+              f"| {r['llamacpp_total_seconds']} "
               f"| {lq['peak_pss_gib']} / {lq['peak_rss_gib']} | {r['ratio_quantkit_over_llamacpp']} "
               f"| {r['bytes']['quantkit']:,} / {r['bytes']['llamacpp']:,} |")
 

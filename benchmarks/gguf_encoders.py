@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantkit.gguf.quants import BLOCK_SIZES, K_TYPES, LEGACY_TYPES, quantize_ggml  # noqa: E402
+from quantkit.ggml_types import K_TYPES, LEGACY_TYPES, type_size  # noqa: E402
+from quantkit.gguf.quants import quantize_ggml  # noqa: E402
 from quantkit.testing import llamacpp_bin  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main() -> None:
             from gguf import GGUFReader
 
             ref = np.asarray(GGUFReader(str(dst)).tensors[0].data)
-            size = BLOCK_SIZES[type_name][1]
+            size = type_size(type_name)
             same = np.array_equal(ours.data.reshape(-1, size), ref.reshape(-1, size))
             name = "llama-quantize --pure, 1 thread"
             dst.unlink()

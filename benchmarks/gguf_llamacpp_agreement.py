@@ -67,7 +67,8 @@ def main() -> None:
                   flush=True)
     n = next(iter(results.values()))["plain"]["positions"]
     print(f"\nmistral-nano, Alice text, {n} positions (ctx 128, {args.chunks} chunks); same top token, 95% interval\n")
-    print("| type | quantkit plain vs llama.cpp | quantkit ggml-numerics vs llama.cpp | quantkit vs itself (f32/f64 sums) "
+    print("| type | quantkit plain vs llama.cpp | quantkit ggml-numerics vs llama.cpp "
+          "| quantkit vs itself (f32/f64 sums) "
           "| llama.cpp vs itself (repack on/off) | max \\|Δ log p\\| ggml-numerics vs llama.cpp | quantkit vs itself |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for ftype, r in results.items():

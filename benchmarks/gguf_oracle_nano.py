@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantkit.gguf.imatrix import read_imatrix  # noqa: E402
-from quantkit.gguf.quants import BLOCK_SIZES, quantize_ggml  # noqa: E402
+from quantkit.ggml_types import type_size  # noqa: E402
+from quantkit.gguf.quants import quantize_ggml  # noqa: E402
 from quantkit.testing import NANO_PATH, llamacpp_bin, llamacpp_convert_script, shared_data  # noqa: E402
 
 ALL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -35,7 +36,7 @@ def compare(f32: dict, quantized_path: Path, type_name: str, imatrix) -> tuple[i
 
     same = total = 0
     seconds = 0.0
-    size = BLOCK_SIZES[type_name][1]
+    size = type_size(type_name)
     for t in GGUFReader(str(quantized_path)).tensors:
         if t.tensor_type.name != type_name:
             continue
@@ -57,7 +58,8 @@ def main() -> None:
     ap.add_argument("--keep", help="directory for the intermediate GGUFs (default: a temporary one)")
     args = ap.parse_args()
 
-    quantize, imatrix_tool, script = llamacpp_bin("llama-quantize"), llamacpp_bin("llama-imatrix"), llamacpp_convert_script()
+    quantize, imatrix_tool, script = (llamacpp_bin("llama-quantize"), llamacpp_bin("llama-imatrix"),
+                                      llamacpp_convert_script())
     if quantize is None or script is None:
         sys.exit("llama.cpp tools are not built (scripts/build_llamacpp.sh)")
     work = Path(args.keep or tempfile.mkdtemp(prefix="gguf-oracle-"))

@@ -58,7 +58,8 @@ def run(cmd: list[str], log: Path) -> None:
     log.write_text(proc.stdout)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
-    print(f"  {' '.join(Path(c).name if '/' in c else c for c in cmd[:3])} ... {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"  {' '.join(Path(c).name if '/' in c else c for c in cmd[:3])} ... {time.time() - t0:.0f}s",
+          file=sys.stderr)
 
 
 def main() -> None:
@@ -77,7 +78,8 @@ def main() -> None:
     calib_txt, eval_txt = work / "calib.txt", work / "eval.txt"
     calib_txt.write_text((pg / "the-hound-of-the-baskervilles.txt").read_text())
     eval_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
-    quantize, imatrix_tool, perplexity = (llamacpp_bin(t) for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
+    quantize, imatrix_tool, perplexity = (llamacpp_bin(t)
+                                          for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
     ckpt = open_checkpoint(NANO_PATH)
     env_q = [sys.executable, "-m", "quantkit"]
 

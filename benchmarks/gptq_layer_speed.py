@@ -81,7 +81,8 @@ def main() -> int:
 
     names = list(LINEARS) if not args.only else [n for n in LINEARS if n.split(".")[-1] in args.only.split(",")]
     tags = sorted({LINEARS[n][2] for n in names})
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, "
           f"{args.samples}x{args.seqlen} tokens, linears: {', '.join(n.split('.')[-1] for n in names)}", flush=True)
 
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +154,8 @@ def main() -> int:
     print(f"hessians: quantkit {t_ours['hessian']:.1f}s  gptqmodel {t_ref['hessian']:.1f}s  "
           f"ratio {t_ours['hessian'] / t_ref['hessian']:.3f}", flush=True)
 
-    print(f"{'linear':<18} {'quantkit s':>10} {'gptqmodel s':>11} {'ratio':>6} {'loss ratio q/g':>14} {'equal Q (bf16)':>14}",
+    print(f"{'linear':<18} {'quantkit s':>10} {'gptqmodel s':>11} {'ratio':>6} "
+          f"{'loss ratio q/g':>14} {'equal Q (bf16)':>14}",
           flush=True)
     for i, n in enumerate(names):
         tag = LINEARS[n][2]

@@ -102,7 +102,7 @@ def section(name: str, out: Path):
 def random_packed(k: int, n: int, bits: int, group: int, symmetric: bool, device, act_order: bool = False):
     """A random PackedInt made directly on the device (random codes = random words)."""
     from quantkit.kernels.pack import PackedInt, pack_quant_tensor
-    from quantkit.quant.tensor import QuantTensor
+    from quantkit.tensors import QuantTensor
 
     gs = k if group == -1 else group
     groups = k // gs
@@ -220,7 +220,7 @@ def main() -> None:
         nbytes = (8 << 20) if smoke else (1 << 30)
         a = torch.empty(nbytes, dtype=torch.uint8, device=device)
         b = torch.empty_like(a)
-        ms = bench_ms(lambda: b.copy_(a), device)
+        ms = bench_ms(lambda: b.copy_(a), device)  # noqa: F821  (deleted below, after the timing)
         gbps = 2 * nbytes / ms / 1e6  # read + write
         RESULTS["copy_GBps"] = round(gbps, 1)
         log(f"copy bandwidth {gbps:.0f} GB/s (read+write of {nbytes >> 20} MiB in {ms:.3f} ms)")
@@ -252,8 +252,8 @@ def main() -> None:
                     y = int_matmul(x, p)  # also picks the config
                     row["rel_err"] = rel_err(y, x.float() @ w_ref)
                     row["ok"] = row["rel_err"] <= 1e-2
-                    t_q = bench_ms(lambda: int_matmul(x, p), device)
-                    t_b = bench_ms(lambda: F.linear(x, w_bf16), device)
+                    t_q = bench_ms(lambda: int_matmul(x, p), device)  # noqa: F821  (deleted after the loop)
+                    t_b = bench_ms(lambda: F.linear(x, w_bf16), device)  # noqa: F821
                     row.update(ms=round(t_q, 4), bf16_ms=round(t_b, 4), speedup_vs_bf16=round(t_b / t_q, 2),
                                weight_GBps=round(wbytes / t_q / 1e6, 1),
                                frac_copy_bw=round(wbytes / t_q / 1e6 / copy_gbps, 3),
@@ -399,7 +399,8 @@ def main() -> None:
     @section("extras", out)
     def extras():
         from quantkit.kernels.ggml_matmul import ggml_matvec
-        from quantkit.kernels.ggml_ref import BLOCK_SIZES, dequantize_rows
+        from quantkit.ggml_types import block_size, type_size
+        from quantkit.kernels.ggml_ref import dequantize_rows
         from quantkit.kernels.int_matmul import int_matmul
         from quantkit.kernels.pack import int_matmul_ref
 
@@ -434,7 +435,7 @@ def main() -> None:
                 break
             row = {"kind": f"gguf {type_name}", "K": k, "N": n, "M": 1}
             try:
-                qk, nb = BLOCK_SIZES[type_name]
+                qk, nb = block_size(type_name), type_size(type_name)
                 data = torch.randint(0, 256, (n, k // qk, nb), dtype=torch.uint8, device=device)
                 for off in f16_fields[type_name]:  # finite, moderate fp16 scale fields
                     d = (torch.randn(n, k // qk, device=device) * 0.01).half().view(torch.uint8).view(n, k // qk, 2)

@@ -56,9 +56,11 @@ def eager_profile(model, tag):
     tok = g.forward(prompt, 0).argmax(-1)
     times = []
     for i in range(6):
-        torch.cuda.synchronize(); t = time.perf_counter()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         tok = g.decode_step(tok, 16 + i).argmax(-1)
-        torch.cuda.synchronize(); times.append(round((time.perf_counter() - t) * 1e3, 2))
+        torch.cuda.synchronize()
+        times.append(round((time.perf_counter() - t) * 1e3, 2))
     print(tag, "eager step ms", times, flush=True)
     from torch.profiler import profile, ProfilerActivity
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -74,6 +76,7 @@ for kind in ("w4_g128", "bf16"):
     m = gpu.build_model(cfg, dev, kind == "w4_g128", "triton")
     agree(m, kind)
     eager_profile(m, kind)
-    del m; torch.cuda.empty_cache()
+    del m
+    torch.cuda.empty_cache()
 Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
 (Path(sys.argv[1]) / "diag.json").write_text(json.dumps(out, indent=1))

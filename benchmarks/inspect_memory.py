@@ -1,7 +1,8 @@
 """Peak RSS of `quantkit inspect` on a multi-GB checkpoint vs. the checkpoint size and vs. an eager load.
 
-Baseline: an eager load, `safetensors.torch.load_file` + a private copy of every tensor (what loading a model does). Both run in fresh subprocesses on the same sparse
-2.3 GB checkpoint (Mistral-7B shapes, 4 layers). Prints sizes, peak RSS and the ratios.
+Baseline: an eager load, `safetensors.torch.load_file` + a private copy of every tensor (what loading a model does).
+Both run in fresh subprocesses on the same sparse 2.3 GB checkpoint (Mistral-7B shapes, 4 layers). Prints sizes,
+peak RSS and the ratios.
 
     python benchmarks/inspect_memory.py
 """

@@ -53,3 +53,8 @@ class DeviceError(QuantkitError):
 
 class GenerationError(QuantkitError):
     """Generation cannot run as asked (e.g. the prompt does not fit the model's context)."""
+
+
+class KernelBuildError(QuantkitError):
+    """A C++ compiler (and ninja) is present but building or loading a quantkit C++ extension failed; the message
+    carries the first lines of the compiler output. (A missing compiler is not an error: the kernels fall back.)"""

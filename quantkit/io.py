@@ -12,12 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from quantkit.errors import OutputExistsError
+from quantkit.errors import OutputExistsError, QuantkitError
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # HF's "5GB"
 
@@ -28,55 +28,145 @@ def parse_size(text: str | int) -> int:
         return text
     units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
     t = text.strip().lower()
-    for suffix, mult in units.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * mult)
-    return int(t)
+    try:
+        for suffix, mult in units.items():
+            if t.endswith(suffix):
+                size = int(float(t[: -len(suffix)]) * mult)
+                break
+        else:
+            size = int(t)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise QuantkitError(f"size {text!r}: expected a positive size such as 5GB, 500MB, 2GiB or a number of bytes")
+    return size
+
+
+# files quantkit writes into every directory it creates (a work dir, an HF-layout output, a dump, a report)
+OWNER_FILES = ("quantkit.json", "dump.json", "report.json", ".quantkit-work", ".quantkit-outputs")
+GGUF_OWNER_KEY = b"quantkit."  # every GGUF quantkit writes carries quantkit.* provenance keys
+_GGUF_HEADER_SCAN = 32 << 20  # the KV header (tokenizer included) of a GGUF is far below this
+
+
+def written_by_quantkit(path: str | Path) -> bool:
+    """Whether `path` is something quantkit created and may therefore replace: a directory holding one of
+    OWNER_FILES, or a GGUF file whose header carries quantkit.* keys."""
+    path = Path(path)
+    if path.is_dir():
+        return any((path / f).is_file() for f in OWNER_FILES)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+            seen, tail = 0, b""
+            while seen < _GGUF_HEADER_SCAN:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return False
+                if GGUF_OWNER_KEY in tail + chunk:
+                    return True
+                tail, seen = chunk[-len(GGUF_OWNER_KEY):], seen + len(chunk)
+    except OSError:
+        return False
+    return False
 
 
 def check_output_path(path: str | Path, force: bool) -> Path:
+    """Refuse an existing output, unless `force` and it is an earlier quantkit output or an empty directory (never
+    a user's own data)."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path}: output already exists (use --force to replace it)")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{path}: output already exists (use --force to replace it)")
+        empty_dir = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+        if not empty_dir and (path.is_symlink() or not written_by_quantkit(path)):
+            raise OutputExistsError(f"{path}: exists and was not written by quantkit; --force replaces only "
+                                    "quantkit's own outputs (remove it yourself or choose another path)")
     return path
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_disjoint(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse any output path equal to, inside, or containing an input path (names say which option is which)."""
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        o = Path(out).resolve()
+        for in_name, inp in inputs.items():
+            if inp is None or not Path(inp).exists():
+                continue
+            if _related(o, Path(inp).resolve()):
+                raise OutputExistsError(f"{out_name} {out} overlaps {in_name} {inp}: quantkit never writes into, "
+                                        "over or around its inputs; choose another path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new hidden directory next to `target` (same file system, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def temp_file_beside(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`; an earlier output there (already checked as quantkit's) is replaced.
+    Modes follow the umask (some writers, safetensors among them, create 0600 files)."""
+    mask = _umask()
+    for p in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def remove_temp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success rename it to `target`, on failure delete it."""
     target = check_output_path(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(target)
+    move_into_place(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside `target`; rename on success, delete on failure."""
     target = check_output_path(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temp_file_beside(target)
     try:
         yield tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_temp(tmp)
         raise
-    if target.is_dir():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    move_into_place(tmp, target)
 
 
 def read_json_object(path: str | Path, error: type[Exception]) -> dict:
@@ -136,50 +226,14 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str | Path, max_shar
     files, weight_map = [], {}
     for i, names in enumerate(groups):
         fname = shard_file_name(i, len(groups), stem)
-        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / fname), metadata=metadata or {"format": "pt"})
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / fname),
+                  metadata=metadata or {"format": "pt"})
         files.append(fname)
         weight_map.update({n: fname for n in names})
     if len(groups) > 1:
         total = sum(tensor_nbytes(t) for t in tensors.values())
-        write_json(out_dir / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return files
-
-
-def stream_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
-                   stem: str = "model") -> list[str]:
-    """Like save_sharded, but holds at most one shard in memory: tensors arrive one by one.
-
-    Shards are first written as `<stem>-NNNNN.part.safetensors` and renamed to `-of-` names at the end,
-    when their count is known.
-    """
-    out_dir = Path(out_dir)
-    parts: list[Path] = []
-    weight_map: dict[str, int] = {}
-    current: dict[str, torch.Tensor] = {}
-    used = total = 0
-
-    def flush():
-        nonlocal current, used
-        if current:
-            part = out_dir / f"{stem}-{len(parts):05d}.part.safetensors"
-            save_file(current, str(part), metadata=metadata or {"format": "pt"})
-            parts.append(part)
-            current, used = {}, 0
-
-    for name, t in named_tensors:
-        size = tensor_nbytes(t)
-        if current and used + size > max_shard_bytes:
-            flush()
-        current[name] = t.contiguous()
-        weight_map[name] = len(parts)
-        used += size
-        total += size
-    flush()
-    files = [shard_file_name(i, len(parts), stem) for i in range(len(parts))]
-    for part, fname in zip(parts, files):
-        part.rename(out_dir / fname)
-    if len(parts) > 1:
         write_json(out_dir / f"{stem}.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": {n: files[i] for n, i in weight_map.items()}})
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
     return files
+
+

@@ -164,7 +164,7 @@ def story(rng: random.Random) -> str:
         f"{a} felt {feeling}, {pick(rng, ['and', 'but', 'so'])} decided to say nothing until the evening.",
         f"That afternoon {a} {act1}, then {act2}, and still the {obj.split(' ', 1)[1]} sat on the table.",
         f"When {b} came by, {b} looked at it for a long time before speaking.",
-        f'"I have seen this before," {b} said. "{pick(rng, ["It belonged to my grandmother.", "There used to be two of them.", "You should not have opened it.", "It came from the house by the river."])}"',
+        f'"I have seen this before," {b} said. "{pick(rng, ["It belonged to my grandmother.", "There used to be two of them.", "You should not have opened it.", "It came from the house by the river."])}"',  # noqa: E501
         f"They talked until it was dark, and by the end {a} {act3} without really noticing.",
         f"{pick(rng, ['Years later', 'Much later', 'The next spring', 'Long after that'])}, {a} would say that the "
         f"{pick(rng, ADJ)} {obj.split(' ', 1)[1]} had changed everything, although nobody quite believed it.",
@@ -176,7 +176,8 @@ def explainer(rng: random.Random) -> str:
     topic = pick(rng, list(TOPICS))
     first, second, third = TOPICS[topic]
     openers = [f"How does {topic} work? The short answer is simple.", f"People often ask about {topic}.",
-               f"Here is a plain explanation of {topic}.", f"{topic.capitalize()} is easier to understand than it sounds."]
+               f"Here is a plain explanation of {topic}.",
+               f"{topic.capitalize()} is easier to understand than it sounds."]
     links = ["In other words,", "Put simply,", "As a result,", "This means that", "Because of this,"]
     closers = [f"Once you see it this way, {topic} stops being mysterious.",
                "The details are more complicated, but this is the core of it.",
@@ -193,10 +194,12 @@ def letter(rng: random.Random) -> str:
     city = pick(rng, CITIES)
     food = pick(rng, FOODS)
     day = pick(rng, ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
-    return (f"Dear {to},\n\nI hope this finds you well. Things here in {city} are {pick(rng, ['much the same', 'busier than ever', 'slowly improving', 'strange and wonderful'])}. "
+    return (f"Dear {to},\n\nI hope this finds you well. Things here in {city} are "
+            f"{pick(rng, ['much the same', 'busier than ever', 'slowly improving', 'strange and wonderful'])}. "
             f"On {day} we made {food} for the whole street, and there was enough left over for the week. "
             f"The {pick(rng, ['garden', 'workshop', 'new kitchen', 'library', 'bridge repair'])} is nearly finished; "
-            f"I will believe it when I see it. Please write soon and tell me about {pick(rng, ['your new job', 'the journey', 'the children', 'the house', 'your studies'])}.\n\n"
+            "I will believe it when I see it. Please write soon and tell me about "
+            f"{pick(rng, ['your new job', 'the journey', 'the children', 'the house', 'your studies'])}.\n\n"
             f"With love,\n{frm}")
 
 
@@ -208,16 +211,18 @@ def news(rng: random.Random) -> str:
     thing = pick(rng, ["a new footbridge", "the public library", "a community orchard", "the tram line",
                        "a flood barrier", "the market hall", "a solar farm", "the harbour wall"])
     return (f"{city} council voted on Tuesday to approve {thing}, ending a debate that began in {year}. "
-            f"Supporters say it will serve about {n:,} residents and cut {pick(rng, ['travel times', 'costs', 'waiting lists', 'emissions'])} "
+            f"Supporters say it will serve about {n:,} residents and cut "
+            f"{pick(rng, ['travel times', 'costs', 'waiting lists', 'emissions'])} "
             f"by roughly {pct} percent. Critics, including the local {pick(rng, JOBS)}s' association, argue that the "
             f"money would be better spent elsewhere. Work is expected to start in the {pick(rng, SEASONS)}.")
 
 
 def dialogue_prose(rng: random.Random) -> str:
     a, b = rng.sample(NAMES, 2)
-    lines = [f'"Did you {pick(rng, ["lock the door", "bring the map", "call your sister", "finish the report"])}?" {a} asked.',
+    lines = [f'"Did you {pick(rng, ["lock the door", "bring the map", "call your sister", "finish the report"])}?" '
+             f'{a} asked.',
              f'"{pick(rng, ["Of course", "I think so", "Not yet", "Was I supposed to"])}," said {b}.',
-             f'"{pick(rng, ["Then we can go", "We will be late again", "That explains a lot", "Good, because I forgot mine"])}."',
+             f'"{pick(rng, ["Then we can go", "We will be late again", "That explains a lot", "Good, because I forgot mine"])}."',  # noqa: E501
              f"{b} {pick(rng, ['laughed', 'sighed', 'shrugged', 'looked away'])} and {pick(rng, ACTIONS)}."]
     return " ".join(lines)
 
@@ -245,15 +250,18 @@ def conversation(rng: random.Random) -> dict:
                  {"role": "user", "content": pick(rng, ["Can you give me an everyday example?", "Why does that matter?",
                                                         "Could you make it simpler, for a child?"])},
                  {"role": "assistant", "content": f"Think of {pick(rng, NAMES)}, a {pick(rng, JOBS)}. "
-                                                  f"{second.capitalize()}, which is something you can see in ordinary life. "
+                                                  f"{second.capitalize()}, which is something you can see in "
+                                                  "ordinary life. "
                                                   "The same idea shows up again and again once you start looking."}]
     elif kind == 1:
         food = pick(rng, FOODS)
         k = rng.randint(2, 8)
         msgs += [{"role": "user", "content": f"I want to cook {food} for {k} people. What do I need?"},
-                 {"role": "assistant", "content": f"For {k} people you will need about {k * 150} g of the main ingredient, "
-                                                  f"{rng.randint(1, 4)} onions, {rng.randint(2, 6)} cloves of garlic, salt, pepper and "
-                                                  f"{rng.randint(1, 3)} tablespoons of oil. Plan on {rng.randint(25, 90)} minutes in total."},
+                 {"role": "assistant", "content": f"For {k} people you will need about {k * 150} g of the main "
+                                                  f"ingredient, {rng.randint(1, 4)} onions, "
+                                                  f"{rng.randint(2, 6)} cloves of garlic, salt, pepper and "
+                                                  f"{rng.randint(1, 3)} tablespoons of oil. "
+                                                  f"Plan on {rng.randint(25, 90)} minutes in total."},
                  {"role": "user", "content": "And if one of the guests is vegetarian?"},
                  {"role": "assistant", "content": "Swap any meat stock for vegetable stock and check the labels of "
                                                   "ready-made sauces. Everything else in the recipe already works."}]
@@ -264,17 +272,20 @@ def conversation(rng: random.Random) -> dict:
                  {"role": "user", "content": f"And divided by {b}?"},
                  {"role": "assistant", "content": f"{a} ÷ {b} ≈ {a / b:.3f}."},
                  {"role": "user", "content": "Thanks! How did you check it?"},
-                 {"role": "assistant", "content": f"Multiply back: {b} × {a // b} = {b * (a // b)}, and the remainder is {a % b}."}]
+                 {"role": "assistant", "content": f"Multiply back: {b} × {a // b} = {b * (a // b)}, "
+                                                  f"and the remainder is {a % b}."}]
     elif kind == 3:
         lang = pick(rng, ["Python", "JavaScript", "SQL"])
         task = pick(rng, ["reverse a list", "count words in a string", "find the largest number",
                           "remove duplicates", "sort records by date"])
         msgs += [{"role": "user", "content": f"How do I {task} in {lang}?"},
-                 {"role": "assistant", "content": f"Here is a short way to {task} in {lang}:\n\n" + code_snippet(rng, lang) +
+                 {"role": "assistant", "content": f"Here is a short way to {task} in {lang}:\n\n" +
+                                                  code_snippet(rng, lang) +
                                                   "\n\nIt runs in linear or n log n time depending on the step."},
                  {"role": "user", "content": "Can you explain the second line?"},
-                 {"role": "assistant", "content": "The second line does the real work; the rest only sets up the input and "
-                                                  "returns the result. Try it on a small example and print each step."}]
+                 {"role": "assistant", "content": "The second line does the real work; the rest only sets up the "
+                                                  "input and returns the result. "
+                                                  "Try it on a small example and print each step."}]
     else:
         city = pick(rng, CITIES)
         d = rng.randint(2, 14)
@@ -283,7 +294,8 @@ def conversation(rng: random.Random) -> dict:
                                                   f"Spend the first day in {pick(rng, PLACES)}, and keep one day free. "
                                                   f"Try the local {pick(rng, FOODS)}."},
                  {"role": "user", "content": "Is it expensive?"},
-                 {"role": "assistant", "content": f"Expect about {rng.randint(40, 180)} euros a day for a modest hotel and meals; "
+                 {"role": "assistant", "content": f"Expect about {rng.randint(40, 180)} euros a day for a modest "
+                                                  "hotel and meals; "
                                                   "markets and bakeries are cheaper than restaurants."}]
     return {"messages": msgs}
 
@@ -299,8 +311,10 @@ def code_snippet(rng: random.Random, lang: str) -> str:
     if lang == "Python":
         return pick(rng, [
             f"def process({v}):\n    result = sorted(set({v}))\n    return result[::-1]",
-            f"from collections import Counter\n\ndef top({v}, k={rng.randint(2, 9)}):\n    counts = Counter({v})\n    return counts.most_common(k)",
-            f"def largest({v}):\n    best = {v}[0]\n    for x in {v}[1:]:\n        if x > best:\n            best = x\n    return best",
+            f"from collections import Counter\n\ndef top({v}, k={rng.randint(2, 9)}):\n"
+            f"    counts = Counter({v})\n    return counts.most_common(k)",
+            f"def largest({v}):\n    best = {v}[0]\n    for x in {v}[1:]:\n"
+            "        if x > best:\n            best = x\n    return best",
         ])
     if lang == "JavaScript":
         return pick(rng, [
@@ -459,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT, help="output directory (default: calib/ at the repository root)")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="output directory (default: calib/ at the repository root)")
     out = parser.parse_args(argv).out
     rng = random.Random(SEED)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,10 @@
 
 A random MistralForCausalLM (hidden 64, 2 layers, vocab 512, fp16) is quantized by GPTQModel 7.6 on CPU twice:
 `gptqmodel-sym-g32` (sym, desc_act false) and `gptqmodel-asym-actorder-g32` (asym, desc_act true: a v1 "zero
-minus one" checkpoint with a non-monotonic g_idx), and once as AWQ GEMM (`gptqmodel-awq-gemm-g32`, AutoAWQ's layout). Next to each, `reference_logits.pt` holds the logits that
-GPTQModel's own loaded model gives for `PROMPT_IDS` (fp32, dequantize-then-matmul path, see exact_logits), so the test can compare even where
-gptqmodel is not installed.
+minus one" checkpoint with a non-monotonic g_idx), and once as AWQ GEMM (`gptqmodel-awq-gemm-g32`, AutoAWQ's
+layout). Next to each, `reference_logits.pt` holds the logits that GPTQModel's own loaded model gives for
+`PROMPT_IDS` (fp32, dequantize-then-matmul path, see exact_logits), so the test can compare even where gptqmodel
+is not installed.
 """
 
 from __future__ import annotations

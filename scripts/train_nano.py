@@ -65,7 +65,8 @@ def prepare(args) -> None:
         splits["val" if i in val_idx else "train"].append(np.asarray(ids, dtype=np.uint16))
     for split, arrays in splits.items():
         np.concatenate(arrays).tofile(work / f"{split}.bin")
-    meta = {"train_tokens": int(sum(a.size for a in splits["train"])), "val_tokens": int(sum(a.size for a in splits["val"])),
+    meta = {"train_tokens": int(sum(a.size for a in splits["train"])),
+            "val_tokens": int(sum(a.size for a in splits["val"])),
             "val_books": [books[i].name for i in sorted(val_idx)], "train_books": len(books) - VALIDATION_BOOKS}
     write_json(work / "data.json", meta)
     shutil.copy(v1_tokenizer_path(), work / "tokenizer.model")
@@ -105,7 +106,8 @@ def evaluate(model, tokens: np.ndarray, seq: int, device, amp, max_windows: int)
         x = torch.from_numpy(rows).to(device)
         with amp():
             logits = model(x[:, :-1])
-        losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item())
+        losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                      reduction="sum").item())
     model.train()
     return sum(losses) / (n * seq)
 
@@ -120,7 +122,8 @@ def train(args) -> None:
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(args.seed)
     train_tokens = np.fromfile(work / "train.bin", dtype=np.uint16)
@@ -157,7 +160,8 @@ def train(args) -> None:
             record["val_loss"] = round(evaluate(model, val_tokens, args.seq, device, amp, args.val_windows), 4)
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "step": step, "train_loss": record["train_loss"]}
-                torch.save({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, work / "best.pt")
+                torch.save({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()},
+                           work / "best.pt")
         if step % args.log_every == 0 or "val_loss" in record:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -215,7 +219,8 @@ def main() -> None:
     pt.add_argument("--val-windows", type=int, default=256)
     pt.add_argument("--log-every", type=int, default=25)
     pt.add_argument("--save-every", type=int, default=250)
-    pt.add_argument("--time-limit", type=float, default=0, help="stop (and export the best so far) after this many seconds")
+    pt.add_argument("--time-limit", type=float, default=0,
+                    help="stop (and export the best so far) after this many seconds")
     pt.add_argument("--shard-bytes", type=int, default=16_000_000)
     args = p.parse_args()
     prepare(args) if args.cmd == "prepare" else train(args)

@@ -5,7 +5,7 @@ import torch
 
 from quantkit.errors import CalibrationError, SchemeError
 from quantkit.model.config import ModelConfig
-from quantkit.model.reference import DecoderLayer, attention_mask, rope_cos_sin
+from quantkit.model.reference import DecoderLayer, sequence_inputs
 from quantkit.quant import awq
 from quantkit.quant.rtn import quantize_rtn
 from quantkit.quant.scheme import Scheme
@@ -29,14 +29,12 @@ def make_layer(kv_heads=2, dtype=torch.float64, seed=0, hidden=128, heads=4, int
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * p.shape[1] ** -0.5)
     T = 32
-    pos = torch.arange(T)
-    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, dtype)
-    mask = attention_mask(pos, pos, None)
+    inputs = sequence_inputs(cfg, T, dtype=dtype)  # positions, rope, mask
     # activations with outlier channels, as real residual streams have
     scale = torch.ones(hidden, dtype=dtype)
     scale[torch.randperm(hidden, generator=g)[:4]] = 20
     acts = torch.randn(6, T, hidden, generator=g, dtype=dtype) * scale
-    return layer, acts, cos, sin, mask
+    return layer, acts, inputs
 
 
 def rel_err(a, b):
@@ -46,26 +44,26 @@ def rel_err(a, b):
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_folded_layer_computes_the_same_function(kv_heads, dtype, tol):
-    layer, acts, cos, sin, mask = make_layer(kv_heads=kv_heads, dtype=dtype)
+    layer, acts, inputs = make_layer(kv_heads=kv_heads, dtype=dtype)
     original = copy.deepcopy(layer)
     schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
     with torch.no_grad():
-        ref = original(acts, cos, sin, mask)
-    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=4, clip=False, n_grid=5)
+        ref = original(acts, *inputs)
+    summary = awq.awq_layer(layer, acts, schemes, inputs=inputs, batch_size=4, clip=False, n_grid=5)
     # grouped-query attention skips v->o (AutoAWQ rule); multi-head attention folds it
     assert ("self_attn.v_proj" in summary["scales"]) == (kv_heads == 4)
     assert set(summary["scales"]) >= {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
     assert not torch.equal(layer.input_layernorm.weight, original.input_layernorm.weight)
     with torch.no_grad():
-        out = layer(acts, cos, sin, mask)
+        out = layer(acts, *inputs)
     assert rel_err(out, ref) <= tol
 
 
 def test_scale_search_and_clip_reduce_quantization_error():
-    layer, acts, cos, sin, mask = make_layer(dtype=torch.float32, seed=1)
+    layer, acts, inputs = make_layer(dtype=torch.float32, seed=1)
     schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
     with torch.no_grad():
-        ref = layer(acts, cos, sin, mask)
+        ref = layer(acts, *inputs)
 
     def quantized_output(lyr):
         q = copy.deepcopy(lyr)
@@ -73,10 +71,10 @@ def test_scale_search_and_clip_reduce_quantization_error():
         for n in LINEARS:
             mods[n].weight.data = quantize_rtn(mods[n].weight.data, schemes[n]).dequantize()
         with torch.no_grad():
-            return q(acts, cos, sin, mask)
+            return q(acts, *inputs)
 
     err_rtn = rel_err(quantized_output(layer), ref)
-    summary = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask)
+    summary = awq.awq_layer(layer, acts, schemes, inputs=inputs)
     err_awq = rel_err(quantized_output(layer), ref)
     assert err_awq < err_rtn
     # the search includes ratio 0 (s = 1/w_mean normalised), so the chosen loss is never worse than it
@@ -112,8 +110,8 @@ def test_autoawq_quantizer_and_bad_input():
     assert torch.allclose(out[0, :4], torch.tensor([0.5, 1.0, 2.0, 2.5]), atol=1e-6)
     sym = awq.fake_quant_autoawq(torch.tensor([[-3.5, 1.0] * 16]), Scheme(bits=4, group_size=32, symmetric=True))
     assert torch.allclose(sym[0, :2], torch.tensor([-3.5, 1.0]), atol=1e-6)  # levels -8..7 times 3.5/7
-    layer, acts, cos, sin, mask = make_layer(dtype=torch.float32)
+    layer, acts, inputs = make_layer(dtype=torch.float32)
     with pytest.raises(SchemeError, match="search quantizer"):
-        awq.awq_layer(layer, acts, {}, cos=cos, sin=sin, mask=mask, search_quantizer="nope")
+        awq.awq_layer(layer, acts, {}, inputs=inputs, search_quantizer="nope")
     with pytest.raises(CalibrationError, match="calibration activations"):
-        awq.awq_layer(layer, acts[:0], {"mlp.down_proj": Scheme()}, cos=cos, sin=sin, mask=mask)
+        awq.awq_layer(layer, acts[:0], {"mlp.down_proj": Scheme()}, inputs=inputs)

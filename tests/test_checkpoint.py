@@ -126,7 +126,8 @@ def test_config_refuses_what_the_reference_model_cannot_run():
 
 
 def test_config_unknown_architecture_lists_supported():
-    with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*MistralForCausalLM"):
+    with pytest.raises(ConfigError,
+                       match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*MistralForCausalLM"):
         ModelConfig.from_hf_dict({**V02, "architectures": ["GPT2LMHeadModel"]})
 
 

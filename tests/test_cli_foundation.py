@@ -90,7 +90,8 @@ def test_inspect_peak_rss_far_below_checkpoint_size(tmp_path):
     path = make_sparse_checkpoint(tmp_path / "big")
     size = (path / "model.safetensors").stat().st_size
     assert size > 2 * 1000**3
-    code = (f"import resource, sys\nfrom quantkit.cli import main\ntry:\n    main(['inspect', {str(path)!r}, '--json'])\n"
+    code = (f"import resource, sys\nfrom quantkit.cli import main\ntry:\n"
+            f"    main(['inspect', {str(path)!r}, '--json'])\n"
             "except SystemExit as e:\n    assert not e.code\n"
             # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the forking pytest process
             "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
@@ -125,10 +126,6 @@ def test_inspect_gguf_converted_by_llamacpp(capsys, fixture_dir, tmp_path):
 
 def test_inspect_and_compare_quantized_gptq(capsys, tmp_path, text_file):
     """A GPTQ-format RTN checkpoint: inspect shows int4 tensors, compare gives a finite SQNR and a positive KLD."""
-    import importlib.util
-
-    if importlib.util.find_spec("quantkit.commands.quantize") is None:
-        pytest.skip("quantize command not available yet")
     base = make_random_checkpoint(tmp_path / "b", hidden=128, intermediate=256, seed=6)
     run_cli(capsys, "quantize", str(base), "--method", "rtn", "--preset", "w4a16-g128", "--format", "gptq",
             "-o", str(tmp_path / "q"), "--no-progress")

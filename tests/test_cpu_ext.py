@@ -1,16 +1,41 @@
-"""The C++ CPU extension (kernels/cpu_ext.py) against its plain-torch reference and the exact fp32 result, and the
-compiled CPU decode step (Generator(compile=True)) against the eager one."""
+"""The C++ CPU extension (kernels/cpu_ext.py, source in kernels/csrc/) against its plain-torch reference and the
+exact fp32 result, how it reports a missing toolchain vs a failing build, and the compiled CPU decode step
+(Generator(compile=True)) against the eager one."""
+
+import os
+import stat
+import warnings
+from fnmatch import fnmatch
+from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import quantkit
+from quantkit.errors import KernelBuildError
 from quantkit.kernels import cpu, cpu_ext
 from quantkit.kernels.ggml_ref import dequantize_rows
 from quantkit.runtime.qlinear import GGMLLinear
 from test_kernels_ggml import random_blocks  # noqa: E402 (tests/ is on sys.path under pytest)
 
-needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason=f"C++ extension unavailable: {cpu_ext.build_error()}")
+
+def _skip_unless(ok: bool, why: str):
+    """Skip for a missing C++ compiler / ninja; under CI=true that is a failure (CI must build the extension)."""
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} (CI=true: a missing toolchain fails instead of skipping)")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def ext():
+    """The built extension. A missing toolchain skips; a build that fails raises KernelBuildError here (an error)."""
+    _skip_unless(cpu_ext.available(), f"C++ extension unavailable: {cpu_ext.reason()}")
+
+
+needs_ext = pytest.mark.usefixtures("ext")
 
 
 def rel(a, b):
@@ -76,11 +101,114 @@ def test_reference_is_the_dequantized_matmul(type_name):
     assert rel(cpu_ext.reference_matmul(x, data, type_name), x @ dequantize_rows(data, type_name).t()) <= 1e-3
 
 
-@pytest.mark.skipif(not cpu_ext.uses_simd(), reason="the runtime uses the extension only with AVX512-VNNI")
+def test_sources_are_package_data():
+    """The C++ lives in kernels/csrc/ and is found through the package (as an installed wheel has it), and
+    pyproject.toml's package-data globs cover every file there."""
+    csrc = files("quantkit.kernels") / "csrc"
+    names = sorted(p.name for p in csrc.iterdir() if p.is_file())
+    assert "cpu_ext.cpp" in names
+    assert [Path(s).resolve() for s in cpu_ext.SOURCES] == [Path(str(csrc / "cpu_ext.cpp")).resolve()]
+    source = (csrc / "cpu_ext.cpp").read_text()
+    assert "TORCH_LIBRARY(quantkit_cpu, m)" in source and "q6k_row_scalar" in source
+    pyproject = Path(quantkit.__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.exists():  # a source checkout / editable install
+        tomllib = pytest.importorskip("tomllib")
+        globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["quantkit"]
+        for name in names:
+            assert any(fnmatch(f"kernels/csrc/{name}", g) for g in globs), f"{name} is not package data"
+
+
+def _fake_tools(tmp_path, *tools):
+    """A PATH holding only these (do-nothing) executables."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("tools,cxx,expect", [
+    ((), None, ["no C++ compiler (c++ is not on PATH", "no ninja"]),
+    (("c++",), None, ["no ninja on PATH"]),
+    (("ninja",), "/nonexistent/g++", ["no C++ compiler ($CXX='/nonexistent/g++' is not on PATH"]),
+])
+def test_missing_toolchain_is_unavailable_with_one_warning(tmp_path, monkeypatch, tools, cxx, expect):
+    monkeypatch.setenv("PATH", _fake_tools(tmp_path, *tools))
+    if cxx is None:
+        monkeypatch.delenv("CXX", raising=False)
+    else:
+        monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setattr(cpu_ext, "_state", {})  # a fresh process, as far as cpu_ext knows
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a missing toolchain must not get as far as building")
+
+    monkeypatch.setattr(cpu_ext, "build", no_build)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels .* unavailable") as record:
+        assert cpu_ext.available() is False
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: later calls neither warn nor raise
+        assert cpu_ext.available() is False and cpu_ext.uses_simd() is False
+    for part in expect:
+        assert part in cpu_ext.reason()
+    assert (("no C++ compiler" in cpu_ext.reason()) == ("c++" not in tools))
+    # tests skip for it, and fail under CI=true
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no "):
+        _skip_unless(cpu_ext.available(), f"C++ extension unavailable: {cpu_ext.reason()}")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _skip_unless(cpu_ext.available(), f"C++ extension unavailable: {cpu_ext.reason()}")
+
+
+def test_broken_source_raises_build_error(tmp_path, monkeypatch):
+    """A compiler that rejects the sources is an error carrying its first output lines — never 'unavailable'."""
+    _skip_unless(cpu_ext.missing_toolchain() is None, f"cannot build here: {cpu_ext.missing_toolchain()}")
+    src = tmp_path / "src"
+    src.mkdir()
+    broken = []
+    for s in cpu_ext.SOURCES:
+        text = Path(s).read_text()
+        if Path(s).name == "cpu_ext.cpp":
+            assert "\nnamespace {\n" in text
+            text = text.replace("\nnamespace {\n", "\nnamespace {\nint quantkit_broken_on_purpose = ;\n", 1)
+        (src / Path(s).name).write_text(text)
+        broken.append(src / Path(s).name)
+    with pytest.raises(KernelBuildError) as info:
+        cpu_ext.build(sources=broken, name="quantkit_cpu_ext_broken_test", build_directory=tmp_path / "build")
+    msg = str(info.value)
+    assert "quantkit_cpu_ext_broken_test" in msg and "first lines of the compiler output" in msg
+    assert "error:" in msg and "quantkit_broken_on_purpose" in msg
+    assert len(msg.splitlines()) <= 1 + cpu_ext._OUTPUT_LINES
+
+    # available() passes it on (every call, one build) instead of reporting the extension unavailable
+    calls = []
+
+    def failing_build(*args, **kwargs):
+        calls.append(1)
+        raise info.value
+
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "build", failing_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(KernelBuildError, match="quantkit_broken_on_purpose"):
+                cpu_ext.available()
+        with pytest.raises(KernelBuildError):
+            cpu_ext.uses_simd()
+    assert len(calls) == 1 and "quantkit_broken_on_purpose" in cpu_ext.reason()
+
+
+@needs_ext
 @pytest.mark.parametrize("type_name,blocks,k,direct", [("Q6_K", 2, 512, True), ("Q8_0", 16, 512, True),
                                                        ("Q5_K", 2, 512, True),
                                                        ("Q8_0", 5, 160, False)])  # K % 256 != 0: grouped int8
 def test_ggml_linear_uses_the_extension(type_name, blocks, k, direct):
+    if not cpu_ext.uses_simd():
+        pytest.skip("the runtime uses the extension only with AVX512-VNNI")
     rng = np.random.default_rng()
     data = torch.from_numpy(random_blocks(type_name, 32, blocks, rng))
     lin = GGMLLinear(type_name, data, (32, k), cpu_kernels=True)
@@ -192,4 +320,4 @@ def test_cpu_kernel_model_logits_match_the_exact_path(request, ftype):
     assert rel(gf.decode_step(step, 6), ge.decode_step(step, 6)) <= 1e-2
     assert isinstance(fast.lm_head._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
     if ftype in ("Q8_0", "Q5_K_M"):  # Q8_0 / Q5_K gate|up go through the extension too
-        assert isinstance(fast.model.layers[0].mlp.gate_up_fused._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
+        assert isinstance(fast.model.layers[0].mlp.gate_up._fast, cpu.DirectGGML) == cpu_ext.uses_simd()

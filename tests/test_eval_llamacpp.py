@@ -20,7 +20,8 @@ def test_llamacpp_convention_matches_llama_perplexity(capsys, nano_path, tmp_pat
     if script is None:
         pytest.skip("llama.cpp convert_hf_to_gguf.py not available")
     gguf_path = tmp_path / "nano-f32.gguf"
-    proc = subprocess.run([sys.executable, str(script), str(nano_path), "--outfile", str(gguf_path), "--outtype", "f32"],
+    proc = subprocess.run([sys.executable, str(script), str(nano_path), "--outfile", str(gguf_path),
+                           "--outtype", "f32"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = tmp_path / "text.txt"

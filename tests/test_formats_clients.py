@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from quantkit.formats.base import read_checkpoint
-from quantkit.formats.clients import gptqmodel_logits_fn, missing_client, transformers_logits_fn
+from quantkit.formats.clients import missing_client, transformers_logits_fn
 from quantkit.formats.dequantized import dequantized_model
-from quantkit.formats.export import export_rtn
+from quantkit.pipeline.export import export_rtn
 from quantkit.quant.scheme import PRESETS
 
 pytestmark = pytest.mark.compat

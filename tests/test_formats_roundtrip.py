@@ -9,10 +9,10 @@ import torch
 
 from quantkit.errors import FormatError, OutputExistsError, SchemeError
 from quantkit.formats.base import WriteOptions, get_format, read_checkpoint
-from quantkit.formats.export import export_rtn
+from quantkit.pipeline.export import export_rtn
 from quantkit.model.checkpoint import open_checkpoint
 from quantkit.quant.scheme import PRESETS, Scheme
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 from quantkit.testing import make_random_checkpoint
 
 HOLDS = {
@@ -155,7 +155,8 @@ def test_writer_refuses_scheme_before_writing(source, tmp_path):
     with pytest.raises(SchemeError, match="4-bit"):
         export_rtn(source, {"awq": tmp_path / "a"}, Scheme(3, 32, False))
     with pytest.raises(SchemeError):
-        export_rtn(source, {"gptq": tmp_path / "g"}, Scheme(4, 32, False), WriteOptions(extra={"checkpoint_format": "gptq"}))
+        export_rtn(source, {"gptq": tmp_path / "g"}, Scheme(4, 32, False),
+                   WriteOptions(extra={"checkpoint_format": "gptq"}))
     assert os.listdir(tmp_path) == []
 
 
@@ -172,8 +173,14 @@ def test_output_exists_refused_unless_force(source, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         written_tensors(source, "gptq", Scheme(4, 32, True), tmp_path)
     assert (tmp_path / "gptq" / "keep.txt").exists()
+    with pytest.raises(OutputExistsError, match="not written by quantkit"):  # --force replaces only our own outputs
+        written_tensors(source, "gptq", Scheme(4, 32, True), tmp_path, force=True)
+    assert (tmp_path / "gptq" / "keep.txt").exists()
+    (tmp_path / "gptq" / "keep.txt").unlink()
+    (tmp_path / "gptq").rmdir()
+    written_tensors(source, "gptq", Scheme(4, 32, True), tmp_path)
     out, _ = written_tensors(source, "gptq", Scheme(4, 32, True), tmp_path, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists() and (out / "quantkit.json").exists()
 
 
 def test_interrupted_write_leaves_no_output(source, tmp_path):
@@ -271,7 +278,8 @@ def test_one_format_failing_aborts_all(source, tmp_path):
     """A tensor one format cannot hold (act-order into AWQ) leaves none of the outputs behind."""
     outs = {"gptq": tmp_path / "g", "awq": tmp_path / "a"}
     with pytest.raises(SchemeError):
-        export_rtn(source, outs, Scheme(4, 32, True), transform=lambda n, t: permuted_g_idx(t, 3) if isinstance(t, QuantTensor) else t)
+        export_rtn(source, outs, Scheme(4, 32, True),
+                   transform=lambda n, t: permuted_g_idx(t, 3) if isinstance(t, QuantTensor) else t)
     assert os.listdir(tmp_path) == []
 
 

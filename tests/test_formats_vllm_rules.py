@@ -61,7 +61,8 @@ def test_default_preset_gets_marlin_everywhere():
     s = PRESETS["w4a16-g128"]
     assert vllm_kernel("gptq", config_for("gptq", s), 80) == ["gptq_marlin (Marlin)"]
     assert vllm_kernel("awq", config_for("awq", s), 80) == ["awq_marlin (Marlin)"]
-    assert vllm_kernel("compressed-tensors", config_for("compressed-tensors", s), 80) == ["CompressedTensorsWNA16 (Marlin)"]
+    assert (vllm_kernel("compressed-tensors", config_for("compressed-tensors", s), 80)
+            == ["CompressedTensorsWNA16 (Marlin)"])
 
 
 def test_rules_reject_what_marlin_cannot_run():

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 from quantkit.errors import QuantkitError
+from quantkit.ggml_types import f16_to_f32
 from quantkit.gguf.activations import (GGMLNumericsLinear, VEC_DOT_TYPE, apply_ggml_numerics, block_mins,
                                        q8_0_blocks, q8_1_blocks, q8_K_blocks, quantize_activations)
 from quantkit.gguf.quants import quantize_ggml
@@ -140,8 +141,8 @@ def test_vec_dot_types_follow_ggml_cpu_type_traits():
 def _q4_1_dot_reference(wt, x: torch.Tensor) -> np.ndarray:
     """ggml_vec_dot_q4_1_q8_1 in float64: sum over blocks of d_w*d_y*sum(q_w*q_y) + m_w*s_y (from the block bytes)."""
     blocks = wt.data.reshape(wt.shape[0], -1, 20)
-    dw = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
-    mw = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    dw = f16_to_f32(blocks[..., 0:2]).astype(np.float64)
+    mw = f16_to_f32(blocks[..., 2:4]).astype(np.float64)
     qs = blocks[..., 4:20]
     qw = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float64)  # [out, nb, 32]
     qy, dy, sy = (t.numpy().astype(np.float64) for t in q8_1_blocks(x))  # [T, nb, 32], [T, nb, 1], [T, nb, 1]
@@ -242,7 +243,7 @@ def _llamacpp_matmul_errors(dump_tool, nano_path, ftype, tmp_path):
     from quantkit.gguf.reader import GGUFModel
     from quantkit.model.checkpoint import open_checkpoint
     from quantkit.model.tokenizer import load_tokenizer
-    from quantkit.quant.tensor import GGMLTensor
+    from quantkit.tensors import GGMLTensor
     from quantkit.testing import REPO_ROOT
 
     ckpt = open_checkpoint(nano_path)

@@ -9,7 +9,7 @@ import pytest
 from quantkit.errors import FormatError, QuantkitError
 from quantkit.formats.base import read_checkpoint
 from quantkit.gguf.convert import write_gguf
-from quantkit.gguf.reader import GGUFModel, parse_gguf
+from quantkit.gguf.reader import GGUFModel
 from quantkit.model.checkpoint import open_checkpoint
 from quantkit.testing import make_random_checkpoint
 

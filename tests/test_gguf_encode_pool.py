@@ -58,7 +58,8 @@ def test_pool_buffers_grow_and_shrinking_requests_reuse_them(pool):
 def test_pool_reports_non_finite_weights_with_the_index(pool):
     x = np.zeros((600, 512), np.float32)
     x[550, 7] = np.inf
-    with pytest.raises(SchemeError, match=r"blk.3.ffn_up.weight: weight contains NaN or Inf \(first at index \[550, 7\]\)"):
+    with pytest.raises(SchemeError,
+                       match=r"blk.3.ffn_up.weight: weight contains NaN or Inf \(first at index \[550, 7\]\)"):
         quantize_ggml(x, "Q4_K", name="blk.3.ffn_up.weight", pool=pool)
     # the pool still works after a failed tensor
     y = np.ones((4, 256), np.float32)

@@ -60,7 +60,8 @@ def test_pure_matches_llama_quantize_pure(nano_f32, tmp_path):
 
 
 def test_mistral_7b_histograms_and_sizes():
-    """formats.md §2.6: Q4_K_M {F32 65, Q4_K 193, Q6_K 33}, 4,367,704,064 data bytes; Q5_K_M 5,130,674,176."""
+    """Mistral-7B (formats/gguf.md, file types): Q4_K_M {F32 65, Q4_K 193, Q6_K 33}, 4,367,704,064 data bytes;
+    Q5_K_M 5,130,674,176."""
     cfg = ModelConfig()  # Mistral-7B defaults
     for mix, default, size in (("Q4_K_M", "Q4_K", 4_367_704_064), ("Q5_K_M", "Q5_K", 5_130_674_176)):
         types = tensor_types(cfg, mix)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from quantkit.errors import QuantkitError, SchemeError
-from quantkit.quant.grid import Grid, IntGrid, check_finite
+from quantkit.errors import CheckpointError, QuantkitError, SchemeError
+from quantkit.quant.grid import Grid, IntGrid
+from quantkit.tensors import check_finite
 from quantkit.quant.rtn import quantize_rtn
 from quantkit.quant.scheme import Scheme, get_preset
 
@@ -29,7 +30,8 @@ def direct_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
             if lo == 0 and hi == 0:
                 lo, hi = -1.0, 1.0
             scale = torch.tensor((hi - lo) / maxq, dtype=torch.float32)
-            zero = float(2 ** (bits - 1)) if symmetric else float(torch.round(-torch.tensor(lo, dtype=torch.float32) / scale))
+            zero = (float(2 ** (bits - 1)) if symmetric
+                    else float(torch.round(-torch.tensor(lo, dtype=torch.float32) / scale)))
             scale = scale.to(scale_dtype).float()
             scales[r, g] = scale
             zeros[r, g] = zero
@@ -104,6 +106,7 @@ def test_mse_clip_does_not_increase_error():
 def test_non_finite_weight_names_the_tensor(bad):
     w = torch.randn(4, 64)
     w[2, 7] = bad
-    with pytest.raises(SchemeError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*NaN or Inf"):
+    message = r"model\.layers\.0\.mlp\.up_proj\.weight: weight contains NaN or Inf \(first at index \[2, 7\]\)"
+    with pytest.raises(CheckpointError, match=message):
         check_finite("model.layers.0.mlp.up_proj.weight", w)
     assert issubclass(SchemeError, QuantkitError)

@@ -1,4 +1,4 @@
-"""ggml block kernels: torch dequantizers vs gguf-py, Triton kernels (interpreter on CPU) vs the torch ones."""
+"""The ggml dequantizer (kernels/ggml_ref.py) vs gguf-py, bit for bit; Triton kernels (interpreter on CPU) vs it."""
 
 import os
 
@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.kernels.ggml_ref import BLOCK_SIZES, DEQUANT, dequantize_rows
+from quantkit.errors import FormatError
+from quantkit.ggml_types import SUPPORTED_TYPES, block_size, type_size
+from quantkit.kernels.ggml_ref import dequantize_rows
+from tests.test_gguf_quants import random_ggml_blocks
 
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
-              "Q6_K": [208]}
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def random_blocks(type_name, rows, blocks_per_row, rng):
-    """Random block bytes with finite, moderate fp16 scale fields (fresh each run)."""
-    _, nbytes = BLOCK_SIZES[type_name]
-    data = rng.integers(0, 256, (rows, blocks_per_row, nbytes), dtype=np.uint8)
-    for off in F16_FIELDS[type_name]:
-        d = (rng.standard_normal((rows, blocks_per_row)) * 0.01).astype(np.float16)
-        data[..., off:off + 2] = d.view(np.uint8).reshape(rows, blocks_per_row, 2)
-    return data.reshape(rows, -1)
+    """Random block bytes [rows, blocks_per_row * type_size] with finite fp16 scale fields (fresh each run)."""
+    return random_ggml_blocks(type_name, rows * blocks_per_row, rng).reshape(rows, -1)
 
 
 @pytest.fixture
@@ -30,26 +26,27 @@ def rng():
     return np.random.default_rng()
 
 
-@pytest.mark.parametrize("type_name", sorted(DEQUANT))
-def test_torch_dequant_equals_gguf_py(type_name, rng):
+@pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
+def test_dequantize_rows_equals_gguf_py(type_name, rng):
+    """Every value identical, bit for bit (-0.0 included), on random blocks (fresh each run)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    data = random_blocks(type_name, 5, 2, rng)
-    ref = dequantize(data, GGMLQuantizationType[type_name]).reshape(5, -1)
-    got = DEQUANT[type_name](torch.from_numpy(data)).numpy()
-    np.testing.assert_array_equal(got, ref)
+    data = random_blocks(type_name, 5, 64, rng)
+    ref = dequantize(data, GGMLQuantizationType[type_name]).astype(np.float32).reshape(5, -1)
+    got = dequantize_rows(torch.from_numpy(data), type_name)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert np.array_equal(got.numpy().view(np.uint32), ref.view(np.uint32))
 
 
-def test_fallback_type_uses_gguf_py(rng):
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    data_k = rng.integers(0, 256, (2, 84), dtype=np.uint8)  # Q2_K has no torch dequantizer here
-    data_k[:, 80:84] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)
-    out = dequantize_rows(torch.from_numpy(data_k), "Q2_K")
-    np.testing.assert_array_equal(out.numpy(), dequantize(data_k, GGMLQuantizationType.Q2_K).reshape(2, -1))
-    assert out.shape == (2, 256) and torch.isfinite(out).all()
+def test_dequantize_rows_in_row_chunks_and_refusals(rng):
+    data = torch.from_numpy(random_blocks("Q4_K", 5, 1024, rng))  # 2^18 values a row: 4-row chunks
+    by_row = torch.cat([dequantize_rows(data[r:r + 1], "Q4_K") for r in range(5)])
+    assert torch.equal(dequantize_rows(data, "Q4_K"), by_row)
+    with pytest.raises(FormatError, match="IQ4_XS.*cannot decode"):
+        dequantize_rows(torch.zeros((1, 136), dtype=torch.uint8), "IQ4_XS")
+    with pytest.raises(FormatError, match="Q4_K: expected uint8"):
+        dequantize_rows(data[:, :100], "Q4_K")
 
 
 triton = pytest.importorskip("triton")
@@ -60,9 +57,9 @@ KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
 def test_triton_dequant_equals_reference(type_name, rng):
     from quantkit.kernels.ggml_matmul import ggml_dequant
 
-    qk = BLOCK_SIZES[type_name][0]
+    qk = block_size(type_name)
     data = torch.from_numpy(random_blocks(type_name, 37, 2 if qk == 256 else 3, rng)).to(DEVICE)
-    out = torch.full((37, data.shape[1] // BLOCK_SIZES[type_name][1] * qk), float("nan"), device=DEVICE)
+    out = torch.full((37, data.shape[1] // type_size(type_name) * qk), float("nan"), device=DEVICE)
     ggml_dequant(data, type_name, out=out)
     torch.testing.assert_close(out, dequantize_rows(data, type_name), rtol=0, atol=0)
 
@@ -72,9 +69,8 @@ def test_triton_dequant_equals_reference(type_name, rng):
 def test_triton_matvec_equals_reference(type_name, m, dtype, rng):
     from quantkit.kernels.ggml_matmul import ggml_matvec
 
-    qk = BLOCK_SIZES[type_name][0]
     rows = 29
-    data = torch.from_numpy(random_blocks(type_name, rows, 2 if qk == 256 else 5, rng)).to(DEVICE)
+    data = torch.from_numpy(random_blocks(type_name, rows, 2 if block_size(type_name) == 256 else 5, rng)).to(DEVICE)
     w = dequantize_rows(data, type_name)
     x = torch.randn(m, w.shape[1], device=DEVICE).to(dtype)
     out = torch.full((m, rows), float("nan"), device=DEVICE, dtype=dtype)

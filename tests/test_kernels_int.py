@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantkit.kernels.pack import dequant_packed, int_matmul_ref, pack_codes, pack_quant_tensor, unpack_codes
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -134,13 +134,12 @@ def test_rmsnorm_kernel_equals_reference(rows, h, dtype):
 
 @pytest.mark.parametrize("b,t,dtype", [(1, 1, torch.float32), (2, 3, torch.float16)])
 def test_rope_cache_kernel_equals_reference(b, t, dtype):
-    from quantkit.kernels.rope import rope_cache_ref, rope_qkv_into_cache
-    from quantkit.model.reference import rope_cos_sin
+    from quantkit.kernels.rope import rope_cache_ref, rope_cos_sin, rope_qkv_into_cache
 
     nh, nkv, d, max_len = 4, 2, 16, 12
-    cos, sin = rope_cos_sin(torch.arange(max_len, device=DEVICE), d, 10000.0, dtype)
     qkv = torch.randn(b, t, (nh + 2 * nkv) * d, device=DEVICE).to(dtype)
     pos = torch.arange(5, 5 + t, device=DEVICE)
+    cos, sin = rope_cos_sin(pos, d, 10000.0, dtype)  # the rows of the positions
     caches = [torch.full((b, nkv, max_len, d), float("nan"), device=DEVICE, dtype=dtype) for _ in range(4)]
     q = rope_qkv_into_cache(qkv, cos, sin, pos, nh, nkv, caches[0], caches[1])
     q_ref = rope_cache_ref(qkv, cos, sin, pos, nh, nkv, caches[2], caches[3])

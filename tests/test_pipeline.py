@@ -17,11 +17,11 @@ from quantkit.calib import load_calibration
 from quantkit.errors import CalibrationError, CheckpointError
 from quantkit.model.checkpoint import open_checkpoint
 from quantkit.model.reference import Transformer
-from quantkit.quant.dump import DumpWriter, read_dump
-from quantkit.quant.pipeline import OutOfSpaceError, PipelineOptions, quantize_model
-from quantkit.quant.plan import build_plan
+from quantkit.formats.dump import DumpWriter, read_dump
+from quantkit.pipeline.layerwise import OutOfSpaceError, PipelineOptions, quantize_model
+from quantkit.pipeline.plan import build_plan
 from quantkit.quant.rtn import quantize_rtn
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 from quantkit.testing import make_random_checkpoint
 
 SMALL = dict(hidden=64, intermediate=128, heads=4, kv_heads=2)
@@ -129,7 +129,7 @@ def test_nan_weight_names_the_tensor_and_writes_nothing(tmp_path):
     save_file(state, str(file), metadata={"format": "pt"})
     ckpt = open_checkpoint(src)
     plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"])
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' contains NaN or Inf"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: weight contains NaN or Inf"):
         quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], progress=False)
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
@@ -152,7 +152,7 @@ def test_rank_deficient_hessian_recovers(tmp_path):
 def test_out_of_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path, monkeypatch):
     ckpt = _ckpt(tmp_path)
     plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"])
-    import quantkit.quant.dump as dump
+    import quantkit.formats.dump as dump
 
     real = dump.save_tensors
 
@@ -173,7 +173,7 @@ def test_out_of_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path, monk
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys
-    from quantkit.quant import pipeline
+    from quantkit.pipeline import layerwise as pipeline
     kill_after = int(os.environ.get("KILL_AFTER_LAYER", "-1"))
     if kill_after >= 0:
         pipeline.LAYER_DONE_HOOKS.append(lambda i: os.kill(os.getpid(), signal.SIGKILL) if i == kill_after else None)
@@ -183,7 +183,7 @@ RUNNER = textwrap.dedent("""
 
 
 def _run_cli(args, kill_after=-1):
-    env = dict(os.environ, KILL_AFTER_LAYER=str(kill_after), QUANTKIT_NO_PROGRESS="1")
+    env = dict(os.environ, KILL_AFTER_LAYER=str(kill_after))
     return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -7,8 +7,10 @@ import pytest
 from quantkit.cli import main as cli_main
 from quantkit.errors import SchemeError
 from quantkit.model.config import ModelConfig
-from quantkit.quant.plan import build_plan, estimate_memory, ggml_nbytes, scheme_nbytes
-from quantkit.quant.scheme import Scheme, get_preset
+from quantkit.formats.base import get_format
+from quantkit.gguf.mixes import tensor_nbytes
+from quantkit.pipeline.plan import build_plan
+from quantkit.quant.scheme import get_preset
 from quantkit.testing import make_random_checkpoint
 
 NANO = ModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
@@ -18,42 +20,84 @@ NANO = ModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6, 
 def test_scheme_bytes_by_hand():
     # 256 x 768 at int4 g128 symmetric: codes 98304 B, scales 256*6*2, GPTQ also packs zeros (4 bit) and g_idx
     s = get_preset("w4a16-g128")
-    assert scheme_nbytes(s, (256, 768), "compressed-tensors") == 256 * 768 // 2 + 256 * 6 * 2
-    assert scheme_nbytes(s, (256, 768), "gptq") == 256 * 768 // 2 + 256 * 6 * 2 + 256 * 6 // 2 + 768 * 4
+    ct, gptq, awq = (get_format(f) for f in ("compressed-tensors", "gptq", "awq"))
+    assert ct.stored_nbytes(s, (256, 768), 2) == 256 * 768 // 2 + 256 * 6 * 2 + 16  # + weight_shape
+    assert gptq.stored_nbytes(s, (256, 768), 2) == 256 * 768 // 2 + 256 * 6 * 2 + 256 * 6 // 2 + 768 * 4
     asym = get_preset("w4a16-g128-asym")
-    assert scheme_nbytes(asym, (256, 768), "awq") == 256 * 768 // 2 + 256 * 6 * 2 + 256 * 6 // 2
+    assert awq.stored_nbytes(asym, (256, 768), 2) == 256 * 768 // 2 + 256 * 6 * 2 + 256 * 6 // 2
     w8 = get_preset("w8a16")  # per channel: one scale per row
-    assert scheme_nbytes(w8, (1024, 4096), "compressed-tensors") == 1024 * 4096 + 1024 * 2
-    assert ggml_nbytes("Q4_K", (4096, 4096)) == 4096 * 16 * 144
-    assert ggml_nbytes("Q8_0", (32, 64)) == 32 * 2 * 34
+    assert ct.stored_nbytes(w8, (1024, 4096), 2) == 1024 * 4096 + 1024 * 2 + 16
+    assert ct.stored_nbytes(None, (1024, 4096), 2) == 1024 * 4096 * 2
+    assert get_format("gguf").stored_nbytes("Q4_K", (4096, 4096), 2) == 4096 * 16 * 144
+    assert tensor_nbytes((32, 64), "Q8_0") == 32 * 2 * 34
 
 
 def test_plan_numbers_for_nano_w4a16_g128():
-    plan = build_plan(NANO, preset="w4a16-g128", formats=["dump"])
+    plan = build_plan(NANO, preset="w4a16-g128", formats=["compressed-tensors"])
+    ct = "compressed-tensors"
     entries = {e.name: e for e in plan.entries}
     assert len(entries) == 3 + 9 * 6
     q = entries["model.layers.0.self_attn.q_proj.weight"]
     assert q.target == get_preset("w4a16-g128") and q.bytes_in == 256 * 256 * 2
-    assert q.bytes_out == 256 * 256 // 2 + 256 * 2 * 2
-    assert q.bpw == pytest.approx(4 + 16 / 128)
-    assert entries["lm_head.weight"].target is None and entries["lm_head.weight"].bpw == 16
+    assert q.bytes_out[ct] == 256 * 256 // 2 + 256 * 2 * 2 + 16
+    assert q.bpw(ct) == pytest.approx(4 + 16 / 128 + 128 / (256 * 256))
+    assert entries["lm_head.weight"].target is None and entries["lm_head.weight"].bpw(ct) == 16
     assert entries["model.layers.3.input_layernorm.weight"].target is None
     assert plan.bytes_in == 2 * NANO.num_parameters()
-    assert plan.bytes_out == sum(e.bytes_out for e in plan.entries)
-    assert plan.bpw == pytest.approx(8 * plan.bytes_out / NANO.num_parameters())
+    assert plan.bytes_out(ct) == sum(e.bytes_out[ct] for e in plan.entries)
+    assert plan.bpw(ct) == pytest.approx(8 * plan.bytes_out(ct) / NANO.num_parameters())
     d = plan.to_dict()
-    assert d["quantized_tensors"] == 42 and d["quantized_bpw"] == pytest.approx(4.125)
+    assert d["quantized_tensors"] == 42 and d["outputs"][0]["quantized_bpw"] == pytest.approx(4.125, abs=0.01)
     assert "peak_ram_bytes" in d["memory"] and "peak_vram_bytes" not in d["memory"]
+
+
+def test_multi_format_plan_sizes_each_format_as_written(tmp_path):
+    """Each format of a multi-format run reports its own size, equal to the tensor bytes it then writes."""
+    from safetensors import safe_open
+
+    from quantkit.model.checkpoint import open_checkpoint
+
+    src = make_random_checkpoint(tmp_path / "src")
+    ckpt = open_checkpoint(src)
+    out = tmp_path / "out"
+    assert cli_main_rc(["quantize", str(src), "--preset", "w4a16-g32", "--format", "gptq,compressed-tensors,dump",
+                        "-o", str(out), "--no-progress"]) == 0
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["gptq", "compressed-tensors", "dump"],
+                      checkpoint=ckpt)
+    assert plan.bytes_out("gptq") != plan.bytes_out("compressed-tensors")
+    for fmt in ("gptq", "compressed-tensors", "dump"):
+        written = 0
+        for f in (out / fmt).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                written += sum(_nbytes(st.get_slice(k)) for k in st.keys())
+        assert written == plan.bytes_out(fmt), fmt
+
+
+def _nbytes(sl) -> int:
+    n = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1, "I64": 8}[sl.get_dtype()]
+    for d in sl.get_shape():
+        n *= d
+    return n
+
+
+def cli_main_rc(args) -> int:
+    try:
+        cli_main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 def test_plan_overrides_skip_and_fused_groups():
     plan = build_plan(NANO, preset="w4a16-g128", formats=["dump"],
-                      overrides=["re:.*down_proj=w8a16", r"-:model\.layers\.0\..*", "model.layers.2.self_attn.k_proj=w4a16-g32"])
+                      overrides=["re:.*down_proj=w8a16", r"-:model\.layers\.0\..*",
+                                 "model.layers.2.self_attn.k_proj=w4a16-g32"])
     t = plan.targets()
     assert t["model.layers.1.mlp.down_proj.weight"] == get_preset("w8a16")
     assert all(t[f"model.layers.0.{m}.weight"] is None for m in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"))
     # k_proj follows its fused group's leader (q_proj) so q/k/v share one scheme
-    assert t["model.layers.2.self_attn.k_proj.weight"] == t["model.layers.2.self_attn.q_proj.weight"] == get_preset("w4a16-g128")
+    assert (t["model.layers.2.self_attn.k_proj.weight"] == t["model.layers.2.self_attn.q_proj.weight"]
+            == get_preset("w4a16-g128"))
 
 
 def test_plan_gguf_types_come_from_the_mix():
@@ -61,9 +105,9 @@ def test_plan_gguf_types_come_from_the_mix():
 
     plan = build_plan(NANO, formats=["gguf"], gguf_type="Q4_K_M")
     assert plan.targets() == tensor_types(NANO, "Q4_K_M")
-    assert plan.bytes_out == sum(ggml_nbytes(e.target, e.shape) for e in plan.entries)
+    assert plan.bytes_out("gguf") == sum(tensor_nbytes(e.shape, e.target) for e in plan.entries)
     lm = next(e for e in plan.entries if e.name == "lm_head.weight")
-    assert lm.target == "Q6_K" and lm.bytes_out == ggml_nbytes("Q6_K", (32000, 256))
+    assert lm.target == "Q6_K" and lm.bytes_out["gguf"] == tensor_nbytes((32000, 256), "Q6_K")
     over = build_plan(NANO, formats=["gguf"], gguf_type="Q4_K_M", overrides=["re:.*ffn_up.*=Q8_0"])
     assert over.targets()["model.layers.4.mlp.up_proj.weight"] == "Q8_0"
 
@@ -73,8 +117,8 @@ def test_plan_bad_input():
         build_plan(NANO, preset="w5a16", formats=["dump"])
     small = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=1000)
-    with pytest.raises(SchemeError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: group_size 128 does not divide "
-                                          r"the input dimension 64"):
+    with pytest.raises(SchemeError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: group_size 128 does not "
+                                          r"divide the input dimension 64"):
         build_plan(small, preset="w4a16-g128", formats=["dump"])
     with pytest.raises(SchemeError, match="needs --type"):
         build_plan(NANO, formats=["gguf"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantkit.model.checkpoint import open_checkpoint
-from quantkit.model.reference import Transformer
+from quantkit.model.reference import KVCache, Transformer, sequence_inputs
 from quantkit.testing import make_random_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -87,12 +87,22 @@ def test_kv_cache_decode_equals_full_forward(fixture, request):
     (tokens,) = prompts(model.config.vocab_size, [40], seed=9)
     with torch.no_grad():
         full = model(tokens)
-        model.setup_caches(1, 64)
+        caches = model.setup_caches(1, 64)
+        # module state: one static KVCache per layer, attached to its attention, not in the state dict
+        assert [layer.self_attn.kv_cache for layer in model.model.layers] == caches
+        assert all(isinstance(c, KVCache) and c.k.shape == (1, model.config.num_key_value_heads, 64,
+                                                             model.config.head_dim) for c in caches)
+        assert list(model.state_dict()) == open_checkpoint(path).tensor_names()
         pieces = [model(tokens[:, :10])]
         for pos in range(10, 30):
             pieces.append(model(tokens[:, pos:pos + 1], start_pos=pos))
         pieces.append(model(tokens[:, 30:], start_pos=30))
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            model(tokens[:, :30], start_pos=40)
         model.reset_caches()
+        assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
+        with pytest.raises(ValueError, match="needs KV caches"):
+            model(tokens[:, :1], start_pos=3)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
@@ -102,11 +112,17 @@ def test_layer_at_a_time_equals_whole(windowed):
     with torch.no_grad():
         whole = model(tokens)
         h = model.embed(tokens)
-        cos, sin, mask = model.rope_and_mask(tokens.shape[1], dtype=h.dtype)
+        positions, rope, mask = sequence_inputs(model.config, tokens.shape[1], dtype=h.dtype)
         for layer in model.model.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, positions, rope, mask)
         pieces = model.head(h)
-    assert torch.equal(pieces, whole)
+        # and sub-step by sub-step (what the GPTQ staging and AWQ's search run)
+        h = model.embed(tokens)
+        for layer in model.model.layers:
+            mid = layer.attention_output(h, layer.attention_core(layer.attention_input(h), positions, rope, mask))
+            h = layer.mlp_output(mid, layer.mlp_hidden(layer.mlp_input(mid)))
+        steps = model.head(h)
+    assert torch.equal(pieces, whole) and torch.equal(steps, whole)
 
 
 def test_bf16_forward_close_to_fp32(plain):

@@ -83,7 +83,8 @@ def test_chat_template_matches_mistral_common_v1(sp_tok, conversation):
 @pytest.mark.parametrize("messages, needle", [
     ([{"role": "assistant", "content": "hi"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}], "alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+      {"role": "assistant", "content": "c"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "system"),
     ([{"role": "tool", "content": "x"}], "unknown role"),
     ([], "no user message"),

@@ -6,7 +6,7 @@ import pytest
 
 from quantkit.cli import main
 from quantkit.formats.clients import missing_client
-from quantkit.formats.export import export_rtn
+from quantkit.pipeline.export import export_rtn
 from quantkit.quant.scheme import PRESETS
 
 

@@ -11,11 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from quantkit.errors import CalibrationError
 
-Document = Union[str, list]
+Document = str | list
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "calib"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -73,7 +73,8 @@ def builtin_source(directory: Path = BUILTIN_DIR) -> Source:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CalibrationError(f"{path}: content does not match its sha256 in {manifest_path.name} (modified?)")
         docs += _documents_from_bytes(path, data)
-    return Source("builtin", docs, manifest["sha256"], {"version": manifest.get("version"), "files": len(manifest["files"])})
+    return Source("builtin", docs, manifest["sha256"],
+                  {"version": manifest.get("version"), "files": len(manifest["files"])})
 
 
 # ---- local files ----
@@ -151,7 +152,8 @@ def _parquet_documents(path: Path) -> list[Document]:
             key = "messages" if column in ("messages", "conversations") else "text"
             return [d for i, r in enumerate(rows) if r is not None
                     for d in [_document_from_record({key: r}, f"{path} row {i}")] if d]
-    raise CalibrationError(f"{path}: parquet has no 'text' or 'messages' column (columns: {', '.join(table.column_names)})")
+    raise CalibrationError(f"{path}: parquet has no 'text' or 'messages' column "
+                           f"(columns: {', '.join(table.column_names)})")
 
 
 # ---- Hugging Face datasets ----
@@ -161,7 +163,8 @@ def hf_source(name: str, max_documents: int | None = None) -> Source:
     try:
         import datasets
     except ImportError:
-        raise CalibrationError(f"calibration dataset {name!r} needs the `datasets` library (pip install 'quantkit[data]')") from None
+        raise CalibrationError(f"calibration dataset {name!r} needs the `datasets` library "
+                               "(pip install 'quantkit[data]')") from None
     try:
         ds = datasets.load_dataset(path, config, split=split, **kwargs)
     except Exception as e:  # offline, missing, auth: many exception classes

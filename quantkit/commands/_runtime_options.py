@@ -1,12 +1,10 @@
-"""Options shared by `generate` and `chat`, and the model + tokenizer loading they both do."""
+"""Options shared by `generate` and `chat`, and the speed line they print (loading: `quantkit.runtime.loading`)."""
 
 from __future__ import annotations
 
 import functools
 
 import click
-
-from quantkit.errors import TokenizerError
 
 
 def runtime_options(fn):
@@ -35,19 +33,8 @@ def runtime_options(fn):
     return wrapper
 
 
-def load_for_generation(model_path, device, backend, dtype, cache_dequant, cpu_kernels=True):
-    from quantkit.model.tokenizer import load_tokenizer
-    from quantkit.runtime.model import load_model
-
-    model = load_model(model_path, device=device, backend=backend, dtype=dtype, cache_dequant=cache_dequant,
-                       cpu_kernels=cpu_kernels)
-    tok_path = model.runtime_info.get("tokenizer_path")
-    if not tok_path:
-        raise TokenizerError(f"{model_path}: no tokenizer found next to the model (tokenizer.model or tokenizer.json)")
-    return model, load_tokenizer(tok_path)
-
-
 def speed_line(result, info) -> str:
+    """One line: tokens, prefill and decode tokens/s, and how the model runs (format, backend, device, dtype)."""
     return (f"{len(result.tokens)} tokens | prefill {result.prompt_tokens - result.reused_tokens} tok "
             f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_tokens_per_s:.2f} tok/s | "
             f"{info['format']} {info['backend']} {info['device']} {info['dtype']}"

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from quantkit.commands._runtime_options import load_for_generation, runtime_options, speed_line
+from quantkit.commands._runtime_options import runtime_options, speed_line
 
 
 @click.command("chat")
@@ -26,9 +26,11 @@ def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed,
     printf 'Hello\\nTell me more\\n' | quantkit chat models/mistral-nano --max-tokens 40
     """
     from quantkit.runtime.generate import Generator, SamplingParams, TextStreamer
+    from quantkit.runtime.loading import load_with_tokenizer
 
     params = SamplingParams(temperature, top_k, top_p, seed)
-    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant, cpu_kernels)
+    net, tok = load_with_tokenizer(model, device=device, backend=backend, dtype=dtype,
+                                   cache_dequant=cache_dequant, cpu_kernels=cpu_kernels)
     gen = Generator(net, max_len=min(4096, net.config.max_position_embeddings), compile=compile_step)
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": system}] if system else []

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from quantkit.commands._runtime_options import load_for_generation, runtime_options, speed_line
+from quantkit.commands._runtime_options import runtime_options, speed_line
 
 
 @click.command("generate")
@@ -14,8 +14,8 @@ from quantkit.commands._runtime_options import load_for_generation, runtime_opti
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the model's chat template ([INST] ... [/INST]).")
 @runtime_options
-def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant, cpu_kernels,
-            compile_step=False):
+def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, device, backend, dtype, cache_dequant,
+            cpu_kernels, compile_step=False):
     """Generate text from MODEL (full-precision source, GPTQ/AWQ/compressed-tensors directory or GGUF file).
 
     The text streams to stdout; the speed line (prefill and decode tokens/s) goes to stderr at the end.
@@ -26,9 +26,11 @@ def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, de
     quantkit generate out/nano-gptq "Tell me a story" --chat --device cuda
     """
     from quantkit.runtime.generate import Generator, SamplingParams, TextStreamer
+    from quantkit.runtime.loading import load_with_tokenizer
 
     params = SamplingParams(temperature, top_k, top_p, seed)
-    net, tok = load_for_generation(model, device, backend, dtype, cache_dequant, cpu_kernels)
+    net, tok = load_with_tokenizer(model, device=device, backend=backend, dtype=dtype,
+                                   cache_dequant=cache_dequant, cpu_kernels=cpu_kernels)
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
         streamer = TextStreamer(tok)

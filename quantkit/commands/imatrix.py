@@ -2,34 +2,16 @@
 
 Σx² per input column of every decoder linear (and the number of activation rows), gathered layer by layer with
 the full-precision model by quantkit's calibration pipeline, written in llama.cpp's GGUF imatrix format, so the
-file works with `llama-quantize --imatrix` as well as `quantkit quantize --imatrix`.
+file works with `llama-quantize --imatrix` as well as `quantkit quantize --imatrix`. The work is
+`quantkit.pipeline.imatrix.make_imatrix`; this module parses options and renders.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
-
-
-def collect_imatrix(ckpt, calib: str, n_samples: int, seqlen: int, seed: int, device: str = "cpu",
-                    progress: bool = True):
-    """{canonical linear weight name: (Σx² [in], rows)} and the calibration set used."""
-    from quantkit.calib import load_calibration
-    from quantkit.errors import QuantkitError
-    from quantkit.model.tokenizer import load_tokenizer
-    from quantkit.quant.pipeline import PipelineOptions, quantize_model
-
-    if ckpt.tokenizer_path is None:
-        raise QuantkitError(f"{ckpt.path}: no tokenizer file; calibration needs one")
-    calib_set = load_calibration(calib, load_tokenizer(ckpt.tokenizer_path), n_samples, seqlen, seed)
-    targets = {name: None for name in ckpt.tensor_names()}
-    result = quantize_model(ckpt, targets, [], calib_set.tokens,
-                            PipelineOptions(method="rtn", device=device, collect_imatrix=True),
-                            work_dir=None, resume=False, progress=progress)
-    return result.imatrix, calib_set
 
 
 @click.command("imatrix")
@@ -52,22 +34,8 @@ def command(model, calib, calib_samples, calib_seqlen, seed, device, output, for
     quantkit quantize models/mistral-nano --type Q4_K_M --imatrix nano.imatrix.gguf -o nano-Q4_K_M.gguf
     llama-quantize --imatrix nano.imatrix.gguf nano-F32.gguf nano-Q4_K_M.gguf Q4_K_M
     """
-    from quantkit.gguf.imatrix import Imatrix, write_imatrix
-    from quantkit.io import check_output_path
-    from quantkit.model.checkpoint import open_checkpoint
+    from quantkit.pipeline.imatrix import make_imatrix
 
-    t0 = time.perf_counter()
-    check_output_path(output, force)
-    ckpt = open_checkpoint(model)
-    stats, calib_set = collect_imatrix(ckpt, calib, calib_samples, calib_seqlen, seed, device, not (no_progress or as_json))
-    imatrix = Imatrix.from_canonical({n: s for n, (s, _) in stats.items()}, {n: c for n, (_, c) in stats.items()},
-                                     datasets=[str(calib_set.identity.get("source", calib))],
-                                     chunk_count=calib_set.n_samples, chunk_size=calib_seqlen)
-    path = write_imatrix(output, imatrix, force=force)
-    result = {"command": "imatrix", "status": "ok", "output": str(path), "entries": len(imatrix.entries),
-              "chunks": calib_set.n_samples, "chunk_size": calib_seqlen, "seconds": round(time.perf_counter() - t0, 2)}
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(f"wrote {path}: {len(imatrix.entries)} entries from {calib_set.n_samples} windows of "
-                   f"{calib_seqlen} tokens ({result['seconds']} s)")
+    result = make_imatrix(model, output, calib=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=seed,
+                          device=device, force=force, progress=not (no_progress or as_json))
+    click.echo(json.dumps(result.to_dict()) if as_json else result.render())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from quantkit.commands.quantize import _print_plan, make_plan, model_options
+from quantkit.commands._plan_options import model_options
 
 
 @click.command("plan")
@@ -17,11 +19,10 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     quantkit plan models/mistral-nano --preset w4a16-g128 --method gptq
     quantkit plan models/mistral-nano --type Q4_K_M --json
     quantkit plan models/mistral-nano --preset w4a16-g32 --override 're:.*down_proj=w8a16' --override '-:.*layers\\.0\\..*'
-    """
-    from quantkit.model.checkpoint import open_checkpoint
+    """  # noqa: E501 (a literal example command line shown in --help)
+    from quantkit import api
 
-    ckpt = open_checkpoint(model)
-    if method in ("gptq", "awq") and calib is None:
-        calib = "builtin"
-    _print_plan(make_plan(ckpt, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples,
-                          calib_seqlen, device), as_json)
+    plan = api.plan(model, method=method, preset=preset, formats=formats, gguf_type=gguf_type, overrides=overrides,
+                    act_order=act_order, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                    device=device)
+    click.echo(json.dumps(plan.to_dict()) if as_json else plan.render())

@@ -1,4 +1,4 @@
-"""Streaming KL divergence / top-token / Δp statistics against full-precision logits (algorithms.md §1.5).
+"""Streaming KL divergence / top-token / Δp statistics against full-precision logits (docs/algorithms.md §1).
 
 Definitions follow llama-perplexity's `--kl-divergence`:
 - KLD per token = Σ_i p_base_i · (log p_base_i − log q_i), summed over entries with log p_base_i > −16;
@@ -29,7 +29,8 @@ def _mean_stderr(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _percentile(x: torch.Tensor, q: float) -> float:
-    return torch.quantile(x, q / 100.0).item() if x.numel() < 16_000_000 else x.sort().values[int(q / 100 * (x.numel() - 1))].item()
+    return (torch.quantile(x, q / 100.0).item() if x.numel() < 16_000_000
+            else x.sort().values[int(q / 100 * (x.numel() - 1))].item())
 
 
 class KLDAccumulator:
@@ -85,7 +86,8 @@ class KLDAccumulator:
             dp = torch.cat(self._dp)
             dp_mean, dp_err = _mean_stderr(dp)
             rms2 = (dp * dp).mean().item()
-            rms_err = math.sqrt(max((dp**4).mean().item() - rms2**2, 0.0) / max(n - 1, 1)) / (2 * math.sqrt(rms2)) if rms2 > 0 else 0.0
+            rms_err = (math.sqrt(max((dp**4).mean().item() - rms2**2, 0.0) / max(n - 1, 1)) / (2 * math.sqrt(rms2))
+                       if rms2 > 0 else 0.0)
             out["delta_p"] = {
                 "mean": dp_mean, "mean_stderr": dp_err, "rms": math.sqrt(rms2), "rms_stderr": rms_err,
                 "max": dp.max().item(), "min": dp.min().item(), "median": _percentile(dp, 50.0),

@@ -1,4 +1,4 @@
-"""Perplexity in two named conventions (algorithms.md §3).
+"""Perplexity in two named conventions (docs/algorithms.md §3).
 
 - `gptq` [GPTQ-ctxN]: the caller's token stream (documents joined with "\\n\\n", one BOS at the very start) is cut
   into non-overlapping windows of `ctx` (default 2048), the tail is dropped, every window is a fresh context and

@@ -20,11 +20,13 @@ def markdown_report(out: dict) -> str:
         "|---|---|",
         f"| model | `{out['model']['source']}` ({out['model'].get('format', '?')}, {out['model'].get('device', '?')}, "
         f"{out['model'].get('dtype', '?')}) |",
-        f"| text | `{text['path']}`: {text['documents']} document(s), {text['tokens']} tokens, sha256 `{text['sha256'][:16]}` |",
+        f"| text | `{text['path']}`: {text['documents']} document(s), {text['tokens']} tokens, "
+        f"sha256 `{text['sha256'][:16]}` |",
         f"| tokenizer | `{out['tokenizer']}` |",
         f"| convention | `{out['convention']}`, ctx {out['ctx']}, BOS {out['bos']} |",
         f"| windows / scored tokens | {p['n_windows']} / {p['n_tokens']}"
-        + (f" (--max-windows {out['max_windows']}{', spread' if out.get('spread') else ''})" if out.get("max_windows") else "")
+        + (f" (--max-windows {out['max_windows']}{', spread' if out.get('spread') else ''})"
+           if out.get("max_windows") else "")
         + " |",
         f"| **perplexity** | **{p['ppl']:.4f} ± {p['ppl_stderr']:.4f}** |",
     ]
@@ -53,7 +55,8 @@ def markdown_report(out: dict) -> str:
         ]
         lines += [f"| {'median' if q == 50.0 else f'{q:g}%'} | {c['kld']['percentiles'][str(q)]:.6f} |"
                   for q in KLD_PERCENTILES]
-        lines += [f"| min | {c['kld']['min']:.6f} |", "", "## Token probability (Δp = p_Q − p_base of the correct token)",
+        lines += [f"| min | {c['kld']['min']:.6f} |", "",
+                  "## Token probability (Δp = p_Q − p_base of the correct token)",
                   "", "| statistic | Δp |", "|---|---|"]
         d = c["delta_p"]
         lines += [f"| mean | {100 * d['mean']:.3f} ± {100 * d['mean_stderr']:.3f} % |",

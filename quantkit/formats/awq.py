@@ -21,7 +21,7 @@ from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_
                                        load_model_config, require)
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 
 class AWQCodec(Codec):
@@ -29,6 +29,7 @@ class AWQCodec(Codec):
     description = "AWQ GEMM int32-packed 4-bit weights (qweight/qzeros/scales)"
     loaders = ["transformers + gptqmodel (`AutoModelForCausalLM.from_pretrained`)", "AutoAWQ",
                "vLLM (awq / awq_marlin)"]
+    zeros_when_symmetric = True
 
     def scheme_problem(self, scheme: Scheme) -> str | None:
         if scheme.bits != 4:
@@ -72,6 +73,9 @@ class AWQFormat:
 
     def check_scheme(self, scheme: Scheme) -> None:
         AWQCodec().check_scheme(scheme)
+
+    def stored_nbytes(self, target: Scheme | None, shape: tuple[int, ...], float_bytes: int) -> int:
+        return AWQCodec().stored_nbytes(target, shape, float_bytes)
 
     def open_writer(self, out: Path, source_dir: Path | None, config: ModelConfig, schemes: dict[str, Any],
                     options: WriteOptions) -> HFQuantWriter:

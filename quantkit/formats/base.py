@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Union
+from typing import Any, Callable, Protocol
 
 import torch
 
 from quantkit.errors import FormatError
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 
-StoredTensor = Union[QuantTensor, GGMLTensor, torch.Tensor]
+StoredTensor = QuantTensor | GGMLTensor | torch.Tensor
+# what the pipeline turns one source tensor into: an integer Scheme, a ggml type name, or None (kept float)
+Target = Scheme | str | None
 
 
 @dataclass
@@ -48,6 +50,8 @@ class WriteOptions:
     force: bool = False
     max_shard_bytes: int = 5 * 1000**3
     provenance: dict[str, Any] = field(default_factory=dict)  # written to quantkit.json / GGUF quantkit.* keys
+    file_type: str | None = None  # GGUF: the llama-quantize file type (Q4_K_M, ...) the targets come from
+    importance_meta: dict[str, Any] | None = None  # GGUF: where the importance matrix came from (imatrix.* keys)
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific (e.g. GGUF file type name)
 
 
@@ -66,6 +70,10 @@ class Format(Protocol):
 
     def check_scheme(self, scheme: Scheme) -> None:
         """Raise SchemeError (naming the nearest scheme it can hold) if this format cannot hold `scheme` exactly."""
+
+    def stored_nbytes(self, target: Target, shape: tuple[int, ...], float_bytes: int) -> int:
+        """Bytes one tensor of `shape` occupies in this format under `target` (`float_bytes` per element when
+        it stays float): what the plan reports, so the plan holds no per-format rules."""
 
     def open_writer(self, out: Path, source_dir: Path, config: ModelConfig, schemes: dict[str, Any],
                     options: WriteOptions) -> Writer: ...
@@ -86,12 +94,8 @@ def register(fmt: Format) -> Format:
 def _load_builtin_formats() -> None:
     import importlib
 
-    for module in ("gptq", "awq", "compressed_tensors", "gguf", "safetensors_float"):
-        try:
-            importlib.import_module(f"quantkit.formats.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"quantkit.formats.{module}":
-                raise
+    for module in ("gptq", "awq", "compressed_tensors", "gguf", "safetensors_float", "dump"):
+        importlib.import_module(f"quantkit.formats.{module}")
 
 
 def get_format(name: str) -> Format:
@@ -108,7 +112,8 @@ def detect_format(path: str | Path) -> Format:
     for fmt in FORMATS.values():
         if fmt.detect(path):
             return fmt
-    raise FormatError(f"{path}: not a checkpoint quantkit can read (no GGUF, GPTQ, AWQ, compressed-tensors or float layout)")
+    raise FormatError(f"{path}: not a checkpoint quantkit can read "
+                      "(no GGUF, GPTQ, AWQ, compressed-tensors or float layout)")
 
 
 def read_checkpoint(path: str | Path) -> QuantizedCheckpoint:
@@ -116,6 +121,3 @@ def read_checkpoint(path: str | Path) -> QuantizedCheckpoint:
     return detect_format(path).read(Path(path))
 
 
-def iter_stored(ckpt: QuantizedCheckpoint) -> Iterable[tuple[str, StoredTensor]]:
-    for name in ckpt.names:
-        yield name, ckpt.get(name)

@@ -56,17 +56,3 @@ def transformers_logits_fn(path: str | Path, exact: bool = True) -> Callable[[to
     return logits_fn
 
 
-def gptqmodel_logits_fn(path: str | Path, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Load `path` with `GPTQModel.load(device='cpu')` (GPTQ and AWQ checkpoints)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    from gptqmodel import GPTQModel
-
-    model = GPTQModel.load(str(path), device="cpu").model.to(torch.float32).eval()
-    if exact:
-        use_exact_kernels(model)
-
-    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(tokens).logits.float()
-
-    return logits_fn

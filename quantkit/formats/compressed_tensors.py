@@ -23,7 +23,7 @@ from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_
                                        load_model_config, majority, require)
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 FORMAT = "pack-quantized"
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the release whose layout and config this writer reproduces
@@ -50,6 +50,7 @@ class CompressedTensorsCodec(Codec):
     description = "compressed-tensors pack-quantized int weights (weight_packed/weight_scale/weight_shape)"
     loaders = ["transformers + compressed-tensors (`AutoModelForCausalLM.from_pretrained`)",
                "vLLM (CompressedTensorsWNA16: Marlin / Machete)"]
+    module_extra_bytes = 16  # weight_shape, int64 [2]
 
     def scheme_problem(self, scheme: Scheme) -> str | None:
         if scheme.bits not in (2, 3, 4, 8):
@@ -108,6 +109,9 @@ class CompressedTensorsFormat:
 
     def check_scheme(self, scheme: Scheme) -> None:
         CompressedTensorsCodec().check_scheme(scheme)
+
+    def stored_nbytes(self, target: Scheme | None, shape: tuple[int, ...], float_bytes: int) -> int:
+        return CompressedTensorsCodec().stored_nbytes(target, shape, float_bytes)
 
     def open_writer(self, out: Path, source_dir: Path | None, config: ModelConfig, schemes: dict[str, Any],
                     options: WriteOptions) -> HFQuantWriter:

@@ -27,7 +27,7 @@ from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_
 from quantkit.formats.hf_dir import SafetensorsDir
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -37,6 +37,8 @@ class GPTQCodec(Codec):
     description = "GPTQ int32-packed weights (qweight/qzeros/scales/g_idx)"
     loaders = ["transformers + optimum + gptqmodel (`AutoModelForCausalLM.from_pretrained`)",
                "GPTQModel (`GPTQModel.load`)", "vLLM (gptq / gptq_marlin)"]
+    zeros_when_symmetric = True
+    always_g_idx = True
 
     def __init__(self, checkpoint_format: str | None = None):
         if checkpoint_format not in (None, *CHECKPOINT_FORMATS):
@@ -87,7 +89,7 @@ class GPTQCodec(Codec):
             "format": fmt,
             "checkpoint_format": fmt,
             "pack_dtype": "int32",
-            "meta": {"quantizer": [f"quantkit:{__version__}"], "uri": "https://github.com/quantkit/quantkit",
+            "meta": {"quantizer": [f"quantkit:{__version__}"],
                      "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "mse": 0.0},
             "sym": main.symmetric,
         }
@@ -112,6 +114,9 @@ class GPTQFormat:
     def check_scheme(self, scheme: Scheme, checkpoint_format: str | None = None) -> None:
         GPTQCodec(checkpoint_format).check_scheme(scheme)
 
+    def stored_nbytes(self, target: Scheme | None, shape: tuple[int, ...], float_bytes: int) -> int:
+        return GPTQCodec().stored_nbytes(target, shape, float_bytes)
+
     def open_writer(self, out: Path, source_dir: Path | None, config: ModelConfig, schemes: dict[str, Any],
                     options: WriteOptions) -> HFQuantWriter:
         codec = GPTQCodec(options.extra.get("checkpoint_format"))
@@ -132,7 +137,8 @@ class GPTQFormat:
 
 class _GPTQWriter(HFQuantWriter):
     def _add(self, name, tensor):
-        if isinstance(tensor, QuantTensor) and not tensor.symmetric and self.codec.format_for(self.codec._symmetric) == "gptq":
+        if (isinstance(tensor, QuantTensor) and not tensor.symmetric
+                and self.codec.format_for(self.codec._symmetric) == "gptq"):
             if self.codec.checkpoint_format == "gptq":
                 raise SchemeError(f"{name}: asymmetric tensor cannot go into checkpoint_format 'gptq' (v1) exactly")
             raise SchemeError(f"{name}: asymmetric tensor in a run whose schemes are all symmetric")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ from safetensors.torch import save_file
 from quantkit import __version__
 from quantkit.io import read_json_object
 from quantkit.errors import CheckpointError, FormatError
-from quantkit.io import check_output_path, sha256_file, shard_file_name, tensor_nbytes, write_json
+from quantkit.io import (check_output_path, move_into_place, sha256_file, shard_file_name, temp_dir_beside,
+                         tensor_nbytes, write_json)
 from quantkit.model.config import ModelConfig
 
 # Files copied verbatim from the source directory when present.
@@ -41,8 +40,7 @@ class OutputDir:
         self.out = check_output_path(Path(out), force)
         if self.out.exists() and not self.out.is_dir():
             raise FormatError(f"{self.out}: exists and is not a directory")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = temp_dir_beside(self.out)
         self.max_shard_bytes = max_shard_bytes
         self.stem = stem
         self._parts: list[Path] = []
@@ -105,13 +103,7 @@ class OutputDir:
             write_json(self.tmp / f"{self.stem}.safetensors.index.json",
                        {"metadata": {"total_size": self.total_bytes},
                         "weight_map": {n: files[i] for n, i in self._weight_map.items()}})
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out)
+        move_into_place(self.tmp, self.out)
         self.closed = True
         return self.out
 
@@ -176,7 +168,8 @@ def provenance_record(fmt: str, source_dir: Path | None, provenance: dict[str, A
     }
     scheme_summary = {}
     for module, scheme in schemes.items():
-        scheme_summary[module] = None if scheme is None else (scheme.describe() if hasattr(scheme, "describe") else str(scheme))
+        scheme_summary[module] = (None if scheme is None
+                                  else scheme.describe() if hasattr(scheme, "describe") else str(scheme))
     if scheme_summary:
         record["schemes"] = scheme_summary
     for key, value in provenance.items():
@@ -236,7 +229,8 @@ class SafetensorsDir:
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise FormatError(f"{index}: not a valid index (expected a JSON object with 'weight_map')") from None
+                    raise FormatError(f"{index}: not a valid index "
+                                      "(expected a JSON object with 'weight_map')") from None
                 shards = sorted(set(weight_map.values()))
                 for shard in shards:
                     if not (self.path / shard).exists():

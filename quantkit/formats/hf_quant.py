@@ -21,7 +21,7 @@ from quantkit.formats.hf_dir import (OutputDir, SafetensorsDir, base_model_name,
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import PRESETS, Scheme
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ class Codec:
     name: str = ""
     description: str = ""
     loaders: list[str] = []
+    zeros_when_symmetric: bool = False  # GPTQ and AWQ store packed zero points even for symmetric schemes
+    always_g_idx: bool = False  # GPTQ stores g_idx for every quantized linear; others only with act-order
+    module_extra_bytes: int = 0  # fixed bytes per quantized linear (compressed-tensors' weight_shape)
 
     def scheme_problem(self, scheme: Scheme) -> str | None:
         """Why this format cannot hold `scheme` exactly, or None."""
@@ -79,10 +82,26 @@ class Codec:
             raise SchemeError(f"format {self.name!r} cannot hold {scheme.describe()} exactly: {problem}; "
                               f"nearest scheme it holds: {nearest}")
 
+    def stored_nbytes(self, target: Scheme | None, shape: tuple[int, ...], float_bytes: int) -> int:
+        """Bytes one [out, in] weight occupies in this format: packed codes, 16-bit scales, packed zeros, g_idx
+        (a float tensor: `float_bytes` per element)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        if target is None:
+            return numel * float_bytes
+        out_f, in_f = shape
+        groups = target.groups_for(in_f)
+        scales = out_f * groups * (4 if target.scale_dtype == "float32" else 2)
+        words = lambda n: -(-n * target.bits // 32)  # noqa: E731  (n codes packed into int32 words)
+        zeros = groups * words(out_f) * 4 if (not target.symmetric or self.zeros_when_symmetric) else 0
+        g_idx = in_f * 4 if (self.always_g_idx or target.act_order) else 0
+        return out_f * words(in_f) * 4 + scales + zeros + g_idx + self.module_extra_bytes
+
     def check_tensor(self, name: str, qt: QuantTensor) -> None:
         qt.validate(name)
-        problem = self.scheme_problem(Scheme(bits=qt.bits, group_size=qt.group_size,
-                                             symmetric=qt.symmetric, scale_dtype=str(qt.scales.dtype).replace("torch.", "")))
+        problem = self.scheme_problem(Scheme(bits=qt.bits, group_size=qt.group_size, symmetric=qt.symmetric,
+                                             scale_dtype=str(qt.scales.dtype).replace("torch.", "")))
         if problem:
             raise SchemeError(f"{name}: format {self.name!r} cannot hold this tensor: {problem}")
 
@@ -245,12 +264,15 @@ def build_checkpoint(path: Path, fmt: str, config: ModelConfig, stored: StoredMo
                                tokenizer_path=tokenizer_in(path), metadata=meta)
 
 
-def require(files: SafetensorsDir, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] = ()) -> torch.Tensor:
+def require(files: SafetensorsDir, name: str, shape: tuple[int, ...] | None = None,
+            dtypes: tuple[str, ...] = ()) -> torch.Tensor:
     """Read a stored tensor, checking presence, shape and dtype with a message that names it."""
     if name not in files:
         raise FormatError(f"{files.path}: tensor {name!r} is missing")
     if shape is not None and files.shape(name) != tuple(shape):
-        raise FormatError(f"{files.files[name]}: tensor {name!r} has shape {list(files.shape(name))}, expected {list(shape)}")
+        raise FormatError(f"{files.files[name]}: tensor {name!r} has shape {list(files.shape(name))}, "
+                          f"expected {list(shape)}")
     if dtypes and files.dtype(name) not in dtypes:
-        raise FormatError(f"{files.files[name]}: tensor {name!r} has dtype {files.dtype(name)}, expected {' or '.join(dtypes)}")
+        raise FormatError(f"{files.files[name]}: tensor {name!r} has dtype {files.dtype(name)}, "
+                          f"expected {' or '.join(dtypes)}")
     return files.get(name)

@@ -82,8 +82,8 @@ class FloatWriter:
             prov.setdefault("dtype", dtype_name)
             self.dir.write_json("quantkit.json", provenance_record(self.layout, self.source_dir, prov, {}, {}, None))
             if self.layout == "hf":
-                card = model_card(self.layout, base_model_name(prov, self.source_dir), f"{dtype_name} safetensors, Hugging Face layout", [], prov,
-                                  relation=None)
+                card = model_card(self.layout, base_model_name(prov, self.source_dir),
+                                  f"{dtype_name} safetensors, Hugging Face layout", [], prov, relation=None)
                 self.dir.write_text("README.md", card)
             return self.dir.finish()
         except BaseException:

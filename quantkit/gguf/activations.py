@@ -43,12 +43,12 @@ tensor / tensor.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.ggml_types import block_size, f16_to_f32, type_size
 
 # ggml-cpu.c type_traits_cpu[...].vec_dot_type, for the weight types a GGUF of a Mistral/Llama model holds
 VEC_DOT_TYPE = {
@@ -59,12 +59,9 @@ VEC_DOT_TYPE = {
     "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K",
     "IQ1_S": "Q8_K", "IQ1_M": "Q8_K", "IQ4_XS": "Q8_K", "TQ1_0": "Q8_K", "TQ2_0": "Q8_K",
 }
-BLOCK = {"Q8_0": 32, "Q8_1": 32, "Q8_K": 256}
-# byte offset of the fp16 block min `m` and the block size in bytes, for the weight types paired with Q8_1
-_MIN_LAYOUT = {"Q4_1": (2, 20), "Q5_1": (2, 24)}
-
-
-def _blocks(x: torch.Tensor, size: int, what: str) -> torch.Tensor:
+def _blocks(x: torch.Tensor, what: str) -> torch.Tensor:
+    """x [..., n] -> float32 [..., n / block, block] in blocks of the activation type `what`."""
+    size = block_size(what)
     if x.shape[-1] % size:
         raise QuantkitError(f"{what}: activation rows of {x.shape[-1]} values are not a multiple of {size}")
     return x.float().reshape(*x.shape[:-1], x.shape[-1] // size, size)
@@ -84,7 +81,7 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
 def q8_0_blocks(x: torch.Tensor, rounding: str = "x86") -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., n] -> (codes [..., n/32, 32] float32 integers in [-127, 127], d [..., n/32, 1] float32 scale as
     stored: fp16(amax / 127)). rounding: "x86" (ggml's AVX path, used here) or "ref" (quantize_row_q8_0_ref)."""
-    xb = _blocks(x, 32, "Q8_0")
+    xb = _blocks(x, "Q8_0")
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / torch.full_like(amax, 127.0)  # tensor / tensor: a true division
     if rounding == "x86":
@@ -100,7 +97,7 @@ def q8_0_blocks(x: torch.Tensor, rounding: str = "x86") -> tuple[torch.Tensor, t
 
 def q8_1_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x86 `quantize_row_q8_1`: (codes, d = fp16(amax/127), s = fp16(amax/127 * sum(codes))), all float32."""
-    xb = _blocks(x, 32, "Q8_1")
+    xb = _blocks(x, "Q8_1")
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / torch.full_like(amax, 127.0)  # tensor / tensor: a true division
     inv = torch.where(amax != 0, _div(127.0, amax), torch.zeros_like(amax))
@@ -111,7 +108,7 @@ def q8_1_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def q8_K_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_row_q8_K_ref`: (codes [..., n/256, 256] float32 integers, d [..., n/256, 1] float32 = 1/iscale)."""
-    xb = _blocks(x, 256, "Q8_K")
+    xb = _blocks(x, "Q8_K")
     ax = xb.abs()
     amax = ax.amax(-1, keepdim=True)
     first = (ax == amax).to(torch.uint8).argmax(-1, keepdim=True)  # first element of largest magnitude
@@ -145,13 +142,11 @@ def quantize_activations(x: torch.Tensor, vec_dot_type: str, rounding: str = "x8
 
 def block_mins(tensor) -> torch.Tensor | None:
     """Per-block mins m [rows, cols/32] float32 of a Q4_1/Q5_1 `GGMLTensor` (None for other types)."""
-    layout = _MIN_LAYOUT.get(getattr(tensor, "type_name", None))
-    if layout is None:
+    type_name = getattr(tensor, "type_name", None)
+    if type_name not in ("Q4_1", "Q5_1"):  # the weight types paired with Q8_1; their fp16 `m` is at byte 2
         return None
-    offset, size = layout
-    rows = tensor.data.reshape(tensor.shape[0], -1, size)
-    m = np.ascontiguousarray(rows[:, :, offset:offset + 2]).view(np.float16)[..., 0]
-    return torch.from_numpy(m.astype(np.float32))
+    rows = tensor.data.reshape(tensor.shape[0], -1, type_size(type_name))
+    return torch.from_numpy(f16_to_f32(rows[:, :, 2:4]))
 
 
 class GGMLNumericsLinear(nn.Module):

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from quantkit.ggml_types import is_float_type, torch_dtype
 from quantkit.gguf.encode import is_searched
 from quantkit.gguf.quants import quantize_ggml
-from quantkit.quant.tensor import GGMLTensor
+from quantkit.tensors import GGMLTensor
 
 if TYPE_CHECKING:
     from quantkit.gguf.encode_pool import ProcessEncoder
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 def float_bytes(weight: torch.Tensor, type_name: str) -> np.ndarray:
     """uint8 [rows, bytes_per_row] of a float tensor cast to F32 / F16 / BF16."""
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[type_name]
+    dtype = torch_dtype(type_name)
     t = weight.detach().to("cpu")
     t = t.to(dtype) if t.dtype != dtype else t
     t = t.contiguous()
@@ -37,7 +38,7 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     the legacy reference rounding is a few passes per block, cheaper than moving the rows to another process, so it
     stays in threads (measured on a 7B-shaped Q8_0/Q4_0 conversion: 41.3/38.9 s in threads, 42.9/42.0 s in the
     pool)."""
-    if type_name in ("F32", "F16", "BF16"):
+    if is_float_type(type_name):
         return GGMLTensor(type_name, tuple(weight.shape), float_bytes(weight, type_name))
     searched = is_searched(type_name, importance is not None)
     return quantize_ggml(weight, type_name, importance=importance, name=name, pool=pool if searched else None)

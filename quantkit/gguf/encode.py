@@ -1,6 +1,7 @@
 """The numpy side of ggml block encoding: block sizes, row chunking, and one chunk of rows -> block bytes.
 
-No torch here: the encoder worker processes (`encode_pool`) import only this module and the numpy encoders.
+No torch and no gguf-py here: the encoder worker processes (`encode_pool`) import only this module, the numpy
+encoders and `quantkit.ggml_types` (whose size table imports gguf-py on first use, hence the copy below).
 Source rows arrive in their stored 16/32-bit form (`SOURCE_DTYPES`) and are widened to float32 per chunk.
 """
 
@@ -9,19 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.errors import SchemeError
+from quantkit.ggml_types import K_TYPES, LEGACY_TYPES
 from quantkit.gguf import kquants, legacy
 from quantkit.gguf.f32ops import F32, seqsum_rows
 
-# type name -> (elements per block, bytes per block)
+# type name -> (elements per block, bytes per block) of `ggml_types.SUPPORTED_TYPES`: the workers' copy of
+# `ggml_types.sizes()`, checked against it by tests/test_ggml_types.py
 BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
-FLOAT_TYPES = ("F32", "F16", "BF16")
-LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
 
 # elements per chunk: big enough to amortize numpy's per-call cost (~1 ms per Q4_K call), small enough to keep
 # the search's work arrays (~1 MB each) near the core

@@ -75,11 +75,6 @@ def first_absmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.take_along_axis(x, np.expand_dims(idx, axis), axis=axis).squeeze(axis)
 
 
-def fp16_bits(v: np.ndarray) -> np.ndarray:
-    """float32 -> IEEE half (round to nearest even, like GGML_FP32_TO_FP16), as uint16 bits."""
-    return np.asarray(v, dtype=np.float32).astype(np.float16).view(np.uint16)
-
-
 def bf16_bits(v: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_bf16: round to nearest even, NaN made quiet; uint16 bits."""
     u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)

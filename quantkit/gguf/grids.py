@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from quantkit.errors import SchemeError
-from quantkit.gguf import dequant, kquants, legacy
-from quantkit.gguf.quants import BLOCK_SIZES, quantize_ggml
-from quantkit.quant.tensor import GGMLTensor
+from quantkit.ggml_types import block_size, f16_to_f32, type_size
+from quantkit.gguf import kquants, legacy
+from quantkit.gguf.quants import quantize_ggml
+from quantkit.tensors import GGMLTensor
 
 
 @dataclass(frozen=True)
@@ -61,28 +62,27 @@ class GGMLParams:
     header: np.ndarray  # uint8 [out, block_bytes]: the fitted block; encode() writes the codes into it
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)  # [n, 1]
-
-
 def effective_scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-sub-block (scale, offset) in float32, computed exactly as `dequant` computes them."""
+    """Per-sub-block (scale, offset) in float32, computed exactly as the dequantizer (`kernels/ggml_ref.py`)
+    computes them."""
     b = blocks
     if type_name in ("Q8_0", "Q4_0", "Q5_0"):
-        return _f16(b[:, 0:2]), None
+        return f16_to_f32(b[:, 0:2])[:, None], None
     if type_name in ("Q4_1", "Q5_1"):
-        return _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        return f16_to_f32(b[:, 0:2])[:, None], f16_to_f32(b[:, 2:4])[:, None]
     if type_name in ("Q4_K", "Q5_K"):
-        sc, m = dequant.scale_min_k4(b[:, 4:16])
-        return _f16(b[:, 0:2]) * sc.astype(np.float32), _f16(b[:, 2:4]) * m.astype(np.float32)
+        sc, m = kquants.scale_min_k4(b[:, 4:16])
+        return (f16_to_f32(b[:, 0:2])[:, None] * sc.astype(np.float32),
+                f16_to_f32(b[:, 2:4])[:, None] * m.astype(np.float32))
     if type_name == "Q6_K":
-        return _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32), None
+        return f16_to_f32(b[:, 208:210])[:, None] * b[:, 192:208].view(np.int8).astype(np.float32), None
     if type_name == "Q3_K":
-        sc = (dequant.q3_k_scales(b[:, 96:108]).astype(np.int8) - np.int8(32)).astype(np.float32)
-        return _f16(b[:, 108:110]) * sc, None
+        sc = (kquants.q3_k_scales(b[:, 96:108]).astype(np.int8) - np.int8(32)).astype(np.float32)
+        return f16_to_f32(b[:, 108:110])[:, None] * sc, None
     if type_name == "Q2_K":
         sc = b[:, 0:16]
-        return _f16(b[:, 80:82]) * (sc & 0x0F).astype(np.float32), _f16(b[:, 82:84]) * (sc >> 4).astype(np.float32)
+        return (f16_to_f32(b[:, 80:82])[:, None] * (sc & 0x0F).astype(np.float32),
+                f16_to_f32(b[:, 82:84])[:, None] * (sc >> 4).astype(np.float32))
     raise SchemeError(f"no GGML grid for type {type_name!r} (supported: {', '.join(GRID_TYPES)})")
 
 
@@ -124,8 +124,8 @@ class GGMLGrid:
             raise SchemeError(f"no GGML grid for type {type_name!r} (supported: {', '.join(GRID_TYPES)})")
         self.type_name = type_name
         self.spec = SPECS[type_name]
-        self.group_size = BLOCK_SIZES[type_name][0]
-        self.block_bytes = BLOCK_SIZES[type_name][1]
+        self.group_size = block_size(type_name)
+        self.block_bytes = type_size(type_name)
 
     def __repr__(self) -> str:
         return f"GGMLGrid({self.type_name})"
@@ -244,4 +244,3 @@ class GGMLGrid:
 
 def ggml_grid(type_name: str) -> GGMLGrid:
     return GGMLGrid(type_name)
-get_grid = ggml_grid  # the name quant/pipeline.py looks up first

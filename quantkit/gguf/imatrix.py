@@ -180,7 +180,7 @@ def _read_legacy(path: Path) -> Imatrix:
     return Imatrix(entries, datasets, int(chunk_count), 0, legacy=True)
 
 
-def write_imatrix(path: str | Path, imatrix: Imatrix, force: bool = True) -> Path:
+def write_imatrix(path: str | Path, imatrix: Imatrix, force: bool = False) -> Path:
     """Write the GGUF imatrix format (what current `llama-imatrix` writes), atomically."""
     from gguf import GGUFValueType, GGUFWriter
 

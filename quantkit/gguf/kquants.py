@@ -16,10 +16,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from quantkit.ggml_types import f16_to_f32, f32_to_f16
 from quantkit.gguf import search
-from quantkit.gguf.dequant import pack_q3_k_scales, q3_k_scales, scale_min_k4
-from quantkit.gguf.f32ops import (F32, GROUP_MAX_EPS, first_absmax, fp16_bits, nearest_int, seqsum, wrap_i8,
-                                  wrap_u8)
+from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum, wrap_i8, wrap_u8
 
 QK_K = 256
 
@@ -29,8 +28,31 @@ def _sub(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, size).T)
 
 
-def _u16(bits: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(bits.astype(np.uint16)).view(np.uint8).reshape(-1, 2)
+def scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K `scales[12]` -> (sc [n, 8], m [n, 8]) 6-bit values (get_scale_min_k4)."""
+    s = scales.astype(np.uint8)
+    lo_sc, lo_m, mixed = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo_sc & 63, (mixed & 0x0F) | ((lo_sc >> 6) << 4)], axis=1)
+    m = np.concatenate([lo_m & 63, (mixed >> 4) | ((lo_m >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def q3_k_scales(scales: np.ndarray) -> np.ndarray:
+    """Q3_K `scales[12]` -> the 16 unsigned 6-bit values (bias 32 not removed) [n, 16]."""
+    s = scales.astype(np.uint8)
+    low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)
+    high = (s[:, 8:12][:, None, :] >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]) & 3  # [n, 4(s//4), 4(s%4)]
+    return low | (high.reshape(-1, 16) << 4)
+
+
+def pack_q3_k_scales(ls: np.ndarray) -> np.ndarray:
+    """Inverse of `q3_k_scales`: 6-bit values [n, 16] -> scales[12] bytes."""
+    ls = ls.astype(np.uint8)
+    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
+    hi = (ls >> 4).reshape(-1, 4, 4)  # [n, s//4, s%4]
+    out[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return out
 
 
 def _superblock_sigma2(x: np.ndarray) -> np.ndarray:
@@ -111,10 +133,10 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int):
         if nmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not
             ls, lm = np.minimum(63, ls), np.minimum(63, lm)
     scale_bytes = _pack_k4_scales_exact(ls, lm)
-    d16, dmin16 = fp16_bits(d_val), fp16_bits(m_val)
+    d16, dmin16 = f32_to_f16(d_val), f32_to_f16(m_val)
     sc, m = scale_min_k4(scale_bytes)
-    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
-    dm = dmin16.view(np.float16).astype(np.float32)[:, None] * m.astype(np.float32)
+    dq = f16_to_f32(d16)[:, None] * sc.astype(np.float32)
+    dm = f16_to_f32(dmin16)[:, None] * m.astype(np.float32)
     L = _requant(x.reshape(n, 8, 32), L.take, dq, dm, 0, nmax, 0).reshape(n, QK_K)
     return d16, dmin16, scale_bytes, L.astype(np.uint8)
 
@@ -152,12 +174,12 @@ def pack_q3_k_codes(L: np.ndarray) -> np.ndarray:
 
 def q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d16, dmin16, scale_bytes, L = _q45_k(x, qw, 15)
-    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, pack_q4_k_codes(L)], axis=1)
+    return np.concatenate([d16, dmin16, scale_bytes, pack_q4_k_codes(L)], axis=1)
 
 
 def q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d16, dmin16, scale_bytes, L = _q45_k(x, qw, 31)
-    return np.concatenate([_u16(d16), _u16(dmin16), scale_bytes, pack_q5_k_codes(L)], axis=1)
+    return np.concatenate([d16, dmin16, scale_bytes, pack_q5_k_codes(L)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------- Q6_K
@@ -171,11 +193,11 @@ def q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     zero_block = np.abs(max_scale) < GROUP_MAX_EPS
     safe = np.where(zero_block, F32(1), max_scale).astype(np.float32)
     iscale = F32(-128) / safe
-    d16 = fp16_bits(F32(1) / iscale)
+    d16 = f32_to_f16(F32(1) / iscale)
     sc = wrap_i8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
-    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
+    dq = f16_to_f32(d16)[:, None] * sc.astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), L.take, dq, None, -32, 31, 32)
-    out = np.concatenate([pack_q6_k_codes(L.reshape(n, QK_K)), sc.astype(np.int8).view(np.uint8), _u16(d16)], axis=1)
+    out = np.concatenate([pack_q6_k_codes(L.reshape(n, QK_K)), sc.astype(np.int8).view(np.uint8), d16], axis=1)
     out[zero_block] = 0
     return out
 
@@ -195,7 +217,7 @@ def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         iscale = F32(-32) / safe
         ls = np.minimum(31, np.maximum(-32, wrap_i8(nearest_int(iscale[:, None] * scales)))) + 32
         scale_bytes = np.where(nonzero[:, None], pack_q3_k_scales(ls), np.uint8(0))
-        d16 = np.where(nonzero, fp16_bits(F32(1) / iscale), np.uint16(0))
+        d16 = f32_to_f16(np.where(nonzero, F32(1) / iscale, F32(0)))
     else:
         sigma2 = F32(2) * _superblock_sigma2(x) / F32(QK_K)
         w = qw * np.sqrt(sigma2[:, None] + x * x)
@@ -206,11 +228,11 @@ def q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         d_block, ls = search.make_qx_quants(np.ascontiguousarray(scales.reshape(n, 16).T), 32,
                                             np.ascontiguousarray(sw.reshape(n, 16).T))
         scale_bytes = pack_q3_k_scales(ls.take().T)
-        d16 = fp16_bits(d_block)
+        d16 = f32_to_f16(d_block)
     sc = q3_k_scales(scale_bytes).astype(np.int32) - 32
-    dq = d16.view(np.float16).astype(np.float32)[:, None] * sc.astype(np.float32)
+    dq = f16_to_f32(d16)[:, None] * sc.astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), search_codes, dq, None, -4, 3, 4).reshape(n, QK_K)
-    return np.concatenate([pack_q3_k_codes(L), scale_bytes, _u16(d16)], axis=1)
+    return np.concatenate([pack_q3_k_codes(L), scale_bytes, d16], axis=1)
 
 
 # ------------------------------------------------------------------------------------------- Q2_K
@@ -227,8 +249,8 @@ def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
             i_m = np.where(max_min > 0, F32(15) / max_min, F32(0)).astype(np.float32)
         s = np.where((max_scale > 0)[:, None], wrap_u8(nearest_int(i_s[:, None] * scales)), 0)
         s = s | np.where((max_min > 0)[:, None], wrap_u8(nearest_int(i_m[:, None] * mins) << 4), 0)
-        d16 = np.where(max_scale > 0, fp16_bits(max_scale / F32(15)), np.uint16(0))
-        dmin16 = np.where(max_min > 0, fp16_bits(max_min / F32(15)), np.uint16(0))
+        d16 = f32_to_f16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
+        dmin16 = f32_to_f16(np.where(max_min > 0, max_min / F32(15), F32(0)))
     else:
         sigma2 = _superblock_sigma2(x) / F32(QK_K)
         w = qw * np.sqrt(sigma2[:, None] + x * x)
@@ -239,12 +261,12 @@ def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         dm, ls = search.make_qp_quants(np.ascontiguousarray(scales.reshape(n, 16).T), 15, swt)
         mm, lm = search.make_qp_quants(np.ascontiguousarray(mins.reshape(n, 16).T), 15, swt)
         s = wrap_u8(ls.T | (lm.T << 4))
-        d16, dmin16 = fp16_bits(dm), fp16_bits(mm)
+        d16, dmin16 = f32_to_f16(dm), f32_to_f16(mm)
     s = s.astype(np.uint8)
-    dq = d16.view(np.float16).astype(np.float32)[:, None] * (s & 0x0F).astype(np.float32)
-    dm_ = dmin16.view(np.float16).astype(np.float32)[:, None] * (s >> 4).astype(np.float32)
+    dq = f16_to_f32(d16)[:, None] * (s & 0x0F).astype(np.float32)
+    dm_ = f16_to_f32(dmin16)[:, None] * (s >> 4).astype(np.float32)
     L = _requant(x.reshape(n, 16, 16), L.take, dq, dm_, 0, 3, 0).reshape(n, QK_K)
-    return np.concatenate([s, pack_2bit(L), _u16(d16), _u16(dmin16)], axis=1)
+    return np.concatenate([s, pack_2bit(L), d16, dmin16], axis=1)
 
 
 ENCODERS = {"Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from quantkit.ggml_types import f32_to_f16
 from quantkit.gguf import search
-from quantkit.gguf.f32ops import F32, first_absmax, fp16_bits
+from quantkit.gguf.f32ops import F32, first_absmax
 
 QK = 32
 
@@ -21,10 +22,6 @@ QK = 32
 def _inverse(d: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(np.float32)
-
-
-def _u16_bytes(v: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(v.astype(np.uint16)).view(np.uint8).reshape(v.shape[0], 2)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -40,23 +37,23 @@ def pack_qh(q: np.ndarray) -> np.ndarray:
 
 
 def pack_q8_0(d: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    return np.concatenate([_u16_bytes(fp16_bits(d)), qs.astype(np.int8).view(np.uint8)], axis=1)
+    return np.concatenate([f32_to_f16(d), qs.astype(np.int8).view(np.uint8)], axis=1)
 
 
 def pack_q4_0(d: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.concatenate([_u16_bytes(fp16_bits(d)), pack_nibbles(q)], axis=1)
+    return np.concatenate([f32_to_f16(d), pack_nibbles(q)], axis=1)
 
 
 def pack_q4_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.concatenate([_u16_bytes(fp16_bits(d)), _u16_bytes(fp16_bits(m)), pack_nibbles(q)], axis=1)
+    return np.concatenate([f32_to_f16(d), f32_to_f16(m), pack_nibbles(q)], axis=1)
 
 
 def pack_q5_0(d: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.concatenate([_u16_bytes(fp16_bits(d)), pack_qh(q), pack_nibbles(q)], axis=1)
+    return np.concatenate([f32_to_f16(d), pack_qh(q), pack_nibbles(q)], axis=1)
 
 
 def pack_q5_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.concatenate([_u16_bytes(fp16_bits(d)), _u16_bytes(fp16_bits(m)), pack_qh(q), pack_nibbles(q)], axis=1)
+    return np.concatenate([f32_to_f16(d), f32_to_f16(m), pack_qh(q), pack_nibbles(q)], axis=1)
 
 
 # ---------------------------------------------------------------- reference (no imatrix)
@@ -108,11 +105,6 @@ def q5_1_ref(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- importance-weighted (quantize_row_qX_impl)
-
-def importance_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """`qw[j] * sqrtf(sigma2 + x[j]*x[j])`; x, qw [n, 32] (or any trailing shape), sigma2 broadcastable."""
-    return qw * np.sqrt(sigma2 + x * x)
-
 
 def q4_0_weighted(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     scale, L = search.make_qx_quants(x.T.copy(), 8, weights.T.copy())

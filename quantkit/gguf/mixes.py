@@ -1,7 +1,7 @@
 """llama-quantize's per-tensor type rules: `tensor_types(config, ftype) -> {canonical name: ggml type name}`.
 
 ref: ggml-org/llama.cpp:src/llama-quant.cpp (`llama_tensor_get_type`, `llama_tensor_get_type_impl`,
-`tensor_type_fallback`), formats.md §2.6. Only the rules that apply to dense llama-architecture models
+`tensor_type_fallback`), formats/gguf.md (file types). Only the rules that apply to dense llama-architecture models
 (Mistral, Llama) are implemented; IQ/TQ/MoE branches are not. With `pure=True` every quantizable tensor gets
 the default type (only the shape fallback applies), as `llama-quantize --pure`.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import LlamaFileType
 
 from quantkit.errors import SchemeError
+from quantkit.ggml_types import block_size, is_float_type
+from quantkit.ggml_types import tensor_nbytes as tensor_nbytes  # imported from here by callers outside gguf/
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 
@@ -46,8 +48,6 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
     )
 }
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
 # block-size fallbacks when a row length (ne[0] = in_features) is not a multiple of the type's block
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -57,14 +57,6 @@ def get_file_type(name: str) -> FileType:
     if key not in FILE_TYPES:
         raise SchemeError(f"unknown GGUF type {name!r}; choose one of: {', '.join(FILE_TYPES)}")
     return FILE_TYPES[key]
-
-
-def block_size(type_name: str) -> int:
-    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
-
-
-def is_quantized(type_name: str) -> bool:
-    return type_name not in FLOAT_TYPES
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -142,12 +134,13 @@ def tensor_types(config: ModelConfig, ftype: str, pure: bool = False, has_imatri
         if len(shape) < 2 or name.endswith("norm.weight"):
             out[name] = "F32"
             continue
-        if not is_quantized(ft.default_type):
+        if is_float_type(ft.default_type):
             out[name] = ft.default_type
             continue
         kind, layer = _kind(name)
         ncols = shape[-1]
-        new = ft.default_type if pure else _mix_type(kind, layer, ft.name, ft.default_type, config, ncols, tied, has_imatrix)
+        new = (ft.default_type if pure
+               else _mix_type(kind, layer, ft.name, ft.default_type, config, ncols, tied, has_imatrix))
         out[name] = _fallback(new, ncols)
     return out
 
@@ -160,16 +153,3 @@ def data_bytes(config: ModelConfig, types: dict[str, str], alignment: int = 32) 
         total += -(-tensor_nbytes(shapes[name], t) // alignment) * alignment
     return total
 
-
-def tensor_nbytes(shape: tuple[int, ...], type_name: str) -> int:
-    """Bytes of a tensor of `shape` (numpy order) stored as ggml type `type_name`."""
-    try:
-        blck, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    except KeyError:
-        raise SchemeError(f"unknown ggml type {type_name!r}") from None
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    if shape[-1] % blck:
-        raise SchemeError(f"row length {shape[-1]} is not a multiple of the {type_name} block size {blck}")
-    return rows * (shape[-1] // blck) * size

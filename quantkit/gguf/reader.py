@@ -1,4 +1,4 @@
-"""Read any GGUF file (quantkit's or llama.cpp's) defensively, and serve it as a QuantizedCheckpoint.
+"""Read any GGUF file (quantkit's or llama.cpp's) defensively and serve its tensors by canonical name.
 
 The header is parsed here with a bounds check before every read — counts, string and array lengths, dimensions,
 type ids, offsets and sizes are checked against the file size before anything is allocated — so a corrupt or
@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from quantkit.errors import FormatError
+from quantkit.ggml_types import is_float_type, sizes, torch_dtype
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
-from quantkit.quant.tensor import GGMLTensor
+from quantkit.tensors import GGMLTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -34,9 +35,9 @@ MAX_ARRAY_DEPTH = 4
 # (struct format, size) of the scalar value types
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
             7: ("<B", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
+          7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
-FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -184,10 +185,10 @@ def _parse(buf, size: int, path: Path) -> GGUFFile:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
             raise FormatError(f"{path}: tensor {name!r} has unknown ggml type id {type_id}") from None
-        if qtype not in GGML_QUANT_SIZES:
+        if qtype.name not in sizes():
             raise FormatError(f"{path}: tensor {name!r} has ggml type {qtype.name} with no known block size")
         offset = c.u64(f"offset of tensor {name!r}")
-        blck, tsize = GGML_QUANT_SIZES[qtype]
+        blck, tsize = sizes()[qtype.name]
         if any(d == 0 for d in ne) or ne[0] % blck:
             raise FormatError(f"{path}: tensor {name!r} has dimensions {ne}; ne[0] must be a positive multiple of "
                               f"the {qtype.name} block size {blck}")
@@ -211,12 +212,13 @@ def _parse(buf, size: int, path: Path) -> GGUFFile:
     return GGUFFile(path, version, kv, tensors, alignment, data_start)
 
 
-# ---- as a QuantizedCheckpoint ----
+# ---- tensors by canonical name (formats/gguf.py wraps them as a QuantizedCheckpoint) ----
 
 def config_from_kv(kv: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path: Path) -> ModelConfig:
     gguf_arch = kv.get("general.architecture")
     if gguf_arch != "llama":
-        raise FormatError(f"{path}: general.architecture is {gguf_arch!r}; quantkit reads 'llama' GGUFs (Mistral, Llama)")
+        raise FormatError(f"{path}: general.architecture is {gguf_arch!r}; "
+                          "quantkit reads 'llama' GGUFs (Mistral, Llama)")
 
     def get(key: str, default=None, required=True):
         v = kv.get(f"llama.{key}", default)
@@ -299,16 +301,9 @@ class GGUFModel:
     def load(self, name: str):
         info = self.names[name]
         rows = unpermute_rows(name, np.array(self.raw(name)), self.config)
-        if info.type_name in FLOAT_TYPES:
-            return torch.from_numpy(np.ascontiguousarray(rows)).view(FLOAT_TYPES[info.type_name]).reshape(info.shape)
+        if is_float_type(info.type_name):
+            return torch.from_numpy(np.ascontiguousarray(rows)).view(torch_dtype(info.type_name)).reshape(info.shape)
         return GGMLTensor(info.type_name, info.shape, np.ascontiguousarray(rows))
-
-    def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for info in self.file.tensors.values():
-            out[info.type_name] = out.get(info.type_name, 0) + 1
-        return out
-
 
 def tokenizer_model_path(kv: dict[str, Any], cache_dir: Path | None = None) -> Path | None:
     """Rebuild (once, cached by content hash) a sentencepiece tokenizer.model from the GGUF vocabulary."""
@@ -330,22 +325,3 @@ def tokenizer_model_path(kv: dict[str, Any], cache_dir: Path | None = None) -> P
         tmp.write_bytes(blob)
         tmp.replace(target)
     return target
-
-
-def read_gguf(path: str | Path):
-    """A GGUF file as a QuantizedCheckpoint (lazy tensors, config and tokenizer from the metadata)."""
-    from quantkit.formats.base import QuantizedCheckpoint
-
-    model = GGUFModel(path)
-    kv = model.file.kv
-    small_kv = {k: v for k, v in kv.items() if not (isinstance(v, list) and len(v) > 64)}
-    return QuantizedCheckpoint(
-        path=model.path,
-        format="gguf",
-        config=model.config,
-        names=list(model.names),
-        loader=model.load,
-        tokenizer_path=tokenizer_model_path(kv),
-        metadata={"gguf": small_kv, "tensor_types": {n: i.type_name for n, i in model.names.items()},
-                  "chat_template": kv.get("tokenizer.chat_template")},
-    )

@@ -1,7 +1,7 @@
 """Tokenizer → GGUF KVs (and back): the sentencepiece vocabulary as llama.cpp's converter writes it.
 
-ref: ggml-org/llama.cpp:conversion/base.py `_create_vocab_sentencepiece` + gguf-py `SpecialVocab` (formats.md §1.4,
-§1.5). Pieces, scores and token types (NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6 — the same
+ref: ggml-org/llama.cpp:conversion/base.py `_create_vocab_sentencepiece` + gguf-py `SpecialVocab` (formats/gguf.md,
+metadata). Pieces, scores and token types (NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6 — the same
 numbering as sentencepiece's own `ModelProto.SentencePiece.Type`), special ids, add_bos/add_eos, chat template.
 
 `sentencepiece_from_vocab` rebuilds a `tokenizer.model` from those KVs, so a GGUF read back by quantkit has a

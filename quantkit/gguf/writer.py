@@ -5,7 +5,7 @@ offsets — is written first with `gguf.GGUFWriter`; each tensor's bytes are the
 arrives (any order), and released. Peak memory is one tensor. The file is built as a temporary sibling and
 renamed on `finish`; `abort` (or an exception inside `with`) deletes it.
 
-Metadata follows llama.cpp's converter for `LlamaModel` (formats.md §1.4): general.*, llama.* hyper-parameters
+Metadata follows llama.cpp's converter for `LlamaModel` (formats/gguf.md): general.*, llama.* hyper-parameters
 (rope freq base, head counts, norm epsilon, context length, ...), file type, quantization version 2, the
 sentencepiece vocabulary. Q/K rows are permuted from HF (rotate-half) order to GGUF's interleaved order
 (`arch.hf_to_interleaved`) — for block bytes too: a row permutation of ggml rows is exact.
@@ -13,8 +13,6 @@ sentencepiece vocabulary. Q/K rows are permuted from HF (rotate-half) order to G
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +23,14 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from quantkit import __version__
 from quantkit.errors import FormatError
+from quantkit.ggml_types import tensor_nbytes
 from quantkit.gguf import codec
-from quantkit.gguf.mixes import get_file_type, tensor_nbytes
+from quantkit.gguf.mixes import get_file_type
 from quantkit.gguf.tokenizer_export import GGUFVocab
-from quantkit.io import check_output_path
+from quantkit.io import check_output_path, move_into_place, temp_file_beside
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 if TYPE_CHECKING:
     from quantkit.gguf.encode_pool import ProcessEncoder
@@ -63,7 +62,8 @@ def display_name(source_name: str) -> str:
                     else w for w in source_name.strip().replace("-", " ").split())
 
 
-def model_kvs(config: ModelConfig, file_type: int, name: str | None, describe: bool = True) -> list[tuple[str, str, Any]]:
+def model_kvs(config: ModelConfig, file_type: int, name: str | None,
+              describe: bool = True) -> list[tuple[str, str, Any]]:
     """The general.* and llama.* KVs of llama.cpp's converter, in its order (`describe`: name and size label)."""
     prefix = config.arch.gguf_arch
     kvs: list[tuple[str, str, Any]] = [("general.type", "STRING", "model")]
@@ -148,10 +148,7 @@ class GGUFFileWriter:
             self.plan[n] = p
         self.data_size = offset
 
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_file_beside(self.out)
         try:
             w = GGUFWriter(None, config.arch.gguf_arch)
             meta = _model_card_metadata(model_dir, name, quantized_by, config) if model_dir else None
@@ -203,7 +200,8 @@ class GGUFFileWriter:
                               f"block types only (quantize it to {p.type_name} with a ggml grid)")
         if isinstance(tensor, torch.Tensor):
             if tuple(tensor.shape) != p.shape:
-                raise FormatError(f"{self.out}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(p.shape)}")
+                raise FormatError(f"{self.out}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                  f"expected {list(p.shape)}")
             tensor = codec.encode(tensor, p.type_name, self.importance.get(name), name=name, pool=self.encoder_pool)
         if not isinstance(tensor, GGMLTensor):
             raise FormatError(f"{self.out}: tensor {name!r}: cannot write a {type(tensor).__name__} to GGUF")
@@ -231,10 +229,7 @@ class GGUFFileWriter:
         self._f.close()
         if self._bar is not None:
             self._bar.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(self.tmp, self.out)
+        move_into_place(self.tmp, self.out)
         self._done = True
         return self.out
 

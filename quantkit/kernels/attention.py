@@ -7,8 +7,9 @@ blocks with an online softmax in fp32, and writes the group's outputs. Long cach
 walked in parallel (flash-decoding: one program per chunk, then a small kernel merges the partial softmaxes).
 The position is read from a device tensor, so a CUDA graph captured once serves every step.
 
-Reference: `decode_attention_ref` — the runtime's unfused path (`Generator._attend_one`: fp32 scores, masked
-softmax, probabilities rounded to the cache dtype before the value product; the kernel keeps them in fp32).
+Reference: `decode_attention_ref` — the model's unfused decode path (`quantkit.model.reference`, one query per
+sequence: fp32 scores, masked softmax, probabilities rounded to the cache dtype before the value product; the
+kernel keeps them in fp32).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, sliding_window=None):
-    """Plain torch, the runtime's unfused decode attention."""
+    """Plain torch, the model's unfused decode attention over the whole cache."""
     b, heads, _, d = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     p = int(pos.reshape(-1)[0])

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.kernels.ggml_ref import BLOCK_SIZES, _blocks, _f16, _q4k_codes, k_scale_min
+from quantkit.ggml_types import block_size, f16_to_f32, type_size
+from quantkit.kernels.ggml_ref import _blocks, _q4k_codes, k_scale_min
 
 
 def available() -> bool:
@@ -87,17 +88,17 @@ def ggml_parts(data: torch.Tensor, type_name: str):
         b = _blocks(data, "Q4_0")
         qs = b[..., 2:18].to(torch.int32)
         codes = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(r, -1)
-        d = _f16(b[..., 0:2])
+        d = f16_to_f32(b[..., 0:2])
         return "int4", codes, d, torch.zeros_like(d), 32
     if type_name == "Q4_1":
         b = _blocks(data, "Q4_1")
         qs = b[..., 4:20].to(torch.int32)
         codes = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(r, -1)
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        d, m = f16_to_f32(b[..., 0:2]), f16_to_f32(b[..., 2:4])
         return "int4", codes, d, 8 * d + m, 32
     if type_name == "Q4_K":
         b = _blocks(data, "Q4_K")
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        d, dmin = f16_to_f32(b[..., 0:2]), f16_to_f32(b[..., 2:4])
         sc, m = k_scale_min(b[..., 4:16])
         codes = _q4k_codes(b[..., 16:144]).reshape(r, -1)
         scale = (d[..., None] * sc).reshape(r, -1)
@@ -106,7 +107,7 @@ def ggml_parts(data: torch.Tensor, type_name: str):
     if type_name == "Q8_0":
         b = _blocks(data, "Q8_0")
         codes = b[..., 2:34].contiguous().view(torch.int8).reshape(r, -1)
-        return "int8", codes, _f16(b[..., 0:2]), None, 32
+        return "int8", codes, f16_to_f32(b[..., 0:2]), None, 32
     if type_name == "Q6_K":
         b = _blocks(data, "Q6_K")
         ql = b[..., 0:128].to(torch.int32).reshape(*b.shape[:2], 2, 64)
@@ -114,11 +115,11 @@ def ggml_parts(data: torch.Tensor, type_name: str):
         low = torch.stack([ql[..., 0:32] & 0xF, ql[..., 32:64] & 0xF, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], dim=-2)
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32)[:, None]
         codes = ((low | (((qh >> shifts) & 3) << 4)) - 32).reshape(r, -1)
-        scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].contiguous().view(torch.int8).float()
+        scale = f16_to_f32(b[..., 208:210])[..., None] * b[..., 192:208].contiguous().view(torch.int8).float()
         return "int8", codes, scale.reshape(r, -1), None, 16
     if type_name == "Q5_K":
         b = _blocks(data, "Q5_K")
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        d, dmin = f16_to_f32(b[..., 0:2]), f16_to_f32(b[..., 2:4])
         sc, m = k_scale_min(b[..., 4:16])
         qh = b[..., 16:48].to(torch.int32)
         high = ((qh[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
@@ -144,9 +145,9 @@ def direct_ggml(data: torch.Tensor, type_name: str) -> DirectGGML | None:
     portable loop is ~5x slower than the grouped int8 path, so it only serves as a tested fallback)."""
     from quantkit.kernels import cpu_ext
 
-    if type_name not in cpu_ext.SUPPORTED or data.shape[1] % BLOCK_SIZES[type_name][1]:
+    if type_name not in cpu_ext.SUPPORTED or data.shape[1] % type_size(type_name):
         return None
-    k = data.shape[1] // BLOCK_SIZES[type_name][1] * BLOCK_SIZES[type_name][0]
+    k = data.shape[1] // type_size(type_name) * block_size(type_name)
     if k % 256 or not cpu_ext.uses_simd():  # activations are rounded per 256 values
         return None
     return DirectGGML(data, type_name)

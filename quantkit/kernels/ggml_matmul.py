@@ -3,7 +3,7 @@
   - `ggml_dequant(data, type, rows)`: block bytes [R, bytes_per_row] -> float [R, cols] (used in row chunks for
     prefill: `x @ chunk^T`, so the full matrix never exists at once).
   - `ggml_matvec(x, data, type)`: fused dequant + matmul for decode (batch 1-8), split-K over the columns.
-Each program decodes 32-element chunks of BR rows with `_chunk` (formats.md §2 layouts).
+Each program decodes 32-element chunks of BR rows with `_chunk` (layouts: formats/gguf.md, block types).
 References: `quantkit.kernels.ggml_ref.dequantize_rows(data, type)` and `x.float() @ dequantize_rows(...).T`.
 """
 
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.ggml_types import block_size, type_size
 from quantkit.kernels import tune
-from quantkit.kernels.ggml_ref import BLOCK_SIZES
 
 TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}
 SUPPORTED = tuple(TYPE_IDS)
@@ -120,13 +120,14 @@ def _ggml_matvec_kernel(x_ptr, data_ptr, out_ptr, M, R, row_bytes, stride_xm, ch
 def _check(data: torch.Tensor, type_name: str) -> tuple[int, int]:
     if type_name not in TYPE_IDS:
         raise ValueError(f"no Triton kernel for ggml type {type_name}; supported: {', '.join(SUPPORTED)}")
-    qk, nbytes = BLOCK_SIZES[type_name]
+    qk, nbytes = block_size(type_name), type_size(type_name)
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % nbytes:
         raise ValueError(f"{type_name}: expected uint8 [rows, n*{nbytes}], got {data.dtype} {list(data.shape)}")
     return data.shape[0], data.shape[1] // nbytes * qk
 
 
-def ggml_dequant(data: torch.Tensor, type_name: str, dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+def ggml_dequant(data: torch.Tensor, type_name: str, dtype=torch.float32,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Block bytes [R, bytes_per_row] -> [R, cols] in `dtype` (reference: ggml_ref.dequantize_rows)."""
     r, cols = _check(data, type_name)
     if out is None:

@@ -1,29 +1,58 @@
-"""Plain torch dequantization of ggml block types: the CPU path and the reference for the Triton kernels.
+"""The ggml dequantizer: block bytes -> float32, bit-exact, in plain torch (any device).
 
-Input is the raw block bytes as a uint8 tensor [rows, bytes_per_row] (what GGUF stores, what `GGMLTensor.data`
-holds); output is float32 [rows, cols]. Layouts follow formats.md §2 (the C dequantizers in ggml-quants.c).
-Types without a function here fall back to gguf-py's numpy dequantizer (`dequantize_rows`).
+Input is the raw bytes as a uint8 tensor [rows, bytes_per_row] (what GGUF stores, what `GGMLTensor.data` holds);
+output is float32 [rows, cols]. Layouts: formats/gguf.md (block types); the arithmetic is that of ggml-quants.c's
+`dequantize_row_*`: the same float32 products and differences in the same order, each a separate correctly
+rounded torch op (no fused multiply-add), so every value equals ggml's — and gguf-py's, which
+tests/test_kernels_ggml.py checks bit for bit for every type. `GGMLTensor.dequantize`, the torch runtime
+(`runtime/qlinear.py`) and the Triton kernels' tests all use this one; the CPU fast paths (`cpu.py`, `cpu_ext.py`)
+reuse its field decoders.
 """
 
 from __future__ import annotations
 
 import torch
 
-# type name -> (elements per block, bytes per block)
-BLOCK_SIZES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-               "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+from quantkit.errors import FormatError
+from quantkit.ggml_types import SUPPORTED_TYPES, block_size, f16_to_f32, is_float_type, torch_dtype, type_size
 
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """[..., 2] uint8 little-endian -> float32 [...]"""
-    return (b[..., 0].to(torch.int32) | (b[..., 1].to(torch.int32) << 8)).to(torch.int16).view(torch.float16).float()
+CHUNK_ELEMENTS = 1 << 20  # values decoded at once: bounds the int32/float32 temporaries of a large tensor
 
 
 def _blocks(data: torch.Tensor, type_name: str) -> torch.Tensor:
-    qk, nbytes = BLOCK_SIZES[type_name]
+    """uint8 [rows, n * type_size] -> [rows, n, type_size]."""
+    nbytes = type_size(type_name)
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % nbytes:
-        raise ValueError(f"{type_name}: expected uint8 [rows, n*{nbytes}] block bytes, got {data.dtype} {list(data.shape)}")
-    return data.reshape(data.shape[0], -1, nbytes)  # [rows, nb, nbytes]
+        raise FormatError(f"{type_name}: expected uint8 [rows, n*{nbytes}] block bytes, got {data.dtype} "
+                          f"{list(data.shape)}")
+    return data.reshape(data.shape[0], -1, nbytes)
+
+
+def _shifts(step: int, n: int, device) -> torch.Tensor:
+    return torch.arange(0, step * n, step, device=device, dtype=torch.int32)
+
+
+def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32]: element j is the low nibble of byte j, element j+16 its high nibble."""
+    q = qs.to(torch.int32)
+    return torch.cat([q & 0xF, q >> 4], dim=-1)
+
+
+def _bits(b: torch.Tensor) -> torch.Tensor:
+    """[..., m] bytes -> [..., 8, m]: [.., k, l] is bit k of byte l."""
+    return (b.to(torch.int32)[..., None, :] >> _shifts(1, 8, b.device)[:, None]) & 1
+
+
+def _qh32(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1 qh [..., 4] (a little-endian uint32) -> [..., 32]: element j is bit j."""
+    return _bits(qh).transpose(-1, -2).flatten(-2)
+
+
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K qs [..., 64] -> 2-bit codes [..., 256] in element order (bits 2j..2j+1 of byte 32h + l hold
+    element 128h + 32j + l)."""
+    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 2, 1, 32)
+    return ((q >> _shifts(2, 4, qs.device)[:, None]) & 3).reshape(*qs.shape[:-1], 256)
 
 
 def k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,98 +64,94 @@ def k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
-def dequant_q8_0(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q8_0")
-    return (_f16(b[..., 0:2])[..., None] * b[..., 2:].view(torch.int8).float()).reshape(b.shape[0], -1)
-
-
-def dequant_q4_0(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q4_0")
-    qs = b[..., 2:18].to(torch.int32)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1) - 8  # element j: low nibble of byte j, j+16: high nibble
-    return (_f16(b[..., 0:2])[..., None] * q.float()).reshape(b.shape[0], -1)
-
-
-def dequant_q4_1(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q4_1")
-    qs = b[..., 4:20].to(torch.int32)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1)
-    return (_f16(b[..., 0:2])[..., None] * q.float() + _f16(b[..., 2:4])[..., None]).reshape(b.shape[0], -1)
-
-
-def _q5_high(qh_bytes: torch.Tensor) -> torch.Tensor:
-    qh = qh_bytes.to(torch.int64)
-    qh = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
-    return ((qh[..., None] >> torch.arange(32, device=qh.device)) & 1).to(torch.int32) << 4
-
-
-def dequant_q5_0(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q5_0")
-    qs = b[..., 6:22].to(torch.int32)
-    q = (torch.cat([qs & 0xF, qs >> 4], dim=-1) | _q5_high(b[..., 2:6])) - 16
-    return (_f16(b[..., 0:2])[..., None] * q.float()).reshape(b.shape[0], -1)
-
-
-def dequant_q5_1(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q5_1")
-    qs = b[..., 8:24].to(torch.int32)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1) | _q5_high(b[..., 4:8])
-    return (_f16(b[..., 0:2])[..., None] * q.float() + _f16(b[..., 2:4])[..., None]).reshape(b.shape[0], -1)
-
-
 def _q4k_codes(qs: torch.Tensor) -> torch.Tensor:
     """qs [..., 128] -> 4-bit codes [..., 8, 32] (sub-block 2c: low nibbles of qs[32c:32c+32], 2c+1: high)."""
     q = qs.to(torch.int32).reshape(*qs.shape[:-1], 4, 1, 32)
     return torch.cat([q & 0xF, q >> 4], dim=-2).reshape(*qs.shape[:-1], 8, 32)
 
 
-def dequant_q4_k(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q4_K")
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+# ---- one function per type: blocks [rows, nb, type_size] -> values [rows, nb, ...] (block_size in all) ----
+
+def _q8_0(b):
+    return f16_to_f32(b[..., 0:2])[..., None] * b[..., 2:34].view(torch.int8).float()
+
+
+def _q4_0(b):
+    return f16_to_f32(b[..., 0:2])[..., None] * (_nibbles32(b[..., 2:18]) - 8).float()
+
+
+def _q4_1(b):
+    return f16_to_f32(b[..., 0:2])[..., None] * _nibbles32(b[..., 4:20]).float() + f16_to_f32(b[..., 2:4])[..., None]
+
+
+def _q5_0(b):
+    q = (_nibbles32(b[..., 6:22]) | (_qh32(b[..., 2:6]) << 4)) - 16
+    return f16_to_f32(b[..., 0:2])[..., None] * q.float()
+
+
+def _q5_1(b):
+    q = _nibbles32(b[..., 8:24]) | (_qh32(b[..., 4:8]) << 4)
+    return f16_to_f32(b[..., 0:2])[..., None] * q.float() + f16_to_f32(b[..., 2:4])[..., None]
+
+
+def _q2_k(b):
+    sc = b[..., 0:16].to(torch.int32)
+    dl = f16_to_f32(b[..., 80:82])[..., None] * (sc & 0xF)  # [.., 16] sub-block scales
+    ml = f16_to_f32(b[..., 82:84])[..., None] * (sc >> 4)
+    q = _crumbs(b[..., 16:80]).reshape(*b.shape[:-1], 16, 16)
+    return dl[..., None] * q - ml[..., None]
+
+
+def _q3_k(b):
+    s = b[..., 96:108].to(torch.int32)
+    low = torch.cat([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], dim=-1)
+    high = (s[..., None, 8:12] >> _shifts(2, 4, b.device)[:, None]) & 3  # [.., s // 4, s % 4]
+    dl = f16_to_f32(b[..., 108:110])[..., None] * ((low | (high.flatten(-2) << 4)) - 32)
+    q = _crumbs(b[..., 32:96]) - ((_bits(b[..., 0:32]).flatten(-2) ^ 1) << 2)  # hmask bit clear: -4
+    return dl[..., None] * q.reshape(*b.shape[:-1], 16, 16)
+
+
+def _k4(b, q):
+    d, dmin = f16_to_f32(b[..., 0:2]), f16_to_f32(b[..., 2:4])
     sc, m = k_scale_min(b[..., 4:16])
-    q = _q4k_codes(b[..., 16:144])
-    w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * m)[..., None]
-    return w.reshape(b.shape[0], -1)
+    return (d[..., None] * sc)[..., None] * q - (dmin[..., None] * m)[..., None]
 
 
-def dequant_q5_k(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q5_K")
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    sc, m = k_scale_min(b[..., 4:16])
-    qh = b[..., 16:48].to(torch.int32)  # element 32s+l has bit 4 at (qh[l] >> s) & 1
-    high = ((qh[..., None, :] >> torch.arange(8, device=data.device)[:, None]) & 1) << 4
-    q = _q4k_codes(b[..., 48:176]) | high
-    w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * m)[..., None]
-    return w.reshape(b.shape[0], -1)
+def _q4_k(b):
+    return _k4(b, _q4k_codes(b[..., 16:144]))
 
 
-def dequant_q6_k(data: torch.Tensor) -> torch.Tensor:
-    b = _blocks(data, "Q6_K")
-    ql = b[..., 0:128].to(torch.int32).reshape(*b.shape[:2], 2, 64)  # [.., half, 64]
-    qh = b[..., 128:192].to(torch.int32).reshape(*b.shape[:2], 2, 1, 32)  # [.., half, 1, 32]
+def _q5_k(b):
+    return _k4(b, _q4k_codes(b[..., 48:176]) | (_bits(b[..., 16:48]) << 4))  # bit 4 of 32s+l: qh[l] bit s
+
+
+def _q6_k(b):
+    ql = b[..., 0:128].to(torch.int32).reshape(*b.shape[:-1], 2, 64)  # [.., half, 64]
+    qh = b[..., 128:192].to(torch.int32).reshape(*b.shape[:-1], 2, 1, 32)  # [.., half, 1, 32]
     low = torch.stack([ql[..., 0:32] & 0xF, ql[..., 32:64] & 0xF, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], dim=-2)
-    shifts = torch.tensor([0, 2, 4, 6], device=data.device, dtype=torch.int32)[:, None]
-    q = low | (((qh >> shifts) & 3) << 4)  # [.., half, 4, 32] in element order
-    q = q.reshape(*b.shape[:2], 16, 16) - 32
-    scales = b[..., 192:208].contiguous().view(torch.int8).float()  # [.., 16]
-    d = _f16(b[..., 208:210])
-    return ((d[..., None] * scales)[..., None] * q.float()).reshape(b.shape[0], -1)
+    q = (low | (((qh >> _shifts(2, 4, b.device)[:, None]) & 3) << 4)).reshape(*b.shape[:-1], 16, 16) - 32
+    d = f16_to_f32(b[..., 208:210])[..., None] * b[..., 192:208].view(torch.int8).float()  # [.., 16]
+    return d[..., None] * q.float()
 
 
-DEQUANT = {"Q8_0": dequant_q8_0, "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0,
-           "Q5_1": dequant_q5_1, "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k, "Q6_K": dequant_q6_k}
+DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
-    """Block bytes [rows, bytes_per_row] -> float32 [rows, cols] (gguf-py numpy fallback for other types)."""
-    fn = DEQUANT.get(type_name)
-    if fn is not None:
-        return fn(data)
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    if type_name in ("F32", "F16", "BF16"):
-        raise ValueError("float ggml types are not block types")
-    out = dequantize(data.cpu().numpy(), GGMLQuantizationType[type_name])
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(data.shape[0], -1).to(data.device)
+    """Block bytes, uint8 [rows, bytes_per_row] -> a new float32 tensor [rows, cols] on the same device."""
+    if type_name not in SUPPORTED_TYPES:
+        raise FormatError(f"ggml type {type_name!r}: quantkit cannot decode it "
+                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    if is_float_type(type_name):
+        _blocks(data, type_name)
+        return data.contiguous().view(torch_dtype(type_name)).to(torch.float32, copy=True)
+    b, fn = _blocks(data, type_name), DEQUANT[type_name]
+    rows, cols = b.shape[0], b.shape[1] * block_size(type_name)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    if rows <= step:
+        return fn(b).reshape(rows, cols)
+    out = torch.empty((rows, cols), dtype=torch.float32, device=data.device)
+    for r0 in range(0, rows, step):
+        out[r0:r0 + step] = fn(b[r0:r0 + step]).reshape(-1, cols)
+    return out

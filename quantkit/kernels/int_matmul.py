@@ -95,7 +95,8 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
     k_stop = tl.minimum(K, k_start + k_per_split)
     for k0 in range(k_start, k_stop, BK):
         kk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                    other=0.0)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, kk, offs_n, N, K, group_size, ldq, lds,
                           BITS, CBITS, ZP, HAS_ZEROS, HAS_GIDX, SCALE_AFTER)
         if UPCAST:  # fp32 activations (and every dtype under the interpreter, whose bf16 dot is wrong)
@@ -501,7 +502,8 @@ def _split_locks(device) -> torch.Tensor:
     return _LOCKS[key]
 
 
-def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None,
+               config: tuple | None = None) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32) @ dequant(W)^T -> [..., N] in x.dtype, on the device of x.
 
     `config`: force one launch config (see `_candidates`; tests and benchmarks), else the tuned pick."""
@@ -525,8 +527,10 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, c
     zeros = p.zeros if p.zeros is not None else p.scales  # dummy pointer when symmetric
     gidx = p.g_idx if p.g_idx is not None else p.qweight  # dummy pointer
     ldq, lds = p.qweight.stride(0), p.scales.stride(0)
-    if p.qweight.stride(1) != 1 or p.scales.stride(1) != 1 or (p.zeros is not None and p.zeros.stride() != p.scales.stride()):
-        raise ValueError("int_matmul: qweight/scales/zeros must be row-major (column slices of a fused weight are fine)")
+    if (p.qweight.stride(1) != 1 or p.scales.stride(1) != 1
+            or (p.zeros is not None and p.zeros.stride() != p.scales.stride())):
+        raise ValueError("int_matmul: qweight/scales/zeros must be row-major "
+                         "(column slices of a fused weight are fine)")
     common = dict(BITS=p.bits, CBITS=p.container_bits, ZP=p.symmetric_zero, HAS_ZEROS=p.zeros is not None,
                   HAS_GIDX=p.g_idx is not None)
 
@@ -593,7 +597,8 @@ def int_matmul(x: torch.Tensor, p: PackedInt, out: torch.Tensor | None = None, c
         if kind == "gemv":
             _int_gemv_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
                                              p.group_size, per, ldq, lds, SCALE_AFTER=scale_after,
-                                             SPLIT_OUT=split > 1, WORD_GROUPS=word_groups, BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
+                                             SPLIT_OUT=split > 1, WORD_GROUPS=word_groups, BM=bm, BN=bn, BK=bk,
+                                             num_warps=warps, **common)
         else:
             _int_gemm_kernel[(tiles, split)](x2, p.qweight, p.scales, zeros, gidx, target, m, n, k, x2.stride(0),
                                              p.group_size, per, ldq, lds, SCALE_AFTER=scale_after,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 
 @dataclass

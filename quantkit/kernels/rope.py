@@ -1,20 +1,44 @@
-"""Fused RoPE + KV-cache write for the GPU decode path: one kernel replaces ~12 small torch ops per layer.
+"""Rotate-half RoPE: the plain-torch reference (used by the model, `quantkit.model.reference`) and the fused
+RoPE + KV-cache write kernel of the GPU decode path (one kernel replaces ~12 small torch ops per layer).
 
-Input: the fused q|k|v projection output [rows = b*t, (H + 2*KVH) * D]. Each program handles one (row, head):
-q heads are rotated and written to q_out [b, H, t, D]; k heads are rotated and written into the key cache
-[b, KVH, max_len, D] at their position; v heads are copied into the value cache.
-Reference (`rope_cache_ref`, the runtime's unfused path): `apply_rope` (rotate-half) + `index_copy_`.
+Kernel input: the fused q|k|v projection output [rows = b*t, (H + 2*KVH) * D]. Each program handles one
+(row, head): q heads are rotated and written to q_out [b, H, t, D]; k heads are rotated and written into the key
+cache [b, KVH, max_len, D] at their position; v heads are copied into the value cache.
+Reference (`rope_cache_ref`, the model's unfused path): `apply_rope` + `index_copy_`.
+
+The plain-torch functions need no Triton (the model imports them on every install); the kernel needs Triton
+(a GPU, or TRITON_INTERPRET=1) and imports it on first use.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+tl = None  # triton.language, imported with the kernel on first use (_rope_cache_kernel)
 
 
-@triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, stride_row, NH, NKV, max_len,
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [len(positions), head_dim] for rotate-half RoPE, computed in fp32 as transformers does."""
+    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (theta ** (even / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., t, D] rotated by the cos/sin rows [t, D] of its positions."""
+    return x * cos + rotate_half(x) * sin
+
+
+# The Triton kernel, jitted on first use: importing triton here would already fix the interpreter mode
+# (TRITON_INTERPRET) and cost every importer of the model, which needs only the plain-torch functions above.
+def _rope_cache_source(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, stride_row, NH, NKV, max_len,
                        HALF: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -26,10 +50,10 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     src = qkv_ptr + row * stride_row + head * hd
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
-    c1 = tl.load(cos_ptr + p * hd + d).to(tl.float32)
-    c2 = tl.load(cos_ptr + p * hd + HALF + d).to(tl.float32)
-    s1 = tl.load(sin_ptr + p * hd + d).to(tl.float32)
-    s2 = tl.load(sin_ptr + p * hd + HALF + d).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * hd + d).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * hd + HALF + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * hd + d).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * hd + HALF + d).to(tl.float32)
     hv = d * 0 + head  # the head index as a vector (masks must be tensors of the block's shape)
     rotate = hv < NH + NKV
     y1 = tl.where(rotate, x1 * c1 - x2 * s1, x1)
@@ -48,31 +72,46 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     tl.store(v_dst + HALF + d, y2.to(vc_ptr.dtype.element_ty), mask=is_v)
 
 
+_jitted = None
+
+
+def _rope_cache_kernel():
+    global _jitted, tl
+    if _jitted is None:
+        import triton
+        import triton.language
+
+        tl = triton.language
+        _jitted = triton.jit(_rope_cache_source)
+    return _jitted
+
+
 def rope_qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, n_heads: int,
                         n_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """qkv [b, t, (H+2KVH)*D]; cos/sin [max_len, D] tables; pos [t] -> q [b, H, t, D] (k, v written to caches)."""
+    """qkv [b, t, (H+2KVH)*D]; pos [t]; cos/sin [t, D]: the RoPE rows of `pos` -> q [b, H, t, D] (rotated);
+    the rotated keys and the values are written into the caches [b, KVH, max_len, D] at `pos`."""
     b, t, _ = qkv.shape
     d = k_cache.shape[-1]
     rows = qkv.reshape(b * t, -1)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
     q = torch.empty((b, n_heads, t, d), device=qkv.device, dtype=k_cache.dtype)
-    _rope_cache_kernel[(b * t, n_heads + 2 * n_kv_heads)](rows, cos, sin, pos, q, k_cache, v_cache, t, rows.stride(0),
-                                                           n_heads, n_kv_heads, k_cache.shape[2], HALF=d // 2)
+    kernel = _rope_cache_kernel()
+    kernel[(b * t, n_heads + 2 * n_kv_heads)](rows, cos, sin, pos, q, k_cache, v_cache, t, rows.stride(0), n_heads,
+                                              n_kv_heads, k_cache.shape[2], HALF=d // 2)
     return q
 
 
 def rope_cache_ref(qkv, cos, sin, pos, n_heads, n_kv_heads, k_cache, v_cache):
-    from quantkit.model.reference import apply_rope
-
+    """Plain torch, what the model computes without the kernel (same arguments as `rope_qkv_into_cache`)."""
     b, t, _ = qkv.shape
     d = k_cache.shape[-1]
     q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
     q = q.reshape(b, t, n_heads, d).transpose(1, 2)
     k = k.reshape(b, t, n_kv_heads, d).transpose(1, 2)
     v = v.reshape(b, t, n_kv_heads, d).transpose(1, 2)
-    c, s = cos[pos], sin[pos]
-    q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     return q

@@ -3,7 +3,8 @@
 On a GPU the first call for a key times each candidate config (CUDA-graph replay, so Python launch overhead does
 not hide the kernel time) and remembers the fastest (configs that fail to compile, or whose output disagrees
 with a reference kernel when the caller passes a check, are skipped; the timings are kept for reports); under
-TRITON_INTERPRET=1 (CPU tests) the first candidate is used without timing. Picking must happen before CUDA-graph capture (the runtime warms up first).
+TRITON_INTERPRET=1 (CPU tests) the first candidate is used without timing. Picking must happen before CUDA-graph
+capture (the runtime warms up first).
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ NO_SEARCH = False  # True: take each key's first (default) candidate without tim
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def sm_count(device) -> int:

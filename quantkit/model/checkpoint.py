@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.errors import CheckpointError, ConfigError
+from quantkit.errors import CheckpointError
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 
@@ -310,9 +310,3 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
             )
 
 
-def load_config(spec: str | Path) -> ModelConfig:
-    path = resolve_model_path(spec)
-    for name in ("config.json", "params.json"):
-        if (path / name).exists():
-            return ModelConfig.from_file(path / name)
-    raise ConfigError(f"{path}: no config.json or params.json")

@@ -150,7 +150,7 @@ class ModelConfig:
 
     @classmethod
     def from_params_dict(cls, params: dict[str, Any], source: str = "params.json") -> "ModelConfig":
-        """mistral-inference `params.json` (see formats.md §6); rope_theta None means 1e6 there."""
+        """mistral-inference `params.json` (mistralai/mistral-inference); rope_theta None means 1e6 there."""
         required = ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")
         missing = [k for k in required if k not in params]
         if missing:

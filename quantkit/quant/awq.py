@@ -1,9 +1,10 @@
 """AWQ (activation-aware weight quantization) on one decoder layer: scale search, folding, clipping search.
 
 What it does, per decoder layer of `quantkit.model.reference` (module names are the HF names), following AutoAWQ
-(casper-hansen/AutoAWQ awq/quantize/quantizer.py, scale.py, models/mistral.py; algorithms.md §2.2):
+(casper-hansen/AutoAWQ awq/quantize/quantizer.py, scale.py, models/mistral.py; docs/algorithms.md §2.2):
 
-1. Capture the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj on the calibration activations.
+1. Capture the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj on the calibration activations
+   (the decoder layer's own sub-steps: attention_input, attention_core, mlp_input, mlp_hidden).
 2. For each scaling group, search the per-input-channel scale s over a grid of 20 ratios α ∈ {0, 1/20, …, 19/20}:
        s = (x_mean^α / (w_mean^(1−α) + 1e-4)).clamp(min=1e-4),  s /= sqrt(max(s)·min(s))     (duo scaling)
    where x_mean = mean |x| per input channel (fp32) and w_mean = the mean over output rows of |W| / max|W| of
@@ -107,30 +108,30 @@ QUANTIZERS: dict[str, Callable[[torch.Tensor, Scheme], torch.Tensor]] = {
 
 # ---- the layer ----
 
-def _capture_inputs(layer: nn.Module, acts: torch.Tensor, cos, sin, mask, batch_size: int, device) -> dict[str, torch.Tensor]:
-    """Inputs of q_proj, o_proj, gate_proj, down_proj for every calibration sample: name -> [N, T, in]."""
+def _capture_inputs(layer: nn.Module, acts: torch.Tensor, inputs, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Inputs of q_proj, o_proj, gate_proj, down_proj for every calibration sample: name -> [N, T, in]
+    (the layer's sub-steps, in the order of its forward)."""
     names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-    modules = dict(layer.named_modules())
     store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: store[n].append(args[0].detach().to("cpu")))
-               for n in names]
-    try:
-        with torch.no_grad():
-            for i in range(0, acts.shape[0], batch_size):
-                layer(acts[i:i + batch_size].to(device), cos, sin, mask)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        for i in range(0, acts.shape[0], batch_size):
+            x = acts[i:i + batch_size].to(device)
+            attn_in = layer.attention_input(x)
+            core = layer.attention_core(attn_in, *inputs)
+            mlp_in = layer.mlp_input(layer.attention_output(x, core))
+            for n, t in zip(names, (attn_in, core, mlp_in, layer.mlp_hidden(mlp_in))):
+                store[n].append(t.detach().to("cpu"))
     return {n: torch.cat(v) for n, v in store.items()}
 
 
-def _run_module(module_name: str, layer: nn.Module, x: torch.Tensor, cos, sin, mask, batch_size: int, device) -> torch.Tensor:
+def _run_module(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device) -> torch.Tensor:
+    """The output of one module of the layer (the whole attention, the whole MLP or a linear) on inputs x."""
     mod = dict(layer.named_modules())[module_name]
     outs = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(device)
-            outs.append(mod(xb, cos, sin, mask) if module_name == "self_attn" else mod(xb))
+            outs.append(mod(xb, *inputs) if module_name == "self_attn" else mod(xb))
     return torch.cat(outs)
 
 
@@ -138,7 +139,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum(dtype=torch.float64)) / a.numel()
 
 
-def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], cos, sin, mask,
+def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], inputs,
                  batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID):
     """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0)."""
     modules = dict(layer.named_modules())
@@ -158,7 +159,7 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
         x_sum += flat[i:i + 65536].float().abs().sum(0)
     x_mean = x_sum / flat.shape[0]
 
-    reference = _run_module(group.inspect, layer, x, cos, sin, mask, batch_size, device)
+    reference = _run_module(group.inspect, layer, x, inputs, batch_size, device)
     originals = {n: modules[n].weight.data.clone() for n in group.linears}
     best = (math.inf, -1.0, None)
     first_loss = None
@@ -175,7 +176,7 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
             for n in quantized:
                 w = originals[n]
                 modules[n].weight.data = (quantizer((w.float() * sv), schemes[n]) / sv).to(w.dtype)
-            out = _run_module(group.inspect, layer, x, cos, sin, mask, batch_size, device)
+            out = _run_module(group.inspect, layer, x, inputs, batch_size, device)
             loss = _mse(reference, out)
             del out
             if first_loss is None:
@@ -252,13 +253,15 @@ def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
         w.copy_(clipped.to(w.dtype))
 
 
-def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | None], *, cos, sin, mask,
+def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | None], *, inputs,
               batch_size: int = 8, device: str | torch.device = "cpu", duo_scaling: bool = True,
               clip: bool = True, n_grid: int = N_GRID, search_quantizer: str = "scheme") -> dict:
     """Search AWQ scales and clipping for one decoder layer and fold them into it, in place.
 
-    `acts`: the layer's input hidden states [n_samples, seq, hidden]; `schemes`: local linear name
-    ("self_attn.q_proj", ...) -> Scheme (None or missing: not quantized, still scaled so fused groups agree).
+    `acts`: the layer's input hidden states [n_samples, seq, hidden]; `inputs`: what the layer's forward takes
+    besides them, (positions, rope, mask) of those sequences (`quantkit.model.reference.sequence_inputs`);
+    `schemes`: local linear name ("self_attn.q_proj", ...) -> Scheme (None or missing: not quantized, still scaled
+    so fused groups agree).
     Returns a summary dict: per-group best ratio/loss (scalars, for the per-layer log), plus `scales`
     {prev op: s} and `clips` {linear: max_val [out, groups]}.
     """
@@ -270,14 +273,14 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
     schemes = {k: v for k, v in schemes.items() if v is not None}
     batch_size = max(1, batch_size)
     t0 = time.perf_counter()
-    feats = _capture_inputs(layer, acts, cos, sin, mask, batch_size, device)
+    feats = _capture_inputs(layer, acts, inputs, batch_size, device)
     summary: dict = {"scales": {}, "clips": {}}
     found = []
     for group in scaling_groups(layer):
         if not any(n in schemes for n in group.linears):
             continue
-        s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, cos, sin, mask, batch_size,
-                                             device, quantizer, duo_scaling, n_grid)
+        s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, inputs, batch_size, device,
+                                             quantizer, duo_scaling, n_grid)
         found.append((group, s))
         key = group.prev.split(".")[-1]
         summary[f"ratio_{key}"] = ratio

@@ -1,6 +1,6 @@
 """GPTQ: second-order (OBS) rounding of one weight matrix with error feedback, onto any `Grid`.
 
-Algorithm (Frantar et al. 2022; algorithms.md §2.1), with the conventions of the reference implementations:
+Algorithm (Frantar et al. 2022; docs/algorithms.md §2.1), with the conventions of the reference implementations:
 
     H = 2/n Σ x xᵀ over the n calibration tokens (fp32)         -- `GPTQ.add_batch`, `GPTQ.hessian`
     dead columns (H_ii == 0): H_ii = 1, W[:, i] = 0
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from quantkit.errors import CalibrationError, QuantkitError
-from quantkit.quant.grid import Grid, check_finite, make_grid
+from quantkit.quant.grid import Grid, make_grid
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor, check_finite
 
 SUB_BLOCK = 16
 _SMALL_OP_ELEMENTS = 1 << 15  # rows per column below which per-column ops run single-threaded on CPU
@@ -57,12 +57,6 @@ class GPTQInfo:
     seconds: float
     n_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "damp": self.damp, "damp_retries": self.damp_retries, "fp64": self.fp64,
-                "dead_columns": self.dead_columns, "seconds": round(self.seconds, 4), "n_tokens": self.n_tokens,
-                **self.extra}
-
 
 class GPTQ:
     """Collects the Hessian of one linear's input and quantizes weights against it.
@@ -85,7 +79,8 @@ class GPTQ:
 
     def add_batch(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
-            raise CalibrationError(f"{self.name}: calibration input has {x.shape[-1]} features, expected {self.in_features}")
+            raise CalibrationError(f"{self.name}: calibration input has {x.shape[-1]} features, "
+                                   f"expected {self.in_features}")
         x = x.reshape(-1, self.in_features).to(self.device, torch.float32)
         if x.shape[0] == 0:
             return
@@ -113,7 +108,8 @@ class GPTQ:
             if n >= 2 * _SYM_BLOCK:
                 for i in range(0, n, _SYM_BLOCK):
                     for j in range(0, i, _SYM_BLOCK):
-                        self._sum[j:j + _SYM_BLOCK, i:i + _SYM_BLOCK] = self._sum[i:i + _SYM_BLOCK, j:j + _SYM_BLOCK].t()
+                        self._sum[j:j + _SYM_BLOCK, i:i + _SYM_BLOCK] = (
+                            self._sum[i:i + _SYM_BLOCK, j:j + _SYM_BLOCK].t())
             self._sum.mul_(2.0 / self.n_tokens)
             self._finalized = True
             if not bool(torch.isfinite(self._sum.diagonal()).all()) or not bool(torch.isfinite(self._sum).all()):
@@ -314,8 +310,3 @@ def proxy_loss(weight: torch.Tensor, weight_hat: torch.Tensor, H: torch.Tensor) 
     return float(((d @ H.double()) * d).sum())
 
 
-def gptq_quantize(weight: torch.Tensor, inputs: torch.Tensor, grid: Grid | Scheme, **kwargs):
-    """One-shot helper: Hessian from `inputs` [..., in], then `GPTQ.quantize`."""
-    g = GPTQ(weight.shape[1])
-    g.add_batch(inputs)
-    return g.quantize(weight, grid, **kwargs)

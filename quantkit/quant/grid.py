@@ -35,7 +35,7 @@ import torch
 from quantkit.errors import SchemeError
 from quantkit.quant.rtn import group_params, mse_group_params, sqnr_db
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 
 @runtime_checkable
@@ -56,14 +56,6 @@ class IntParams:
 
     scale: torch.Tensor
     zero: torch.Tensor
-
-
-def check_finite(name: str, weight: torch.Tensor) -> None:
-    """Raise SchemeError naming the tensor when it holds NaN or Inf (quantizing it would spread garbage)."""
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
-        raise SchemeError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
 
 
 class IntGrid:
@@ -136,7 +128,8 @@ class IntGrid:
     def quantize_rtn(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> QuantTensor:
         """Round-to-nearest through the grid (one fit per group); equals `rtn.quantize_rtn` without importance."""
         w = weight.float()
-        params = [self.fit(w[:, c:c + self.group_size], None if importance is None else importance[c:c + self.group_size])
+        params = [self.fit(w[:, c:c + self.group_size],
+                           None if importance is None else importance[c:c + self.group_size])
                   for c in range(0, w.shape[1], self.group_size)]
         w_hat = torch.cat([self.fake_quant(w[:, c:c + self.group_size], p)
                            for p, c in zip(params, range(0, w.shape[1], self.group_size))], dim=1)

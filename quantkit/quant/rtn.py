@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import QuantTensor
+from quantkit.tensors import QuantTensor
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float = 1.0):

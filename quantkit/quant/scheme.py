@@ -54,12 +54,6 @@ class Scheme:
                 f"(choose a divisor of {in_features}, or -1 for per-channel)"
             )
 
-    def bits_per_weight(self, in_features: int, zero_bits: int | None = None) -> float:
-        """Storage cost per weight: codes + one 16-bit scale (+ packed zero when asymmetric) per group."""
-        g = self.effective_group_size(in_features)
-        extra = 16 + (0 if self.symmetric else (zero_bits or self.bits))
-        return self.bits + extra / g
-
     def describe(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}" + (" act-order" if self.act_order else "")
@@ -125,7 +119,8 @@ def module_name(tensor_name: str) -> str:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
 
 
-def resolve_schemes(linear_names: list[str], default: Scheme, overrides: list[Override] = ()) -> dict[str, Scheme | None]:
+def resolve_schemes(linear_names: list[str], default: Scheme,
+                    overrides: list[Override] = ()) -> dict[str, Scheme | None]:
     """Module name -> Scheme (or None = unquantized) for every linear, with fused groups made consistent.
 
     The last matching override wins. Within a fused group (q/k/v; gate/up of one layer) every member gets the

@@ -19,7 +19,7 @@ from torch import nn
 
 from quantkit.errors import CheckpointError, DeviceError, FormatError
 from quantkit.model.reference import Transformer
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 from quantkit.runtime.qlinear import BACKENDS, GGMLEmbedding, GGMLLinear, QuantLinear, is_block_type
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -105,8 +105,9 @@ def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: 
                cpu_kernels: bool = False,
                progress: Callable[[Iterable], Iterable] | None = None) -> Transformer:
     """A Transformer whose linears run on the compressed weights. dtype: activations/norms/float weights
-    (default float32 on CPU, bfloat16 on CUDA). `fuse`: q|k|v and gate|up become one matmul each in the
-    generator (zero-copy; the separate modules are views). `model.runtime_info` describes what was loaded."""
+    (default float32 on CPU, bfloat16 on CUDA). `fuse`: q|k|v and gate|up become one matmul each (the model's
+    `qkv` / `gate_up` slots; zero-copy, the separate modules are views). `model.runtime_info` describes what was
+    loaded."""
     source = path_or_checkpoint if isinstance(path_or_checkpoint, Source) else open_source(path_or_checkpoint)
     device, backend = resolve_device(device, backend)
     if isinstance(dtype, str):
@@ -224,17 +225,17 @@ def _fuse_group(parts: list[nn.Module]) -> nn.Module | None:
 
 
 def fuse_projections(model: Transformer) -> int:
-    """Give each layer `self_attn.qkv_fused` and `mlp.gate_up_fused` where the parts are compatible.
-    The generator uses them (fewer, larger matmuls); the reference forward keeps using the views."""
+    """Fill each layer's `self_attn.qkv` and `mlp.gate_up` slots where the parts are compatible (the separate
+    modules stay, as views of the fused storage). The model's forward then runs one matmul per group."""
     count = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         fused = _fuse_group([attn.q_proj, attn.k_proj, attn.v_proj])
         if fused is not None:
-            attn.qkv_fused = fused
+            attn.qkv = fused
             count += 1
         fused = _fuse_group([mlp.gate_proj, mlp.up_proj])
         if fused is not None:
-            mlp.gate_up_fused = fused
+            mlp.gate_up = fused
             count += 1
     return count

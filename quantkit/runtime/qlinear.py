@@ -3,7 +3,7 @@
 - `QuantLinear`: integer group-affine weights (GPTQ/AWQ/compressed-tensors/RTN `QuantTensor`s) in the
   `PackedInt` layout (kernels/pack.py: int32 words of 8×4-bit / 4×8-bit codes along the input dimension).
 - `GGMLLinear`: ggml block bytes exactly as GGUF stores them (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K have Triton
-  kernels; every other block type works through the torch/gguf-py dequantizer).
+  kernels; every other block type works through the torch dequantizer, kernels/ggml_ref.py).
 - `GGMLEmbedding`: a ggml-typed token embedding; only the looked-up rows are dequantized.
 
 Backends: `triton` (GPU kernels, kernels/int_matmul.py and kernels/ggml_matmul.py) and `torch` (CPU; dequantizes
@@ -21,9 +21,10 @@ import math
 import torch
 from torch import nn
 
-from quantkit.kernels.ggml_ref import BLOCK_SIZES, dequantize_rows
+from quantkit.ggml_types import is_block_type as is_block_type  # runtime/model.py imports it from here
+from quantkit.kernels.ggml_ref import dequantize_rows
 from quantkit.kernels.pack import PackedInt, pack_quant_tensor, unpack_codes
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 BACKENDS = ("torch", "triton")
 CHUNK_ELEMS = 1 << 20  # weights dequantized at once by the torch backend
@@ -233,11 +234,3 @@ def _triton_types() -> tuple[str, ...]:
 
     return SUPPORTED
 
-
-def is_block_type(type_name: str) -> bool:
-    try:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0] > 1
-    except KeyError:
-        return type_name in BLOCK_SIZES

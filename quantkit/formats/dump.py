@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantkit.errors import FormatError
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.formats.base import register
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 META_KEY = "quantkit.dump"
 
@@ -55,7 +56,8 @@ def unflatten(name: str, meta: dict[str, Any], get) -> Any:
                            g_idx=get(g_key) if meta.get("has_g_idx") else None, error=meta.get("error", {}))
     if kind == "ggml":
         data = get(f"{name}::ggml").numpy()
-        return GGMLTensor(type_name=meta["type_name"], shape=tuple(meta["shape"]), data=data, error=meta.get("error", {}))
+        return GGMLTensor(type_name=meta["type_name"], shape=tuple(meta["shape"]), data=data,
+                          error=meta.get("error", {}))
     raise FormatError(f"{name}: unknown dump entry kind {kind!r}")
 
 
@@ -105,13 +107,10 @@ class DumpWriter:
 
     def __init__(self, out: str | Path, force: bool = False, max_shard_bytes: int = 1 << 30,
                  provenance: dict[str, Any] | None = None):
-        import tempfile
-
-        from quantkit.io import check_output_path
+        from quantkit.io import check_output_path, temp_dir_beside
 
         self.out = check_output_path(out, force)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = temp_dir_beside(self.out)
         self.max_shard_bytes = max_shard_bytes
         self.provenance = provenance or {}
         self._pending: list[tuple[str, Any]] = []
@@ -133,22 +132,18 @@ class DumpWriter:
             self._pending, self._pending_bytes = [], 0
 
     def finish(self) -> Path:
-        import shutil
-
-        from quantkit.io import write_json
+        from quantkit.io import move_into_place, write_json
 
         self._flush()
         write_json(self.tmp / "dump.json", {"format": "quantkit-dump", "files": self._files,
                                             "provenance": self.provenance})
-        if self.out.exists():
-            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
-        self.tmp.rename(self.out)
+        move_into_place(self.tmp, self.out)
         return self.out
 
     def abort(self) -> None:
-        import shutil
+        from quantkit.io import remove_temp
 
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_temp(self.tmp)
 
 
 def read_dump(path: str | Path) -> list[tuple[str, Any]]:
@@ -159,3 +154,37 @@ def read_dump(path: str | Path) -> list[tuple[str, Any]]:
     for fname in manifest["files"]:
         out += load_tensors(path / fname)[0]
     return out
+
+
+class DumpFormat:
+    """`--format dump`: every StoredTensor as-is (a debugging sink; read back with `read_dump`)."""
+
+    name = "dump"
+
+    def check_scheme(self, scheme) -> None:
+        """A dump holds any scheme exactly."""
+
+    def stored_nbytes(self, target, shape: tuple[int, ...], float_bytes: int) -> int:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if target is None:
+            return numel * float_bytes
+        if isinstance(target, str):
+            from quantkit.ggml_types import tensor_nbytes
+
+            return tensor_nbytes(shape, target)
+        groups = shape[0] * target.groups_for(shape[-1])
+        return numel + groups * (4 if target.scale_dtype == "float32" else 2) + groups * 4  # uint8 codes, int32 zeros
+
+    def open_writer(self, out: Path, source_dir, config, schemes, options) -> DumpWriter:
+        return DumpWriter(out, force=options.force, provenance=options.provenance)
+
+    def detect(self, path: Path) -> bool:
+        return False  # a dump is not a model checkpoint
+
+    def read(self, path: Path):
+        raise FormatError(f"{path}: a quantkit dump is read with quantkit.formats.dump.read_dump, not as a model")
+
+
+register(DumpFormat())

@@ -4,7 +4,7 @@ A target is what the pipeline turns one source tensor into:
   - a `Scheme`: integer group-affine QuantTensor (gptq, awq, compressed-tensors formats);
   - a ggml type name (`"Q4_K"`, `"Q6_K"`, `"F32"`, ...): GGUF blocks, from llama-quantize's mix for `--type`;
   - `None`: kept in floating point (embeddings, norms, lm_head; `-:` overrides).
-Sizes come from the schemes' storage cost (codes + scales + packed zeros + g_idx) and ggml block sizes; memory from
+Sizes come from each output format (`Format.stored_nbytes`: one size per format of a multi-format run); memory from
 the largest layer, the calibration activations, the GPTQ Hessians and the writer's shard buffer.
 """
 
@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from quantkit.errors import SchemeError
+from quantkit.formats.base import Target, get_format
+from quantkit.ggml_types import check_type, is_block_type
+from quantkit.gguf.mixes import tensor_types
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import Scheme, get_preset, module_name, parse_override, resolve_schemes, with_act_order
-
-Target = Union[Scheme, str, None]
 
 INT_FORMATS = ("gptq", "awq", "compressed-tensors", "dump")
 METHODS = ("rtn", "gptq", "awq")
@@ -36,26 +37,6 @@ def target_label(target: Target) -> str:
     return target
 
 
-def scheme_nbytes(scheme: Scheme, shape: tuple[int, ...], format_name: str | None = None) -> int:
-    """Stored bytes of one [out, in] weight under `scheme`: packed codes, fp16 scales, packed zeros, g_idx."""
-    out_f, in_f = shape
-    groups = scheme.groups_for(in_f)
-    scale_bytes = 4 if scheme.scale_dtype == "float32" else 2
-    codes = out_f * in_f * scheme.bits // 8
-    scales = out_f * groups * scale_bytes
-    # GPTQ and AWQ store packed zeros even for symmetric schemes; compressed-tensors only when asymmetric
-    store_zeros = not scheme.symmetric or format_name in ("gptq", "awq")
-    zeros = -(-out_f * groups * scheme.bits // 8) if store_zeros else 0
-    g_idx = in_f * 4 if format_name == "gptq" or scheme.act_order else 0
-    return codes + scales + zeros + g_idx
-
-
-def ggml_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
-    from quantkit.gguf.mixes import tensor_nbytes
-
-    return tensor_nbytes(shape, type_name)
-
-
 @dataclass
 class PlanEntry:
     name: str
@@ -63,7 +44,7 @@ class PlanEntry:
     source_dtype: str
     target: Target
     bytes_in: int
-    bytes_out: int
+    bytes_out: dict[str, int]  # output format -> bytes this tensor occupies there (each format reports its own)
 
     @property
     def numel(self) -> int:
@@ -72,20 +53,19 @@ class PlanEntry:
             n *= d
         return n
 
-    @property
-    def bpw(self) -> float:
-        return 8 * self.bytes_out / self.numel
+    def bpw(self, fmt: str) -> float:
+        return 8 * self.bytes_out[fmt] / self.numel
 
     @property
     def quantized(self) -> bool:
-        return self.target is not None and not (isinstance(self.target, str) and self.target in ("F32", "F16", "BF16"))
+        return isinstance(self.target, Scheme) or (isinstance(self.target, str) and is_block_type(self.target))
 
     def to_dict(self) -> dict[str, Any]:
         t = self.target
         return {"name": self.name, "shape": list(self.shape), "source_dtype": self.source_dtype,
                 "target": target_label(t), "scheme": t.to_dict() if isinstance(t, Scheme) else None,
                 "ggml_type": t if isinstance(t, str) else None, "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "bpw": round(self.bpw, 4)}
+                "bytes_out": dict(self.bytes_out), "bpw": {f: round(self.bpw(f), 4) for f in self.bytes_out}}
 
 
 @dataclass
@@ -110,17 +90,16 @@ class Plan:
     def bytes_in(self) -> int:
         return sum(e.bytes_in for e in self.entries)
 
-    @property
-    def bytes_out(self) -> int:
-        return sum(e.bytes_out for e in self.entries)
+    def bytes_out(self, fmt: str) -> int:
+        """Planned bytes of the output in format `fmt`."""
+        return sum(e.bytes_out[fmt] for e in self.entries)
 
     @property
     def numel(self) -> int:
         return sum(e.numel for e in self.entries)
 
-    @property
-    def bpw(self) -> float:
-        return 8 * self.bytes_out / max(self.numel, 1)
+    def bpw(self, fmt: str) -> float:
+        return 8 * self.bytes_out(fmt) / max(self.numel, 1)
 
     @property
     def bpw_in(self) -> float:
@@ -136,9 +115,10 @@ class Plan:
             "method": self.method, "formats": self.formats, "preset": self.preset, "gguf_type": self.gguf_type,
             "overrides": self.overrides, "device": self.device, "calibration": self.calibration,
             "tensors": len(self.entries), "quantized_tensors": len(quantized),
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "bpw_in": round(self.bpw_in, 4),
-            "bpw": round(self.bpw, 4),
-            "quantized_bpw": round(8 * sum(e.bytes_out for e in quantized) / max(sum(e.numel for e in quantized), 1), 4),
+            "bytes_in": self.bytes_in, "bpw_in": round(self.bpw_in, 4),
+            "outputs": [{"format": f, "bytes": self.bytes_out(f), "bpw": round(self.bpw(f), 4),
+                         "quantized_bpw": round(8 * sum(e.bytes_out[f] for e in quantized)
+                                                / max(sum(e.numel for e in quantized), 1), 4)} for f in self.formats],
             "memory": self.memory,
             "entries": [e.to_dict() for e in self.entries],
         }
@@ -150,18 +130,22 @@ class Plan:
         n = len(self.entries)
         width = max((len(e.name) for e in self.entries), default=10)
         if per_tensor:
+            first = self.formats[0]
             for i, e in enumerate(self.entries, 1):
                 shape = "x".join(str(d) for d in e.shape)
                 lines.append(f"[{i:4d}/{n:4d}] {e.name:<{width}}  [{shape:>11}] {e.source_dtype:>4} -> "
-                             f"{target_label(e.target):<22} {e.bytes_in / mib:9.2f} MiB -> {e.bytes_out / mib:9.2f} MiB "
-                             f"({e.bpw:5.2f} BPW)")
+                             f"{target_label(e.target):<22} {e.bytes_in / mib:9.2f} MiB -> "
+                             f"{e.bytes_out[first] / mib:9.2f} MiB ({e.bpw(first):5.2f} BPW)")
+            if len(self.formats) > 1:
+                lines.append(f"(per-tensor sizes: {first}; totals for every format below)")
         quantized = sum(1 for e in self.entries if e.quantized)
         what = self.gguf_type if self.gguf_type else self.preset
         lines.append(f"plan: method {self.method}, {what}, format {','.join(self.formats)}: {quantized} tensors "
                      f"quantized, {n - quantized} kept")
         lines.append(f"model size  = {self.bytes_in / mib:10.2f} MiB ({self.bpw_in:.2f} BPW)")
-        lines.append(f"quant size  = {self.bytes_out / mib:10.2f} MiB ({self.bpw:.2f} BPW)  "
-                     f"{100 * (self.bytes_out / max(self.bytes_in, 1) - 1):+.1f}%")
+        for f in self.formats:
+            lines.append(f"quant size  = {self.bytes_out(f) / mib:10.2f} MiB ({self.bpw(f):.2f} BPW)  "
+                         f"{100 * (self.bytes_out(f) / max(self.bytes_in, 1) - 1):+.1f}%  [{f}]")
         mem = f"estimated peak RAM {self.memory['peak_ram_bytes'] / 1024**3:.2f} GiB"
         if "peak_vram_bytes" in self.memory:
             mem += f", peak VRAM {self.memory['peak_vram_bytes'] / 1024**3:.2f} GiB"
@@ -178,20 +162,17 @@ def _source_dtype(ckpt, name: str, config: ModelConfig) -> str:
 
 
 def _gguf_targets(config: ModelConfig, gguf_type: str, overrides: list[str], has_imatrix: bool) -> dict[str, str]:
-    try:
-        from quantkit.gguf.mixes import tensor_types
-    except ImportError:
-        raise SchemeError("GGUF output is not available in this build (quantkit.gguf.mixes is missing)") from None
     types = tensor_types(config, gguf_type, has_imatrix=has_imatrix)
     for text in overrides:
         if "=" not in text:
             raise SchemeError(f"override {text!r}: for GGUF use PATTERN=TYPE (e.g. 're:.*ffn_down.*=Q6_K')")
         pattern, type_name = text.rsplit("=", 1)
         type_name = type_name.upper()
-        ggml_nbytes(type_name, (1, 256 * 1024))  # validates the type name
+        check_type(type_name)
         regex = pattern[3:] if pattern.startswith("re:") else re.escape(pattern)
         for name in types:
-            if re.fullmatch(regex, name) or re.fullmatch(regex, module_name(name)) or re.fullmatch(regex, arch.to_gguf(name)):
+            if (re.fullmatch(regex, name) or re.fullmatch(regex, module_name(name))
+                    or re.fullmatch(regex, arch.to_gguf(name))):
                 types[name] = type_name
     return types
 
@@ -221,18 +202,21 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
     """Peak RAM (and VRAM with a CUDA device) of the layer-wise pipeline, in bytes (an estimate)."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes = config.expected_shapes()
-    layer_params = sum(int(s[0]) * (int(s[1]) if len(s) > 1 else 1) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    layer_params = sum(int(s[0]) * (int(s[1]) if len(s) > 1 else 1)
+                       for n, s in shapes.items() if n.startswith("model.layers.0."))
     layer_fp32 = layer_params * 4
-    calibrated = method in ("gptq", "awq") or any(isinstance(t, str) and t not in ("F32", "F16", "BF16")
+    calibrated = method in ("gptq", "awq") or any(isinstance(t, str) and is_block_type(t)
                                                  for t in targets.values()) and n_samples > 0
     # layer inputs + outputs in fp32; GPTQ also caches the attention core and the mid-layer residual
     acts = (2 * h + (config.q_size + h if method == "gptq" else 0)) * n_samples * seqlen * 4 if calibrated else 0
     batch = min(n_samples, FORWARD_BATCH)
-    workspace = batch * seqlen * max(3 * f, 4 * h) * 4 + batch * config.num_attention_heads * seqlen * seqlen * 4 if calibrated else 0
+    workspace = (batch * seqlen * max(3 * f, 4 * h) * 4 + batch * config.num_attention_heads * seqlen * seqlen * 4
+                 if calibrated else 0)
     largest_in = max(h, f, config.q_size)
     hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, its factor, a working copy
     awq_extra = n_samples * seqlen * f * 4 if method == "awq" else 0  # cached inputs of down_proj
-    quant_work = max(int(s[0]) * int(s[1]) for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
+    quant_work = max(int(s[0]) * int(s[1])
+                     for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
     layer_phase = layer_fp32 + layer_params * source_bytes + acts + workspace + hessian + awq_extra + quant_work
     head_phase = v * h * (4 * 3 + source_bytes)  # embedding / lm_head in fp32 + quantizer work
     writer = min(max_shard_bytes, bytes_out)
@@ -264,56 +248,36 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
             raise SchemeError("--format gguf needs --type (e.g. --type Q4_K_M)")
         if method == "awq":
             raise SchemeError("--method awq writes integer group schemes; for GGUF use --method rtn or gptq")
-        targets: dict[str, Target] = dict(_gguf_targets(config, gguf_type, list(overrides), has_imatrix or method != "rtn"))
+        targets: dict[str, Target] = dict(_gguf_targets(config, gguf_type, list(overrides),
+                                                        has_imatrix or method != "rtn"))
     else:
         if gguf_type:
             raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
-        _check_formats(formats)
+        fmts = [get_format(f) for f in formats]  # FormatError names the known formats
         preset = preset or ("w4a16-g128-asym" if method == "awq" else "w4a16-g128")  # AWQ's usual zero-point scheme
         targets = _int_targets(config, preset, list(overrides), act_order)
         for scheme in {t for t in targets.values() if isinstance(t, Scheme)}:
-            _check_format_schemes(formats, scheme)
+            for f in fmts:
+                f.check_scheme(scheme)
             if method == "awq" and scheme.act_order:
                 raise SchemeError("--act-order is a GPTQ option; AWQ does not reorder columns")
     shapes = config.expected_shapes()
     entries = []
-    fmt = formats[0]
+    fmts = {f: get_format(f) for f in formats}
     for name, target in targets.items():
         shape = tuple(shapes[name])
         dtype = _source_dtype(checkpoint, name, config)
         numel = 1
         for d in shape:
             numel *= d
-        bytes_in = numel * DTYPE_BYTES.get(dtype, 2)
-        if isinstance(target, Scheme):
-            bytes_out = scheme_nbytes(target, shape, fmt)
-        elif isinstance(target, str):
-            bytes_out = ggml_nbytes(target, shape)
-        else:
-            bytes_out = numel * 2
-        entries.append(PlanEntry(name, shape, dtype, target, bytes_in, bytes_out))
+        float_bytes = DTYPE_BYTES.get(dtype, 2)
+        sizes = {f: fmt.stored_nbytes(target, shape, float_bytes) for f, fmt in fmts.items()}
+        entries.append(PlanEntry(name, shape, dtype, target, numel * float_bytes, sizes))
     plan = Plan(config, entries, method, formats, None if gguf else preset, gguf_type,
                 list(overrides), device=device,
                 calibration={"n_samples": n_samples, "seqlen": seqlen} if method != "rtn" or has_imatrix else {})
     src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
     calib_samples = n_samples if (method != "rtn" or has_imatrix) else 0
-    plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes, plan.bytes_out,
-                                  device, src_bytes)
+    plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes,
+                                  max(plan.bytes_out(f) for f in formats), device, src_bytes)
     return plan
-
-
-def _check_formats(formats: list[str]) -> None:
-    for f in formats:
-        if f == "dump":
-            continue
-        from quantkit.formats.base import get_format
-
-        get_format(f)  # raises FormatError naming the known formats
-
-
-def _check_format_schemes(formats: list[str], scheme: Scheme) -> None:
-    from quantkit.formats.base import get_format
-
-    for f in formats:
-        if f != "dump":
-            get_format(f).check_scheme(scheme)

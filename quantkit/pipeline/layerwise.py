@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,17 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from quantkit import __version__
-from quantkit.errors import CalibrationError, CheckpointError, QuantkitError, SchemeError
+from quantkit.errors import CalibrationError, QuantkitError, SchemeError
+from quantkit.ggml_types import is_block_type, is_float_type
 from quantkit.model import arch
-from quantkit.model.reference import DecoderLayer, attention_mask, rope_cos_sin
-from quantkit.quant.dump import load_tensors, save_tensors
-from quantkit.quant.plan import Target, target_label
+from quantkit.model.reference import DecoderLayer, sequence_inputs
+from quantkit.pipeline.plan import Target, target_label
+from quantkit.pipeline.workdir import WORK_VERSION, WorkDir
+from quantkit.quant import awq
 from quantkit.quant.rtn import quantize_rtn, sqnr_db
 from quantkit.quant.scheme import Scheme
-from quantkit.quant.tensor import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor, check_finite
 
-FLOAT_GGML = ("F32", "F16", "BF16")
-WORK_VERSION = 1
 # callables(layer_index) run after each layer is checkpointed and written (tests use it to kill a run mid-way)
 LAYER_DONE_HOOKS: list[Callable[[int], None]] = []
 
@@ -102,25 +101,6 @@ def run_fingerprint(ckpt, targets: dict[str, Target], options: PipelineOptions, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
-        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (first at index {bad}); refusing to quantize it")
-
-
-def _ggml_grid(type_name: str):
-    try:
-        from quantkit.gguf import grids  # engineer E1
-    except ImportError:
-        raise SchemeError(f"GPTQ onto ggml type {type_name} needs quantkit.gguf.grids, which is not available; "
-                          "use --method rtn for GGUF") from None
-    for fn in ("get_grid", "ggml_grid", "make_grid", "grid_for"):
-        if hasattr(grids, fn):
-            return getattr(grids, fn)(type_name)
-    raise SchemeError("quantkit.gguf.grids has no grid factory (expected get_grid(type_name))")
-
-
 def encode_ggml(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> GGMLTensor:
     from quantkit.gguf import codec
 
@@ -139,14 +119,12 @@ class _StopForward(Exception):
 class _Collector:
     """Forward pre-hook on a linear: accumulate GPTQ Hessian / imatrix from its input, optionally stop there."""
 
-    def __init__(self, gptq=None, imatrix: bool = False, stop: bool = False, keep: bool = False):
+    def __init__(self, gptq=None, imatrix: bool = False, stop: bool = False):
         self.gptq = gptq
         self.imatrix = imatrix
         self.stop = stop
-        self.keep = keep
         self.sum_sq: torch.Tensor | None = None
         self.count = 0
-        self.kept: list[torch.Tensor] = []
 
     def __call__(self, module, args):
         x = args[0].detach()
@@ -157,8 +135,6 @@ class _Collector:
             s = flat.pow(2).sum(0)
             self.sum_sq = s if self.sum_sq is None else self.sum_sq + s
             self.count += flat.shape[0]
-        if self.keep:
-            self.kept.append(x.cpu())
         if self.stop:
             raise _StopForward
 
@@ -169,8 +145,7 @@ class LayerwiseQuantizer:
     def __init__(self, ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None,
                  options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
                  calibration: dict[str, Any] | None = None, progress: bool = True,
-                 on_layer_done: Callable[[int], None] | None = None, log_fn: Callable[[str], None] | None = None,
-                 importance: dict[str, torch.Tensor] | None = None):
+                 log_fn: Callable[[str], None] | None = None, importance: dict[str, torch.Tensor] | None = None):
         self.ckpt = ckpt
         self.given_importance = importance or {}  # canonical name -> mean x² per input column (an imatrix file)
         self.config = ckpt.config
@@ -183,7 +158,7 @@ class LayerwiseQuantizer:
         self.method = options.method
         if self.method not in ("rtn", "gptq", "awq"):
             raise SchemeError(f"unknown method {self.method!r}; choose rtn, gptq or awq")
-        ggml_quant = any(isinstance(t, str) and t not in FLOAT_GGML for t in self.targets.values())
+        ggml_quant = any(is_block_type(t) for t in self.targets.values())
         self.uses_imatrix = options.collect_imatrix or (ggml_quant and self.method == "rtn" and calib_tokens is not None
                                                         and options.importance_for_ggml and not self.given_importance)
         self.needs_forward = self.method in ("gptq", "awq") or self.uses_imatrix
@@ -195,7 +170,6 @@ class LayerwiseQuantizer:
         self.work_dir = Path(work_dir) if work_dir else None
         self.resume = resume
         self.progress = progress
-        self.on_layer_done = on_layer_done
         self.log_fn = log_fn
         calib_sha = self.calibration.get("tokens_sha256") if self.tokens is not None else None
         if self.tokens is not None and calib_sha is None:
@@ -210,36 +184,7 @@ class LayerwiseQuantizer:
         self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha)
         self.log: list[dict[str, Any]] = []
         self.imatrix: dict[str, tuple[torch.Tensor, int]] = {}
-        self._rope = None
-
-    # ---- work dir ----
-
-    def _state_path(self) -> Path:
-        return self.work_dir / "state.json"
-
-    def _load_state(self) -> int:
-        """Completed layer count to resume from (0: fresh). Clears an incompatible work dir."""
-        if self.work_dir is None:
-            return 0
-        state_file = self._state_path()
-        if self.resume and state_file.exists():
-            try:
-                state = json.loads(state_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                state = {}
-            if state.get("fingerprint") == self.fingerprint:
-                return int(state.get("completed_layers", 0))
-        if self.work_dir.exists():
-            shutil.rmtree(self.work_dir)
-        self.work_dir.mkdir(parents=True)
-        self._write_state(0)
-        return 0
-
-    def _write_state(self, completed: int) -> None:
-        tmp = self.work_dir / ".state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "completed_layers": completed,
-                                   "num_layers": self.config.num_hidden_layers, "version": __version__}, indent=2))
-        tmp.replace(self._state_path())
+        self._inputs = None
 
     # ---- small pieces ----
 
@@ -247,14 +192,11 @@ class LayerwiseQuantizer:
         for w in self.writers:
             w.add(name, tensor)
 
-    def _rope_mask(self, seqlen: int):
-        if self._rope is None or self._rope[0] != seqlen:
-            cfg = self.config
-            pos = torch.arange(seqlen, device=self.device)
-            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
-            mask = attention_mask(pos, pos, cfg.sliding_window)
-            self._rope = (seqlen, cos, sin, mask)
-        return self._rope[1:]
+    def _layer_inputs(self, seqlen: int):
+        """(positions, rope, mask) of the calibration sequences, from the model (fp32, no cache)."""
+        if self._inputs is None or self._inputs[0] != seqlen:
+            self._inputs = (seqlen, sequence_inputs(self.config, seqlen, self.device, torch.float32))
+        return self._inputs[1]
 
     def _embed(self) -> tuple[Any, torch.Tensor | None]:
         name = "model.embed_tokens.weight"
@@ -270,7 +212,7 @@ class LayerwiseQuantizer:
     def _quantize_global(self, name: str, w: torch.Tensor):
         """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix)."""
         target = self.targets.get(name)
-        if target is None or (isinstance(target, str) and target in FLOAT_GGML):
+        if target is None or is_float_type(target):
             return w
         if isinstance(target, Scheme):
             check_finite(name, w)
@@ -287,14 +229,14 @@ class LayerwiseQuantizer:
 
     def _forward_all(self, layer: DecoderLayer, acts: torch.Tensor, collect_out: bool = True):
         """Run every calibration sample through `layer`; returns the outputs (or None when a hook stops early)."""
-        cos, sin, mask = self._rope_mask(acts.shape[1])
+        inputs = self._layer_inputs(acts.shape[1])
         outs = []
         bs = max(1, self.options.batch_size)
         with torch.no_grad():
             for i in range(0, acts.shape[0], bs):
                 x = acts[i:i + bs].to(self.device)
                 try:
-                    y = layer(x, cos, sin, mask)
+                    y = layer(x, *inputs)
                 except _StopForward:
                     continue
                 if collect_out:
@@ -303,7 +245,8 @@ class LayerwiseQuantizer:
 
     # ---- one layer ----
 
-    def _quantize_layer(self, i: int, acts: torch.Tensor | None) -> tuple[list[tuple[str, Any]], torch.Tensor | None, list[dict]]:
+    def _quantize_layer(self, i: int, acts: torch.Tensor | None
+                        ) -> tuple[list[tuple[str, Any]], torch.Tensor | None, list[dict]]:
         prefix = arch.layer_prefix(i)
         tensors = self.ckpt.layer_tensors(i)
         for name, t in tensors.items():
@@ -340,21 +283,15 @@ class LayerwiseQuantizer:
                 self._quantize_group(i, group, prefix, modules, None, 0.0, source_dtypes, results, log_rows)
         elif self.method == "gptq":
             out_acts = self._gptq_layer(i, layer, acts, prefix, modules, source_dtypes, results, log_rows)
-        else:
-            if self.method == "awq":
-                folded_norms = self._apply_awq(layer, acts, prefix, log_rows)
+        else:  # awq: fold the searched scales, then round each group on inputs through the folded layer
+            folded_norms = self._apply_awq(layer, acts, prefix, log_rows)
             for group in arch.LINEAR_GROUPS:
                 names = [f"{prefix}{local}.weight" for local in group]
                 if not any(self.targets.get(n) is not None for n in names) and not self.uses_imatrix:
                     continue
-                gptq = None
-                if self.method == "gptq":
-                    from quantkit.quant.gptq import GPTQ
-
-                    gptq = GPTQ(modules[group[0]].in_features, name=f"{prefix}{group[0]}", device=self.device)
                 fwd_seconds = 0.0
-                if gptq is not None or self.uses_imatrix:
-                    collector = _Collector(gptq=gptq, imatrix=self.uses_imatrix, stop=True)
+                if self.uses_imatrix:
+                    collector = _Collector(imatrix=True, stop=True)
                     handle = modules[group[0]].register_forward_pre_hook(collector)
                     t0 = time.perf_counter()
                     try:
@@ -362,13 +299,11 @@ class LayerwiseQuantizer:
                     finally:
                         handle.remove()
                     fwd_seconds = time.perf_counter() - t0
-                    if self.uses_imatrix and collector.sum_sq is not None:
+                    if collector.sum_sq is not None:
                         for n in names:
                             self.imatrix[n] = (collector.sum_sq.cpu(), collector.count)
-                self._quantize_group(i, group, prefix, modules, gptq, fwd_seconds, source_dtypes, results, log_rows)
-                del gptq
+                self._quantize_group(i, group, prefix, modules, None, fwd_seconds, source_dtypes, results, log_rows)
             out_acts = self._forward_all(layer, acts)
-
 
         # the layer's tensors in file order (norms may carry folded AWQ scales)
         params = dict(layer.named_parameters())
@@ -393,19 +328,19 @@ class LayerwiseQuantizer:
 
     def _gptq_layer(self, i: int, layer: DecoderLayer, acts: torch.Tensor, prefix: str, modules: dict,
                     source_dtypes: dict, results: dict, log_rows: list) -> torch.Tensor:
-        """True-sequential GPTQ with staged inputs: each group's inputs are computed once from cached tensors.
+        """True-sequential GPTQ with staged inputs: each group's inputs are computed once from cached tensors,
+        by the layer's own sub-steps (DecoderLayer.forward is their composition).
 
-        q/k/v see norm1(x); o_proj sees the attention core (with quantized q/k/v; the only attention pass);
-        gate/up see norm2(h) with h = x + o(attn) (quantized o); down sees silu(gate(n)) * up(n) (quantized
-        gate/up); the layer output is h + down(...). The same arithmetic as DecoderLayer.forward, piece by piece.
+        q/k/v see attention_input(x); o_proj sees attention_core (with quantized q/k/v; the only attention pass);
+        gate/up see mlp_input(h) with h = attention_output(x, core) (quantized o); down sees mlp_hidden (quantized
+        gate/up); the layer output is mlp_output(h, hidden) (quantized down).
         """
         from quantkit.quant.gptq import GPTQ
 
         assert arch.LINEAR_GROUPS == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                       ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
         bs = max(1, self.options.batch_size)
-        attn, mlp = layer.self_attn, layer.mlp
-        cos, sin, mask = self._rope_mask(acts.shape[1])
+        positions, rope, mask = self._layer_inputs(acts.shape[1])
         batches = [(j, min(j + bs, acts.shape[0])) for j in range(0, acts.shape[0], bs)]
         dev = self.device
 
@@ -427,37 +362,24 @@ class LayerwiseQuantizer:
             self._quantize_group(i, group, prefix, modules, gptq, fwd, source_dtypes, results, log_rows)
 
         x_of = lambda a, b: acts[a:b].to(dev)  # noqa: E731
-        run_group(arch.LINEAR_GROUPS[0], lambda a, b: layer.input_layernorm(x_of(a, b)))
+        run_group(arch.LINEAR_GROUPS[0], lambda a, b: layer.attention_input(x_of(a, b)))
 
-        # the attention core with quantized q/k/v, once: the input of o_proj
-        core = _Collector(keep=True, stop=True)
-        handle = attn.o_proj.register_forward_pre_hook(core)
-        try:
-            with torch.no_grad():
-                for a, b in batches:
-                    try:
-                        attn(layer.input_layernorm(x_of(a, b)), cos, sin, mask)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
-        attn_in = core.kept  # per batch, [b, seq, q_size] on cpu
-        run_group(arch.LINEAR_GROUPS[1], lambda a, b: attn_in[a // bs].to(dev))
+        # the attention core with quantized q/k/v, once: the input of o_proj (per batch, [b, seq, q_size] on cpu)
+        with torch.no_grad():
+            attn_in = [layer.attention_core(layer.attention_input(x_of(a, b)), positions, rope, mask).cpu()
+                       for a, b in batches]
+        run_group(arch.LINEAR_GROUPS[1], lambda a, b: attn_in[a // bs].to(dev))  # noqa: F821 (freed below)
 
         with torch.no_grad():
-            h_mid = [x_of(a, b) + attn.o_proj(attn_in[a // bs].to(dev)) for a, b in batches]
-            h_mid = [h.cpu() for h in h_mid]
+            h_mid = [layer.attention_output(x_of(a, b), attn_in[a // bs].to(dev)).cpu() for a, b in batches]
         del attn_in
-        norm2 = lambda a, b: layer.post_attention_layernorm(h_mid[a // bs].to(dev))  # noqa: E731
-        run_group(arch.LINEAR_GROUPS[2], norm2)
+        mlp_in = lambda a, b: layer.mlp_input(h_mid[a // bs].to(dev))  # noqa: E731
+        run_group(arch.LINEAR_GROUPS[2], mlp_in)
 
-        def down_in(a, b):
-            n = norm2(a, b)
-            return F.silu(mlp.gate_proj(n)) * mlp.up_proj(n)
-
+        down_in = lambda a, b: layer.mlp_hidden(mlp_in(a, b))  # noqa: E731
         run_group(arch.LINEAR_GROUPS[3], down_in)
         with torch.no_grad():
-            out = [(h_mid[a // bs].to(dev) + mlp.down_proj(down_in(a, b))).to("cpu", torch.float32) for a, b in batches]
+            out = [layer.mlp_output(h_mid[a // bs].to(dev), down_in(a, b)).to("cpu", torch.float32) for a, b in batches]
         return torch.cat(out)
 
     def _quantize_group(self, i: int, group: tuple[str, ...], prefix: str, modules: dict, gptq, fwd_seconds: float,
@@ -472,15 +394,20 @@ class LayerwiseQuantizer:
             weight = mod.weight.data
             t0 = time.perf_counter()
             row: dict[str, Any] = {"layer": i, "module": local, "target": target_label(target), "method": self.method}
-            if gptq is not None and target not in FLOAT_GGML:
-                grid = target if isinstance(target, Scheme) else _ggml_grid(target)
+            if gptq is not None and not is_float_type(target):
+                if isinstance(target, Scheme):
+                    grid = target
+                else:
+                    from quantkit.gguf.grids import ggml_grid
+
+                    grid = ggml_grid(target)
                 qt, info = gptq.quantize(weight, grid, damp=self.options.damp, block_size=self.options.block_size,
                                          static_groups=self.options.static_groups, name=n)
                 row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
                             "n_tokens": info.n_tokens})
             elif isinstance(target, Scheme):
                 qt = quantize_rtn(weight, target)
-            elif target in FLOAT_GGML:
+            elif is_float_type(target):
                 qt = weight.to(source_dtypes[n])
             else:
                 importance = self.given_importance.get(n)
@@ -502,10 +429,6 @@ class LayerwiseQuantizer:
 
     def _apply_awq(self, layer: DecoderLayer, acts: torch.Tensor, prefix: str, log_rows: list) -> bool:
         """Search and fold AWQ scales (and clipping) into `layer` in place; True when norms were modified."""
-        try:
-            from quantkit.quant import awq
-        except ImportError:
-            raise SchemeError("--method awq needs quantkit.quant.awq, which is not available in this build") from None
         schemes = {}
         for group in arch.LINEAR_GROUPS:
             for local in group:
@@ -514,10 +437,9 @@ class LayerwiseQuantizer:
                     schemes[local] = t
         if not schemes:
             return False
-        cos, sin, mask = self._rope_mask(acts.shape[1])
         t0 = time.perf_counter()
-        info = awq.awq_layer(layer, acts, schemes, cos=cos, sin=sin, mask=mask, batch_size=self.options.batch_size,
-                             device=self.device)
+        info = awq.awq_layer(layer, acts, schemes, inputs=self._layer_inputs(acts.shape[1]),
+                             batch_size=self.options.batch_size, device=self.device)
         row = {"layer": int(prefix.split(".")[2]), "module": "awq", "seconds": round(time.perf_counter() - t0, 4)}
         if isinstance(info, dict):
             row.update({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
@@ -529,26 +451,31 @@ class LayerwiseQuantizer:
     def run(self) -> PipelineResult:
         t_start = time.perf_counter()
         n_layers = self.config.num_hidden_layers
-        start = self._load_state()
+        work = WorkDir(self.work_dir, self.fingerprint, n_layers) if self.work_dir is not None else None
+        start = work.start(self.resume) if work is not None else 0
         acts = None
         try:
             if start == 0:
                 embed, acts = self._embed()
-                if self.work_dir is not None:
-                    save_tensors(self.work_dir / "embed.safetensors", [("model.embed_tokens.weight", embed)])
+                if work is not None:
+                    work.save_embedding([("model.embed_tokens.weight", embed)])
                     if acts is not None:
-                        save_tensors(self.work_dir / "acts.safetensors", [], extra={"acts": acts})
+                        work.save_activations(acts)
                 self._emit("model.embed_tokens.weight", embed)
                 del embed
             else:
-                for name, t in load_tensors(self.work_dir / "embed.safetensors")[0]:
+                for name, t in work.load_embedding():
                     self._emit(name, t)
                 for i in range(start):
-                    self._replay_layer(i)
+                    named, imatrix, rows = work.load_layer(i)
+                    for name, t in named:
+                        self._emit(name, t)
+                    self.imatrix.update(imatrix)
+                    self.log += rows
                 if self.needs_forward:
-                    acts = load_tensors(self.work_dir / "acts.safetensors")[1]["acts"]
+                    acts = work.load_activations()
                 if self.log_fn:
-                    self.log_fn(f"resuming from layer {start}/{n_layers} ({self.work_dir})")
+                    self.log_fn(f"resuming from layer {start}/{n_layers} ({work.path})")
             bar = None
             if self.progress:
                 from tqdm import tqdm
@@ -558,14 +485,12 @@ class LayerwiseQuantizer:
             for i in range(start, n_layers):
                 named, out_acts, rows = self._quantize_layer(i, acts)
                 acts = out_acts
-                if self.work_dir is not None:
-                    extra = {f"imatrix::{n}": s for n, (s, _) in self.imatrix.items() if n.startswith(arch.layer_prefix(i))}
-                    counts = {n: c for n, (_, c) in self.imatrix.items() if n.startswith(arch.layer_prefix(i))}
-                    save_tensors(self.work_dir / f"layer-{i:05d}.safetensors", named, extra=extra,
-                                 info={"log": rows, "imatrix_counts": counts})
+                if work is not None:
+                    prefix = arch.layer_prefix(i)
+                    work.save_layer(i, named, {n: v for n, v in self.imatrix.items() if n.startswith(prefix)}, rows)
                     if acts is not None:
-                        save_tensors(self.work_dir / "acts.safetensors", [], extra={"acts": acts})
-                    self._write_state(i + 1)
+                        work.save_activations(acts)
+                    work.mark_completed(i + 1)
                 for name, t in named:
                     self._emit(name, t)
                 self.log += rows
@@ -575,8 +500,6 @@ class LayerwiseQuantizer:
                     if rows:
                         last = rows[-1]
                         bar.set_postfix_str(f"{last['module']} sqnr {last.get('sqnr_db', '-')} dB", refresh=False)
-                if self.on_layer_done is not None:
-                    self.on_layer_done(i)
                 for hook in LAYER_DONE_HOOKS:
                     hook(i)
             if bar is not None:
@@ -595,27 +518,17 @@ class LayerwiseQuantizer:
                 where = f" ({e.filename})" if e.filename else ""
                 raise OutOfSpaceError(
                     f"out of disk space while writing{where}: nothing was written"
-                    + (f"; completed layers are kept in {self.work_dir} and the same command resumes" if self.work_dir else "")
+                    + (f"; completed layers are kept in {self.work_dir} and the same command resumes"
+                       if self.work_dir else "")
                 ) from None
             raise
         except BaseException:
             self._abort()
             raise
-        if self.work_dir is not None:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        if work is not None:
+            work.remove()
         return PipelineResult(outputs, self.log, self.imatrix, start, time.perf_counter() - t_start, self.fingerprint,
                               self.calibration)
-
-    def _replay_layer(self, i: int) -> None:
-        named, extra, info = load_tensors(self.work_dir / f"layer-{i:05d}.safetensors")
-        for name, t in named:
-            self._emit(name, t)
-        counts = info.get("imatrix_counts", {})
-        for k, v in extra.items():
-            if k.startswith("imatrix::"):
-                n = k[len("imatrix::"):]
-                self.imatrix[n] = (v, int(counts.get(n, 0)))
-        self.log += info.get("log", [])
 
     def _abort(self) -> None:
         for w in self.writers:

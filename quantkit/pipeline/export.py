@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import torch
 
 from quantkit.formats.base import StoredTensor, WriteOptions
-from quantkit.formats.fanout import open_writers
+from quantkit.pipeline.fanout import open_writers
 from quantkit.model import arch
 from quantkit.model.checkpoint import Checkpoint, open_checkpoint
 from quantkit.quant.rtn import quantize_rtn
@@ -18,7 +17,8 @@ from quantkit.quant.scheme import Scheme, module_name, resolve_schemes
 
 
 def rtn_stream(ckpt: Checkpoint, schemes: dict[str, Scheme | None],
-               transform: Callable[[str, StoredTensor], StoredTensor] | None = None) -> Iterator[tuple[str, StoredTensor]]:
+               transform: Callable[[str, StoredTensor], StoredTensor] | None = None
+               ) -> Iterator[tuple[str, StoredTensor]]:
     for name in ckpt.tensor_names():
         t = ckpt.get_tensor(name)
         scheme = schemes.get(module_name(name)) if arch.is_quantizable_linear(name) else None

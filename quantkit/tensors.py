@@ -14,11 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-try:
-    import numpy as np
-except ImportError:  # a GPU box with only torch + triton can still use QuantTensor
-    np = None
+import numpy as np
 import torch
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Raise CheckpointError naming the tensor and the first bad index when it holds NaN or Inf (quantizing it would
+    spread garbage into every value of its groups)."""
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        from quantkit.errors import CheckpointError
+
+        bad = (~finite).nonzero()[0].tolist()
+        raise CheckpointError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
 
 
 @dataclass
@@ -95,8 +103,10 @@ class GGMLTensor:
     error: dict[str, Any] = field(default_factory=dict)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
+        """The values, bit-exact with ggml's dequantizers (`kernels.ggml_ref.dequantize_rows`), as `dtype`."""
+        from quantkit.kernels.ggml_ref import dequantize_rows
 
-        qtype = GGMLQuantizationType[self.type_name]
-        return torch.from_numpy(np.ascontiguousarray(dequantize(self.data, qtype))).reshape(self.shape).to(dtype)
+        raw = np.ascontiguousarray(self.data).view(np.uint8)
+        rows = int(np.prod(self.shape[:-1]))  # 1 for a 1-D tensor
+        data = torch.from_numpy(raw if raw.flags.writeable else raw.copy()).reshape(rows, -1)
+        return dequantize_rows(data, self.type_name).reshape(self.shape).to(dtype)

@@ -1,0 +1,174 @@
+"""quantkit's Python API: the same operations, names and arguments as the command line.
+
+    import quantkit
+
+    plan = quantkit.plan("models/mistral-nano", method="gptq", preset="w4a16-g128")
+    result = quantkit.quantize("models/mistral-nano", "out/nano-gptq", method="gptq", preset="w4a16-g128")
+    report = quantkit.evaluate("out/nano-gptq", "calib/prose.txt", ref="models/mistral-nano", max_windows=8)
+    print(report.ppl, report.kld_mean)
+    model = quantkit.load("out/nano-gptq")
+    print(model.generate("Once upon a time", max_tokens=32).text)
+
+Every function takes a path (or a hub id where the CLI does), returns a result object with `to_dict()` (the CLI's
+`--json`) and `render()` (the CLI's text), raises `quantkit.QuantkitError` subclasses for bad input, and never
+prints: progress bars (stderr) only with `progress=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from quantkit.pipeline.plan import Plan
+from quantkit.pipeline.quantize import QuantizeOptions, QuantizeResult, make_plan, quantize_checkpoint
+from quantkit.runtime.generate import GenerationResult, Generator, SamplingParams
+
+if TYPE_CHECKING:
+    from quantkit.eval.run import EvalReport
+    from quantkit.formats.inspect import Inspection
+
+
+def plan(model: str | Path, *, method: str = "rtn", preset: str | None = None,
+         formats: str | Sequence[str] | None = None, gguf_type: str | None = None, overrides: Sequence[str] = (),
+         act_order: bool | None = None, calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 512,
+         device: str = "cpu", imatrix: str | Path | None = None) -> Plan:
+    """What `quantize` would do with the same arguments: every tensor's target, sizes per format, BPW, memory.
+
+    method: "rtn" | "gptq" | "awq". preset: an integer scheme (w4a16-g128, w8a16, ...); gguf_type: a llama-quantize
+    file type (Q4_K_M, Q8_0, ...), which implies formats="gguf". formats: "gptq", "awq", "compressed-tensors",
+    "gguf", "dump", or several ("gptq,compressed-tensors"). overrides: per-tensor schemes ('re:.*down_proj=w8a16',
+    '-:REGEX' keeps float)."""
+    from quantkit.model.checkpoint import open_checkpoint
+
+    return make_plan(open_checkpoint(str(model)), method=method, preset=preset, formats=formats, gguf_type=gguf_type,
+                     overrides=overrides, act_order=act_order, calib=calib, calib_samples=calib_samples,
+                     calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None)
+
+
+def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", preset: str | None = None,
+             formats: str | Sequence[str] | None = None, gguf_type: str | None = None, overrides: Sequence[str] = (),
+             act_order: bool | None = None, calib: str | None = None, calib_samples: int = 128,
+             calib_seqlen: int = 512, seed: int = 0, device: str = "cpu", damp: float = 0.01, block_size: int = 128,
+             imatrix: str | Path | None = None, imatrix_out: str | Path | None = None, shard_size: str | int = "5GB",
+             work_dir: str | Path | None = None, resume: bool = True, force: bool = False, progress: bool = False,
+             log: Callable[[str], None] | None = None) -> QuantizeResult:
+    """Quantize `model` layer by layer and write every requested format under `output` (one format: `output`
+    itself; several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet
+    file or directory; default builtin for gptq/awq), damp/block_size (GPTQ), imatrix (GGUF: a llama.cpp
+    importance matrix to use), imatrix_out (save the collected one), shard_size (largest safetensors shard of the
+    HF-layout outputs, "5GB" or bytes), work_dir/resume (an interrupted run with the
+    same arguments continues from its last completed layer), force (replace an existing output), log (receives
+    one-line notices such as "resuming from layer 3/6")."""
+    from quantkit.io import parse_size
+    from quantkit.model.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(str(model))
+    the_plan = make_plan(ckpt, method=method, preset=preset, formats=formats, gguf_type=gguf_type,
+                         overrides=overrides, act_order=act_order, calib=calib, calib_samples=calib_samples,
+                         calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None)
+    options = QuantizeOptions(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+                              device=device, damp=damp, block_size=block_size,
+                              imatrix=Path(imatrix) if imatrix is not None else None,
+                              imatrix_out=Path(imatrix_out) if imatrix_out is not None else None,
+                              max_shard_bytes=parse_size(shard_size),
+                              work_dir=Path(work_dir) if work_dir is not None else None, resume=resume, force=force,
+                              progress=progress)
+    return quantize_checkpoint(ckpt, the_plan, output, options, log=log)
+
+
+def convert(src: str | Path, output: str | Path, *, format: str, dtype: str | None = None,
+            shard_size: str = "5GB", gguf_type: str | None = None, imatrix: str | Path | None = None,
+            force: bool = False, progress: bool = False) -> Path:
+    """Unquantized conversion (format "hf" or "consolidated": layout, dtype bf16/f16/f32, shard size) or data-free
+    GGUF conversion (format "gguf", gguf_type BF16/F16/F32/Q8_0/... with an optional importance matrix), byte-
+    identical to llama.cpp's tools. Returns the output path."""
+    from quantkit.pipeline.convert import convert as run_convert
+
+    return run_convert(str(src), Path(output), format, dtype=dtype, shard_size=shard_size, gguf_type=gguf_type,
+                       imatrix=Path(imatrix) if imatrix is not None else None, force=force, progress=progress)
+
+
+def evaluate(model: str | Path, text: str | Path, *, ref: str | Path | None = None, convention: str = "gptq",
+             ctx: int | None = None, max_windows: int | None = None, spread: bool = False, device: str = "cpu",
+             backend: str = "auto", dtype: str | None = None, cache_dequant: bool = False,
+             tokenizer: str | Path | None = None, progress: bool = False,
+             report_dir: str | Path | None = None) -> EvalReport:
+    """Perplexity ± standard error of `model` on `text` in a named convention ("gptq": non-overlapping windows,
+    default ctx 2048; "llamacpp": llama-perplexity's chunks, default ctx 512); with `ref`, also KL divergence,
+    same-top-token % and Δp against the reference model. Returns an EvalReport (`.ppl`, `.to_dict()`, ...)."""
+    from quantkit.eval.run import evaluate as run_evaluate
+
+    return run_evaluate(str(model), str(text), ref=str(ref) if ref is not None else None, convention=convention,
+                        ctx=ctx, max_windows=max_windows, spread=spread, device=device, backend=backend, dtype=dtype,
+                        cache_dequant=cache_dequant, tokenizer=str(tokenizer) if tokenizer is not None else None,
+                        progress=progress, report_dir=str(report_dir) if report_dir is not None else None)
+
+
+def inspect(path: str | Path) -> Inspection:
+    """Architecture, parameters, dtypes, shards, sizes, config and tokenizer checks of any checkpoint (full precision,
+    GGUF, GPTQ, AWQ, compressed-tensors), without loading weights. `.to_dict()` is `quantkit inspect --json`."""
+    from quantkit.formats.inspect import inspect_path
+
+    return inspect_path(str(path))
+
+
+@dataclass
+class Generation:
+    """Generated text and the token-level result (ids, prefill/decode timings)."""
+
+    text: str
+    result: GenerationResult
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.result.tokens
+
+
+@dataclass
+class Model:
+    """A checkpoint loaded for inference: the network (quantized weights stay compressed), its tokenizer, and what
+    was loaded (`info`: format, device, backend, weight types)."""
+
+    net: torch.nn.Module
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] of one token sequence (no cache)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).view(1, -1)
+        return self.net(ids)[0]
+
+    def generate(self, prompt: str, *, max_tokens: int = 128, chat: bool = False, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, compile: bool = False) -> Generation:
+        """Continue `prompt` (or answer it with the model's chat template when `chat`); greedy by default."""
+        tok = self.tokenizer
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
+        limit = self.net.config.max_position_embeddings
+        gen = Generator(self.net, max_len=min(len(ids) + max_tokens + 1, limit), compile=compile)
+        result = gen.generate(ids, max_tokens, SamplingParams(temperature, top_k, top_p, seed), eos_id=tok.eos_id)
+        out = [t for t in result.tokens if t != tok.eos_id]
+        return Generation(tok.decode(out), result)
+
+
+def load(path: str | Path, *, device: str = "cpu", backend: str = "auto", dtype: str | None = None,
+         cache_dequant: bool = False, cpu_kernels: bool = True) -> Model:
+    """Load a full-precision checkpoint or any quantized output (GPTQ, AWQ, compressed-tensors directory, GGUF file)
+    for inference, with its tokenizer. backend: "auto" (triton on CUDA, torch on CPU), "torch", "triton"."""
+    from quantkit.runtime.loading import load_with_tokenizer
+
+    net, tok = load_with_tokenizer(str(path), device=device, backend=backend, dtype=dtype,
+                                   cache_dequant=cache_dequant, cpu_kernels=cpu_kernels)
+    return Model(net, tok, dict(net.runtime_info))
+
+
+def generate(model: str | Path, prompt: str, *, max_tokens: int = 128, chat: bool = False, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, device: str = "cpu",
+             backend: str = "auto", dtype: str | None = None, compile: bool = False) -> Generation:
+    """Load `model` and generate from `prompt` (see `Model.generate`)."""
+    return load(model, device=device, backend=backend, dtype=dtype).generate(
+        prompt, max_tokens=max_tokens, chat=chat, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        compile=compile)

@@ -1,0 +1,247 @@
+"""One quantize run: plan -> calibration data -> layer-wise pipeline -> every requested format, and its report.
+
+    plan = make_plan(ckpt, method="gptq", preset="w4a16-g128", formats=["gptq"])
+    result = quantize_checkpoint(ckpt, plan, "out/nano-gptq", QuantizeOptions(calib="builtin"))
+    print(result.render())
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from quantkit import __version__
+from quantkit.errors import DeviceError, QuantkitError, SchemeError
+from quantkit.formats.base import WriteOptions
+from quantkit.io import check_disjoint, check_output_path
+from quantkit.pipeline.fanout import open_writers
+from quantkit.pipeline.layerwise import PipelineOptions, quantize_model
+from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
+from quantkit.pipeline.plan import Plan, build_plan
+
+
+@dataclass
+class QuantizeOptions:
+    """How a run works (the plan says what it produces)."""
+
+    calib: str | None = None  # builtin, a file/directory, a dataset name; default builtin for gptq/awq
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    damp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
+    block_size: int = 128  # GPTQ lazy-batch block size
+    imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
+    imatrix_out: Path | None = None  # also save the collected importance matrix here
+    max_shard_bytes: int = 5 * 1000**3  # largest safetensors shard of HF-layout outputs
+    work_dir: Path | None = None  # resume checkpoints (default: OUT.partial beside the output)
+    resume: bool = True
+    force: bool = False
+    progress: bool = False
+
+
+@dataclass
+class QuantizeResult:
+    """What a run wrote: one entry per output (path, bytes, BPW, planned bytes), timings and memory."""
+
+    model: dict[str, Any]
+    scheme: dict[str, Any]
+    calibration: dict[str, Any] | None
+    outputs: list[dict[str, Any]]
+    sizes: dict[str, Any]
+    resumed_from_layer: int
+    timing_s: dict[str, float]
+    memory: dict[str, int]
+    layers_log: list[str]
+    log: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {o["format"]: Path(o["path"]) for o in self.outputs}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantkit_version": __version__, "command": "quantize", "status": "ok", "model": self.model,
+                "scheme": self.scheme, "calibration": self.calibration, "outputs": self.outputs, "sizes": self.sizes,
+                "resumed_from_layer": self.resumed_from_layer, "timing_s": self.timing_s, "memory": self.memory,
+                "layers_log": self.layers_log}
+
+    def render(self) -> str:
+        mib = 1024**2
+        lines = [f"model size  = {self.sizes['input_bytes'] / mib:10.2f} MiB ({self.sizes['bpw_in']:.2f} BPW)"]
+        for o in self.outputs:
+            pct = 100 * (o["bytes"] / max(self.sizes["input_bytes"], 1) - 1)
+            lines.append(f"quant size  = {o['bytes'] / mib:10.2f} MiB ({o['bpw']:.2f} BPW)  {pct:+.1f}%  "
+                         f"[{o['format']}]")
+        t = self.timing_s
+        resumed = f"   resumed at layer {self.resumed_from_layer}" if self.resumed_from_layer else ""
+        lines.append(f"time {t['total']:.1f}s (calibration data {t['calibration_data']:.1f}s, quantize+write "
+                     f"{t['quantize_and_write']:.1f}s)   peak RSS "
+                     f"{self.memory['peak_rss_bytes'] / 1024**3:.2f} GiB{resumed}")
+        lines += [o["path"] for o in self.outputs]
+        return "\n".join(lines)
+
+
+def resolve_formats(formats: str | Sequence[str] | None, gguf_type: str | None, method: str) -> list[str]:
+    """The output formats: as given (comma-separated or a list), else gguf with a type, else gptq (awq for AWQ)."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    if formats:
+        out = list(formats)
+    elif gguf_type:
+        out = ["gguf"]
+    else:
+        out = ["awq"] if method == "awq" else ["gptq"]
+    if len(set(out)) != len(out):
+        raise SchemeError(f"--format {','.join(out)}: a format is named twice")
+    return out
+
+
+def default_calibration(method: str, calib: str | None) -> str | None:
+    """gptq and awq need data: the built-in set unless another is named."""
+    return "builtin" if calib is None and method in ("gptq", "awq") else calib
+
+
+def make_plan(ckpt, *, method: str = "rtn", preset: str | None = None, formats: str | Sequence[str] | None = None,
+              gguf_type: str | None = None, overrides: Sequence[str] = (), act_order: bool | None = None,
+              calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 512, device: str = "cpu",
+              has_imatrix: bool = False) -> Plan:
+    """The plan of `quantize` for an opened checkpoint, from the same arguments as the CLI."""
+    fmts = resolve_formats(formats, gguf_type, method)
+    calib = default_calibration(method, calib)
+    has_imatrix = has_imatrix or (calib is not None and "gguf" in fmts)
+    return build_plan(ckpt.config, preset=preset, formats=fmts, gguf_type=gguf_type, overrides=list(overrides),
+                      method=method, act_order=act_order, n_samples=calib_samples, seqlen=calib_seqlen, device=device,
+                      checkpoint=ckpt, has_imatrix=has_imatrix)
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    elif device != "cpu":
+        raise DeviceError(f"--device {device}: expected cpu or cuda[:N]")
+
+
+def _peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeOptions | None = None,
+                        log: Callable[[str], None] | None = None) -> QuantizeResult:
+    """Run `plan` on the opened checkpoint and write every format of it under `output` (see `output_paths`).
+
+    `log` receives one-line notices (resuming, where an interrupted run keeps its layers); nothing is printed."""
+    o = options or QuantizeOptions()
+    t_start = time.perf_counter()
+    output = Path(output)
+    calib = default_calibration(plan.method, o.calib)
+    if o.imatrix is not None and plan.gguf_type is None:
+        raise SchemeError("--imatrix applies to --format gguf only")
+    if not 0 < o.damp <= 1:
+        raise SchemeError(f"--damp {o.damp}: expected a fraction of the mean Hessian diagonal in (0, 1]")
+    check_device(o.device)
+    paths = output_paths(output, plan.formats, plan.gguf_type)
+    work = o.work_dir if o.work_dir else output.with_name(output.name + ".partial")
+    calib_path = Path(calib) if calib is not None and Path(calib).exists() else None
+    check_disjoint({"output": output, "--work-dir": work, "--imatrix-out": o.imatrix_out},
+                   {"model": ckpt.path, "--calib": calib_path, "--imatrix": o.imatrix})
+    for p in [output, *paths.values()]:
+        check_output_path(p, o.force)  # refuse before any work
+    if o.imatrix_out is not None:
+        check_output_path(o.imatrix_out, o.force)
+
+    calib_set = None
+    t_calib = time.perf_counter()
+    if calib is not None:
+        from quantkit.calib import load_calibration
+        from quantkit.model.tokenizer import load_tokenizer
+
+        if ckpt.tokenizer_path is None:
+            raise QuantkitError(f"{ckpt.path}: no tokenizer file; calibration needs one")
+        calib_set = load_calibration(calib, load_tokenizer(ckpt.tokenizer_path), o.calib_samples, o.calib_seqlen,
+                                     o.seed)
+    t_calib = time.perf_counter() - t_calib
+
+    provenance = {"method": plan.method, "preset": plan.preset, "gguf_type": plan.gguf_type,
+                  "overrides": list(plan.overrides),
+                  "calibration": calib_set.identity if calib_set is not None else None,
+                  "source_fingerprint": ckpt.fingerprint(), "quantkit_version": __version__}
+    if plan.method == "gptq":
+        provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True}
+    provenance = {k: v for k, v in provenance.items() if v is not None}
+
+    importance = None
+    importance_meta = None
+    if o.imatrix is not None:
+        from quantkit.gguf.imatrix import read_imatrix
+
+        importance = read_imatrix(o.imatrix).to_canonical()
+        provenance["imatrix"] = str(o.imatrix)
+        importance_meta = {"file": str(o.imatrix), "entries": len(importance or {})}
+    elif calib_set is not None and plan.gguf_type is not None:
+        importance_meta = {"file": "(collected by quantkit quantize)", "dataset": calib_set.identity["source"],
+                           "entries": sum(1 for e in plan.entries if e.quantized), "chunks": calib_set.n_samples}
+
+    targets = plan.targets()
+    if len(plan.formats) > 1:  # a directory of outputs, marked as quantkit's so that --force may replace it
+        output.mkdir(parents=True, exist_ok=True)
+        (output / ".quantkit-outputs").write_text("one quantkit output per format: " + ", ".join(plan.formats) + "\n")
+    writer = open_writers(plan.formats, paths, ckpt.path, ckpt.config, targets,
+                          WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
+                                       file_type=plan.gguf_type,
+                                       importance_meta=importance_meta))
+    pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size, device=o.device,
+                                       collect_imatrix=o.imatrix_out is not None)
+    t_quant = time.perf_counter()
+    try:
+        result = quantize_model(ckpt, targets, [writer], calib_set.tokens if calib_set is not None else None,
+                                pipeline_options, work_dir=work, resume=o.resume,
+                                calibration=calib_set.identity if calib_set is not None else None,
+                                progress=o.progress, log_fn=log, importance=importance)
+    except KeyboardInterrupt:
+        if log is not None:
+            log(f"interrupted: completed layers are kept in {work}; run the same command again to resume")
+        raise
+    t_quant = time.perf_counter() - t_quant
+
+    logs = []
+    for out in paths.values():
+        logs.append(str(log_path(out)))
+        write_log(result.log, log_path(out))
+    if o.imatrix_out is not None:
+        _save_imatrix(result.imatrix, o.imatrix_out, calib_set, o.force)
+
+    outputs = []
+    for fmt, out in paths.items():
+        size = stored_size(out)
+        outputs.append({"format": fmt, "path": str(out), "bytes": size, "bpw": round(8 * size / max(plan.numel, 1), 4),
+                        "planned_bytes": plan.bytes_out(fmt), "planned_bpw": round(plan.bpw(fmt), 4)})
+    return QuantizeResult(
+        model={"source": str(ckpt.path), "arch": ckpt.config.architecture, "params": plan.numel},
+        scheme={"method": plan.method, "preset": plan.preset, "gguf_type": plan.gguf_type,
+                "overrides": list(plan.overrides), "formats": plan.formats},
+        calibration=calib_set.identity if calib_set is not None else None,
+        outputs=outputs,
+        sizes={"input_bytes": plan.bytes_in, "bpw_in": round(plan.bpw_in, 4)},
+        resumed_from_layer=result.resumed_from_layer,
+        timing_s={"calibration_data": round(t_calib, 3), "quantize_and_write": round(t_quant, 3),
+                  "total": round(time.perf_counter() - t_start, 3)},
+        memory={"peak_rss_bytes": _peak_rss_bytes(), "estimated_peak_ram_bytes": plan.memory["peak_ram_bytes"]},
+        layers_log=logs, log=result.log)
+
+
+def _save_imatrix(imatrix, path: Path, calib_set, force: bool) -> None:
+    from quantkit.gguf.imatrix import Imatrix, write_imatrix
+
+    im = Imatrix.from_canonical({n: s for n, (s, _) in imatrix.items()}, {n: c for n, (_, c) in imatrix.items()},
+                                datasets=[str(calib_set.identity["source"])] if calib_set is not None else [],
+                                chunk_count=calib_set.n_samples if calib_set is not None else 0,
+                                chunk_size=calib_set.seqlen if calib_set is not None else 0)
+    write_imatrix(path, im, force=force)

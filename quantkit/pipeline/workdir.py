@@ -1,0 +1,98 @@
+"""The resume work directory of one layer-wise run.
+
+    .quantkit-work          marker: quantkit created this directory (nothing else is ever cleared)
+    state.json              fingerprint of the run + number of completed layers (written last, atomically)
+    embed.safetensors       the finished embedding tensor
+    acts.safetensors        the calibration activations entering the next layer
+    layer-NNNNN.safetensors the finished tensors of layer N, its imatrix rows and its log rows
+
+A run with the same fingerprint continues after the last completed layer and replays the finished tensors, so
+its output is byte-identical to an uninterrupted run; any other content is cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit import __version__
+from quantkit.errors import OutputExistsError
+from quantkit.formats.dump import load_tensors, save_tensors
+
+WORK_VERSION = 1
+MARKER = ".quantkit-work"  # written first into every work dir: only such a directory is ever cleared
+IMATRIX_PREFIX = "imatrix::"
+
+Imatrix = dict[str, tuple[torch.Tensor, int]]  # module weight name -> (Σ x² per input column, token count)
+
+
+class WorkDir:
+    def __init__(self, path: str | Path, fingerprint: str, num_layers: int):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.num_layers = num_layers
+
+    def start(self, resume: bool) -> int:
+        """Completed layers to continue after (0: a fresh run). An earlier quantkit work dir of another run is
+        cleared; anything else that is not empty is refused, never deleted."""
+        state = self._state()
+        if resume and state.get("fingerprint") == self.fingerprint:
+            return int(state.get("completed_layers", 0))
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"work dir {self.path} exists and is not a directory; choose another --work-dir")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not (self.path / MARKER).is_file() and "fingerprint" not in state:
+                raise OutputExistsError(f"work dir {self.path} is not empty and is not a quantkit work directory "
+                                        f"(no {MARKER}); refusing to delete it: choose another --work-dir")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MARKER).write_text("quantkit work directory: deleted when the run completes\n")
+        self.mark_completed(0)
+        return 0
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            state = json.loads((self.path / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def mark_completed(self, layers: int) -> None:
+        tmp = self.path / ".state.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "completed_layers": layers,
+                                   "num_layers": self.num_layers, "version": __version__}, indent=2))
+        tmp.replace(self.path / "state.json")
+
+    def save_embedding(self, named: list[tuple[str, Any]]) -> None:
+        save_tensors(self.path / "embed.safetensors", named)
+
+    def load_embedding(self) -> list[tuple[str, Any]]:
+        return load_tensors(self.path / "embed.safetensors")[0]
+
+    def save_activations(self, acts: torch.Tensor) -> None:
+        save_tensors(self.path / "acts.safetensors", [], extra={"acts": acts})
+
+    def load_activations(self) -> torch.Tensor:
+        return load_tensors(self.path / "acts.safetensors")[1]["acts"]
+
+    def _layer_file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def save_layer(self, i: int, named: list[tuple[str, Any]], imatrix: Imatrix, log: list[dict]) -> None:
+        extra = {IMATRIX_PREFIX + n: s for n, (s, _) in imatrix.items()}
+        counts = {n: c for n, (_, c) in imatrix.items()}
+        save_tensors(self._layer_file(i), named, extra=extra, info={"log": log, "imatrix_counts": counts})
+
+    def load_layer(self, i: int) -> tuple[list[tuple[str, Any]], Imatrix, list[dict]]:
+        named, extra, info = load_tensors(self._layer_file(i))
+        counts = info.get("imatrix_counts", {})
+        imatrix = {k[len(IMATRIX_PREFIX):]: (v, int(counts.get(k[len(IMATRIX_PREFIX):], 0)))
+                   for k, v in extra.items() if k.startswith(IMATRIX_PREFIX)}
+        return named, imatrix, info.get("log", [])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""quantkit deletes or overwrites only what it created: work dirs, --force, outputs overlapping inputs, umask."""
+
+import os
+import stat
+
+import pytest
+
+from quantkit.cli import main
+from quantkit.testing import make_random_checkpoint
+
+
+def run(*args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture
+def src(tmp_path):
+    return make_random_checkpoint(tmp_path / "src")
+
+
+def snapshot(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*"))
+
+
+def quantize(src, out, *extra):
+    return run("quantize", src, "--preset", "w4a16-g32", "--no-progress", "-o", out, *extra)
+
+
+def test_work_dir_that_is_not_quantkits_is_refused_not_emptied(src, tmp_path, capsys):
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert quantize(src, tmp_path / "out", "--work-dir", mine) == 4
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a quantkit work directory" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_work_dir_or_output_on_the_source_model_is_refused(src, tmp_path, capsys):
+    before = snapshot(src)
+    assert quantize(src, tmp_path / "out", "--work-dir", src) == 4
+    assert quantize(src, src, "--force") == 4
+    assert quantize(src, src / "inside") == 4
+    assert quantize(src, tmp_path, "--force") == 4  # the output would contain the model
+    assert snapshot(src) == before
+    assert "overlaps model" in capsys.readouterr().err
+
+
+def test_force_replaces_only_quantkit_outputs(src, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert quantize(src, foreign, "--force") == 4
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    out = tmp_path / "out"
+    assert quantize(src, out) == 0
+    assert quantize(src, out) == 4  # exists, no --force
+    assert quantize(src, out, "--force") == 0  # an earlier quantkit output: replaced
+
+    multi = tmp_path / "multi"
+    assert quantize(src, multi, "--format", "gptq,compressed-tensors") == 0
+    assert quantize(src, multi, "--format", "gptq,compressed-tensors", "--force") == 0
+
+
+def test_gguf_force_replaces_only_quantkit_gguf(src, tmp_path):
+    user_file = tmp_path / "model.gguf"
+    user_file.write_bytes(b"GGUF" + b"\0" * 64)  # someone else's GGUF
+    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", user_file, "--force") == 4
+    assert user_file.read_bytes() == b"GGUF" + b"\0" * 64
+    out = tmp_path / "ours.gguf"
+    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out) == 0
+    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out, "--force") == 0
+
+
+def test_eval_report_never_replaces_a_users_file(src, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    report = tmp_path / "report"
+    report.write_text("not a directory of ours")
+    code = run("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
+               "--report", report, "--no-progress")
+    assert code == 4 and report.read_text() == "not a directory of ours"
+    assert run("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
+               "--report", text, "--no-progress") == 4  # the report would replace the evaluated text
+    assert text.exists()
+
+
+def test_outputs_follow_the_umask(src, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert quantize(src, tmp_path / "out") == 0
+        assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", tmp_path / "m.gguf") == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    for f in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o644
+
+
+def test_bad_shard_size_is_one_error_line(src, tmp_path, capsys):
+    assert quantize(src, tmp_path / "out", "--shard-size", "abc") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: size 'abc'") and "Traceback" not in err
