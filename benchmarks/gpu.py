@@ -257,7 +257,8 @@ def main() -> None:
                     row.update(ms=round(t_q, 4), bf16_ms=round(t_b, 4), speedup_vs_bf16=round(t_b / t_q, 2),
                                weight_GBps=round(wbytes / t_q / 1e6, 1),
                                frac_copy_bw=round(wbytes / t_q / 1e6 / copy_gbps, 3),
-                               TFLOPs=round(2 * m * n * k / t_q / 1e9, 2), bf16_TFLOPs=round(2 * m * n * k / t_b / 1e9, 2),
+                               TFLOPs=round(2 * m * n * k / t_q / 1e9, 2),
+                               bf16_TFLOPs=round(2 * m * n * k / t_b / 1e9, 2),
                                frac_bf16_tflops=round(t_b / t_q, 3))
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"
@@ -410,8 +411,10 @@ def main() -> None:
         k, n = shapes[0]
         rows = RESULTS.setdefault("extras", [])
         RESULTS["extras_note"] = "default kernel configs, no autotuning"
-        for label, bits, group, sym, act in (("w4 g32 asym", 4, 32, False, False), ("w4 g128 act-order", 4, 128, True, True),
-                                             ("w8 g128 sym", 8, 128, True, False), ("w8 per-channel", 8, -1, True, False)):
+        for label, bits, group, sym, act in (("w4 g32 asym", 4, 32, False, False),
+                                             ("w4 g128 act-order", 4, 128, True, True),
+                                             ("w8 g128 sym", 8, 128, True, False),
+                                             ("w8 per-channel", 8, -1, True, False)):
             if elapsed() > args.budget:
                 break
             p = random_packed(k, n, bits, group, sym, device, act_order=act)
@@ -521,7 +524,8 @@ def markdown() -> str:
     e2e = RESULTS.get("e2e")
     if e2e:
         lines += ["", f"End-to-end decode ({e2e.get('layers')} layers, batch 1):", "",
-                  "| model | weights GB | CUDA graph tok/s | eager tok/s | fused vs unfused logits |", "|---|---|---|---|---|"]
+                  "| model | weights GB | CUDA graph tok/s | eager tok/s | fused vs unfused logits |",
+                  "|---|---|---|---|---|"]
         for kind in ("w4_g128", "bf16"):
             d = e2e.get(kind, {})
             lines.append(f"| {kind} | {d.get('weight_GB')} | {d.get('graph', {}).get('tok_per_s', d.get('graph'))} | "
@@ -533,7 +537,8 @@ def markdown() -> str:
     if RESULTS.get("extras"):
         lines += ["", "| extra | M | ok | rel err | ms | weight GB/s |", "|---|---|---|---|---|---|"]
         for r in RESULTS["extras"]:
-            lines.append(f"| {r['kind']} {r['K']}→{r['N']} | {r['M']} | {r.get('ok')} | {r.get('rel_err', float('nan')):.1e} | "
+            lines.append(f"| {r['kind']} {r['K']}→{r['N']} | {r['M']} | {r.get('ok')} | "
+                         f"{r.get('rel_err', float('nan')):.1e} | "
                          f"{r.get('ms')} | {r.get('weight_GBps')} |" if "ms" in r else
                          f"| {r['kind']} | {r['M']} | error: {r.get('error', '')[:80]} |")
     lines += ["", "Goals: " + json.dumps(RESULTS.get("goals", {})), ""]

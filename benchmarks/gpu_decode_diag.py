@@ -39,7 +39,8 @@ def agree(model, tag, steps=3, prompt_len=16):
     res = {}
     for k in ("fused_graph", "fused_eager"):
         res[k + "_vs_plain"] = [round(gpu.rel_err(a, b), 5) for a, b in zip(logits[k], logits["plain"])]
-    res["graph_vs_eager_fused"] = [round(gpu.rel_err(a, b), 5) for a, b in zip(logits["fused_graph"], logits["fused_eager"])]
+    res["graph_vs_eager_fused"] = [round(gpu.rel_err(a, b), 5)
+                                   for a, b in zip(logits["fused_graph"], logits["fused_eager"])]
     # sensitivity of the plain path itself: embeddings scaled by (1 + 2^-8), same tokens
     emb = model.model.embed_tokens.weight
     saved = emb.data.clone()

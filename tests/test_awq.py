@@ -98,7 +98,8 @@ def test_w_mean_and_scale_formula_match_autoawq_definition():
     direct = torch.zeros(64)
     for c in range(64):
         g = c // 32
-        direct[c] = sum(abs(float(w[r, c])) / (float(w[r, g * 32:(g + 1) * 32].abs().max()) + 1e-6) for r in range(8)) / 8
+        direct[c] = sum(abs(float(w[r, c])) / (float(w[r, g * 32:(g + 1) * 32].abs().max()) + 1e-6)
+                        for r in range(8)) / 8
     assert torch.allclose(w_mean, direct, atol=1e-6)
 
 

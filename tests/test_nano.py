@@ -49,7 +49,8 @@ def test_transformers_loads_folder_and_matches_reference(nano_path):
     hf = transformers.MistralForCausalLM.from_pretrained(str(nano_path), dtype=torch.float32)
     ours = Transformer.from_checkpoint(open_checkpoint(nano_path), torch.float32)
     tok = load_tokenizer(nano_path)
-    for text in ["It was a dark and stormy night", "The old man looked at the sea, and he said nothing for a long while. " * 6]:
+    for text in ["It was a dark and stormy night",
+                 "The old man looked at the sea, and he said nothing for a long while. " * 6]:
         ids = torch.tensor([tok.encode(text)])
         with torch.no_grad():
             a, b = ours(ids).double(), hf(ids).logits.double()

@@ -1,4 +1,5 @@
-"""Reference model: equals transformers' MistralForCausalLM; KV-cache decode and layer-at-a-time equal the full forward."""
+"""Reference model: equals transformers' MistralForCausalLM; KV-cache decode and layer-at-a-time equal the full
+forward."""
 
 import pytest
 import torch

@@ -56,7 +56,8 @@ def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, hout_ptr, y_ptr, H, stride_h, strid
     tl.store(y_ptr + row * stride_y + offs, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual update and the next norm in one pass: (h + delta, rmsnorm(h + delta)). Reference:
     `add_rmsnorm_ref` (what the decoder layer computes with two torch ops and RMSNorm)."""
     hdim = h.shape[-1]

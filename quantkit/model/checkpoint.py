@@ -81,7 +81,8 @@ def _is_hub_id(text: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def resolve_model_path(spec: str | Path) -> Path:
@@ -95,7 +96,8 @@ def resolve_model_path(spec: str | Path) -> Path:
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
-            raise CheckpointError(f"{spec}: not a local path, and huggingface_hub is not installed to fetch it") from None
+            raise CheckpointError(f"{spec}: not a local path, and huggingface_hub is not installed to fetch it"
+                                  ) from None
         patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.md"]
         try:
             return Path(snapshot_download(str(spec), allow_patterns=patterns))
@@ -202,7 +204,8 @@ class Checkpoint:
 
 def open_checkpoint(spec: str | Path, validate: bool = True) -> Checkpoint:
     path = resolve_model_path(spec)
-    if (path / "consolidated.safetensors").exists() and (path / "params.json").exists() and not (path / "config.json").exists():
+    if ((path / "consolidated.safetensors").exists() and (path / "params.json").exists()
+            and not (path / "config.json").exists()):
         ckpt = _open_consolidated(path)
     elif (path / "config.json").exists():
         ckpt = _open_hf(path)
@@ -237,7 +240,8 @@ def _open_hf(path: Path) -> Checkpoint:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')") from None
+            raise CheckpointError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')"
+                                  ) from None
         shard_names = sorted(set(weight_map.values()))
         for shard in shard_names:
             if not (path / shard).exists():
@@ -257,7 +261,8 @@ def _open_hf(path: Path) -> Checkpoint:
                 )
         layout = "hf-sharded"
     elif (path / "model.safetensors").exists():
-        infos = _infos_from_file(path / "model.safetensors", read_safetensors_header(path / "model.safetensors"), lambda s: s)
+        single = path / "model.safetensors"
+        infos = _infos_from_file(single, read_safetensors_header(single), lambda s: s)
         layout = "hf-single"
     else:
         shards = sorted(path.glob("model-*-of-*.safetensors"))

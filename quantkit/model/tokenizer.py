@@ -63,7 +63,8 @@ class Tokenizer:
                 raise TokenizerError(f"chat message {i}: content must be a string")
             if role == "system":
                 if turns:
-                    raise TokenizerError(f"chat message {i}: a system message may only come before the first user message")
+                    raise TokenizerError(f"chat message {i}: a system message may only come before the first "
+                                         "user message")
                 system.append(content)
                 continue
             if role not in ("user", "assistant"):
@@ -114,7 +115,8 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path}: not a readable sentencepiece model ({str(e).splitlines()[0]})") from None
+            raise TokenizerError(f"{self.path}: not a readable sentencepiece model ({str(e).splitlines()[0]})"
+                                 ) from None
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.vocab_size = self.sp.vocab_size()
         self.byte_fallback = self.sp.piece_to_id("<0x41>") != self.unk_id
@@ -138,7 +140,8 @@ class HFTokenizersTokenizer(Tokenizer):
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
-            raise TokenizerError(f"{path}: reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from None
+            raise TokenizerError(f"{path}: reading tokenizer.json needs the 'tokenizers' package "
+                                 "(pip install tokenizers)") from None
         self.path = Path(path)
         try:
             self.tok = HFTokenizer.from_file(str(self.path))

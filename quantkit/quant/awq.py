@@ -295,7 +295,8 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
         modules = dict(layer.named_modules())
         feature_of = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
                       "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-                      "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+                      "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
+                      "mlp.down_proj": "mlp.down_proj"}
         for name, scheme in schemes.items():
             if any(tag in name for tag in CLIP_SKIP) or name not in feature_of:
                 continue

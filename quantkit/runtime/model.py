@@ -144,7 +144,7 @@ def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: 
             kind = t.type_name
         else:
             state[pname] = _float(t, stored_name, dtype, device)
-            kind = str(dtype).replace("torch.", "") if not isinstance(t, torch.Tensor) else str(t.dtype).replace("torch.", "")
+            kind = str(dtype if not isinstance(t, torch.Tensor) else t.dtype).replace("torch.", "")
             weight_bytes += state[pname].numel() * state[pname].element_size()
             counts[kind] = counts.get(kind, 0) + 1
             continue
@@ -156,7 +156,8 @@ def load_model(path_or_checkpoint, device: str | torch.device = "cpu", backend: 
         raise FormatError(f"{source.path}: no data for {left[0]!r}")
     model.eval()
     fused = fuse_projections(model) if fuse else 0
-    model.runtime_info = {"fused_groups": fused, "path": str(source.path), "format": source.format, "device": str(device),
+    model.runtime_info = {"fused_groups": fused, "path": str(source.path), "format": source.format,
+                          "device": str(device),
                           "backend": backend, "dtype": str(dtype).replace("torch.", ""), "weight_types": counts,
                           "weight_bytes": weight_bytes, "cache_dequant": cache_dequant, "cpu_kernels": cpu_kernels,
                           "tokenizer_path": str(source.tokenizer_path) if source.tokenizer_path else None,
