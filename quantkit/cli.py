@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except Exception as e:  # a write fault (disk full, file-size limit, read-only path, ...) is one error line too
+        from quantkit.io import write_error
+
+        fault = write_error(e)
+        if fault is None or os.environ.get("QUANTKIT_DEBUG"):
+            raise
+        click.echo(f"error: {fault}", err=True)
+        sys.exit(fault.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

@@ -58,3 +58,14 @@ class GenerationError(QuantkitError):
 class KernelBuildError(QuantkitError):
     """A C++ compiler (and ninja) is present but building or loading a quantkit C++ extension failed; the message
     carries the first lines of the compiler output. (A missing compiler is not an error: the kernels fall back.)"""
+
+
+class WriteError(QuantkitError):
+    """Writing an output failed (file-size limit, read-only or inaccessible path, ...); no half-written output is
+    left behind."""
+
+    exit_code = 4
+
+
+class OutOfSpaceError(WriteError):
+    """The disk filled up (or a quota ran out) while writing; the output was not created."""

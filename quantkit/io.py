@@ -6,9 +6,11 @@ Every output quantkit writes is complete or absent: it is built in a temporary s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from quantkit.errors import OutputExistsError, QuantkitError
+from quantkit.errors import OutOfSpaceError, OutputExistsError, QuantkitError, WriteError
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # HF's "5GB"
 
@@ -46,6 +48,27 @@ def parse_size(text: str | int) -> int:
 OWNER_FILES = ("quantkit.json", "dump.json", "report.json", ".quantkit-work", ".quantkit-outputs")
 GGUF_OWNER_KEY = b"quantkit."  # every GGUF quantkit writes carries quantkit.* provenance keys
 _GGUF_HEADER_SCAN = 32 << 20  # the KV header (tokenizer included) of a GGUF is far below this
+
+
+WRITE_FAULTS = {errno.ENOSPC: "out of disk space", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large (a file-size limit)", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.ENOTDIR: "a parent of the path is not a directory",
+                errno.EEXIST: "a parent of the path exists and is not a directory"}  # mkdir(exist_ok=True)
+
+
+def write_error(exc: BaseException, where: str | Path | None = None) -> WriteError | None:
+    """The one-line error for a failed write (an OSError, or safetensors' SafetensorError wrapping one), or None
+    when `exc` is not a write fault."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code not in WRITE_FAULTS:
+        return None
+    path = getattr(exc, "filename", None) or where
+    cls = OutOfSpaceError if code in (errno.ENOSPC, errno.EDQUOT) else WriteError
+    return cls(f"{path + ': ' if path else ''}{WRITE_FAULTS[code]} while writing: nothing was written")
 
 
 def written_by_quantkit(path: str | Path) -> bool:

@@ -18,7 +18,8 @@ from quantkit.errors import CalibrationError, CheckpointError
 from quantkit.model.checkpoint import open_checkpoint
 from quantkit.model.reference import Transformer
 from quantkit.formats.dump import DumpWriter, read_dump
-from quantkit.pipeline.layerwise import OutOfSpaceError, PipelineOptions, quantize_model
+from quantkit.errors import OutOfSpaceError
+from quantkit.pipeline.layerwise import PipelineOptions, quantize_model
 from quantkit.pipeline.plan import build_plan
 from quantkit.quant.rtn import quantize_rtn
 from quantkit.tensors import QuantTensor

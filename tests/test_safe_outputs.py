@@ -108,3 +108,37 @@ def test_bad_shard_size_is_one_error_line(src, tmp_path, capsys):
     assert quantize(src, tmp_path / "out", "--shard-size", "abc") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: size 'abc'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--preset", "w4a16-g32"], ["--type", "Q8_0"]])
+def test_a_file_size_limit_is_one_error_line_and_no_output(src, tmp_path, args):
+    """EFBIG (RLIMIT_FSIZE) in the middle of a run: exit 4, one `error:` line, no output left half-written."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / ("o.gguf" if "--type" in args else "out")
+    proc = subprocess.run([sys.executable, "-m", "quantkit", "quantize", str(src), *args, "-o", str(out),
+                           "--no-progress"], capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "file too large" in lines[-1], lines
+    assert not out.exists() and not any(p.name.startswith(f".{out.name}.tmp") for p in tmp_path.iterdir())
+
+
+def test_a_read_only_output_directory_is_one_error_line(src, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes through directory permissions; use a path under a regular file instead
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        out = blocker / "out"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        out = ro / "out"
+    assert quantize(src, out) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nothing was written" in err and "Traceback" not in err

@@ -24,7 +24,6 @@ uninterrupted run. The work dir is removed after a successful finish.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import time
@@ -36,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from quantkit import __version__
-from quantkit.errors import CalibrationError, QuantkitError, SchemeError
+from quantkit.errors import CalibrationError, SchemeError
 from quantkit.ggml_types import is_block_type, is_float_type
+from quantkit.io import write_error
 from quantkit.model import arch
 from quantkit.model.reference import DecoderLayer, sequence_inputs
 from quantkit.pipeline.plan import Target, target_label
@@ -49,12 +49,6 @@ from quantkit.tensors import GGMLTensor, QuantTensor, check_finite
 
 # callables(layer_index) run after each layer is checkpointed and written (tests use it to kill a run mid-way)
 LAYER_DONE_HOOKS: list[Callable[[int], None]] = []
-
-
-class OutOfSpaceError(QuantkitError):
-    """The disk filled up while writing; the output was not created."""
-
-    exit_code = 4
 
 
 @dataclass
@@ -512,19 +506,14 @@ class LayerwiseQuantizer:
                     self._emit(name, self._quantize_global(name, w))
                     del w
             outputs = [w.finish() for w in self.writers]
-        except OSError as e:
+        except BaseException as e:
             self._abort()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                where = f" ({e.filename})" if e.filename else ""
-                raise OutOfSpaceError(
-                    f"out of disk space while writing{where}: nothing was written"
-                    + (f"; completed layers are kept in {self.work_dir} and the same command resumes"
-                       if self.work_dir else "")
-                ) from None
-            raise
-        except BaseException:
-            self._abort()
-            raise
+            fault = write_error(e)
+            if fault is None:
+                raise
+            kept = (f"; completed layers are kept in {self.work_dir}: free space (or lift the limit) and the same "
+                    "command resumes") if self.work_dir is not None and Path(self.work_dir).exists() else ""
+            raise type(fault)(f"{fault}{kept}") from None
         if work is not None:
             work.remove()
         return PipelineResult(outputs, self.log, self.imatrix, start, time.perf_counter() - t_start, self.fingerprint,
