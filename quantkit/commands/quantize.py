@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
@@ -44,7 +43,6 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     """
     from quantkit import api
 
-    t0 = time.perf_counter()
     plan_args = dict(method=method, preset=preset, formats=formats, gguf_type=gguf_type, overrides=overrides,
                      act_order=act_order, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                      device=device)
@@ -57,5 +55,4 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     result = api.quantize(model, output, **plan_args, seed=seed, damp=damp, block_size=block_size, imatrix=imatrix_in,
                           imatrix_out=imatrix_out, shard_size=shard_size, work_dir=work_dir, resume=resume, force=force,
                           progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True))
-    result.timing_s["total"] = round(time.perf_counter() - t0, 3)
     click.echo(json.dumps(result.to_dict()) if as_json else result.render())

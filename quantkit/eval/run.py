@@ -56,18 +56,6 @@ class EvalReport:
         return self.data["ppl"]["ppl_stderr"]
 
     @property
-    def n_windows(self) -> int:
-        return self.data["ppl"]["n_windows"]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.data["ppl"]["n_tokens"]
-
-    @property
-    def ref_ppl(self) -> float | None:
-        return self.data["ref"]["ppl"]["ppl"] if "ref" in self.data else None
-
-    @property
     def kld_mean(self) -> float | None:
         return self.data["compare"]["kld"]["mean"] if "compare" in self.data else None
 
@@ -75,10 +63,6 @@ class EvalReport:
     def same_top(self) -> float | None:
         """Fraction of scored positions where the top token agrees with the reference (None without one)."""
         return self.data["compare"]["same_top"]["fraction"] if "compare" in self.data else None
-
-    @property
-    def timing_s(self) -> dict[str, float]:
-        return self.data["timing_s"]
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
@@ -179,18 +163,6 @@ class CompareReport:
     data: dict[str, Any]
     convention: str = "llamacpp"
     ctx: int = 512
-
-    @property
-    def weights(self) -> WeightErrors | None:
-        return WeightErrors(self.data["weights"]) if "weights" in self.data else None
-
-    @property
-    def kld_mean(self) -> float | None:
-        return self.data["compare"]["kld"]["mean"] if "compare" in self.data else None
-
-    @property
-    def same_top(self) -> float | None:
-        return self.data["compare"]["same_top"]["fraction"] if "compare" in self.data else None
 
     def to_dict(self) -> dict[str, Any]:
         return self.data

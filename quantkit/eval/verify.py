@@ -136,11 +136,6 @@ class VerifyResult:
     def max_rel_logit_diff(self) -> float | None:
         return self.data["client"].get("max_rel_logit_diff")
 
-    @property
-    def kld_mean(self) -> float:
-        """Mean KLD of quantkit's reading of the output against the source."""
-        return self.data["quantkit_vs_source"]["kld_mean"]
-
     def to_dict(self) -> dict[str, Any]:
         return self.data
 

@@ -70,12 +70,6 @@ class WeightErrors:
     def __getitem__(self, i):
         return self.rows[i]
 
-    @property
-    def mean_sqnr_db(self) -> float | None:
-        """Mean SQNR over the tensors that could be compared; None when there are none."""
-        finite = [r["sqnr_db"] for r in self.rows if "sqnr_db" in r]
-        return sum(finite) / len(finite) if finite else None
-
     def to_dict(self) -> list[dict[str, Any]]:
         return self.rows
 

@@ -250,27 +250,6 @@ class Inspection:
 
     info: dict[str, Any]
 
-    @property
-    def path(self) -> str:
-        return self.info["path"]
-
-    @property
-    def kind(self) -> str:
-        """"full-precision" or "quantized"."""
-        return self.info["kind"]
-
-    @property
-    def architecture(self) -> str:
-        return self.info["architecture"]
-
-    @property
-    def parameters(self) -> int:
-        return self.info["parameters"]
-
-    @property
-    def checks(self) -> list[dict]:
-        return self.info["checks"]
-
     def to_dict(self) -> dict[str, Any]:
         return self.info
 

@@ -170,9 +170,6 @@ def reason() -> str | None:
     return _state.get("reason") or _state.get("error")  # type: ignore[return-value]
 
 
-build_error = reason  # the earlier name
-
-
 def uses_simd() -> bool:
     """True where the AVX512-VNNI path was compiled in (the runtime only routes to this kernel then)."""
     if "simd" not in _state:

@@ -69,6 +69,6 @@ def convert(src: str | Path, out: str | Path, fmt: str, *, dtype: str | None = N
         raise QuantkitError("gguf_type and imatrix apply to the gguf format only")
     from quantkit.io import check_disjoint
 
-    check_disjoint({"output": out}, {"source": src if Path(str(src)).exists() else None, "--imatrix": imatrix})
+    check_disjoint({"output": out}, {"source": src, "--imatrix": imatrix})
     return CONVERTERS[fmt](fmt, src, out, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
                            gguf_type=gguf_type, imatrix=imatrix, command_line=command_line)

@@ -90,7 +90,7 @@ def make_imatrix(model: str | Path, output: str | Path, *, calib: str = "builtin
     t0 = time.perf_counter()
     check_output_path(output, force)
     ckpt = open_checkpoint(model)
-    check_disjoint({"output": output}, {"model": ckpt.path, "--calib": calib if Path(calib).exists() else None})
+    check_disjoint({"output": output}, {"model": ckpt.path, "--calib": calib})
     collected = collect_imatrix(ckpt, calib, n_samples, seqlen, seed, device, progress)
     path = write_imatrix(output, collected.imatrix, force=force)
     return ImatrixResult(Path(path), len(collected.imatrix.entries), collected.chunks, seqlen,

@@ -149,9 +149,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
     check_device(o.device)
     paths = output_paths(output, plan.formats, plan.gguf_type)
     work = o.work_dir if o.work_dir else output.with_name(output.name + ".partial")
-    calib_path = Path(calib) if calib is not None and Path(calib).exists() else None
     check_disjoint({"output": output, "--work-dir": work, "--imatrix-out": o.imatrix_out},
-                   {"model": ckpt.path, "--calib": calib_path, "--imatrix": o.imatrix})
+                   {"model": ckpt.path, "--calib": calib, "--imatrix": o.imatrix})
     for p in [output, *paths.values()]:
         check_output_path(p, o.force)  # refuse before any work
     if o.imatrix_out is not None:
