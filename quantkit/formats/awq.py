@@ -16,7 +16,7 @@ import torch
 from quantkit.errors import FormatError, SchemeError
 from quantkit.formats import packing
 from quantkit.formats.base import QuantizedCheckpoint, WriteOptions, register
-from quantkit.formats.hf_dir import SafetensorsDir, quantization_config_of
+from quantkit.formats.hf_dir import SafetensorsDir, checked_group_size, checked_setting, quantization_config_of
 from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_checkpoint, group_stored,
                                        load_model_config, require)
 from quantkit.model.config import ModelConfig
@@ -96,17 +96,16 @@ def read_awq(path: Path) -> QuantizedCheckpoint:
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
         raise FormatError(f"{path}: AWQ version {version!r} is not readable (quantkit reads the GEMM layout)")
-    if bits != 4:
-        raise FormatError(f"{path}: AWQ bits={bits!r}; the GEMM layout holds 4-bit weights")
-    if not isinstance(group_size, int) or group_size == 0:
-        raise FormatError(f"{path}: quantization_config field 'group_size' missing or invalid ({group_size!r})")
-    zero_point = qc.get("zero_point", True) is not False  # false (GPTQModel sym AWQ): qzeros hold 2^(bits-1)
+    checked_setting(path, "bits", bits, (4,), "4 (the GEMM layout holds 4-bit weights)")
+    checked_group_size(path, "group_size", group_size)
+    # false (GPTQModel's symmetric AWQ): qzeros hold 2^(bits-1)
+    zero_point = checked_setting(path, "zero_point", qc.get("zero_point", True), (True, False))
     config = load_model_config(path)
     files = SafetensorsDir(path)
     stored = group_stored(files, "qweight")
 
     def decode(prefix: str) -> QuantTensor:
-        in_f, cols = files.shape(f"{prefix}.qweight")
+        in_f, cols = files.matrix_shape(f"{prefix}.qweight")
         out_f = cols * 8
         gs = in_f if group_size == -1 else group_size
         groups = -(-in_f // gs)

@@ -18,7 +18,7 @@ import torch
 from quantkit.errors import FormatError, SchemeError
 from quantkit.formats import packing
 from quantkit.formats.base import QuantizedCheckpoint, WriteOptions, register
-from quantkit.formats.hf_dir import SafetensorsDir, quantization_config_of
+from quantkit.formats.hf_dir import SafetensorsDir, checked_group_size, checked_setting, quantization_config_of
 from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_checkpoint, group_stored,
                                        load_model_config, majority, require)
 from quantkit.model.config import ModelConfig
@@ -127,18 +127,28 @@ class CompressedTensorsFormat:
 
 # ---- reading ----
 
-def _target_matches(target: str, module: str) -> bool:
+def _target_matches(path: Path, target: str, module: str) -> bool:
     if target.startswith("re:"):
-        return re.match(target[3:], module) is not None
+        try:
+            return re.match(target[3:], module) is not None
+        except re.error as e:
+            raise FormatError(f"{path}: quantization_config target {target!r} is not a valid regex ({e})") from None
     return target == module or target == "Linear"
 
 
-def _scheme_for(module: str, qc: dict[str, Any]) -> dict[str, Any] | None:
+def _scheme_for(path: Path, module: str, qc: dict[str, Any]) -> dict[str, Any] | None:
     """The config group that quantizes `module`: exact names and regexes win over the class name 'Linear'."""
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise FormatError(f"{path}: quantization_config config_groups = {groups!r}: expected an object of groups")
     best, best_rank = None, -1
-    for gname, group in (qc.get("config_groups") or {}).items():
-        for target in group.get("targets") or []:
-            if _target_matches(target, module):
+    for gname, group in groups.items():
+        targets = group.get("targets") if isinstance(group, dict) else None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise FormatError(f"{path}: quantization_config config_groups.{gname}: expected an object with "
+                              "'targets', a list of module names or 're:' patterns")
+        for target in targets:
+            if _target_matches(path, target, module):
                 rank = 0 if target == "Linear" else 1
                 if rank > best_rank:
                     best, best_rank = group, rank
@@ -155,26 +165,28 @@ def read_compressed_tensors(path: Path) -> QuantizedCheckpoint:
     stored = group_stored(files, "weight_packed")
 
     def decode(prefix: str) -> QuantTensor:
-        group = _scheme_for(prefix, qc)
+        group = _scheme_for(path, prefix, qc)
         if group is None:
             raise FormatError(f"{path}: {prefix} has weight_packed but no config_groups entry targets it")
         fmt = group.get("format") or qc.get("format")
         if fmt != FORMAT:
             raise FormatError(f"{path}: {prefix}: compression format {fmt!r} is not readable (quantkit reads {FORMAT})")
-        w = group.get("weights") or {}
-        bits, sym, strategy = w.get("num_bits"), w.get("symmetric", True), w.get("strategy")
-        if w.get("type", "int") != "int" or bits not in (2, 3, 4, 8):
-            raise FormatError(f"{path}: {prefix}: weights {w.get('type')} {bits}-bit are not readable")
-        shape = require(files, f"{prefix}.weight_shape", (2,), ("I64", "I32")).tolist()
-        out_f, in_f = int(shape[0]), int(shape[1])
+        w = group.get("weights")
+        if not isinstance(w, dict):
+            raise FormatError(f"{path}: {prefix}: config group has no 'weights' object")
+        where = f"{path} ({prefix})"
+        bits = checked_setting(where, "weights.num_bits", w.get("num_bits"), (2, 3, 4, 8))
+        sym = checked_setting(where, "weights.symmetric", w.get("symmetric", True), (True, False))
+        checked_setting(where, "weights.type", w.get("type", "int"), ("int",))
+        strategy = checked_setting(where, "weights.strategy", w.get("strategy"), ("group", "channel"))
+        out_f, in_f = require(files, f"{prefix}.weight_shape", (2,), ("I64", "I32")).tolist()
+        if out_f <= 0 or in_f <= 0:
+            raise FormatError(f"{files.path}: tensor {prefix + '.weight_shape'!r} = {[out_f, in_f]}: expected "
+                              "positive sizes")
         if strategy == "group":
-            gs = int(w.get("group_size") or 0)
-            if gs <= 0:
-                raise FormatError(f"{path}: {prefix}: group strategy without a positive group_size")
-        elif strategy == "channel":
-            gs = in_f
+            gs = checked_group_size(where, "weights.group_size", w.get("group_size"), channel=())
         else:
-            raise FormatError(f"{path}: {prefix}: strategy {strategy!r} is not readable (group or channel)")
+            gs = in_f
         groups = -(-in_f // gs)
         packed = require(files, f"{prefix}.weight_packed", (out_f, packing.packed_length(in_f, bits)), ("I32",))
         scale = require(files, f"{prefix}.weight_scale", (out_f, groups), ("F16", "BF16", "F32"))

@@ -21,7 +21,7 @@ from quantkit import __version__
 from quantkit.errors import FormatError, SchemeError
 from quantkit.formats import packing
 from quantkit.formats.base import QuantizedCheckpoint, WriteOptions, register
-from quantkit.formats.hf_dir import quantization_config_of, read_json
+from quantkit.formats.hf_dir import checked_group_size, checked_setting, quantization_config_of, read_json
 from quantkit.formats.hf_quant import (Codec, HFQuantWriter, ModuleQuant, build_checkpoint, group_stored,
                                        load_model_config, majority, require)
 from quantkit.formats.hf_dir import SafetensorsDir
@@ -147,26 +147,56 @@ class _GPTQWriter(HFQuantWriter):
 
 # ---- reading ----
 
+SETTINGS = ("bits", "group_size", "sym", "desc_act")
+
+
 def gptq_settings(path: Path) -> dict[str, Any]:
+    """config.json's quantization_config, else quantize_config.json; when both exist they must agree on the
+    settings that decode the weights (a disagreement is an error, never a silent choice)."""
     qc = quantization_config_of(path)
-    if qc is None:
-        qc = read_json(path / "quantize_config.json") if (path / "quantize_config.json").exists() else None
+    separate = path / "quantize_config.json"
+    if separate.exists():
+        other = read_json(separate)
+        if qc is None:
+            qc = other
+        for key in SETTINGS:
+            if key in qc and key in other and qc[key] != other[key]:
+                raise FormatError(f"{path}: config.json has quantization_config {key} = {qc[key]!r} but "
+                                  f"quantize_config.json has {other[key]!r}: expected them to agree")
     if qc is None:
         raise FormatError(f"{path}: no quantization_config in config.json and no quantize_config.json")
     return qc
 
 
-def _module_settings(prefix: str, qc: dict[str, Any]) -> dict[str, Any]:
-    settings = {k: qc.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
-    for pattern, override in (qc.get("dynamic") or {}).items():
-        if pattern.startswith("+:"):
-            regex = pattern[2:]
-        elif pattern.startswith("-:"):
+def _dynamic_rules(path: Path, qc: dict[str, Any]) -> list[tuple[re.Pattern, dict[str, Any]]]:
+    """GPTQModel's per-module `dynamic` overrides ('+:regex' or 'regex' -> settings; '-:regex' skips a module,
+    which leaves it unquantized and so needs no rule here), compiled and checked before any tensor is read."""
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise FormatError(f"{path}: quantization_config dynamic = {dynamic!r}: expected an object of rules")
+    rules = []
+    for pattern, override in dynamic.items():
+        if pattern.startswith("-:") or not isinstance(override, dict):
             continue
-        else:
-            regex = pattern
-        if re.match(regex, prefix) and isinstance(override, dict):
-            settings.update({k: v for k, v in override.items() if k in settings})
+        try:
+            regex = re.compile(pattern[2:] if pattern.startswith("+:") else pattern)
+        except re.error as e:
+            raise FormatError(f"{path}: quantization_config dynamic rule {pattern!r} is not a valid regex ({e})"
+                              ) from None
+        override = {k: v for k, v in override.items() if k in SETTINGS}
+        _check_settings(f"{path} (dynamic rule {pattern!r})", override)
+        rules.append((regex, override))
+    return rules
+
+
+def _check_settings(where: str, settings: dict[str, Any]) -> dict[str, Any]:
+    if "bits" in settings:
+        checked_setting(where, "bits", settings["bits"], (2, 3, 4, 8))
+    if "group_size" in settings:
+        checked_group_size(where, "group_size", settings["group_size"], channel=(-1, 0))
+    for key in ("sym", "desc_act"):
+        if settings.get(key) is not None:
+            checked_setting(where, key, settings[key], (True, False))
     return settings
 
 
@@ -176,11 +206,9 @@ def read_gptq(path: Path) -> QuantizedCheckpoint:
     if fmt not in CHECKPOINT_FORMATS:
         raise FormatError(f"{path}: GPTQ checkpoint_format {fmt!r} is not readable (quantkit reads gptq and gptq_v2; "
                           "marlin/bitblas repacks are kernel-specific)")
-    for key in ("bits", "group_size"):
-        if not isinstance(qc.get(key), int):
-            raise FormatError(f"{path}: quantization_config field {key!r} missing or not an integer")
-    if qc["bits"] not in (2, 3, 4, 8):
-        raise FormatError(f"{path}: quantization_config bits={qc['bits']} is not 2, 3, 4 or 8")
+    defaults = _check_settings(str(path), {"bits": qc.get("bits"), "group_size": qc.get("group_size"),
+                                           "sym": qc.get("sym"), "desc_act": qc.get("desc_act")})
+    rules = _dynamic_rules(path, qc)
     config = load_model_config(path)
     files = SafetensorsDir(path)
     stored = group_stored(files, "qweight")
@@ -190,11 +218,10 @@ def read_gptq(path: Path) -> QuantizedCheckpoint:
     v1 = fmt == "gptq"
 
     def decode(prefix: str) -> QuantTensor:
-        s = _module_settings(prefix, qc)
-        bits, group_size = int(s["bits"]), int(s["group_size"])
-        if f"{prefix}.qweight" not in files:
-            raise FormatError(f"{path}: tensor {prefix + '.qweight'!r} is missing")
-        rows, out_f = files.shape(f"{prefix}.qweight")
+        s = dict(defaults)
+        s.update(next((override for regex, override in rules if regex.match(prefix)), {}))
+        bits, group_size = s["bits"], s["group_size"]
+        rows, out_f = files.matrix_shape(f"{prefix}.qweight")
         in_f = rows * 32 // bits
         gs = in_f if group_size in (-1, 0) else group_size
         groups = -(-in_f // gs)
@@ -209,7 +236,7 @@ def read_gptq(path: Path) -> QuantizedCheckpoint:
             if torch.equal(g_idx.long(), torch.arange(in_f) // gs):
                 g_idx = None
         zeros = packing.gptq_unpack_qzeros(qzeros, bits, out_f, v1=v1)
-        symmetric = bool(s.get("sym", True))
+        symmetric = s["sym"] is not False
         if v1 and symmetric and not bool((zeros == 1 << (bits - 1)).all()):
             # some writers label true (v2) zeros "gptq": a symmetric checkpoint's zeros must all be 2^(bits-1)
             raw = packing.gptq_unpack_qzeros(qzeros, bits, out_f, v1=False)

@@ -218,40 +218,15 @@ class SafetensorsDir:
     """The safetensors files of a directory (index + shards, or one model.safetensors), names -> file, lazily."""
 
     def __init__(self, path: Path, stem: str = "model"):
-        from quantkit.model.checkpoint import read_safetensors_header
+        from quantkit.model.checkpoint import read_safetensors_files
 
         self.path = Path(path)
-        index = self.path / f"{stem}.safetensors.index.json"
-        self.files: dict[str, Path] = {}
-        self.meta: dict[str, dict] = {}
         try:
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise FormatError(f"{index}: not a valid index "
-                                      "(expected a JSON object with 'weight_map')") from None
-                shards = sorted(set(weight_map.values()))
-                for shard in shards:
-                    if not (self.path / shard).exists():
-                        raise FormatError(f"{self.path / shard}: shard listed in the index is missing")
-                headers = {s: read_safetensors_header(self.path / s) for s in shards}
-                for name, shard in weight_map.items():
-                    if name not in headers[shard]:
-                        raise FormatError(f"{index}: names tensor {name!r} in {shard}, but that shard lacks it")
-                    self.files[name] = self.path / shard
-                    self.meta[name] = headers[shard][name]
-            else:
-                single = self.path / f"{stem}.safetensors"
-                if not single.exists():
-                    raise FormatError(f"{self.path}: no {stem}.safetensors or {index.name}")
-                header = read_safetensors_header(single)
-                for name, meta in header.items():
-                    if name != "__metadata__":
-                        self.files[name] = single
-                        self.meta[name] = meta
+            found = read_safetensors_files(self.path, stem)
         except CheckpointError as e:
             raise FormatError(str(e)) from None
+        self.files: dict[str, Path] = {name: file for name, (file, _) in found.items()}
+        self.meta: dict[str, dict] = {name: meta for name, (_, meta) in found.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -261,6 +236,16 @@ class SafetensorsDir:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name]["shape"])
+
+    def matrix_shape(self, name: str) -> tuple[int, int]:
+        """The (rows, columns) of a stored 2-D tensor that must be present and non-empty."""
+        if name not in self.files:
+            raise FormatError(f"{self.path}: tensor {name!r} is missing")
+        shape = self.shape(name)
+        if len(shape) != 2 or 0 in shape:
+            raise FormatError(f"{self.files[name]}: tensor {name!r} has shape {list(shape)}, expected a non-empty "
+                              "matrix")
+        return shape
 
     def dtype(self, name: str) -> str:
         return self.meta[name]["dtype"]
@@ -297,3 +282,21 @@ def tokenizer_in(path: Path) -> Path | None:
         if (Path(path) / name).exists():
             return Path(path) / name
     return None
+
+
+def checked_setting(source: str | Path, key: str, value: Any, allowed: tuple, expected: str | None = None) -> Any:
+    """A quantization-config value that must be one of `allowed` (ints, bools, strings: compared with their type,
+    so true is not 1); FormatError naming the file, key and value otherwise."""
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        raise FormatError(f"{source}: quantization_config {key} = {value!r}: expected "
+                          f"{expected or ' or '.join(map(repr, allowed))}")
+    return value
+
+
+def checked_group_size(source: str | Path, key: str, value: Any, channel: tuple = (-1,)) -> int:
+    """A group size: a positive integer, or one of `channel` meaning one group per row."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (value > 0 or value in channel):
+        raise FormatError(f"{source}: quantization_config {key} = {value!r}: expected a positive integer or "
+                          f"{' or '.join(map(str, channel))} (per channel)")
+    return value
+

@@ -209,6 +209,13 @@ def _parse(buf, size: int, path: Path) -> GGUFFile:
             raise FormatError(f"{path}: truncated GGUF: tensor {name!r} ({type_name}, {nbytes} bytes at data offset "
                               f"{offset}) ends past the end of the file (data section has {max(data_size, 0)} bytes)")
         tensors[name] = GGUFTensorInfo(name, shape, type_name, data_start + offset, nbytes)
+    previous = None
+    for info in sorted(tensors.values(), key=lambda t: t.offset):
+        if previous is not None and info.offset < previous.offset + previous.nbytes:
+            raise FormatError(f"{path}: corrupt GGUF: tensor {info.name!r} (data offset {info.offset - data_start}) "
+                              f"overlaps tensor {previous.name!r} (data offset {previous.offset - data_start}, "
+                              f"{previous.nbytes} bytes); every tensor needs its own bytes")
+        previous = info
     return GGUFFile(path, version, kv, tensors, alignment, data_start)
 
 
@@ -220,41 +227,42 @@ def config_from_kv(kv: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path:
         raise FormatError(f"{path}: general.architecture is {gguf_arch!r}; "
                           "quantkit reads 'llama' GGUFs (Mistral, Llama)")
 
-    def get(key: str, default=None, required=True):
-        v = kv.get(f"llama.{key}", default)
-        if v is None and required:
-            raise FormatError(f"{path}: metadata llama.{key} is missing")
-        return v
-
-    n_layers = int(get("block_count"))
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
+    keys = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+            "num_attention_heads": "attention.head_count", "intermediate_size": "feed_forward_length",
+            "vocab_size": "vocab_size", "num_key_value_heads": "attention.head_count_kv",
+            "head_dim": "attention.key_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+            "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length"}
+    values = {f: kv.get(f"llama.{k}") for f, k in keys.items()}
+    keys = {f: f"llama.{k}" for f, k in keys.items()}
+    for f in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if values[f] is None:
+            raise FormatError(f"{path}: metadata {keys[f]} is missing")
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise FormatError(f"{path}: tensor token_embd.weight is missing")
-    vocab = int(get("vocab_size", embd.shape[0], required=False))
-    head_dim = get("attention.key_length", None, required=False) or get("rope.dimension_count", None, required=False)
+    if values["head_dim"] is None:
+        values["head_dim"], keys["head_dim"] = kv.get("llama.rope.dimension_count"), "llama.rope.dimension_count"
+    eps = values["rms_norm_eps"]
+    defaults = {"vocab_size": embd.shape[0], "num_key_value_heads": values["num_attention_heads"],
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 32768}
+    values |= {f: d for f, d in defaults.items() if values[f] is None}
+    if isinstance(eps, float):  # stored as float32: the shortest decimal that rounds to it
+        values["rms_norm_eps"] = float(f"{eps:.7g}")
     architecture = kv.get("quantkit.architecture")
     if architecture not in ("MistralForCausalLM", "LlamaForCausalLM"):
         name = str(kv.get("general.name", "")).lower() + str(kv.get("general.basename", "")).lower()
         architecture = "MistralForCausalLM" if "mistral" in name else "LlamaForCausalLM"
+    keys |= {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
     return ModelConfig(
         architecture=architecture,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads, required=False)),
-        head_dim=int(head_dim) if head_dim else None,
-        rms_norm_eps=float(f"{float(get('attention.layer_norm_rms_epsilon', 1e-5, required=False)):.7g}"),
-        rope_theta=float(get("rope.freq_base", 10000.0, required=False)),
-        max_position_embeddings=int(get("context_length", 32768, required=False)),
+        **values,
         tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=int(kv.get("tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(kv.get("tokenizer.ggml.eos_token_id", 2)),
+        bos_token_id=kv.get("tokenizer.ggml.bos_token_id", 1),
+        eos_token_id=kv.get("tokenizer.ggml.eos_token_id", 2),
         torch_dtype="float32",
         raw={"gguf": True},
+        source=str(path),
+        keys=keys,
     )
 
 

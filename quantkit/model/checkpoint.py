@@ -13,6 +13,7 @@ on read (`arch.interleaved_to_hf`). Nothing is read until `get_tensor` asks for 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from quantkit.errors import CheckpointError
+from quantkit.io import read_json_object
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 
@@ -40,8 +42,25 @@ class TensorInfo:
     nbytes: int
 
 
+# bytes per element of every safetensors dtype (the safetensors library's own list, sub-byte types aside)
+SAFETENSORS_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                          "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {duplicate!r} appears twice")
+    return out
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and sanity-check a safetensors header without reading tensor data."""
+    """Parse a safetensors header without reading tensor data, checked as strictly as the safetensors library
+    does: known dtypes, shapes of non-negative integers, dtype x shape = byte range, ranges contiguous and
+    non-overlapping from 0 to the end of the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -49,30 +68,58 @@ def read_safetensors_header(path: Path) -> dict:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 1024 * 1024):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes, file has {size})")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - n
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    ranges = []
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = meta["data_offsets"]
-            meta["dtype"], meta["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        if end > data_len:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data section, "
-                f"which has only {data_len} bytes"
-            )
+        if name != "__metadata__":
+            ranges.append((*_tensor_range(path, name, meta), name))
+    end_of_previous = 0
+    for start, end, name in sorted(ranges):
+        if start != end_of_previous:
+            problem = "overlaps the tensor before it" if start < end_of_previous else "leaves a gap before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} data_offsets [{start}, {end}]"
+                                  f" {problem} (expected it to start at byte {end_of_previous})")
+        end_of_previous = end
+    data_len = size - 8 - n
+    if end_of_previous != data_len:
+        raise CheckpointError(f"{path}: truncated or padded safetensors file: the tensors end at byte "
+                              f"{end_of_previous} of the data section, which has {data_len} bytes")
     return header
+
+
+def _tensor_range(path: Path, name: str, meta) -> tuple[int, int]:
+    """A header entry's [start, end) after checking its dtype, shape and offsets agree."""
+    def bad(what: str):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {what}")
+
+    if not isinstance(meta, dict):
+        bad("expected an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_ITEM_BYTES:
+        bad(f"dtype {dtype!r} is not a safetensors dtype")
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
+        bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)):
+        bad(f"data_offsets {offsets!r} is not a pair of non-negative integers")
+    start, end = offsets
+    nbytes = SAFETENSORS_ITEM_BYTES[dtype] * math.prod(shape)
+    if end - start != nbytes:
+        bad(f"data_offsets [{start}, {end}] hold {end - start} bytes, but {dtype} x {shape} needs {nbytes}")
+    return start, end
 
 
 def _is_hub_id(text: str) -> bool:
@@ -221,54 +268,60 @@ def open_checkpoint(spec: str | Path, validate: bool = True) -> Checkpoint:
     return ckpt
 
 
-def _infos_from_file(file: Path, header: dict, rename) -> dict[str, TensorInfo]:
-    out = {}
-    for stored, meta in header.items():
-        if stored == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        name = rename(stored)
-        out[name] = TensorInfo(name, file, stored, meta["dtype"], tuple(meta["shape"]), end - start)
-    return out
+def _tensor_info(name: str, file: Path, stored: str, meta: dict) -> TensorInfo:
+    start, end = meta["data_offsets"]
+    return TensorInfo(name, file, stored, meta["dtype"], tuple(meta["shape"]), end - start)
+
+
+def read_safetensors_files(path: Path, stem: str = "model") -> dict[str, tuple[Path, dict]]:
+    """Every tensor of `<stem>.safetensors`, or of the shards `<stem>.safetensors.index.json` lists: name ->
+    (file, header entry). The index must name plain files beside it, each tensor in exactly one shard, and
+    agree with the shards' headers."""
+    index_path = path / f"{stem}.safetensors.index.json"
+    if not index_path.exists():
+        single = path / f"{stem}.safetensors"
+        if not single.exists():
+            shards = sorted(path.glob(f"{stem}-*-of-*.safetensors"))
+            if shards:
+                raise CheckpointError(f"{index_path}: missing; {len(shards)} shards found but no index to map them")
+            raise CheckpointError(f"{path}: no {single.name} or {index_path.name} (safetensors weights)")
+        return {n: (single, m) for n, m in read_safetensors_header(single).items() if n != "__metadata__"}
+    weight_map = read_json_object(index_path, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: not a valid index (expected a JSON object with a 'weight_map' "
+                              "of tensor names to shard file names)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard:
+            raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {shard!r}: expected the file name of a "
+                                  ".safetensors shard in the same directory")
+    shard_names = sorted(set(weight_map.values()))
+    for shard in shard_names:
+        if not (path / shard).is_file():
+            missing_tensors = [n for n, s in weight_map.items() if s == shard]
+            raise CheckpointError(f"{path / shard}: shard listed in the index is missing "
+                                  f"({len(missing_tensors)} tensors, e.g. {missing_tensors[0]!r})")
+    found: dict[str, tuple[Path, dict]] = {}
+    for shard in shard_names:
+        for name, meta in read_safetensors_header(path / shard).items():
+            if name == "__metadata__":
+                continue
+            if name in found:
+                raise CheckpointError(f"{path / shard}: tensor {name!r} is also in {found[name][0].name}; "
+                                      "expected each tensor in exactly one shard")
+            found[name] = (path / shard, meta)
+    for name, shard in weight_map.items():
+        if name not in found:
+            raise CheckpointError(f"{index_path}: names tensor {name!r} in {shard}, but no shard contains it")
+        if found[name][0].name != shard:
+            raise CheckpointError(f"{index_path}: says tensor {name!r} is in {shard}, but it is in "
+                                  f"{found[name][0].name}")
+    return found
 
 
 def _open_hf(path: Path) -> Checkpoint:
     config = ModelConfig.from_file(path / "config.json")
-    index_path = path / "model.safetensors.index.json"
-    infos: dict[str, TensorInfo] = {}
-    if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')"
-                                  ) from None
-        shard_names = sorted(set(weight_map.values()))
-        for shard in shard_names:
-            if not (path / shard).exists():
-                missing_tensors = [n for n, s in weight_map.items() if s == shard]
-                raise CheckpointError(
-                    f"{path / shard}: shard listed in the index is missing ({len(missing_tensors)} tensors, "
-                    f"e.g. {missing_tensors[0]!r})"
-                )
-        for shard in shard_names:
-            infos.update(_infos_from_file(path / shard, read_safetensors_header(path / shard), lambda s: s))
-        for name, shard in weight_map.items():
-            if name not in infos:
-                raise CheckpointError(f"{index_path}: names tensor {name!r} in {shard}, but no shard contains it")
-            if infos[name].file.name != shard:
-                raise CheckpointError(
-                    f"{index_path}: says tensor {name!r} is in {shard}, but it is in {infos[name].file.name}"
-                )
-        layout = "hf-sharded"
-    elif (path / "model.safetensors").exists():
-        single = path / "model.safetensors"
-        infos = _infos_from_file(single, read_safetensors_header(single), lambda s: s)
-        layout = "hf-single"
-    else:
-        shards = sorted(path.glob("model-*-of-*.safetensors"))
-        if shards:
-            raise CheckpointError(f"{index_path}: missing; {len(shards)} shards found but no index to map them")
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (safetensors weights)")
+    layout = "hf-sharded" if (path / "model.safetensors.index.json").exists() else "hf-single"
+    infos = {name: _tensor_info(name, file, name, meta) for name, (file, meta) in read_safetensors_files(path).items()}
     return _split_known(path, layout, config, infos)
 
 
@@ -282,7 +335,13 @@ def _open_consolidated(path: Path) -> Checkpoint:
         except KeyError:
             return stored
 
-    infos = _infos_from_file(file, read_safetensors_header(file), rename)
+    infos: dict[str, TensorInfo] = {}
+    for stored, meta in read_safetensors_header(file).items():
+        name = rename(stored)
+        if name in infos:
+            raise CheckpointError(f"{file}: tensors {infos[name].stored_name!r} and {stored!r} are both {name!r}")
+        if stored != "__metadata__":
+            infos[name] = _tensor_info(name, file, stored, meta)
     return _split_known(path, "consolidated", config, infos)
 
 
