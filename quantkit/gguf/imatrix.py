@@ -100,44 +100,45 @@ def read_imatrix(path: str | Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    from gguf import GGUFReader
+    from quantkit.gguf.reader import parse_gguf
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors on malformed files
-        raise FormatError(f"{path}: not a readable GGUF imatrix ({e})") from None
-    fields = reader.fields
-
-    def value(key, default):
-        f = fields.get(key)
-        return default if f is None else f.contents()
-
-    gtype = value("general.type", None)
+    gguf = parse_gguf(path)  # the hardened header parser: every count and offset checked against the file size
+    gtype = gguf.kv.get("general.type")
     if gtype is not None and gtype != "imatrix":
         raise FormatError(f"{path}: general.type is {gtype!r}, expected 'imatrix' (is this a model file?)")
     sums, counts = {}, {}
-    for t in reader.tensors:
+    for t in gguf.tensors.values():
         if t.name.endswith(IN_SUM2):
             sums[t.name[: -len(IN_SUM2)]] = t
         elif t.name.endswith(COUNTS):
             counts[t.name[: -len(COUNTS)]] = t
     if not sums and not counts:
         raise FormatError(f"{path}: no imatrix entries (no '*.in_sum2' / '*.counts' tensors)")
+
+    def floats(t) -> np.ndarray:
+        if t.type_name != "F32":
+            raise FormatError(f"{path}: tensor {t.name}: expected F32, found {t.type_name}")
+        values = np.fromfile(path, dtype="<f4", count=t.nbytes // 4, offset=t.offset).astype(np.float32)
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise FormatError(f"{path}: tensor {t.name}: expected finite, non-negative values")
+        return values
+
     entries = {}
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
             raise FormatError(f"{path}: tensor {name}: mismatched in_sum2 and counts")
-        s, c = sums[name], counts[name]
-        if s.tensor_type.name != "F32" or c.tensor_type.name != "F32":
-            raise FormatError(f"{path}: tensor {name}: in_sum2 and counts must be F32")
-        cnt = np.asarray(c.data, dtype=np.float32).reshape(-1)
-        vals = np.asarray(s.data, dtype=np.float32).reshape(-1)
+        vals, cnt = floats(sums[name]), floats(counts[name])
         if cnt.size == 0 or vals.size % cnt.size:
             raise FormatError(f"{path}: tensor {name}: {vals.size} sums do not split into {cnt.size} counts")
-        entries[name] = ImatrixEntry(vals.reshape(cnt.size, -1).copy(), cnt.copy())
-    datasets = value("imatrix.datasets", [])
-    return Imatrix(entries, [str(d) for d in datasets], int(value("imatrix.chunk_count", 0)),
-                   int(value("imatrix.chunk_size", 0)))
+        entries[name] = ImatrixEntry(vals.reshape(cnt.size, -1), cnt)
+    datasets = gguf.kv.get("imatrix.datasets", [])
+    chunks = {k: gguf.kv.get(f"imatrix.{k}", 0) for k in ("chunk_count", "chunk_size")}
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise FormatError(f"{path}: imatrix.datasets = {datasets!r}: expected a list of strings")
+    for key, v in chunks.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise FormatError(f"{path}: imatrix.{key} = {v!r}: expected a non-negative integer")
+    return Imatrix(entries, datasets, chunks["chunk_count"], chunks["chunk_size"])
 
 
 def _read_legacy(path: Path) -> Imatrix:
@@ -168,6 +169,8 @@ def _read_legacy(path: Path) -> Imatrix:
             raise FormatError(f"{path}: entry {name}: {nval} values do not fit the file")
         vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
+        if ncall < 0 or not np.isfinite(vals).all() or (vals < 0).any():
+            raise FormatError(f"{path}: entry {name}: expected finite, non-negative values and call count")
         # stored values are mean * ncall; keep llama-quantize's result (sums / ncall) with counts = ncall
         entries[name] = ImatrixEntry(vals.reshape(1, -1), np.array([ncall], np.float32))
     chunk_count, datasets = 0, []
