@@ -39,6 +39,13 @@ class CheckFailed(QuantkitError):
     exit_code = 3
 
 
+class NonFiniteError(QuantkitError):
+    """A model computed NaN or Inf (logits, NLL, KLD): the message names what was non-finite and, when the loaded
+    weights explain it, which weight tensor holds NaN or Inf. Exit code 3: no result is reported."""
+
+    exit_code = 3
+
+
 class TokenizerError(QuantkitError):
     """A tokenizer file is missing or unreadable, or a chat conversation is malformed."""
 

@@ -1,6 +1,9 @@
 """Shared output plumbing: atomic directories/files, safetensors sharding with an index, JSON helpers.
 
-Every output quantkit writes is complete or absent: it is built in a temporary sibling and renamed into place.
+Every output quantkit writes is complete or absent: it is built in a temporary sibling (`.NAME.tmp-PID-XXXX`) and
+renamed into place; a write fault (disk full, file-size limit, read-only path) is one error line (`write_error`), and
+a run that would not fit is refused before any work (`check_free_space`). What killed runs leave behind under that
+naming is removed by the next run on the same name (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def parse_size(text: str | int) -> int:
                 break
         else:
             size = int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # 'abc', 'nanGB', '1e400GB'
         size = 0
     if size <= 0:
         raise QuantkitError(f"size {text!r}: expected a positive size such as 5GB, 500MB, 2GiB or a number of bytes")
@@ -57,18 +60,79 @@ WRITE_FAULTS = {errno.ENOSPC: "out of disk space", errno.EDQUOT: "disk quota exc
                 errno.EEXIST: "a parent of the path exists and is not a directory"}  # mkdir(exist_ok=True)
 
 
-def write_error(exc: BaseException, where: str | Path | None = None) -> WriteError | None:
+def write_error(exc: BaseException, where: str | Path | None = None, *, output: str | Path | None = None,
+                needs: str | None = None, note: str = "") -> WriteError | None:
     """The one-line error for a failed write (an OSError, or safetensors' SafetensorError wrapping one), or None
-    when `exc` is not a write fault."""
+    when `exc` is not a write fault. It names `output` when given (what could not be created; the file being written
+    then is usually a temporary one), else the file of the error, else `where`. `needs` (out of space only: what the
+    run needs, see `describe_needs`) and `note` (e.g. where completed work is kept) are added to the message."""
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None and type(exc).__name__ == "SafetensorError":
         found = re.search(r"os error (\d+)", str(exc))
         code = int(found.group(1)) if found else None
     if code not in WRITE_FAULTS:
         return None
-    path = getattr(exc, "filename", None) or where
-    cls = OutOfSpaceError if code in (errno.ENOSPC, errno.EDQUOT) else WriteError
-    return cls(f"{path + ': ' if path else ''}{WRITE_FAULTS[code]} while writing: nothing was written")
+    path = output or getattr(exc, "filename", None) or where
+    out_of_space = code in (errno.ENOSPC, errno.EDQUOT)
+    cls = OutOfSpaceError if out_of_space else WriteError
+    detail = f" ({needs})" if needs and out_of_space else ""
+    return cls(f"{str(path) + ': ' if path else ''}{WRITE_FAULTS[code]} while writing{detail}: nothing was written"
+               f"{note}")
+
+
+def human_bytes(n: int | float) -> str:
+    """4_100_000_000 -> '4.1 GB' (decimal units, as `df -H` and disk vendors count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def existing_ancestor(path: str | Path) -> Path:
+    """`path` itself or its nearest existing parent: where a file created at `path` would land."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def describe_needs(needs: list[tuple[str, int]]) -> str:
+    """[("the output", 8_200_000), ("the work dir x.partial", 4_200_000)] ->
+    'about 12.4 MB is needed: the output 8.2 MB, the work dir x.partial 4.2 MB'."""
+    parts = [(what, n) for what, n in needs if n > 0]
+    total = sum(n for _, n in parts)
+    return f"about {human_bytes(total)} is needed: " + ", ".join(f"{what} {human_bytes(n)}" for what, n in parts)
+
+
+def check_free_space(needs: list[tuple[str, str | Path, int]]) -> dict[Path, int]:
+    """Refuse, before any work, what cannot fit: `needs` lists (what, path, planned bytes) of everything a run will
+    write; the entries on one file system are summed and compared with its free space (`shutil.disk_usage`).
+    Raises OutOfSpaceError naming the first path, the bytes needed and the bytes free; returns the free bytes per
+    file system (keyed by the existing directory measured). Planned sizes are the weights only (headers, configs and
+    tokenizer files come on top), so a run refused here could not have finished."""
+    groups: dict[int, tuple[Path, list[tuple[str, Path, int]]]] = {}
+    for what, path, n in needs:
+        base = existing_ancestor(path)
+        try:
+            dev = base.stat().st_dev
+        except OSError:
+            continue
+        groups.setdefault(dev, (base, []))[1].append((what, Path(path), int(n)))
+    free_by_fs: dict[Path, int] = {}
+    for base, items in groups.values():
+        try:
+            free = shutil.disk_usage(base).free
+        except OSError:
+            continue
+        free_by_fs[base] = free
+        total = sum(n for _, _, n in items)
+        if total > free:
+            needed = describe_needs([(what, n) for what, _, n in items])
+            raise OutOfSpaceError(f"{items[0][1]}: not enough disk space ({needed}), but only {human_bytes(free)} is "
+                                  f"free on {base}; nothing was written (free some space or choose a path on another "
+                                  "disk)")
+    return free_by_fs
 
 
 def written_by_quantkit(path: str | Path) -> bool:
@@ -134,15 +198,72 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix(target: Path, kind: str = "tmp") -> str:
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid at all): leave it
+    return True
+
+
+def stale_temporaries(target: str | Path) -> list[Path]:
+    """What earlier quantkit runs that were killed left beside `target`: the temporaries named by quantkit's own
+    pattern for this output name (`.NAME.tmp-PID-XXXX`, `.NAME.tmp-PID`, `.NAME.old-PID-XXXX`, and the older
+    `.NAME.tmp-XXXXXXXX`), whose process (the PID in the name) no longer runs. Nothing else matches."""
+    target = Path(target)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-([A-Za-z0-9_]+)(?:-[A-Za-z0-9_]+)?")
+    stale = []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None:
+            continue
+        tag = found.group(1)
+        if tag.isdigit() and _pid_alive(int(tag)):
+            continue  # a run still at work (or this very process)
+        stale.append(Path(entry.path))
+    return stale
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Remove `stale_temporaries(target)` (a symlink itself, never what it points to); returns what was removed."""
+    removed = []
+    for p in stale_temporaries(target):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def temp_dir_beside(target: Path) -> Path:
-    """A new hidden directory next to `target` (same file system, so the final rename is atomic)."""
+    """A new hidden directory next to `target` (same file system, so the final rename is atomic), named
+    `.NAME.tmp-PID-XXXX`. Temporaries of earlier killed runs for the same name are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
 
 
 def temp_file_beside(target: Path) -> Path:
+    """A new hidden file next to `target`, named and cleaned up like `temp_dir_beside`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     os.close(fd)
     return Path(name)
 
@@ -153,8 +274,8 @@ def move_into_place(tmp: Path, target: Path) -> None:
     mask = _umask()
     for p in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    if target.is_dir():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(_temp_prefix(target, "old") + os.urandom(4).hex())
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)

@@ -17,15 +17,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantkit.errors import CheckpointError
+
+
+def first_nonfinite(t: torch.Tensor) -> list[int] | None:
+    """The index of the first NaN/Inf element of `t`, or None when every element is finite (non-float: None)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    return (~finite).nonzero()[0].tolist()
+
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
     """Raise CheckpointError naming the tensor and the first bad index when it holds NaN or Inf (quantizing it would
     spread garbage into every value of its groups)."""
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        from quantkit.errors import CheckpointError
-
-        bad = (~finite).nonzero()[0].tolist()
+    bad = first_nonfinite(weight)
+    if bad is not None:
         raise CheckpointError(f"{name}: weight contains NaN or Inf (first at index {bad}); refusing to quantize it")
 
 

@@ -46,10 +46,11 @@ def single_thread():
     torch.set_num_threads(n)
 
 
-# Skips that are legitimate on a CI machine: data that only development machines have, hardware it lacks.
+# Skips that are legitimate on a CI machine: data that only development machines have, hardware (or kernel
+# features such as mount namespaces, for the small-tmpfs disk-full tests) it lacks.
 # With CI=true every other skip (a missing tool, client, compiler or extension that .ci/run installs) fails.
 CI_SKIP_REASONS = re.compile(r"shared data|\.\./shared/data|needs? a GPU|needs? a CUDA|CUDA GPU|no CUDA|"
-                             r"AVX512|on the GPU only|interpreter only")
+                             r"AVX512|on the GPU only|interpreter only|mount namespaces")
 
 
 def _fail_tool_skip(report) -> None:

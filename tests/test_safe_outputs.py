@@ -104,12 +104,6 @@ def test_outputs_follow_the_umask(src, tmp_path):
     assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o644
 
 
-def test_bad_shard_size_is_one_error_line(src, tmp_path, capsys):
-    assert quantize(src, tmp_path / "out", "--shard-size", "abc") == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: size 'abc'") and "Traceback" not in err
-
-
 @pytest.mark.parametrize("args", [["--preset", "w4a16-g32"], ["--type", "Q8_0"]])
 def test_a_file_size_limit_is_one_error_line_and_no_output(src, tmp_path, args):
     """EFBIG (RLIMIT_FSIZE) in the middle of a run: exit 4, one `error:` line, no output left half-written."""

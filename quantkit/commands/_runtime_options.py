@@ -6,14 +6,18 @@ import functools
 
 import click
 
+from quantkit.commands._types import COUNT, DEVICE, SEED, FiniteFloatRange
+
 
 def runtime_options(fn):
-    @click.option("--max-tokens", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
-    @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-    @click.option("--top-k", "top_k", type=int, default=0, show_default=True, help="Keep the k most likely (0 = off).")
-    @click.option("--top-p", "top_p", type=float, default=1.0, show_default=True, help="Nucleus mass (1 = off).")
-    @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
-    @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+    @click.option("--max-tokens", "max_tokens", type=COUNT, default=128, show_default=True, help="Tokens to generate.")
+    @click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+    @click.option("--top-k", "top_k", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Keep the k most likely (0 = off).")
+    @click.option("--top-p", "top_p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                  help="Nucleus mass (1 = off).")
+    @click.option("--seed", type=SEED, default=None, help="Seed for sampling (reproducible output).")
+    @click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda[:N].")
     @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
                   help="Kernels: triton (GPU), torch (CPU); auto picks by device.")
     @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,

@@ -57,17 +57,19 @@ def command(model, system, verbose, max_tokens, temperature, top_k, top_p, seed,
             messages.pop()
             continue
         streamer, answer, first = TextStreamer(tok), [], True
-        for t in gen.stream(ids, budget, params, eos_id=tok.eos_id):
-            if t == tok.eos_id:
-                continue
-            answer.append(t)
-            piece = streamer.push(t)
-            if first:
-                piece, first = piece.lstrip(), not piece.strip()
-            sys.stdout.write(piece)
+        try:
+            for t in gen.stream(ids, budget, params, eos_id=tok.eos_id):
+                if t == tok.eos_id:
+                    continue
+                answer.append(t)
+                piece = streamer.push(t)
+                if first:
+                    piece, first = piece.lstrip(), not piece.strip()
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # end the answer's line even when generation fails
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
         messages.append({"role": "assistant", "content": tok.decode(answer).strip()})
         total_tokens += len(gen.last.tokens)
         total_s += gen.last.prefill_s + gen.last.decode_s

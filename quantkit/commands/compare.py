@@ -11,6 +11,7 @@ import json
 
 import click
 
+from quantkit.commands._types import BACKEND, COUNT, DEVICE
 from quantkit.eval.perplexity import CONVENTIONS
 
 
@@ -20,13 +21,15 @@ from quantkit.eval.perplexity import CONVENTIONS
 @click.option("--text", "text_path", type=click.Path(), default=None,
               help="Evaluation text (file or directory of .txt); without it only weight errors are shown.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="llamacpp", show_default=True)
-@click.option("--ctx", type=int, default=None, help="Window length (default 512 for llamacpp, 2048 for gptq).")
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
-@click.option("--top", type=int, default=10, show_default=True,
+@click.option("--ctx", type=click.IntRange(min=4), default=None,
+              help="Window length (default 512 for llamacpp, 2048 for gptq).")
+@click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Show the N tensors with the largest weight error.")
 @click.option("--weights/--no-weights", default=True, show_default=True, help="Compute per-tensor weight errors.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--backend", default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda[:N].")
+@click.option("--backend", type=BACKEND, default="auto", show_default=True,
+              help="Kernel backend for quantized weights (auto, torch, triton).")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if neither model has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from quantkit.commands._types import SIZE
 from quantkit.pipeline.convert import CONVERTERS
 
 
@@ -23,7 +24,8 @@ from quantkit.pipeline.convert import CONVERTERS
               help="hf: Hugging Face safetensors (+index); consolidated: mistral-inference layout.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
               help="Output float type (default: the source's).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard (hf layout), e.g. 5GB, 500MB.")
+@click.option("--shard-size", default="5GB", show_default=True, type=SIZE,
+              help="Largest shard (hf layout), e.g. 5GB, 500MB.")
 @click.option("--type", "gguf_type", default=None,
               help="gguf: file type BF16, F16, F32 or Q8_0 (any llama-quantize type works; default BF16 or --dtype).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -9,6 +9,7 @@ import json
 
 import click
 
+from quantkit.commands._types import BACKEND, COUNT, DEVICE
 from quantkit.eval.perplexity import CONVENTIONS
 
 
@@ -18,12 +19,13 @@ from quantkit.eval.perplexity import CONVENTIONS
               help="Evaluation text: a UTF-8 file, or a directory of .txt files (joined with blank lines).")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="gptq", show_default=True,
               help="gptq: non-overlapping windows, one BOS, all targets; llamacpp: llama-perplexity's chunks.")
-@click.option("--ctx", type=int, default=None, help="Window length (default 2048 for gptq, 512 for llamacpp).")
+@click.option("--ctx", type=click.IntRange(min=4), default=None,
+              help="Window length (default 2048 for gptq, 512 for llamacpp).")
 @click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top % and Δp against it.")
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--spread", is_flag=True, help="With --max-windows: N windows evenly spaced over the whole text.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--backend", default="auto", show_default=True,
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda.")
+@click.option("--backend", type=BACKEND, default="auto", show_default=True,
               help="Kernel backend for quantized weights (auto, torch, triton).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Activation dtype (default float32 on CPU, bfloat16 on CUDA).")

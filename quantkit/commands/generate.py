@@ -41,12 +41,14 @@ def command(model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, de
     gen = Generator(net, max_len=min(len(ids) + max_tokens + 1, net.config.max_position_embeddings),
                     compile=compile_step)
     first = True
-    for t in gen.stream(ids, max_tokens, params, eos_id=tok.eos_id):
-        piece = streamer.push(t)
-        if chat and first:
-            piece, first = piece.lstrip(), not piece.strip()
-        sys.stdout.write(piece)
+    try:
+        for t in gen.stream(ids, max_tokens, params, eos_id=tok.eos_id):
+            piece = streamer.push(t)
+            if chat and first:
+                piece, first = piece.lstrip(), not piece.strip()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:  # end the text's line even when generation fails (the error line then starts a line of its own)
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
     click.echo(speed_line(gen.last, net.runtime_info), err=True)

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import click
 
+from quantkit.commands._types import COUNT, DEVICE, SEED
+
 
 @click.command("imatrix")
 @click.argument("model")
 @click.option("--calib", default="builtin", show_default=True,
               help="Calibration data: builtin, a .txt/.jsonl/.parquet file or a directory of them.")
-@click.option("--calib-samples", default=128, show_default=True, type=int, help="Calibration windows.")
-@click.option("--calib-seqlen", default=512, show_default=True, type=int, help="Tokens per window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the window sampling.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--calib-samples", default=128, show_default=True, type=COUNT, help="Calibration windows.")
+@click.option("--calib-seqlen", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per window.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the window sampling.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda[:N].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="imatrix GGUF file to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")

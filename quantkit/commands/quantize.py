@@ -8,19 +8,21 @@ from pathlib import Path
 import click
 
 from quantkit.commands._plan_options import model_options
+from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 
 
 @click.command("quantize")
 @model_options
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
               help="Output directory (GGUF: file). With several formats, a directory holding one output per format.")
-@click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ damping, fraction of mean(diag H).")
-@click.option("--block-size", default=128, show_default=True, type=int, help="GPTQ lazy-batch block size.")
+@click.option("--damp", default=0.01, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
+              help="GPTQ damping, fraction of mean(diag H).")
+@click.option("--block-size", default=128, show_default=True, type=COUNT, help="GPTQ lazy-batch block size.")
 @click.option("--imatrix", "imatrix_in", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GGUF: use this importance matrix (llama.cpp imatrix file, e.g. from `quantkit imatrix`).")
 @click.option("--imatrix-out", type=click.Path(path_type=Path), default=None,
               help="Also save the collected importance matrix (llama.cpp imatrix GGUF) to this file.")
-@click.option("--shard-size", default="5GB", show_default=True,
+@click.option("--shard-size", default="5GB", show_default=True, type=SIZE,
               help="Largest safetensors shard of the HF-layout outputs (gptq, awq, compressed-tensors), e.g. 2GB.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Per-layer checkpoints for resuming (default: OUT.partial beside the output).")

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 
+from quantkit.commands._types import FiniteFloatRange
 from quantkit.errors import CheckFailed
 
 
 @click.command("verify")
 @click.argument("out", type=click.Path(exists=True, path_type=Path))
 @click.option("--ref", "ref", required=True, help="The full-precision source the output was made from.")
-@click.option("--tol", type=float, default=1e-3, show_default=True,
+@click.option("--tol", type=FiniteFloatRange(min=0), default=1e-3, show_default=True,
               help="Largest allowed max|logit difference| / max|logit| between quantkit's reader and the client.")
 @click.option("--no-client", is_flag=True, help="Only quantkit's reader (skip transformers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")

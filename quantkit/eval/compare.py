@@ -22,8 +22,8 @@ def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids:
         for window in progress_bar(windows, total, f"compare ({convention}, ctx {ctx})", progress):
             ref = ref_logits_fn(window.tokens)
             test = test_logits_fn(window.tokens)
-            ref_stats.add(window_nll(ref, window))
-            test_stats.add(window_nll(test, window))
+            ref_stats.add(window_nll(ref, window, "the reference"))
+            test_stats.add(window_nll(test, window, "the test model"))
             acc.update(ref[0, window.first:-1], test[0, window.first:-1].to(ref.device), window.targets)
     result = acc.result()
     result.update({

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from quantkit.errors import TokenizerError
+from quantkit.errors import NonFiniteError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -28,12 +29,26 @@ class EvalModel:
     tokenizer_path: Path | None
 
     def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        model, device = self.model, self.device
+        """tokens [1, T] -> float32 logits [1, T, V]. Raises NonFiniteError when they hold NaN or Inf, naming this
+        model and the weights that explain it (or the overflow when every weight is finite)."""
+        model, device, spec = self.model, self.device, self.spec
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
-            return model(tokens.to(device)).float()
+            logits = model(tokens.to(device)).float()
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteError(f"{spec}: the logits are NaN or Inf" + explain_nonfinite(model))
+            return logits
 
         return run
+
+
+def explain_nonfinite(model: torch.nn.Module) -> str:
+    """Which weights of `model` hold NaN or Inf (runtime.model.explain_nonfinite), as the end of an error message."""
+    if _has_runtime():
+        from quantkit.runtime.model import explain_nonfinite as explain
+
+        return explain(model)
+    return ""
 
 
 def _has_runtime() -> bool:

@@ -14,12 +14,14 @@ PPL * stddev(NLL) / sqrt(count - 1).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from quantkit.errors import EvalError
+from quantkit.errors import NonFiniteError
 
 CONVENTIONS = ("gptq", "llamacpp")
 DEFAULT_CTX = {"gptq": 2048, "llamacpp": 512}
@@ -44,6 +46,19 @@ def check_convention(convention: str, ctx: int | None) -> int:
     return ctx
 
 
+def check_max_windows(max_windows: int | None) -> int | None:
+    """None (every window) or a count >= 1; a zero or negative count is an error, never silently one window."""
+    if max_windows is None:
+        return None
+    try:
+        count = operator.index(max_windows)
+    except TypeError:
+        count = 0
+    if count < 1:
+        raise EvalError(f"max_windows must be a whole number >= 1 (or None for every window), got {max_windows!r}")
+    return count
+
+
 def count_windows(n_tokens: int, convention: str, ctx: int | None = None) -> int:
     ctx = check_convention(convention, ctx)
     return n_tokens // ctx
@@ -57,6 +72,7 @@ def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gpt
     stream (window k of N is window floor(k * total / N)), a deterministic sample of a long text.
     """
     ctx = check_convention(convention, ctx)
+    max_windows = check_max_windows(max_windows)
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     n = ids.numel()
     need = 2 * ctx if convention == "llamacpp" else ctx
@@ -65,7 +81,7 @@ def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gpt
             f"text is too short: {n} tokens, convention {convention} with ctx {ctx} needs at least {need}"
         )
     total = n // ctx
-    count = total if max_windows is None else min(total, max(1, int(max_windows)))
+    count = total if max_windows is None else min(total, max_windows)
     indices = [k * total // count for k in range(count)] if spread else range(count)
     first = 0 if convention == "gptq" else ctx // 2
     for i in indices:
@@ -75,11 +91,18 @@ def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gpt
         yield Window(i, window.unsqueeze(0), first, window[first + 1:])
 
 
-def window_nll(logits: torch.Tensor, window: Window) -> torch.Tensor:
-    """Per-token NLL (float64) of the scored positions of one window, from logits [1, T, V]."""
+def window_nll(logits: torch.Tensor, window: Window, who: str = "the model") -> torch.Tensor:
+    """Per-token NLL (float64) of the scored positions of one window, from logits [1, T, V]. Raises NonFiniteError
+    when an NLL is NaN or Inf (a perplexity of nan is never a result); `who` names the model in that message."""
     scored = logits[0, window.first:-1].float()
     logp = torch.log_softmax(scored, dim=-1)
-    return -logp.gather(-1, window.targets.to(logp.device)[:, None])[:, 0].double().cpu()
+    nll = -logp.gather(-1, window.targets.to(logp.device)[:, None])[:, 0].double().cpu()
+    finite = torch.isfinite(nll)
+    if not bool(finite.all()):
+        pos = window.first + int((~finite).nonzero()[0])
+        raise NonFiniteError(f"{who}: the negative log-likelihood is NaN or Inf in window {window.index} (position "
+                             f"{pos}): its logits are not finite")
+    return nll
 
 
 @dataclass
@@ -152,8 +175,9 @@ def plan_windows(token_ids: Sequence[int] | torch.Tensor, convention: str, ctx: 
     ctx = check_convention(convention, ctx)
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     total = count_windows(ids.numel(), convention, ctx)
+    max_windows = check_max_windows(max_windows)
     if max_windows is not None:
-        total = min(total, max(1, int(max_windows)))
+        total = min(total, max_windows)
     return ctx, iter_windows(ids, convention, ctx, bos_id, max_windows, spread), total
 
 

@@ -92,8 +92,10 @@ class WeightErrors:
 def weight_errors(base: str | Path, quant: str | Path, progress: bool = False) -> WeightErrors:
     """SQNR and relative MSE of every 2-D tensor QUANT stores, against BASE; sorted worst (lowest SQNR) first.
 
-    `progress`: a tqdm bar on stderr."""
+    `progress`: a tqdm bar on stderr. Raises NonFiniteError naming the tensor when either side holds NaN or Inf."""
     from quantkit.quant.rtn import sqnr_db
+    from quantkit.errors import NonFiniteError
+    from quantkit.tensors import first_nonfinite
 
     base_names, base_get = open_stored(base)
     names, get = open_stored(quant)
@@ -113,6 +115,11 @@ def weight_errors(base: str | Path, quant: str | Path, progress: bool = False) -
             rows.append({"name": name, "kind": stored_kind(stored),
                          "error": f"shape {list(wq.shape)} vs base {list(w.shape)}"})
             continue
+        for spec, t in ((base, w), (quant, wq)):
+            bad = first_nonfinite(t)
+            if bad is not None:  # an SQNR of nan is never a result
+                raise NonFiniteError(f"{spec}: {name} holds NaN or Inf (first at index {bad}); its weight error "
+                                     "cannot be measured")
         rel = ((w - wq).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
         rows.append({"name": name, "kind": stored_kind(stored), "sqnr_db": sqnr_db(w, wq), "rel_mse": rel})
     rows.sort(key=lambda r: r.get("sqnr_db", -1e9))

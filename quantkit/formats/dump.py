@@ -79,6 +79,9 @@ def save_tensors(path: str | Path, named: Iterable[tuple[str, Any]], extra: dict
         if v.numel() and v.data_ptr() in seen:
             flat[k] = v.clone()
         seen.add(flat[k].data_ptr())
+    from quantkit.io import remove_stale_temporaries
+
+    remove_stale_temporaries(path)  # what a killed run left for this name
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(flat, str(tmp), metadata={META_KEY: json.dumps({"order": order, "info": info or {}})})

@@ -13,6 +13,7 @@ sentencepiece vocabulary. Q/K rows are permuted from HF (rotate-half) order to G
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,8 +214,9 @@ class GGUFFileWriter:
             raise FormatError(f"{self.out}: tensor {name!r} has {rows.nbytes} bytes of {p.type_name} data, "
                               f"expected {p.nbytes}")
         rows = permute_rows_for_gguf(name, rows, self.config)
-        self._f.seek(self.data_start + p.offset)
-        self._f.write(np.ascontiguousarray(rows).data)
+        with self._naming_faults():
+            self._f.seek(self.data_start + p.offset)
+            self._f.write(np.ascontiguousarray(rows).data)
         p.written = True
         if self._bar is not None:
             self._bar.update(p.nbytes)
@@ -224,14 +226,25 @@ class GGUFFileWriter:
         if missing:
             self.abort()
             raise FormatError(f"{self.out}: tensor {missing[0]!r} was never written ({len(missing)} missing)")
-        self._f.truncate(self.data_start + self.data_size)
-        self._f.flush()
-        self._f.close()
+        with self._naming_faults():
+            self._f.truncate(self.data_start + self.data_size)
+            self._f.flush()
+            self._f.close()
         if self._bar is not None:
             self._bar.close()
         move_into_place(self.tmp, self.out)
         self._done = True
         return self.out
+
+    @contextlib.contextmanager
+    def _naming_faults(self):
+        """A failed write (disk full, file-size limit) names the output, not an anonymous file object."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.out)
+            raise
 
     def abort(self) -> None:
         if self._done:

@@ -67,8 +67,43 @@ def convert(src: str | Path, out: str | Path, fmt: str, *, dtype: str | None = N
         raise FormatError(f"unknown conversion target {fmt!r}; expected one of {', '.join(sorted(CONVERTERS))}")
     if fmt != "gguf" and (gguf_type or imatrix):
         raise QuantkitError("gguf_type and imatrix apply to the gguf format only")
-    from quantkit.io import check_disjoint
+    from quantkit.io import check_disjoint, check_free_space, check_output_path, describe_needs, write_error
 
     check_disjoint({"output": out}, {"source": src, "--imatrix": imatrix})
-    return CONVERTERS[fmt](fmt, src, out, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
-                           gguf_type=gguf_type, imatrix=imatrix, command_line=command_line)
+    check_output_path(out, force)
+    needs = [("the output", Path(out), planned_bytes(src, fmt, dtype, gguf_type, imatrix is not None))]
+    check_free_space(needs)  # refuse before any work
+    try:
+        return CONVERTERS[fmt](fmt, src, out, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
+                               gguf_type=gguf_type, imatrix=imatrix, command_line=command_line)
+    except Exception as e:
+        fault = write_error(e, output=out, needs=describe_needs([(what, n) for what, _, n in needs]))
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def planned_bytes(src: str | Path, fmt: str, dtype: str | None, gguf_type: str | None, has_imatrix: bool) -> int:
+    """The weight bytes a conversion writes (headers, config and tokenizer files aside)."""
+    from quantkit.model.checkpoint import SAFETENSORS_ITEM_BYTES, open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    shapes = {name: info.shape for name, info in ckpt.tensors.items()}
+    if fmt == "gguf":
+        from quantkit.ggml_types import tensor_nbytes
+        from quantkit.gguf.mixes import tensor_types
+
+        type_name = gguf_type or {"f32": "F32", "f16": "F16", "bf16": "BF16"}.get(dtype or "", "BF16")
+        try:
+            types = tensor_types(ckpt.config, type_name.upper(), has_imatrix=has_imatrix)
+        except QuantkitError:
+            return 0  # the converter names the problem
+        return sum(tensor_nbytes(tuple(shapes[n]), t) for n, t in types.items() if n in shapes)
+    item = {"f32": 4, "f16": 2, "bf16": 2}.get(dtype or "")
+    total = 0
+    for info in ckpt.tensors.values():
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        total += numel * (item or SAFETENSORS_ITEM_BYTES.get(info.dtype, 2))
+    return total

@@ -4,8 +4,10 @@
     for name, tensor in pipeline: writer.add(name, tensor)
     writer.finish()
 
-Every format checks every scheme before anything is written; if one writer fails, all are aborted, so either
-every requested output appears or none does.
+Every format checks every scheme before anything is written; if one writer fails, all are aborted. A writer that
+finished before another failed has already renamed its output into place, so `quantize_checkpoint` points the
+writers into one staging directory and moves the outputs out of it only when all of them are complete: every
+requested output appears, or none does.
 """
 
 from __future__ import annotations

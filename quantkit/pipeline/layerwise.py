@@ -19,7 +19,8 @@ Resume: the work dir holds `state.json` (fingerprint + completed layers), `acts.
 next layer), `embed.safetensors` and `layer-NNNNN.safetensors` (finished tensors, imatrix, log rows). A run
 with the same fingerprint (source, targets, options, calibration tokens, quantkit version) continues after the
 last completed layer and replays the finished tensors to the writers, so the output is byte-identical to an
-uninterrupted run. The work dir is removed after a successful finish.
+uninterrupted run. The work dir is removed after a successful finish, and after a failure a resume cannot get past
+(`resumable`); after an interruption or a write fault it stays when it holds completed layers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit import __version__
-from quantkit.errors import CalibrationError, SchemeError
+from quantkit.errors import CalibrationError, SchemeError, WriteError
 from quantkit.ggml_types import is_block_type, is_float_type
 from quantkit.io import write_error
 from quantkit.model import arch
@@ -139,8 +140,12 @@ class LayerwiseQuantizer:
     def __init__(self, ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None,
                  options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
                  calibration: dict[str, Any] | None = None, progress: bool = True,
-                 log_fn: Callable[[str], None] | None = None, importance: dict[str, torch.Tensor] | None = None):
+                 log_fn: Callable[[str], None] | None = None, importance: dict[str, torch.Tensor] | None = None,
+                 keep_work: bool = False):
         self.ckpt = ckpt
+        self.keep_work = keep_work  # after success, leave the work dir to the caller (it places the outputs first)
+        self.work: WorkDir | None = None
+        self.kept_work: Path | None = None  # set by release_work when a failed run leaves its work dir for a resume
         self.given_importance = importance or {}  # canonical name -> mean x² per input column (an imatrix file)
         self.config = ckpt.config
         self.targets = {n: targets.get(n) for n in ckpt.tensor_names()}
@@ -445,10 +450,12 @@ class LayerwiseQuantizer:
     def run(self) -> PipelineResult:
         t_start = time.perf_counter()
         n_layers = self.config.num_hidden_layers
-        work = WorkDir(self.work_dir, self.fingerprint, n_layers) if self.work_dir is not None else None
-        start = work.start(self.resume) if work is not None else 0
+        work = self.work = WorkDir(self.work_dir, self.fingerprint, n_layers) if self.work_dir is not None else None
+        start = 0
         acts = None
         try:
+            if work is not None:
+                start = work.start(self.resume)
             if start == 0:
                 embed, acts = self._embed()
                 if work is not None:
@@ -508,16 +515,40 @@ class LayerwiseQuantizer:
             outputs = [w.finish() for w in self.writers]
         except BaseException as e:
             self._abort()
-            fault = write_error(e)
-            if fault is None:
-                raise
-            kept = (f"; completed layers are kept in {self.work_dir}: free space (or lift the limit) and the same "
-                    "command resumes") if self.work_dir is not None and Path(self.work_dir).exists() else ""
-            raise type(fault)(f"{fault}{kept}") from None
-        if work is not None:
-            work.remove()
+            self.release_work(e)
+            raise
+        if not self.keep_work:
+            self.release_work(None)
         return PipelineResult(outputs, self.log, self.imatrix, start, time.perf_counter() - t_start, self.fingerprint,
                               self.calibration)
+
+    def release_work(self, error: BaseException | None) -> Path | None:
+        """After the run (and, with keep_work, after the caller placed the outputs): remove the work dir, unless
+        `error` is one a resume gets past and completed layers are there. Returns (and sets `kept_work` to) the
+        directory when it is kept for a resume."""
+        work = self.work
+        self.kept_work = None
+        if work is None:
+            return None
+        if error is None:
+            work.remove()
+            return None
+        if not resumable(error):
+            work.discard()  # this run's own start; one made by an earlier run stays as it was
+        elif work.fresh and work.completed() == 0:
+            work.discard()  # nothing a resume could use
+        if work.path.is_dir() and work.completed() > 0:
+            self.kept_work = work.path
+        return self.kept_work
+
+    def kept_note(self) -> str:
+        """The sentence an error message adds when completed layers are kept for a resume."""
+        kept = self.kept_work
+        if kept is None or self.work is None:
+            return ""
+        how = "run the same command again" if self.resume else "run the same command without --no-resume"
+        return (f"; completed layers ({self.work.completed()} of {self.config.num_hidden_layers}) are kept in {kept}: "
+                f"{how} to resume, or delete {kept}")
 
     def _abort(self) -> None:
         for w in self.writers:
@@ -527,7 +558,26 @@ class LayerwiseQuantizer:
                 pass
 
 
+def resumable(error: BaseException) -> bool:
+    """Whether a re-run of the same command can get past `error` and so use the completed layers: an interruption,
+    a write fault (disk full, file-size limit, permissions) or running out of memory; not bad input or options."""
+    if isinstance(error, (KeyboardInterrupt, MemoryError, WriteError)):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return write_error(error) is not None
+
+
 def quantize_model(ckpt, targets: dict[str, Target], writers: list, calib_tokens: torch.Tensor | None = None,
                    options: PipelineOptions | None = None, **kwargs) -> PipelineResult:
-    """Run the layer-wise pipeline (see the module docstring); `writers` get every tensor in file order."""
-    return LayerwiseQuantizer(ckpt, targets, writers, calib_tokens, options or PipelineOptions(), **kwargs).run()
+    """Run the layer-wise pipeline (see the module docstring); `writers` get every tensor in file order. A write
+    fault is raised as WriteError/OutOfSpaceError (saying where completed layers are kept for a resume)."""
+    q = LayerwiseQuantizer(ckpt, targets, writers, calib_tokens, options or PipelineOptions(), **kwargs)
+    try:
+        return q.run()
+    except Exception as e:
+        fault = write_error(e, note=q.kept_note())
+        if fault is None:
+            raise
+        raise fault from None

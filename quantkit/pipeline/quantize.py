@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -17,11 +18,14 @@ from typing import Any, Callable, Sequence
 from quantkit import __version__
 from quantkit.errors import DeviceError, QuantkitError, SchemeError
 from quantkit.formats.base import WriteOptions
-from quantkit.io import check_disjoint, check_output_path
+from quantkit.io import (check_disjoint, check_free_space, check_output_path, describe_needs, human_bytes,
+                         move_into_place, remove_stale_temporaries, remove_temp, temp_dir_beside,
+                         write_error)
 from quantkit.pipeline.fanout import open_writers
-from quantkit.pipeline.layerwise import PipelineOptions, quantize_model
+from quantkit.pipeline.layerwise import LayerwiseQuantizer, PipelineOptions
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
 from quantkit.pipeline.plan import Plan, build_plan
+from quantkit.pipeline.workdir import MARKER as WORK_MARKER
 
 
 @dataclass
@@ -146,6 +150,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
         raise SchemeError("--imatrix applies to --format gguf only")
     if not 0 < o.damp <= 1:
         raise SchemeError(f"--damp {o.damp}: expected a fraction of the mean Hessian diagonal in (0, 1]")
+    if not isinstance(o.block_size, int) or o.block_size < 1:
+        raise SchemeError(f"--block-size {o.block_size!r}: expected a positive number of columns")
     check_device(o.device)
     paths = output_paths(output, plan.formats, plan.gguf_type)
     work = o.work_dir if o.work_dir else output.with_name(output.name + ".partial")
@@ -155,6 +161,12 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
         check_output_path(p, o.force)  # refuse before any work
     if o.imatrix_out is not None:
         check_output_path(o.imatrix_out, o.force)
+    for p in [output, work, o.imatrix_out]:  # what killed runs left: it must not count against the free space
+        if p is not None:
+            remove_stale_temporaries(p)
+    needs = space_needs(plan, output, work, calib_samples=o.calib_samples if calib is not None else 0,
+                        calib_seqlen=o.calib_seqlen, collect_imatrix=o.imatrix_out is not None)
+    free_at_start = check_free_space(needs)
 
     calib_set = None
     t_calib = time.perf_counter()
@@ -189,33 +201,51 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                            "entries": sum(1 for e in plan.entries if e.quantized), "chunks": calib_set.n_samples}
 
     targets = plan.targets()
-    if len(plan.formats) > 1:  # a directory of outputs, marked as quantkit's so that --force may replace it
-        output.mkdir(parents=True, exist_ok=True)
-        (output / ".quantkit-outputs").write_text("one quantkit output per format: " + ", ".join(plan.formats) + "\n")
-    writer = open_writers(plan.formats, paths, ckpt.path, ckpt.config, targets,
-                          WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
-                                       file_type=plan.gguf_type,
-                                       importance_meta=importance_meta))
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size, device=o.device,
                                        collect_imatrix=o.imatrix_out is not None)
+    # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only
+    # when all of them, with their logs, are complete: a multi-format run creates all of its outputs or none.
+    multi = len(plan.formats) > 1
+    staging = writer = quantizer = None
     t_quant = time.perf_counter()
     try:
-        result = quantize_model(ckpt, targets, [writer], calib_set.tokens if calib_set is not None else None,
-                                pipeline_options, work_dir=work, resume=o.resume,
-                                calibration=calib_set.identity if calib_set is not None else None,
-                                progress=o.progress, log_fn=log, importance=importance)
-    except KeyboardInterrupt:
-        if log is not None:
-            log(f"interrupted: completed layers are kept in {work}; run the same command again to resume")
-        raise
-    t_quant = time.perf_counter() - t_quant
-
-    logs = []
-    for out in paths.values():
-        logs.append(str(log_path(out)))
-        write_log(result.log, log_path(out))
-    if o.imatrix_out is not None:
-        _save_imatrix(result.imatrix, o.imatrix_out, calib_set, o.force)
+        staging = temp_dir_beside(output)
+        staged = output_paths(staging if multi else staging / output.name, plan.formats, plan.gguf_type)
+        if multi:  # a directory of outputs, marked as quantkit's so that --force may replace it
+            (staging / ".quantkit-outputs").write_text("one quantkit output per format: "
+                                                       + ", ".join(plan.formats) + "\n")
+        writer = open_writers(plan.formats, staged, ckpt.path, ckpt.config, targets,
+                              WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
+                                           file_type=plan.gguf_type, importance_meta=importance_meta))
+        quantizer = LayerwiseQuantizer(ckpt, targets, [writer], calib_set.tokens if calib_set is not None else None,
+                                       pipeline_options, work_dir=work, resume=o.resume,
+                                       calibration=calib_set.identity if calib_set is not None else None,
+                                       progress=o.progress, log_fn=log, importance=importance, keep_work=True)
+        result = quantizer.run()
+        t_quant = time.perf_counter() - t_quant
+        for out in staged.values():
+            write_log(result.log, log_path(out))
+        if o.imatrix_out is not None:
+            _save_imatrix(result.imatrix, o.imatrix_out, calib_set, o.force)
+        _place_outputs(staging, output, staged, multi)
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        if staging is not None:
+            remove_temp(staging)
+        kept = quantizer.release_work(e) if quantizer is not None else None
+        if isinstance(e, KeyboardInterrupt):
+            if log is not None and kept is not None:
+                how = "run the same command again" if o.resume else "run the same command without --no-resume"
+                log(f"interrupted: completed layers are kept in {kept}; {how} to resume (or delete {kept})")
+            raise
+        fault = write_error(e, output=output, note=quantizer.kept_note() if quantizer is not None else "",
+                            needs=_needs_text(e, needs, free_at_start, work))
+        if fault is None:
+            raise
+        raise fault from None
+    quantizer.release_work(None)
+    logs = [str(log_path(out)) for out in paths.values()]
 
     outputs = []
     for fmt, out in paths.items():
@@ -234,6 +264,58 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                   "total": round(time.perf_counter() - t_start, 3)},
         memory={"peak_rss_bytes": _peak_rss_bytes(), "estimated_peak_ram_bytes": plan.memory["peak_ram_bytes"]},
         layers_log=logs, log=result.log)
+
+
+NOT_CHECKPOINTED = ("model.norm.weight", "lm_head.weight")  # written after the last layer, never into the work dir
+
+
+def space_needs(plan: Plan, output: Path, work: Path | None, calib_samples: int = 0, calib_seqlen: int = 0,
+                collect_imatrix: bool = False) -> list[tuple[str, Path, int]]:
+    """What a run writes, for `check_free_space`: every output (its planned weight bytes) and the work dir (the
+    finished embedding and layers as the resume checkpoints store them, plus the calibration activations), less
+    what an earlier run's work dir already holds. The work dir is removed only once the outputs are in place."""
+    what = "the output" if len(plan.formats) == 1 else f"the {len(plan.formats)} outputs"  # (planned weights)
+    needs = [(what, output, sum(plan.bytes_out(f) for f in plan.formats))]
+    if work is not None:
+        from quantkit.formats.base import get_format
+
+        dump = get_format("dump")
+        tensors = sum(dump.stored_nbytes(e.target, e.shape, max(e.bytes_in // max(e.numel, 1), 1))
+                      for e in plan.entries if e.name not in NOT_CHECKPOINTED)
+        forward = plan.method in ("gptq", "awq") or collect_imatrix or plan.gguf_type is not None
+        acts = calib_samples * calib_seqlen * plan.config.hidden_size * 4 if forward else 0
+        have = 0
+        if work.is_dir() and (work / WORK_MARKER).is_file():
+            have = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+        needs.append((f"the work dir {work}", work, max(tensors + acts - have, 0)))
+    return needs
+
+
+def _needs_text(error: BaseException, needs: list[tuple[str, Path, int]], free: dict[Path, int],
+                work: Path | None) -> str:
+    """What an out-of-space message adds: where the failed write went, what the run needs, what was free."""
+    target = getattr(error, "filename", None)
+    where = ""
+    if target and work is not None and Path(work).resolve() in Path(target).resolve().parents:
+        where = "in the work dir; "
+    text = where + describe_needs([(what, n) for what, _, n in needs])
+    if free:
+        text += "; " + ", ".join(f"{human_bytes(n)} was free on {base}" for base, n in free.items()) + " at the start"
+    return text
+
+
+def _place_outputs(staging: Path, output: Path, staged: dict[str, Path], multi: bool) -> None:
+    """Move the finished outputs from the staging directory to their places (the log beside a single file first,
+    so that an output in place is a complete one), then drop the staging directory."""
+    if multi:
+        move_into_place(staging, output)
+        return
+    out = next(iter(staged.values()))
+    if out.is_file():
+        log = log_path(out)
+        os.replace(log, log_path(output))
+    move_into_place(out, output)
+    remove_temp(staging)
 
 
 def _save_imatrix(imatrix, path: Path, calib_set, force: bool) -> None:

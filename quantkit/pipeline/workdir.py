@@ -8,6 +8,11 @@
 
 A run with the same fingerprint continues after the last completed layer and replays the finished tensors, so
 its output is byte-identical to an uninterrupted run; any other content is cleared.
+
+The directory outlives a failed run only when a resume can use it: it holds completed layers and the run was
+interrupted (Ctrl-C, SIGTERM, SIGKILL) or stopped by a fault that can go away (disk full, a file-size limit, a
+permission, memory). After any other error (bad input, a non-finite weight, ...) the directory this run started is
+removed (`discard`); one made by an earlier run is left as it was.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class WorkDir:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.num_layers = num_layers
+        self.fresh = False  # this run started the directory from scratch: everything in it is this run's
+        self._owns_dir = False  # ... and the directory itself (it did not exist, or was a quantkit work dir)
 
     def start(self, resume: bool) -> int:
         """Completed layers to continue after (0: a fresh run). An earlier quantkit work dir of another run is
@@ -44,15 +51,34 @@ class WorkDir:
             return int(state.get("completed_layers", 0))
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"work dir {self.path} exists and is not a directory; choose another --work-dir")
+        ours = (self.path / MARKER).is_file() or "fingerprint" in state
         if self.path.is_dir() and any(self.path.iterdir()):
-            if not (self.path / MARKER).is_file() and "fingerprint" not in state:
+            if not ours:
                 raise OutputExistsError(f"work dir {self.path} is not empty and is not a quantkit work directory "
                                         f"(no {MARKER}); refusing to delete it: choose another --work-dir")
             shutil.rmtree(self.path)
+        self.fresh, self._owns_dir = True, ours or not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MARKER).write_text("quantkit work directory: deleted when the run completes\n")
         self.mark_completed(0)
         return 0
+
+    def completed(self) -> int:
+        """Layers a run with this fingerprint would not redo (0: nothing worth keeping)."""
+        state = self._state()
+        return int(state.get("completed_layers", 0)) if state.get("fingerprint") == self.fingerprint else 0
+
+    def discard(self) -> None:
+        """Remove what this run created (only a directory it started from scratch; a user's empty directory given
+        as --work-dir is emptied, not removed)."""
+        if not self.fresh:
+            return
+        if self._owns_dir:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.path.is_dir():
+            for p in self.path.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        self.fresh = False
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -63,9 +89,13 @@ class WorkDir:
 
     def mark_completed(self, layers: int) -> None:
         tmp = self.path / ".state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "completed_layers": layers,
-                                   "num_layers": self.num_layers, "version": __version__}, indent=2))
-        tmp.replace(self.path / "state.json")
+        try:
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "completed_layers": layers,
+                                       "num_layers": self.num_layers, "version": __version__}, indent=2))
+            tmp.replace(self.path / "state.json")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def save_embedding(self, named: list[tuple[str, Any]]) -> None:
         save_tensors(self.path / "embed.safetensors", named)

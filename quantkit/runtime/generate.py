@@ -18,6 +18,7 @@ them attached (the hot path).
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ import torch
 
 from quantkit.errors import GenerationError
 from quantkit.model.reference import Transformer
-from quantkit.runtime.model import model_device, model_dtype
+from quantkit.runtime.model import explain_nonfinite, model_device, model_dtype
+from quantkit.errors import NonFiniteError
 
 
 # inductor options for the compiled CPU decode step: a C++ wrapper instead of the Python one that calls the
@@ -43,8 +45,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -244,7 +246,9 @@ class Generator:
         if len(prompt) >= self.max_len:
             raise GenerationError(f"prompt has {len(prompt)} tokens but the context is {self.max_len} "
                                   f"(model limit {self.cfg.max_position_embeddings}); shorten the prompt")
-        max_new_tokens = max(0, min(max_new_tokens, self.max_len - len(prompt)))
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_new_tokens = min(max_new_tokens, self.max_len - len(prompt))
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
         reused = self.prepare(prompt)
@@ -258,6 +262,7 @@ class Generator:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 logits = self._forward(torch.tensor([prompt[reused:]], device=self.device), reused, False)
+            self._check_finite(logits, len(prompt) - 1)
             token = sample(logits, params, gen)
             tok = int(token[0])
             sync()
@@ -276,12 +281,22 @@ class Generator:
                     break
                 logits = self.decode_step(token.view(1), pos)
                 self.cached.append(tok)
+                self._check_finite(logits, pos)
                 pos += 1
                 token = sample(logits, params, gen)
                 tok = int(token[0])
             self.last.decode_s = time.perf_counter() - t1
         if self.compile_s and not compiled_before:  # the step was compiled during this call
             self.last.extra["compile_s"] = self.compile_s
+
+    def _check_finite(self, logits: torch.Tensor, pos: int) -> None:
+        """Raise NonFiniteError (naming the weights that explain it) when the logits at `pos` hold NaN or Inf:
+        greedy decoding would emit garbage tokens and sampling would fail inside torch.multinomial."""
+        if not bool(torch.isfinite(logits).all()):
+            self.cached = []  # nothing in the cache can be trusted now
+            where = getattr(self.model, "runtime_info", {}).get("path") or "the model"
+            raise NonFiniteError(f"{where}: the logits are NaN or Inf at position {pos}"
+                                 + explain_nonfinite(self.model))
 
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                  eos_id: int | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:

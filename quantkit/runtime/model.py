@@ -19,7 +19,7 @@ from torch import nn
 
 from quantkit.errors import CheckpointError, DeviceError, FormatError
 from quantkit.model.reference import Transformer
-from quantkit.tensors import GGMLTensor, QuantTensor
+from quantkit.tensors import GGMLTensor, QuantTensor, first_nonfinite
 from quantkit.runtime.qlinear import BACKENDS, GGMLEmbedding, GGMLLinear, QuantLinear, is_block_type
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -240,3 +240,50 @@ def fuse_projections(model: Transformer) -> int:
             mlp.gate_up = fused
             count += 1
     return count
+
+
+# ---- non-finite weights (why a model computes NaN/Inf) ----
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """'name (first at index [i, j])' of every weight of a loaded model that holds NaN or Inf: float parameters as
+    stored, the scales of integer-quantized linears, ggml block types dequantized a chunk of rows at a time. Fused
+    q|k|v and gate|up slots are skipped (their parts are listed under their own names); KV caches are not weights.
+    Meant for explaining a non-finite result, not for the hot path (it reads every weight once)."""
+    from quantkit.kernels.ggml_ref import dequantize_rows
+
+    found: list[str] = []
+    for mname, mod in model.named_modules():
+        if mname.rpartition(".")[2] in ("qkv", "gate_up"):
+            continue
+        prefix = f"{mname}." if mname else ""
+        if isinstance(mod, (GGMLLinear, GGMLEmbedding)):
+            cols = mod.in_features if isinstance(mod, GGMLLinear) else mod.embedding_dim
+            rows, step = mod.data.shape[0], max(1, (1 << 20) // max(cols, 1))
+            for r0 in range(0, rows, step):
+                bad = first_nonfinite(dequantize_rows(mod.data[r0:r0 + step], mod.type_name))
+                if bad is not None:
+                    found.append(f"{prefix}weight ({mod.type_name}; first at index {[bad[0] + r0, *bad[1:]]})")
+                    break
+            continue
+        if isinstance(mod, QuantLinear):
+            bad = first_nonfinite(mod.scales)
+            if bad is not None:
+                found.append(f"{prefix}weight (its scales; first at index {bad})")
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            bad = first_nonfinite(p.detach())
+            if bad is not None:
+                found.append(f"{prefix}{pname} (first at index {bad})")
+    return found
+
+
+def explain_nonfinite(model: nn.Module, limit: int = 3) -> str:
+    """The end of a NaN/Inf error message: which weights hold NaN or Inf, or that every weight is finite (then the
+    activations overflowed in the model's dtype)."""
+    bad = nonfinite_weights(model)
+    if bad:
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        return f"; weights holding NaN or Inf: {', '.join(bad[:limit])}{more}"
+    dtype = str(model_dtype(model)).replace("torch.", "") if hasattr(model, "model") else "its dtype"
+    return (f"; every weight is finite, so the activations overflowed in {dtype}"
+            + (" (try --dtype float32)" if dtype in ("float16", "bfloat16") else ""))
