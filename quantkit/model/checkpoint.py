@@ -108,7 +108,7 @@ def _tensor_range(path: Path, name: str, meta) -> tuple[int, int]:
     if not isinstance(meta, dict):
         bad("expected an object with dtype, shape and data_offsets")
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if dtype not in SAFETENSORS_ITEM_BYTES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEM_BYTES:
         bad(f"dtype {dtype!r} is not a safetensors dtype")
     is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(shape, list) or not all(map(is_count, shape)):
