@@ -11,6 +11,8 @@ The Python API mirrors the command line (same names, same arguments):
     print(model.generate("Once upon a time", max_tokens=32).text)                        # quantkit generate
     quantkit.convert("models/mistral-nano", "out/nano-Q8_0.gguf", format="gguf", gguf_type="Q8_0")
     info = quantkit.inspect("out/nano-Q8_0.gguf")                                        # quantkit inspect
+    card = quantkit.report(["out/nano-gptq", "out/nano-Q8_0.gguf"], "eval.txt", "out/report",
+                           ref="models/mistral-nano")                                    # quantkit report
 
 Bad input raises a `quantkit.QuantkitError` subclass whose message names the file, field or tensor.
 The functions are imported on first use, so `import quantkit` stays light.
@@ -27,13 +29,15 @@ __version__ = "0.1.0"
 
 _API = {
     "plan": "quantkit.api", "quantize": "quantkit.api", "convert": "quantkit.api", "evaluate": "quantkit.api",
-    "inspect": "quantkit.api", "load": "quantkit.api", "generate": "quantkit.api", "Model": "quantkit.api",
+    "inspect": "quantkit.api", "load": "quantkit.api", "generate": "quantkit.api", "report": "quantkit.api",
+    "Model": "quantkit.api",
     "Generation": "quantkit.api", "Plan": "quantkit.pipeline.plan", "QuantizeResult": "quantkit.pipeline.quantize",
 }
 __all__ = ["QuantkitError", "__version__", *_API]
 
 if TYPE_CHECKING:
-    from quantkit.api import Generation, Model, convert, evaluate, generate, inspect, load, plan, quantize  # noqa: F401
+    from quantkit.api import (Generation, Model, convert, evaluate, generate, inspect, load, plan,  # noqa: F401
+                              quantize, report)
     from quantkit.pipeline.plan import Plan  # noqa: F401
     from quantkit.pipeline.quantize import QuantizeResult  # noqa: F401
 

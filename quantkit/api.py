@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from quantkit.eval.perplexity import DEFAULT_CONVENTION
 from quantkit.pipeline.plan import Plan
 from quantkit.pipeline.quantize import QuantizeOptions, QuantizeResult, make_plan, quantize_checkpoint
-from quantkit.runtime.generate import GenerationResult, Generator, SamplingParams
+from quantkit.runtime.generate import GenerationResult, Generator, resolve_sampling
 
 if TYPE_CHECKING:
+    from quantkit.eval.card import ReportCard
     from quantkit.eval.run import EvalReport
     from quantkit.formats.inspect import Inspection
 
@@ -91,20 +93,40 @@ def convert(src: str | Path, output: str | Path, *, format: str, dtype: str | No
                        imatrix=Path(imatrix) if imatrix is not None else None, force=force, progress=progress)
 
 
-def evaluate(model: str | Path, text: str | Path, *, ref: str | Path | None = None, convention: str = "gptq",
+def evaluate(model: str | Path, text: str | Path, *, ref: str | Path | None = None,
+             convention: str = DEFAULT_CONVENTION,
              ctx: int | None = None, max_windows: int | None = None, spread: bool = False, device: str = "cpu",
              backend: str = "auto", dtype: str | None = None, cache_dequant: bool = False,
              tokenizer: str | Path | None = None, progress: bool = False,
              report_dir: str | Path | None = None) -> EvalReport:
-    """Perplexity ± standard error of `model` on `text` in a named convention ("gptq": non-overlapping windows,
-    default ctx 2048; "llamacpp": llama-perplexity's chunks, default ctx 512); with `ref`, also KL divergence,
-    same-top-token % and Δp against the reference model. Returns an EvalReport (`.ppl`, `.to_dict()`, ...)."""
+    """Perplexity ± standard error of `model` on `text` in a named convention ("llamacpp", the default of every
+    entry point: llama-perplexity's chunks, default ctx 512; "gptq": non-overlapping windows, default ctx 2048);
+    with `ref`, also KL divergence, same-top-token % and Δp against the reference model, on the same windows as
+    `quantkit compare`. Returns an EvalReport (`.ppl`, `.to_dict()`, ...)."""
     from quantkit.eval.run import evaluate as run_evaluate
 
     return run_evaluate(str(model), str(text), ref=str(ref) if ref is not None else None, convention=convention,
                         ctx=ctx, max_windows=max_windows, spread=spread, device=device, backend=backend, dtype=dtype,
                         cache_dequant=cache_dequant, tokenizer=str(tokenizer) if tokenizer is not None else None,
                         progress=progress, report_dir=str(report_dir) if report_dir is not None else None)
+
+
+def report(outputs: Sequence[str | Path], text: str | Path, output: str | Path, *, ref: str | Path | None = None,
+           ref_logits: str | Path | None = None, convention: str = DEFAULT_CONVENTION, ctx: int | None = None,
+           max_windows: int | None = None, mass: float = 0.99, device: str = "cpu", backend: str = "auto",
+           dtype: str | None = None, tokenizer: str | Path | None = None, force: bool = False,
+           progress: bool = False, log: Callable[[str], None] | None = None) -> ReportCard:
+    """A report card of several `outputs` against one reference on `text`, written to the directory `output`:
+    report.json (format, size, BPW, PPL ± err, ΔPPL, KLD mean/median/p99, same-top %, per-layer error of each
+    output), report.md with PNG plots (KLD vs BPW, per-layer error, KLD distribution), and the reference's compact
+    logits (reference-logits.safetensors: per position the most likely tokens holding `mass` of the probability)
+    that `ref_logits=` reuses instead of `ref`.
+    Returns a ReportCard (`.rows`, `.to_dict()`, `.render()`)."""
+    from quantkit.eval.card import report_card
+
+    return report_card(outputs, text, output, ref=ref, ref_logits=ref_logits, convention=convention, ctx=ctx,
+                       max_windows=max_windows, mass=mass, device=device, backend=backend, dtype=dtype,
+                       tokenizer=tokenizer, force=force, progress=progress, log=log)
 
 
 def inspect(path: str | Path) -> Inspection:
@@ -142,14 +164,18 @@ class Model:
         ids = torch.as_tensor(token_ids, dtype=torch.long).view(1, -1)
         return self.net(ids)[0]
 
-    def generate(self, prompt: str, *, max_tokens: int = 128, chat: bool = False, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, compile: bool = False) -> Generation:
-        """Continue `prompt` (or answer it with the model's chat template when `chat`); greedy by default."""
+    def generate(self, prompt: str, *, max_tokens: int = 128, chat: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 compile: bool = False) -> Generation:
+        """Continue `prompt` (or answer it in the model's own chat template when `chat`). Sampling as `quantkit
+        generate`: what is not given comes from the model's generation_config.json, else temperature 0.8, top-k
+        40, top-p 0.95 (`info["sampling"]`); temperature=0 is greedy, `seed` repeats a sampled run."""
         tok = self.tokenizer
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
         limit = self.net.config.max_position_embeddings
         gen = Generator(self.net, max_len=min(len(ids) + max_tokens + 1, limit), compile=compile)
-        result = gen.generate(ids, max_tokens, SamplingParams(temperature, top_k, top_p, seed), eos_id=tok.eos_id)
+        params = resolve_sampling(temperature, top_k, top_p, seed, self.info.get("sampling"))
+        result = gen.generate(ids, max_tokens, params, eos_id=tok.eos_id)
         out = [t for t in result.tokens if t != tok.eos_id]
         return Generation(tok.decode(out), result)
 
@@ -165,8 +191,9 @@ def load(path: str | Path, *, device: str = "cpu", backend: str = "auto", dtype:
     return Model(net, tok, dict(net.runtime_info))
 
 
-def generate(model: str | Path, prompt: str, *, max_tokens: int = 128, chat: bool = False, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, device: str = "cpu",
+def generate(model: str | Path, prompt: str, *, max_tokens: int = 128, chat: bool = False,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, device: str = "cpu",
              backend: str = "auto", dtype: str | None = None, compile: bool = False) -> Generation:
     """Load `model` and generate from `prompt` (see `Model.generate`)."""
     return load(model, device=device, backend=backend, dtype=dtype).generate(

@@ -27,10 +27,18 @@ COMMANDS = {
     "convert": "convert",
     "eval": "eval",
     "compare": "compare",
+    "report": "report",
     "generate": "generate",
     "chat": "chat",
     "verify": "verify",
     "imatrix": "imatrix",
+}
+
+
+# `quantkit --help` lists each command with its short_help (set where the command is defined, at most 45
+# characters so it is never cut off); this supplies one for a command defined without it
+SHORT_HELP = {
+    "verify": "Check OUT's logits against its real client.",
 }
 
 
@@ -49,7 +57,10 @@ class LazyGroup(click.Group):
             if e.name == f"quantkit.commands.{COMMANDS[name]}":
                 return None
             raise
-        return module.command
+        command = module.command
+        if command.short_help is None and name in SHORT_HELP:
+            command.short_help = SHORT_HELP[name]
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -320,11 +320,24 @@ def read_json_object(path: str | Path, error: type[Exception]) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     return data
+
+
+def read_json_or_empty(path: str | Path) -> dict:
+    """An optional JSON object file (tokenizer_config.json, ...): {} when it is absent, unreadable, not JSON or not
+    an object, for readers that fall back to defaults."""
+    try:
+        return read_json_object(path, QuantkitError)
+    except QuantkitError:
+        return {}
 
 
 def write_json(path: str | Path, obj, sort_keys: bool = False) -> None:

@@ -7,7 +7,13 @@ set -euo pipefail
 dest="${QUANTKIT_LLAMACPP_DIR:-$HOME/.cache/quantkit/llama.cpp}"
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 tools="llama-quantize llama-perplexity llama-imatrix llama-tokenize llama-simple llama-completion llama-bench llama-gguf"
-if [ -x "$dest/build/bin/llama-quantize" ] && [ -x "$dest/build/bin/llama-perplexity" ] && [ -x "$dest/build/bin/llama-bench" ]; then
+# AMX tiles stay off: ggml's AMX matmuls take another numeric path than the CPU kernels the tests compare with, and
+# on virtual machines that report AMX without backing it they crash (SIGSEGV at ldtilecfg).
+flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+case "$(uname -m)" in x86_64|amd64) ;; *) flags="" ;; esac
+stamp="llama-cpp-python $version native=${GGML_NATIVE:-ON} flags=$flags"
+if [ -x "$dest/build/bin/llama-quantize" ] && [ -x "$dest/build/bin/llama-perplexity" ] && [ -x "$dest/build/bin/llama-bench" ] \
+   && [ "$(cat "$dest/.quantkit-build" 2>/dev/null)" = "$stamp" ]; then
   echo "llama.cpp already built in $dest"; exit 0
 fi
 mkdir -p "$(dirname "$dest")"
@@ -20,6 +26,7 @@ cp -r "$work"/llama_cpp_python-*/vendor/llama.cpp "$dest"
 cd "$dest"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-  -DGGML_NATIVE=${GGML_NATIVE:-ON} >/dev/null
+  -DGGML_NATIVE=${GGML_NATIVE:-ON} -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
 cmake --build build -j"$(nproc)" --target $tools
+echo "$stamp" > "$dest/.quantkit-build"
 echo "built llama.cpp tools in $dest/build/bin"

@@ -1,6 +1,7 @@
 """Generate quantkit's built-in calibration set into `calib/` (deterministic; all text written by the project).
 
-    python scripts/make_calib.py            # rewrites calib/*.txt, calib/chat.jsonl and calib/manifest.json
+    python scripts/make_calib.py            # rewrites calib/*.txt, calib/chat.jsonl and calib/manifest.json,
+                                            # and the held-out evaluation text evaltext/prose.txt
 
 The set mixes four kinds of text so that calibration activations cover what a chat model sees:
   prose.txt         hand-written passages + essays, stories, letters and explanations composed from templates
@@ -9,6 +10,9 @@ The set mixes four kinds of text so that calibration activations cover what a ch
   code.txt          Python, JavaScript, SQL and shell snippets
   lists.txt         lists, tables, schedules, recipes, arithmetic, dates and measurements
 Nothing is copied from an existing corpus; the vocabulary and templates below are original.
+
+evaltext/prose.txt is prose composed the same way from another seed, without the hand-written passages: text for
+evaluating quantized models that no calibration run has seen (no paragraph of it is in calib/).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "calib"
 SEED = 20240601
+EVAL_SEED = 20261206
+EVAL_OUT = ROOT / "evaltext"
 VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,9 +233,9 @@ def dialogue_prose(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-def make_prose(rng: random.Random, n: int) -> str:
+def make_prose(rng: random.Random, n: int, passages: bool = True) -> str:
     makers = [story, explainer, letter, news, dialogue_prose]
-    parts = list(PASSAGES)
+    parts = list(PASSAGES) if passages else []
     for _ in range(n):
         parts.append(pick(rng, makers)(rng))
     rng.shuffle(parts)
@@ -475,7 +481,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT,
                         help="output directory (default: calib/ at the repository root)")
-    out = parser.parse_args(argv).out
+    parser.add_argument("--eval-out", type=Path, default=EVAL_OUT,
+                        help="output directory of the evaluation text (default: evaltext/ at the repository root)")
+    args = parser.parse_args(argv)
+    out = args.out
     rng = random.Random(SEED)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -497,6 +506,24 @@ def main(argv: list[str] | None = None) -> None:
     for e in entries:
         print(f"{e['file']:12s} {e['bytes']:>9,d} bytes  {e['sha256'][:12]}")
     print(f"set sha256 {set_hash[:16]}")
+    write_eval_text(args.eval_out, calibration=files["prose.txt"])
+
+
+def write_eval_text(out: Path, calibration: str) -> None:
+    """evaltext/prose.txt (and its manifest): held-out prose; no paragraph of it appears in the calibration prose."""
+    seen = set(calibration.split("\n\n"))
+    rng = random.Random(EVAL_SEED)
+    paragraphs = [p for p in make_prose(rng, 260, passages=False).rstrip("\n").split("\n\n") if p not in seen]
+    data = ("\n\n".join(paragraphs) + "\n").encode("utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prose.txt").write_bytes(data)
+    manifest = {"name": "quantkit-evaltext", "version": VERSION, "generator": "scripts/make_calib.py",
+                "seed": EVAL_SEED, "license": "Apache-2.0 (written by the quantkit project)",
+                "files": [{"file": "prose.txt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                           "kind": "prose", "paragraphs": len(paragraphs)}]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"evaltext/prose.txt {len(data):>9,d} bytes  {manifest['files'][0]['sha256'][:12]} ({len(paragraphs)} "
+          "paragraphs, none in calib/)")
 
 
 if __name__ == "__main__":

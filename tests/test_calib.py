@@ -41,6 +41,21 @@ def test_builtin_set_is_regenerated_byte_identically(tmp_path):
     assert ours["sha256"] == stored["sha256"]
 
 
+def test_evaluation_text_is_regenerated_and_never_calibration_text(tmp_path):
+    """evaltext/prose.txt comes from scripts/make_calib.py too, and no paragraph of it is in the calibration set."""
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_calib.py"), "--out", str(tmp_path / "c"),
+                    "--eval-out", str(tmp_path / "e")], check=True, capture_output=True)
+    stored = REPO_ROOT / "evaltext" / "prose.txt"
+    assert (tmp_path / "e" / "prose.txt").read_bytes() == stored.read_bytes()
+    manifest = json.loads((REPO_ROOT / "evaltext" / "manifest.json").read_text())
+    assert manifest["files"][0]["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+    calibration = "\n\n".join((BUILTIN_DIR / f).read_text() for f in ("prose.txt", "chat.jsonl", "code.txt",
+                                                                        "lists.txt"))
+    paragraphs = stored.read_text().rstrip("\n").split("\n\n")
+    assert len(paragraphs) > 200
+    assert not [p for p in paragraphs if p in calibration]
+
+
 def test_builtin_set_gives_128_distinct_512_token_samples(tok):
     calib = load_calibration("builtin", tok, n_samples=128, seqlen=512, seed=0)
     assert calib.tokens.shape == (128, 512)

@@ -63,10 +63,10 @@ def test_eval_json_equals_library(capsys, fixture_dir, text_file):
     result = json.loads(out)  # progress bars went to stderr, stdout is pure JSON
     model = Transformer.from_checkpoint(open_checkpoint(fixture_dir), torch.float32)
     ids = load_tokenizer(fixture_dir).encode(text_file.read_text())
-    expected = evaluate_perplexity(model, ids, "gptq", 64, progress=False, max_windows=6)
+    expected = evaluate_perplexity(model, ids, "llamacpp", 64, progress=False, max_windows=6)  # the default
     assert result["ppl"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert result["ppl"]["n_windows"] == expected.n_windows and result["ppl"]["n_tokens"] == expected.n_tokens
-    assert result["text"]["tokens"] == len(ids) and result["convention"] == "gptq" and result["ctx"] == 64
+    assert result["text"]["tokens"] == len(ids) and result["convention"] == "llamacpp" and result["ctx"] == 64
 
 
 def test_eval_text_output_with_ref(capsys, fixture_dir, text_file):
@@ -83,6 +83,31 @@ def test_compare_weights_and_kld(capsys, fixture_dir, tmp_path, text_file):
     assert len(result["weights"]) == 2 * 7 + 2  # linears + embeddings + lm_head
     assert all(r["sqnr_db"] > 200 for r in result["weights"])  # identical tensors
     assert result["compare"]["kld"]["mean"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_eval_and_compare_share_one_default_convention(capsys, fixture_dir, tmp_path, text_file):
+    """The same pair gives the same KLD from `eval --ref`, `compare` and quantkit.evaluate with no --convention."""
+    import inspect
+
+    import quantkit
+    from quantkit.commands.compare import command as compare_cmd
+    from quantkit.commands.eval import command as eval_cmd
+    from quantkit.eval import run
+
+    eval_defaults = {p.name: p.default for p in eval_cmd.params}
+    compare_defaults = {p.name: p.default for p in compare_cmd.params}
+    assert eval_defaults["convention"] == compare_defaults["convention"] == "llamacpp"
+    for fn in (quantkit.evaluate, run.evaluate, run.compare):
+        assert inspect.signature(fn).parameters["convention"].default == "llamacpp", fn
+    other = make_random_checkpoint(tmp_path / "o", seed=5, shards=1, layout="hf-single")
+    ev = json.loads(run_cli(capsys, "eval", str(other), "--ref", str(fixture_dir), "--text", str(text_file),
+                            "--ctx", "64", "--max-windows", "3", "--json", "--no-progress")[0])
+    cmp = json.loads(run_cli(capsys, "compare", str(fixture_dir), str(other), "--text", str(text_file), "--ctx",
+                             "64", "--max-windows", "3", "--no-weights", "--json", "--no-progress")[0])
+    assert ev["convention"] == cmp["compare"]["convention"] == "llamacpp"
+    assert ev["compare"]["kld"]["mean"] == pytest.approx(cmp["compare"]["kld"]["mean"], rel=1e-6)
+    assert ev["compare"]["kld"]["mean"] > 0
+    assert "(default 512 for llamacpp" in run_cli(capsys, "eval", "--help")[0]
 
 
 def test_inspect_peak_rss_far_below_checkpoint_size(tmp_path):

@@ -281,9 +281,10 @@ def test_compiled_cpu_decode_matches_eager_and_is_deterministic(nano_q4_k_m):
 def test_cli_generate_compile_flag_gives_the_eager_text(nano_q4_k_m, capfd):
     from quantkit.cli import main
 
-    main(["generate", str(nano_q4_k_m), "Once upon a time", "--max-tokens", "12"])
+    greedy = ["--temperature", "0"]  # the default samples with a fresh seed
+    main(["generate", str(nano_q4_k_m), "Once upon a time", "--max-tokens", "12", *greedy])
     eager_out, _ = capfd.readouterr()
-    main(["generate", str(nano_q4_k_m), "Once upon a time", "--max-tokens", "12", "--compile"])
+    main(["generate", str(nano_q4_k_m), "Once upon a time", "--max-tokens", "12", "--compile", *greedy])
     out, err = capfd.readouterr()
     assert out.startswith("Once upon a time") and len(out.split()) >= 6 and "tok/s" in err
     assert out == eager_out  # same kernels; the compiled step only fuses the small ops around them

@@ -154,3 +154,26 @@ def test_plan_cli_human_and_json(tmp_path, capsys):
         cli_main(["plan", str(src), "--preset", "w4a16-g128", "--format", "dump"])
     assert e.value.code == 1
     assert "does not divide the input dimension 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--preset", "w4a16-g32", "--format", "gptq"], ["--type", "Q4_K_M"]],
+                         ids=["rtn-gptq", "gguf-Q4_K_M"])
+def test_plan_and_quantize_print_the_same_bpw(tmp_path, capsys, args):
+    """One BPW definition (formats.sizes.bits_per_weight: tensor bytes x 8 / all parameters): the BPW `plan`
+    prints is the BPW `quantize` prints for the file it writes, and the planned bytes are the stored tensor bytes."""
+    src = make_random_checkpoint(tmp_path / "src", layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2)
+    cli_main(["plan", str(src), *args, "--json"])
+    plan = json.loads(capsys.readouterr().out)["outputs"][0]
+    out = tmp_path / ("m.gguf" if "--type" in args else "out")
+    cli_main(["quantize", str(src), *args, "-o", str(out), "--json", "--no-progress"])
+    result = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert result["tensor_bytes"] == plan["bytes"] == result["planned_bytes"]
+    assert result["bpw"] == plan["bpw"] == result["planned_bpw"] and 4 < plan["bpw"] < 16
+    assert result["bytes"] > result["tensor_bytes"]  # the file adds headers (and, for GGUF, the vocabulary)
+    cli_main(["plan", str(src), *args])
+    plan_text = capsys.readouterr().out.splitlines()
+    cli_main(["quantize", str(src), *args, "-o", str(tmp_path / "again"), "--force", "--no-progress"])
+    quant_text = capsys.readouterr().out.splitlines()
+    planned = next(line for line in plan_text if line.startswith("quant size"))
+    written = next(line for line in quant_text if line.startswith("quant size"))
+    assert planned.split("[")[0] == written.split("[")[0], (planned, written)  # same MiB, BPW and percentage

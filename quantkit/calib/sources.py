@@ -117,6 +117,8 @@ def _documents_from_bytes(path: Path, data: bytes) -> list[Document]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise CalibrationError(f"{path}:{lineno}: JSON nested too deeply") from None
         docs.append(_document_from_record(obj, f"{path}:{lineno}"))
     return [d for d in docs if d]
 

@@ -11,12 +11,15 @@ from quantkit.commands._types import COUNT, DEVICE, SEED, FiniteFloatRange
 
 def runtime_options(fn):
     @click.option("--max-tokens", "max_tokens", type=COUNT, default=128, show_default=True, help="Tokens to generate.")
-    @click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-    @click.option("--top-k", "top_k", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Keep the k most likely (0 = off).")
-    @click.option("--top-p", "top_p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-                  help="Nucleus mass (1 = off).")
-    @click.option("--seed", type=SEED, default=None, help="Seed for sampling (reproducible output).")
+    @click.option("--temperature", type=FiniteFloatRange(min=0), default=None,
+                  help="0 = greedy. Default: the model's generation_config.json (as transformers reads it), else "
+                  "0.8 with top-k 40 and top-p 0.95 (llama.cpp's defaults).")
+    @click.option("--top-k", "top_k", type=click.IntRange(min=0), default=None,
+                  help="Keep the k most likely (0 = off). Default: the model's, else 40.")
+    @click.option("--top-p", "top_p", type=FiniteFloatRange(0, 1, min_open=True), default=None,
+                  help="Nucleus mass (1 = off). Default: the model's, else 0.95.")
+    @click.option("--seed", type=SEED, default=None,
+                  help="Seed for sampling (default: a fresh one, shown in the speed line; reproducible output).")
     @click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda[:N].")
     @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
                   help="Kernels: triton (GPU), torch (CPU); auto picks by device.")
@@ -37,12 +40,23 @@ def runtime_options(fn):
     return wrapper
 
 
-def speed_line(result, info) -> str:
-    """One line: tokens, prefill and decode tokens/s, and how the model runs (format, backend, device, dtype)."""
+def sampling_params(info, temperature, top_k, top_p, seed):
+    """The run's SamplingParams: the options given, the rest from the model (`info["sampling"]`)."""
+    from quantkit.runtime.generate import resolve_sampling
+
+    return resolve_sampling(temperature, top_k, top_p, seed, info.get("sampling"))
+
+
+def speed_line(result, info, params=None) -> str:
+    """One line: tokens, prefill and decode tokens/s, how the model runs (format, backend, device, dtype) and how it
+    sampled (greedy, or temperature/top-k/top-p/seed: the seed repeats a sampled run)."""
+    from quantkit.runtime.generate import describe_sampling
+
     return (f"{len(result.tokens)} tokens | prefill {result.prompt_tokens - result.reused_tokens} tok "
             f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_tokens_per_s:.2f} tok/s | "
             f"{info['format']} {info['backend']} {info['device']} {info['dtype']}"
             + (" cache-dequant" if info.get("cache_dequant") else "")
             + (" cpu-kernels" if info.get("cpu_kernels") and info["device"] == "cpu" else "")
             + (f" (decode includes {result.extra['compile_s']:.1f} s of compile)" if result.extra.get("compile_s")
-               else ""))
+               else "")
+            + (f" | {describe_sampling(params)}" if params is not None else ""))

@@ -12,17 +12,18 @@ import json
 import click
 
 from quantkit.commands._types import BACKEND, COUNT, DEVICE
-from quantkit.eval.perplexity import CONVENTIONS
+from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CTX
 
 
-@click.command("compare")
+@click.command("compare", short_help="Weight error and KLD of QUANT vs BASE.")
 @click.argument("base")
 @click.argument("quant")
 @click.option("--text", "text_path", type=click.Path(), default=None,
               help="Evaluation text (file or directory of .txt); without it only weight errors are shown.")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default="llamacpp", show_default=True)
+@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
+              help="llamacpp: llama-perplexity's chunks; gptq: non-overlapping windows. The same default as `eval`.")
 @click.option("--ctx", type=click.IntRange(min=4), default=None,
-              help="Window length (default 512 for llamacpp, 2048 for gptq).")
+              help=f"Window length (default {DEFAULT_CTX['llamacpp']} for llamacpp, {DEFAULT_CTX['gptq']} for gptq).")
 @click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Show the N tensors with the largest weight error.")
@@ -32,7 +33,7 @@ from quantkit.eval.perplexity import CONVENTIONS
               help="Kernel backend for quantized weights (auto, torch, triton).")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if neither model has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 def command(base, quant, text_path, convention, ctx, max_windows, top, weights, device, backend, tokenizer_path,
             as_json, no_progress):
     """Compare QUANT with its full-precision BASE: per-tensor weight error and KL divergence on a text.

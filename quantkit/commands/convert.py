@@ -16,7 +16,7 @@ from quantkit.commands._types import SIZE
 from quantkit.pipeline.convert import CONVERTERS
 
 
-@click.command("convert")
+@click.command("convert", short_help="Re-shard, re-type or convert to GGUF.")
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (gguf: file).")
@@ -46,5 +46,5 @@ def command(src, out, fmt, dtype, shard_size, gguf_type, imatrix, force, no_prog
         raise click.UsageError("--type and --imatrix apply to --format gguf only")
     command_line = "quantkit convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     path = convert(src, out, fmt, dtype=dtype, shard_size=shard_size, gguf_type=gguf_type, imatrix=imatrix,
-                   force=force, progress=not no_progress and sys.stderr.isatty(), command_line=command_line)
+                   force=force, progress=not no_progress, command_line=command_line)
     click.echo(str(path))

@@ -10,17 +10,18 @@ import json
 import click
 
 from quantkit.commands._types import BACKEND, COUNT, DEVICE
-from quantkit.eval.perplexity import CONVENTIONS
+from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CTX
 
 
-@click.command("eval")
+@click.command("eval", short_help="Perplexity on a text, KLD against --ref.")
 @click.argument("model")
 @click.option("--text", "text_path", required=True, type=click.Path(),
               help="Evaluation text: a UTF-8 file, or a directory of .txt files (joined with blank lines).")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default="gptq", show_default=True,
-              help="gptq: non-overlapping windows, one BOS, all targets; llamacpp: llama-perplexity's chunks.")
+@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
+              help="llamacpp: llama-perplexity's chunks (BOS each, second half scored); gptq: non-overlapping "
+              "windows, one BOS, all targets. The same default as `compare`.")
 @click.option("--ctx", type=click.IntRange(min=4), default=None,
-              help="Window length (default 2048 for gptq, 512 for llamacpp).")
+              help=f"Window length (default {DEFAULT_CTX['llamacpp']} for llamacpp, {DEFAULT_CTX['gptq']} for gptq).")
 @click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top % and Δp against it.")
 @click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--spread", is_flag=True, help="With --max-windows: N windows evenly spaced over the whole text.")
@@ -40,9 +41,13 @@ def command(model, text_path, convention, ctx, ref, max_windows, spread, device,
             tokenizer_path, report_dir, as_json, no_progress):
     """Perplexity of MODEL on a text, in a named convention, with ± standard error and window/token counts.
 
+    The default is llama-perplexity's convention at ctx 512 (as `compare`), so `eval --ref BASE` and `compare
+    BASE MODEL` report the same KLD for the same pair.
+
     \b
-    quantkit eval models/mistral-nano --text wiki.test.raw --convention llamacpp --ctx 512
-    quantkit eval out/nano-Q4_K_M.gguf --text wiki.test.raw --convention llamacpp --ref models/mistral-nano
+    quantkit eval models/mistral-nano --text wiki.test.raw
+    quantkit eval out/nano-Q4_K_M.gguf --text wiki.test.raw --ref models/mistral-nano
+    quantkit eval out/nano-gptq --text wiki.test.raw --convention gptq --ctx 2048
     """
     from quantkit.eval.run import evaluate
 

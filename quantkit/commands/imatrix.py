@@ -16,7 +16,7 @@ import click
 from quantkit.commands._types import COUNT, DEVICE, SEED
 
 
-@click.command("imatrix")
+@click.command("imatrix", short_help="Collect a llama.cpp importance matrix.")
 @click.argument("model")
 @click.option("--calib", default="builtin", show_default=True,
               help="Calibration data: builtin, a .txt/.jsonl/.parquet file or a directory of them.")

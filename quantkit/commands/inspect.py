@@ -10,7 +10,7 @@ import json
 import click
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Describe a checkpoint (no weights loaded).")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 def command(path: str, as_json: bool) -> None:

@@ -9,7 +9,7 @@ import click
 from quantkit.commands._plan_options import model_options
 
 
-@click.command("plan")
+@click.command("plan", short_help="Preview quantize: targets, sizes, BPW, RAM.")
 @model_options
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
             seed, device, as_json):

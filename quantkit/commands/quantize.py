@@ -11,7 +11,7 @@ from quantkit.commands._plan_options import model_options
 from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 
 
-@click.command("quantize")
+@click.command("quantize", short_help="Quantize to GPTQ/AWQ/compressed-tensors/GGUF.")
 @model_options
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
               help="Output directory (GGUF: file). With several formats, a directory holding one output per format.")

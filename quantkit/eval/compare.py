@@ -7,11 +7,19 @@ from typing import Sequence
 import torch
 
 from quantkit.eval.kld import KLDAccumulator
-from quantkit.eval.perplexity import LogitsFn, NLLStats, PerplexityResult, plan_windows, progress_bar, window_nll
+from quantkit.eval.perplexity import (
+    DEFAULT_CONVENTION,
+    LogitsFn,
+    NLLStats,
+    PerplexityResult,
+    plan_windows,
+    progress_bar,
+    window_nll,
+)
 
 
 def compare_models(ref_logits_fn: LogitsFn, test_logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor,
-                   convention: str = "llamacpp", ctx: int | None = None, progress: bool = True, bos_id: int = 1,
+                   convention: str = DEFAULT_CONVENTION, ctx: int | None = None, progress: bool = True, bos_id: int = 1,
                    max_windows: int | None = None, spread: bool = False) -> dict:
     """{"convention", "ctx", "n_windows", "n_tokens", "ppl_ref", "ppl_test" (PerplexityResult dicts), "kld",
     "same_top", "delta_p", "ppl" (llama.cpp's PPL statistics)} on the positions the convention scores."""

@@ -28,7 +28,7 @@ def _mean_stderr(x: torch.Tensor) -> tuple[float, float]:
     return mean, math.sqrt(var / (n - 1))
 
 
-def _percentile(x: torch.Tensor, q: float) -> float:
+def percentile(x: torch.Tensor, q: float) -> float:
     return (torch.quantile(x, q / 100.0).item() if x.numel() < 16_000_000
             else x.sort().values[int(q / 100 * (x.numel() - 1))].item())
 
@@ -76,8 +76,8 @@ class KLDAccumulator:
             "n_tokens": n,
             "kld": {
                 "mean": mean, "mean_stderr": err, "max": kld.max().item(), "min": kld.min().item(),
-                "median": _percentile(kld, 50.0), "p99": _percentile(kld, 99.0),
-                "percentiles": {str(q): _percentile(kld, q) for q in KLD_PERCENTILES},
+                "median": percentile(kld, 50.0), "p99": percentile(kld, 99.0),
+                "percentiles": {str(q): percentile(kld, q) for q in KLD_PERCENTILES},
             },
         }
         p_same = same.mean().item()
@@ -90,8 +90,8 @@ class KLDAccumulator:
                        if rms2 > 0 else 0.0)
             out["delta_p"] = {
                 "mean": dp_mean, "mean_stderr": dp_err, "rms": math.sqrt(rms2), "rms_stderr": rms_err,
-                "max": dp.max().item(), "min": dp.min().item(), "median": _percentile(dp, 50.0),
-                "percentiles": {str(q): _percentile(dp, q) for q in DP_PERCENTILES},
+                "max": dp.max().item(), "min": dp.min().item(), "median": percentile(dp, 50.0),
+                "percentiles": {str(q): percentile(dp, q) for q in DP_PERCENTILES},
             }
             out["ppl"] = ppl_statistics(torch.cat(self._nll_test), torch.cat(self._nll_ref))
         return out

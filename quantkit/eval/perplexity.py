@@ -9,6 +9,9 @@
 
 `logits_fn(tokens [1, T] int64) -> logits [1, T, V]`. PPL = exp(mean NLL); the ± is llama.cpp's
 PPL * stddev(NLL) / sqrt(count - 1).
+
+The default convention everywhere (`quantkit eval`, `quantkit compare`, `quantkit.evaluate`) is `llamacpp` at
+ctx 512 (`DEFAULT_CONVENTION`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from quantkit.errors import NonFiniteError
 
 CONVENTIONS = ("gptq", "llamacpp")
 DEFAULT_CTX = {"gptq": 2048, "llamacpp": 512}
+# The one default of `quantkit eval`, `quantkit compare` and `quantkit.evaluate`: llama-perplexity's layout at ctx
+# 512, so the same pair of models gives the same KLD from every entry point, numbers line up with llama.cpp's
+# tools, and the built-in model (trained at context 512) is scored within its trained context.
+DEFAULT_CONVENTION = "llamacpp"
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,8 +71,9 @@ def count_windows(n_tokens: int, convention: str, ctx: int | None = None) -> int
     return n_tokens // ctx
 
 
-def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq", ctx: int | None = None,
-                 bos_id: int = 1, max_windows: int | None = None, spread: bool = False) -> Iterator[Window]:
+def iter_windows(token_ids: Sequence[int] | torch.Tensor, convention: str = DEFAULT_CONVENTION,
+                 ctx: int | None = None, bos_id: int = 1, max_windows: int | None = None,
+                 spread: bool = False) -> Iterator[Window]:
     """The windows a convention evaluates, in order (see the module docstring).
 
     max_windows limits the count: the first N windows, or with `spread` N windows evenly spaced over the whole
@@ -164,9 +172,9 @@ class PerplexityResult:
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm import tqdm
+    from quantkit.progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, unit="win", leave=False, dynamic_ncols=True)
+    return progress(iterable, total=total, desc=desc, unit="window", leave=False, dynamic_ncols=True)
 
 
 def plan_windows(token_ids: Sequence[int] | torch.Tensor, convention: str, ctx: int | None, bos_id: int,
@@ -181,7 +189,8 @@ def plan_windows(token_ids: Sequence[int] | torch.Tensor, convention: str, ctx: 
     return ctx, iter_windows(ids, convention, ctx, bos_id, max_windows, spread), total
 
 
-def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor, convention: str = "gptq",
+def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int] | torch.Tensor,
+                        convention: str = DEFAULT_CONVENTION,
                         ctx: int | None = None, progress: bool = True, bos_id: int = 1,
                         max_windows: int | None = None, spread: bool = False) -> PerplexityResult:
     """Perplexity of `logits_fn` on `token_ids` under a named convention (module docstring)."""

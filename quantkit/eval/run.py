@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantkit.eval.perplexity import DEFAULT_CONVENTION, DEFAULT_CTX
 from quantkit.eval.weights import WeightErrors
 
 
@@ -27,12 +28,13 @@ def text_facts(path: str, texts: list[str], n_tokens: int) -> dict[str, Any]:
 
 
 def progress_wrapper(enabled: bool, desc: str) -> Callable[[Iterable], Iterable] | None:
-    """A tqdm wrapper for model loading (stderr), or None when progress is off."""
+    """A progress wrapper for model loading (stderr: a bar on a terminal, plain lines elsewhere), or None when
+    progress is off."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    from quantkit.progress import progress
 
-    return lambda items: tqdm(items, desc=desc, unit="tensor", leave=False, dynamic_ncols=True)
+    return lambda items: progress(items, desc=desc, unit="tensor", leave=False, dynamic_ncols=True)
 
 
 # ---- quantkit eval ----
@@ -93,16 +95,18 @@ class EvalReport:
 MODEL_FACTS = ("format", "device", "backend", "dtype", "weight_types", "weight_bytes")
 
 
-def evaluate(model: str | Path, text: str | Path, *, ref: str | Path | None = None, convention: str = "gptq",
+def evaluate(model: str | Path, text: str | Path, *, ref: str | Path | None = None,
+             convention: str = DEFAULT_CONVENTION,
              ctx: int | None = None, max_windows: int | None = None, spread: bool = False, device: str = "cpu",
              backend: str = "auto", dtype: str | None = None, cache_dequant: bool = False,
              tokenizer: str | Path | None = None, progress: bool = False,
              report_dir: str | Path | None = None) -> EvalReport:
-    """Perplexity of `model` on `text` (a UTF-8 file or a directory of .txt) in a named convention.
+    """Perplexity of `model` on `text` (a UTF-8 file or a directory of .txt) in a named convention (default
+    `llamacpp` at ctx 512, as `compare`: see `quantkit.eval.perplexity.DEFAULT_CONVENTION`).
 
     With `ref`, both models run over the same windows and the report adds the reference perplexity and KLD /
     same-top / Δp statistics. `tokenizer`: a tokenizer file when the models have none. `report_dir`: also write
-    report.json and report.md there. `progress`: tqdm bars on stderr. Raises QuantkitError on bad input (the text
+    report.json and report.md there. `progress`: progress on stderr. Raises QuantkitError on bad input (the text
     is read and the convention checked before any model is loaded)."""
     from quantkit.eval.compare import compare_models
     from quantkit.eval.loading import load_eval_model, pick_tokenizer
@@ -161,8 +165,8 @@ class CompareReport:
     weights (per-tensor rows, worst first) and/or compare (KLD statistics) + timing_s."""
 
     data: dict[str, Any]
-    convention: str = "llamacpp"
-    ctx: int = 512
+    convention: str = DEFAULT_CONVENTION
+    ctx: int = DEFAULT_CTX[DEFAULT_CONVENTION]
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
@@ -181,11 +185,12 @@ class CompareReport:
         return "\n".join(parts)
 
 
-def compare(base: str | Path, quant: str | Path, text: str | Path | None = None, *, convention: str = "llamacpp",
+def compare(base: str | Path, quant: str | Path, text: str | Path | None = None, *,
+            convention: str = DEFAULT_CONVENTION,
             ctx: int | None = None, max_windows: int | None = None, weights: bool = True, device: str = "cpu",
             backend: str = "auto", tokenizer: str | Path | None = None, progress: bool = False) -> CompareReport:
     """How far `quant` is from its full-precision `base`: per-tensor weight error (`weights`), and, with `text`,
-    KL divergence / same-top / Δp of the outputs over the convention's windows. `progress`: tqdm bars on stderr."""
+    KL divergence / same-top / Δp of the outputs over the convention's windows. `progress`: progress on stderr."""
     from quantkit.eval.compare import compare_models
     from quantkit.eval.loading import load_eval_model, pick_tokenizer
     from quantkit.eval.perplexity import (

@@ -92,7 +92,7 @@ class WeightErrors:
 def weight_errors(base: str | Path, quant: str | Path, progress: bool = False) -> WeightErrors:
     """SQNR and relative MSE of every 2-D tensor QUANT stores, against BASE; sorted worst (lowest SQNR) first.
 
-    `progress`: a tqdm bar on stderr. Raises NonFiniteError naming the tensor when either side holds NaN or Inf."""
+    `progress`: progress on stderr. Raises NonFiniteError naming the tensor when either side holds NaN or Inf."""
     from quantkit.quant.rtn import sqnr_db
     from quantkit.errors import NonFiniteError
     from quantkit.tensors import first_nonfinite
@@ -102,9 +102,9 @@ def weight_errors(base: str | Path, quant: str | Path, progress: bool = False) -
     base_set = set(base_names)
     common = [n for n in names if n in base_set]
     if progress:
-        from tqdm import tqdm
+        from quantkit.progress import progress as progress_bar
 
-        common = tqdm(common, desc="weight error", unit="tensor", leave=False, dynamic_ncols=True)
+        common = progress_bar(common, desc="weight error", unit="tensor", leave=False, dynamic_ncols=True)
     rows = []
     for name in common:
         stored = get(name)

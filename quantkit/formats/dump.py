@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from quantkit.errors import FormatError
 from quantkit.formats.base import register
+from quantkit.io import read_json_object
 from quantkit.tensors import GGMLTensor, QuantTensor
 
 META_KEY = "quantkit.dump"
@@ -152,9 +153,11 @@ class DumpWriter:
 def read_dump(path: str | Path) -> list[tuple[str, Any]]:
     """All tensors of a DumpWriter output, in the order they were added."""
     path = Path(path)
-    manifest = json.loads((path / "dump.json").read_text())
+    files = read_json_object(path / "dump.json", FormatError).get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and Path(f).name == f for f in files):
+        raise FormatError(f"{path / 'dump.json'}: 'files' must list the file names of the dump")
     out: list[tuple[str, Any]] = []
-    for fname in manifest["files"]:
+    for fname in files:
         out += load_tensors(path / fname)[0]
     return out
 

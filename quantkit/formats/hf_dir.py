@@ -271,8 +271,8 @@ def quantization_config_of(path: Path) -> dict[str, Any] | None:
         return None
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the format readers report the broken config.json itself
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     return qc if isinstance(qc, dict) else None
 

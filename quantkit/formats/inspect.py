@@ -9,12 +9,12 @@ are shown through their format reader (`quantkit.formats.base.detect_format`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.io import read_json_or_empty
 
 # registry formats that are plain full-precision layouts: shown through open_checkpoint (shards, dtypes, checks)
 FULL_PRECISION_FORMATS = ("hf", "consolidated")
@@ -67,12 +67,8 @@ def _chat_template(directory: Path) -> str | None:
     cfg = directory / "tokenizer_config.json"
     if (directory / "chat_template.jinja").exists():
         return "chat_template.jinja"
-    if cfg.exists():
-        try:
-            if json.loads(cfg.read_text()).get("chat_template"):
-                return "tokenizer_config.json"
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return None
+    if read_json_or_empty(cfg).get("chat_template"):
+        return "tokenizer_config.json"
     return None
 
 
@@ -184,20 +180,38 @@ def inspect_path(spec: str | Path) -> Inspection:
     """What the checkpoint at `spec` (directory, .gguf file or hub id) is, without loading its weights.
 
     Quantized formats (GGUF, GPTQ, AWQ, compressed-tensors) are read through `detect_format`; full-precision
-    sources through `open_checkpoint` (safetensors headers only)."""
-    from quantkit.model.checkpoint import open_checkpoint
+    sources through `open_checkpoint` (safetensors headers only). A hub id is read without downloading weights:
+    its config, tokenizer and index files, and only the header of each safetensors file (HTTP range reads,
+    `quantkit.formats.hub`); offline, a cached copy is used as `open_checkpoint` finds it."""
+    from quantkit.model.checkpoint import _hub_offline, _is_hub_id, open_checkpoint
 
     path = Path(spec).expanduser()
     if path.exists():
-        from quantkit.formats.base import detect_format
+        return Inspection(_describe_local(path))
+    if _is_hub_id(str(spec)) and not _hub_offline():
+        import tempfile
 
-        try:
-            fmt = detect_format(path)  # quantized formats (GGUF file, quantization_config / quantize_config.json)
-        except QuantkitError:
-            fmt = None
-        if fmt is not None and fmt.name not in FULL_PRECISION_FORMATS:
-            return Inspection(describe_quantized(fmt.read(path)))
+        from quantkit.formats.hub import hub_snapshot
+
+        with tempfile.TemporaryDirectory(prefix="quantkit-inspect-") as tmp:
+            info = _describe_local(hub_snapshot(str(spec), Path(tmp) / "snapshot"))
+        info["path"] = str(spec)
+        info["fetched"] = "config, tokenizer and safetensors headers only (HTTP range reads); no weights"
+        return Inspection(info)
     return Inspection(describe_checkpoint(open_checkpoint(spec)))
+
+
+def _describe_local(path: Path) -> dict[str, Any]:
+    from quantkit.formats.base import detect_format
+    from quantkit.model.checkpoint import open_checkpoint
+
+    try:
+        fmt = detect_format(path)  # quantized formats (GGUF file, quantization_config / quantize_config.json)
+    except QuantkitError:
+        fmt = None
+    if fmt is not None and fmt.name not in FULL_PRECISION_FORMATS:
+        return describe_quantized(fmt.read(path))
+    return describe_checkpoint(open_checkpoint(path))
 
 
 # ---- rendering ----

@@ -24,28 +24,31 @@ class FileType:
     name: str  # CLI string: Q4_K_M, Q8_0, BF16, ...
     llama_ftype: int  # general.file_type (LlamaFileType)
     default_type: str  # ggml type of the bulk of the weights
+    description: str = ""  # one line for `--list-types`
 
 
 FILE_TYPES: dict[str, FileType] = {
     ft.name: ft
     for ft in (
-        FileType("F32", LlamaFileType.ALL_F32, "F32"),
-        FileType("F16", LlamaFileType.MOSTLY_F16, "F16"),
-        FileType("BF16", LlamaFileType.MOSTLY_BF16, "BF16"),
-        FileType("Q8_0", LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
-        FileType("Q4_0", LlamaFileType.MOSTLY_Q4_0, "Q4_0"),
-        FileType("Q4_1", LlamaFileType.MOSTLY_Q4_1, "Q4_1"),
-        FileType("Q5_0", LlamaFileType.MOSTLY_Q5_0, "Q5_0"),
-        FileType("Q5_1", LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
-        FileType("Q2_K", LlamaFileType.MOSTLY_Q2_K, "Q2_K"),
-        FileType("Q3_K_S", LlamaFileType.MOSTLY_Q3_K_S, "Q3_K"),
-        FileType("Q3_K_M", LlamaFileType.MOSTLY_Q3_K_M, "Q3_K"),
-        FileType("Q3_K_L", LlamaFileType.MOSTLY_Q3_K_L, "Q3_K"),
-        FileType("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, "Q4_K"),
-        FileType("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "Q4_K"),
-        FileType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K"),
-        FileType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K"),
-        FileType("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
+        FileType("F32", LlamaFileType.ALL_F32, "F32", "32-bit float: no quantization (a reference, twice BF16)"),
+        FileType("F16", LlamaFileType.MOSTLY_F16, "F16", "16-bit float: lossless for most models"),
+        FileType("BF16", LlamaFileType.MOSTLY_BF16, "BF16", "bfloat16: the source precision of most checkpoints"),
+        FileType("Q8_0", LlamaFileType.MOSTLY_Q8_0, "Q8_0", "8-bit blocks of 32, one scale: near-lossless"),
+        FileType("Q4_0", LlamaFileType.MOSTLY_Q4_0, "Q4_0", "4-bit blocks of 32, one scale (legacy)"),
+        FileType("Q4_1", LlamaFileType.MOSTLY_Q4_1, "Q4_1", "4-bit blocks of 32, scale and minimum (legacy)"),
+        FileType("Q5_0", LlamaFileType.MOSTLY_Q5_0, "Q5_0", "5-bit blocks of 32, one scale (legacy)"),
+        FileType("Q5_1", LlamaFileType.MOSTLY_Q5_1, "Q5_1", "5-bit blocks of 32, scale and minimum (legacy)"),
+        FileType("Q2_K", LlamaFileType.MOSTLY_Q2_K, "Q2_K", "2-bit k-quant mix: smallest, large quality loss"),
+        FileType("Q3_K_S", LlamaFileType.MOSTLY_Q3_K_S, "Q3_K", "3-bit k-quants throughout: small, lossy"),
+        FileType("Q3_K_M", LlamaFileType.MOSTLY_Q3_K_M, "Q3_K",
+                 "3-bit k-quants, attention V/output and FFN down at 4-5 bits"),
+        FileType("Q3_K_L", LlamaFileType.MOSTLY_Q3_K_L, "Q3_K", "3-bit k-quants, attention V/output, FFN down at Q5_K"),
+        FileType("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, "Q4_K", "4-bit k-quants, the first layers' V/FFN down at Q5_K"),
+        FileType("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "Q4_K",
+                 "4-bit k-quants, half of attention V/FFN down at Q6_K: the usual choice"),
+        FileType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K", "5-bit k-quants throughout"),
+        FileType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K", "5-bit k-quants, half of attention V/FFN down at Q6_K"),
+        FileType("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K", "6-bit k-quants: close to Q8_0 at 80% of its size"),
     )
 }
 # block-size fallbacks when a row length (ne[0] = in_features) is not a multiple of the type's block

@@ -10,12 +10,12 @@ tokenizer quantkit's runtime can load (Mistral/Llama SPM-BPE models with byte fa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import CheckpointError, FormatError
+from quantkit.io import read_json_object
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -59,13 +59,7 @@ class GGUFVocab:
 
 def _load_tokenizer_config(model_dir: Path) -> dict:
     path = model_dir / "tokenizer_config.json"
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, CheckpointError) if path.exists() else {}
 
 
 def _chat_template(model_dir: Path, tok_cfg: dict) -> str | None:
@@ -109,12 +103,13 @@ def vocab_from_sentencepiece(model_path: Path, vocab_size: int | None = None) ->
     tok_cfg = _load_tokenizer_config(model_dir)
     added = model_dir / "added_tokens.json"
     if added.exists():
-        for piece, idx in json.loads(added.read_text()).items():
-            if 0 <= int(idx) < n:
+        for piece, idx in read_json_object(added, CheckpointError).items():
+            if isinstance(idx, int) and 0 <= idx < n:
                 tokens[idx], scores[idx], types[idx] = piece, -1000.0, USER_DEFINED
-    for idx, entry in (tok_cfg.get("added_tokens_decoder") or {}).items():
-        idx = int(idx)
-        if not 0 <= idx < n or not isinstance(entry, dict):
+    decoder = tok_cfg.get("added_tokens_decoder") or {}
+    for idx, entry in (decoder.items() if isinstance(decoder, dict) else ()):
+        idx = int(idx) if str(idx).isdigit() else -1
+        if not 0 <= idx < n or not isinstance(entry, dict) or not isinstance(entry.get("content", ""), str):
             continue
         content = entry.get("content", tokens[idx])
         special = entry.get("special") or (content.startswith("<") and content.endswith(">"))
@@ -147,25 +142,48 @@ def vocab_from_sentencepiece(model_path: Path, vocab_size: int | None = None) ->
 
 
 def vocab_from_kvs(kv: dict[str, Any], source: str) -> GGUFVocab | None:
-    """The vocabulary stored in a GGUF's KVs (None when the file has none)."""
+    """The vocabulary stored in a GGUF's KVs (None when the file has none), every field checked for type and
+    range: a FormatError names the key."""
     tokens = kv.get("tokenizer.ggml.tokens")
     if tokens is None:
         return None
-    model = kv.get("tokenizer.ggml.model", "llama")
+
+    def bad(key: str, expected: str):
+        value = kv.get(key)
+        shown = f"an array of {len(value)}" if isinstance(value, list) else repr(value)
+        raise FormatError(f"{source}: {key} = {shown}: expected {expected}")
+
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        bad("tokenizer.ggml.tokens", "a non-empty array of strings")
     n = len(tokens)
-    scores = kv.get("tokenizer.ggml.scores") or [0.0] * n
-    types = kv.get("tokenizer.ggml.token_type") or [NORMAL] * n
-    if len(scores) != n or len(types) != n:
-        raise FormatError(f"{source}: tokenizer.ggml.scores/token_type have {len(scores)}/{len(types)} entries, "
-                          f"expected {n} (one per token)")
+    model = kv.get("tokenizer.ggml.model", "llama")
+    if not isinstance(model, str):
+        bad("tokenizer.ggml.model", "a string such as 'llama'")
+    scores = kv.get("tokenizer.ggml.scores", [0.0] * n)
+    types = kv.get("tokenizer.ggml.token_type", [NORMAL] * n)
+    number = (int, float)
+    if not isinstance(scores, list) or len(scores) != n or not all(isinstance(v, number) for v in scores):
+        bad("tokenizer.ggml.scores", f"an array of {n} numbers (one per token)")
+    if not isinstance(types, list) or len(types) != n or not all(isinstance(v, int) for v in types):
+        bad("tokenizer.ggml.token_type", f"an array of {n} integers (one per token)")
+    ids = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        value = kv.get(f"tokenizer.ggml.{key}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n):
+            bad(f"tokenizer.ggml.{key}", f"a token id in [0, {n})")
+        ids[name] = value
+    add_space_prefix = kv.get("tokenizer.ggml.add_space_prefix")
+    chat_template = kv.get("tokenizer.chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        bad("tokenizer.chat_template", "a string")
     return GGUFVocab(
-        tokens=list(tokens), scores=[float(s) for s in scores], token_types=[int(t) for t in types],
-        bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
-        unk_id=kv.get("tokenizer.ggml.unknown_token_id"), pad_id=kv.get("tokenizer.ggml.padding_token_id"),
+        tokens=list(tokens), scores=[float(v) for v in scores], token_types=[int(t) for t in types],
+        bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"], pad_id=ids["pad"],
         add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", True)),
         add_eos=bool(kv.get("tokenizer.ggml.add_eos_token", False)),
-        add_space_prefix=kv.get("tokenizer.ggml.add_space_prefix"),
-        chat_template=kv.get("tokenizer.chat_template"),
+        add_space_prefix=None if add_space_prefix is None else bool(add_space_prefix),
+        chat_template=chat_template,
         extra={"model": model},
     )
 

@@ -182,10 +182,10 @@ class GGUFFileWriter:
             raise
         self._bar = None
         if progress:
-            from tqdm import tqdm
+            from quantkit.progress import progress as progress_bar
 
-            self._bar = tqdm(total=self.data_size, unit="B", unit_scale=True, desc=f"writing {self.out.name}",
-                             leave=False, disable=None)
+            self._bar = progress_bar(total=self.data_size, unit="B", unit_scale=True, desc=f"writing {self.out.name}",
+                                     leave=False)
         self._done = False
 
     # ---- Writer protocol ----

@@ -1,7 +1,9 @@
 """Tokenizers: sentencepiece `tokenizer.model` as ground truth, `tokenizer.json` (HF `tokenizers`) as fallback.
 
-Both backends offer the same small interface: `encode(text, bos=True)`, `decode(ids)`, `apply_chat_template(messages)`,
-`bos_id`, `eos_id`, `unk_id`, `vocab_size`. The chat template is Mistral-7B-Instruct-v0.2's
+Both backends offer the same small interface: `encode(text, bos=True)`, `decode(ids)`, `encode_chat(messages)`,
+`bos_id`, `eos_id`, `unk_id`, `vocab_size`. `encode_chat` uses the model's own chat template when it has one
+(`chat_template`, found beside the tokenizer file by `load_tokenizer`: quantkit/model/chat_template.py), else
+`apply_chat_template`: Mistral-7B-Instruct-v0.2's
 `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, encoded piece by piece exactly as mistral_common's
 v1 instruct encoder does it (each user turn is the string "[INST] {content} [/INST]" tokenized on its own, each
 assistant turn its content followed by EOS; a system prompt is prepended to the first user turn with "\n\n").
@@ -9,11 +11,14 @@ assistant turn its content followed by EOS; a system prompt is prepended to the 
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from quantkit.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from quantkit.model.chat_template import ChatTemplate
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer.json")
 
@@ -28,7 +33,14 @@ class Tokenizer:
     unk_id: int
     vocab_size: int
 
+    chat_template: ChatTemplate | None = None  # the model's own template (None: the built-in [INST] encoder)
+
     def _encode_plain(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_special(self, text: str) -> list[int]:
+        """Ids of `text` in which special-token strings (`<s>`, `</s>`, control pieces such as a v3 tokenizer's
+        `[INST]`) stand for their ids; the text between them is encoded piece by piece (no BOS added)."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -44,6 +56,20 @@ class Tokenizer:
         if eos:
             ids = [*ids, self.eos_id]
         return ids
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the model's own chat template (`chat_template`), or, when it has none, in
+        the built-in v0.2 `[INST]` format (`apply_chat_template`). Raises TokenizerError when the template refuses
+        the conversation or fails to render."""
+        if self.chat_template is not None:
+            return self.chat_template.encode(self, messages, add_generation_prompt)
+        return self.apply_chat_template(list(messages))
+
+    @property
+    def chat_template_source(self) -> str:
+        from quantkit.model.chat_template import FALLBACK
+
+        return self.chat_template.source if self.chat_template is not None else FALLBACK
 
     def apply_chat_template(self, messages: list[Mapping[str, str]], bos: bool = True) -> list[int]:
         """Token ids of a conversation in the v0.2 `[INST] … [/INST]` template.
@@ -124,6 +150,24 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_plain(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
 
+    def encode_special(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(self._special_pattern().split(text)):
+            if k % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                ids += self._encode_plain(part)
+        return ids
+
+    def _special_pattern(self) -> re.Pattern:
+        if getattr(self, "_special_re", None) is None:
+            sp = self.sp
+            self._special_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+            self._special_ids.pop("", None)
+            names = sorted(self._special_ids, key=len, reverse=True)
+            self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")" if names else "(?!x)x")
+        return self._special_re
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -161,6 +205,9 @@ class HFTokenizersTokenizer(Tokenizer):
     def _encode_plain(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_special(self, text: str) -> list[int]:
+        return self._encode_plain(text)  # `tokenizers` matches its added special tokens in the text itself
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -170,13 +217,9 @@ class HFTokenizersTokenizer(Tokenizer):
 
 def _special_tokens(directory: Path) -> dict[str, str]:
     """bos/eos/unk token strings from tokenizer_config.json, if present (strings or {"content": ...} dicts)."""
-    path = directory / "tokenizer_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    from quantkit.io import read_json_or_empty
+
+    cfg = read_json_or_empty(directory / "tokenizer_config.json")
     out = {}
     for key in ("bos_token", "eos_token", "unk_token"):
         value = cfg.get(key)
@@ -205,6 +248,8 @@ def load_tokenizer(path_or_dir: str | Path) -> Tokenizer:
         path = found
     elif not path.exists():
         raise TokenizerError(f"{path}: no such tokenizer file or directory")
-    if path.name.endswith(".json"):
-        return HFTokenizersTokenizer(path)
-    return SentencePieceTokenizer(path)
+    tok: Tokenizer = HFTokenizersTokenizer(path) if path.name.endswith(".json") else SentencePieceTokenizer(path)
+    from quantkit.model.chat_template import find_chat_template
+
+    tok.chat_template = find_chat_template(path.parent)
+    return tok

@@ -6,20 +6,18 @@ write one GGUF file. Each target format maps to a converter function in `CONVERT
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from quantkit.errors import FormatError, QuantkitError
 from quantkit.io import parse_size
+from quantkit.progress import progress as progress_bar
 
 
 def convert_float(fmt: str, src: str | Path, out: str | Path, dtype: str | None, shard_size: str | int, force: bool,
                   progress: bool, command_line: str | None = None, **_) -> Path:
     """Float source -> float output in layout `fmt` ("hf" or "consolidated"), tensor by tensor.
     `command_line` is recorded as the output's provenance command."""
-    from tqdm import tqdm
-
     from quantkit.formats.base import WriteOptions, get_format
     from quantkit.model.checkpoint import open_checkpoint
 
@@ -30,7 +28,7 @@ def convert_float(fmt: str, src: str | Path, out: str | Path, dtype: str | None,
     writer = get_format(fmt).open_writer(Path(out), ckpt.path, ckpt.config, {}, options)
     try:
         names = ckpt.tensor_names()
-        for name in tqdm(names, desc=f"convert -> {fmt}", unit="tensor", disable=not progress, file=sys.stderr):
+        for name in progress_bar(names, desc=f"convert -> {fmt}", unit="tensor", enabled=progress):
             writer.add(name, ckpt.get_tensor(name))
     except BaseException:
         writer.abort()
@@ -61,7 +59,7 @@ def convert(src: str | Path, out: str | Path, fmt: str, *, dtype: str | None = N
             progress: bool = False, command_line: str | None = None) -> Path:
     """Convert the full-precision checkpoint `src` to `out` in format `fmt` (a key of CONVERTERS: hf,
     consolidated, gguf). `dtype`: bf16, f16 or f32 (default: the source's); `shard_size`: largest shard of the hf
-    layout ("5GB", "500MB" or bytes); `gguf_type` / `imatrix`: gguf only. `progress`: a tqdm bar on stderr.
+    layout ("5GB", "500MB" or bytes); `gguf_type` / `imatrix`: gguf only. `progress`: progress on stderr.
     `command_line`: recorded as provenance by the float converters. Returns the written path."""
     if fmt not in CONVERTERS:
         raise FormatError(f"unknown conversion target {fmt!r}; expected one of {', '.join(sorted(CONVERTERS))}")

@@ -37,7 +37,7 @@ def collect_imatrix(model: Checkpoint | str | Path, calib: str = "builtin", n_sa
                     seed: int = 0, device: str = "cpu", progress: bool = False) -> CollectedImatrix:
     """Run the full-precision `model` over `n_samples` calibration windows of `seqlen` tokens from `calib`
     (builtin, a .txt/.jsonl/.parquet file or a directory of them) and accumulate Σx² for every decoder linear.
-    `progress`: tqdm bars on stderr. Raises QuantkitError when the model has no tokenizer."""
+    `progress`: progress on stderr. Raises QuantkitError when the model has no tokenizer."""
     from quantkit.calib import load_calibration
     from quantkit.errors import QuantkitError
     from quantkit.model.checkpoint import open_checkpoint

@@ -479,10 +479,10 @@ class LayerwiseQuantizer:
                     self.log_fn(f"resuming from layer {start}/{n_layers} ({work.path})")
             bar = None
             if self.progress:
-                from tqdm import tqdm
+                from quantkit.progress import progress
 
-                bar = tqdm(total=n_layers, initial=start, desc=f"quantize ({self.method})", unit="layer",
-                           disable=None, leave=False)
+                bar = progress(total=n_layers, initial=start, desc=f"quantize ({self.method})", unit="layer",
+                               leave=False)
             for i in range(start, n_layers):
                 named, out_acts, rows = self._quantize_layer(i, acts)
                 acts = out_acts

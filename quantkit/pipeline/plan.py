@@ -16,11 +16,21 @@ from typing import Any
 
 from quantkit.errors import SchemeError
 from quantkit.formats.base import Target, get_format
+from quantkit.formats.sizes import bits_per_weight
 from quantkit.ggml_types import check_type, is_block_type
-from quantkit.gguf.mixes import tensor_types
+from quantkit.gguf.mixes import FILE_TYPES, tensor_types
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
-from quantkit.quant.scheme import Scheme, get_preset, module_name, parse_override, resolve_schemes, with_act_order
+from quantkit.quant.scheme import (
+    PRESET_NOTES,
+    PRESETS,
+    Scheme,
+    get_preset,
+    module_name,
+    parse_override,
+    resolve_schemes,
+    with_act_order,
+)
 
 INT_FORMATS = ("gptq", "awq", "compressed-tensors", "dump")
 METHODS = ("rtn", "gptq", "awq")
@@ -54,7 +64,8 @@ class PlanEntry:
         return n
 
     def bpw(self, fmt: str) -> float:
-        return 8 * self.bytes_out[fmt] / self.numel
+        """Bits per weight of this tensor alone in `fmt` (`bits_per_weight` of its stored bytes)."""
+        return bits_per_weight(self.bytes_out[fmt], self.numel)
 
     @property
     def quantized(self) -> bool:
@@ -99,11 +110,12 @@ class Plan:
         return sum(e.numel for e in self.entries)
 
     def bpw(self, fmt: str) -> float:
-        return 8 * self.bytes_out(fmt) / max(self.numel, 1)
+        """Planned bits per weight of the output in `fmt` (`bits_per_weight`: tensor bytes, all parameters)."""
+        return bits_per_weight(self.bytes_out(fmt), self.numel)
 
     @property
     def bpw_in(self) -> float:
-        return 8 * self.bytes_in / max(self.numel, 1)
+        return bits_per_weight(self.bytes_in, self.numel)
 
     @property
     def needs_calibration(self) -> bool:
@@ -117,8 +129,9 @@ class Plan:
             "tensors": len(self.entries), "quantized_tensors": len(quantized),
             "bytes_in": self.bytes_in, "bpw_in": round(self.bpw_in, 4),
             "outputs": [{"format": f, "bytes": self.bytes_out(f), "bpw": round(self.bpw(f), 4),
-                         "quantized_bpw": round(8 * sum(e.bytes_out[f] for e in quantized)
-                                                / max(sum(e.numel for e in quantized), 1), 4)} for f in self.formats],
+                         "quantized_bpw": round(bits_per_weight(sum(e.bytes_out[f] for e in quantized),
+                                                                sum(e.numel for e in quantized)), 4)}
+                        for f in self.formats],
             "memory": self.memory,
             "entries": [e.to_dict() for e in self.entries],
         }
@@ -281,3 +294,50 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
     plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes,
                                   max(plan.bytes_out(f) for f in formats), device, src_bytes)
     return plan
+
+
+# ---- what --list-types / --list-presets show ----
+
+REFERENCE_MODEL = "Mistral-7B"  # the shapes the listings are sized on: ModelConfig()'s defaults
+
+
+def _listing_row(name: str, plan: Plan, fmt: str, description: str) -> dict[str, Any]:
+    quantized = [e for e in plan.entries if e.quantized]
+    return {"name": name, "bpw": round(plan.bpw(fmt), 2),
+            "linear_bpw": round(bits_per_weight(sum(e.bytes_out[fmt] for e in quantized),
+                                                sum(e.numel for e in quantized)), 2),
+            "description": description}
+
+
+def list_gguf_types(config: ModelConfig | None = None) -> list[dict[str, Any]]:
+    """Every GGUF file type `--type` takes: name, bits per weight of a whole model of `config` (default Mistral-7B's
+    shapes; `bits_per_weight`, llama-quantize's per-tensor mix), of its quantizable linears, and a description."""
+    config = config or ModelConfig()
+    return [_listing_row(name, build_plan(config, formats=["gguf"], gguf_type=name), "gguf", ft.description)
+            for name, ft in FILE_TYPES.items()]
+
+
+def list_presets(config: ModelConfig | None = None, fmt: str = "gptq") -> list[dict[str, Any]]:
+    """Every integer preset `--preset` takes: name, scheme, bits per weight of a whole model of `config` (default
+    Mistral-7B's shapes; embeddings and lm_head stay 16-bit) and of its quantized linears in format `fmt`, and a
+    description."""
+    config = config or ModelConfig()
+    rows = []
+    for name, scheme in PRESETS.items():
+        row = _listing_row(name, build_plan(config, preset=name, formats=[fmt]), fmt, PRESET_NOTES.get(name, ""))
+        rows.append({**row, "scheme": scheme.describe()})
+    return rows
+
+
+def render_listing(rows: list[dict[str, Any]], what: str, fmt: str | None = None) -> str:
+    """The text of `--list-types` / `--list-presets`: one line per entry, then what the numbers mean."""
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{what:<{width}}  {'BPW':>5}  {'quantized':>9}  description"]
+    for r in rows:
+        quantized = f"{r['linear_bpw']:9.2f}" if r["linear_bpw"] else f"{'-':>9}"
+        lines.append(f"{r['name']:<{width}}  {r['bpw']:5.2f}  {quantized}  {r['description']}")
+    lines += [f"BPW: bits per weight of a whole {REFERENCE_MODEL}-shaped model" + (f", {fmt} format" if fmt else "")
+              + ": stored tensor bytes x 8 / all parameters",
+              "(embeddings, norms and lm_head included), as `plan` and `quantize` print it; quantized: of the "
+              "quantized tensors only."]
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ from quantkit.io import (check_disjoint, check_free_space, check_output_path, de
                          write_error)
 from quantkit.pipeline.fanout import open_writers
 from quantkit.pipeline.layerwise import LayerwiseQuantizer, PipelineOptions
+from quantkit.formats.sizes import bits_per_weight, stored_tensor_bytes
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
 from quantkit.pipeline.plan import Plan, build_plan
 from quantkit.pipeline.workdir import MARKER as WORK_MARKER
@@ -50,7 +51,9 @@ class QuantizeOptions:
 
 @dataclass
 class QuantizeResult:
-    """What a run wrote: one entry per output (path, bytes, BPW, planned bytes), timings and memory."""
+    """What a run wrote: one entry per output, timings and memory. Each output: path, bytes (its weight files on
+    disk, headers included), tensor_bytes (the tensor data in them) and bpw (`bits_per_weight` of tensor_bytes:
+    the plan's definition, so bpw == planned_bpw when the writer stored what the plan said)."""
 
     model: dict[str, Any]
     scheme: dict[str, Any]
@@ -76,10 +79,10 @@ class QuantizeResult:
     def render(self) -> str:
         mib = 1024**2
         lines = [f"model size  = {self.sizes['input_bytes'] / mib:10.2f} MiB ({self.sizes['bpw_in']:.2f} BPW)"]
-        for o in self.outputs:
-            pct = 100 * (o["bytes"] / max(self.sizes["input_bytes"], 1) - 1)
-            lines.append(f"quant size  = {o['bytes'] / mib:10.2f} MiB ({o['bpw']:.2f} BPW)  {pct:+.1f}%  "
-                         f"[{o['format']}]")
+        for o in self.outputs:  # tensor bytes and BPW as `plan` counts them (bits_per_weight); then the files
+            pct = 100 * (o["tensor_bytes"] / max(self.sizes["input_bytes"], 1) - 1)
+            lines.append(f"quant size  = {o['tensor_bytes'] / mib:10.2f} MiB ({o['bpw']:.2f} BPW)  {pct:+.1f}%  "
+                         f"[{o['format']}; files {o['bytes'] / mib:.2f} MiB]")
         t = self.timing_s
         resumed = f"   resumed at layer {self.resumed_from_layer}" if self.resumed_from_layer else ""
         lines.append(f"time {t['total']:.1f}s (calibration data {t['calibration_data']:.1f}s, quantize+write "
@@ -249,8 +252,9 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
 
     outputs = []
     for fmt, out in paths.items():
-        size = stored_size(out)
-        outputs.append({"format": fmt, "path": str(out), "bytes": size, "bpw": round(8 * size / max(plan.numel, 1), 4),
+        tensor_bytes = stored_tensor_bytes(out)
+        outputs.append({"format": fmt, "path": str(out), "bytes": stored_size(out), "tensor_bytes": tensor_bytes,
+                        "bpw": round(bits_per_weight(tensor_bytes, plan.numel), 4),
                         "planned_bytes": plan.bytes_out(fmt), "planned_bpw": round(plan.bpw(fmt), 4)})
     return QuantizeResult(
         model={"source": str(ckpt.path), "arch": ckpt.config.architecture, "params": plan.numel},

@@ -76,6 +76,21 @@ PRESETS: dict[str, Scheme] = {
 }
 
 
+# one line per preset for `--list-presets` (the scheme itself says bits, group and symmetry)
+PRESET_NOTES: dict[str, str] = {
+    "w8a16": "8-bit, one scale per output channel: near-lossless",
+    "w8a16-g128": "8-bit, groups of 128",
+    "w4a16-g128": "4-bit symmetric, groups of 128: the default (vLLM Marlin kernels)",
+    "w4a16-g128-asym": "4-bit with zero points, groups of 128: AWQ's usual scheme",
+    "w4a16-g64": "4-bit symmetric, groups of 64",
+    "w4a16-g32": "4-bit symmetric, groups of 32: more scales, less error",
+    "w4a16-g32-asym": "4-bit with zero points, groups of 32",
+    "w4a16": "4-bit symmetric, one scale per output channel: smallest 4-bit, most error",
+    "w3a16-g128": "3-bit with zero points, groups of 128",
+    "w2a16-g64": "2-bit with zero points, groups of 64: experimental",
+}
+
+
 def get_preset(name: str) -> Scheme:
     try:
         return PRESETS[name.lower()]

@@ -22,7 +22,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -51,6 +51,67 @@ class SamplingParams:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# What `generate` and `chat` sample with when neither the command line nor the model says: llama.cpp's defaults
+# (common/common.h). Greedy decoding of a small or base model tends to repeat itself; --temperature 0 is greedy.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+# transformers' GenerationConfig defaults, for the fields a sampling generation_config.json leaves out
+HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def model_sampling(generation_config: dict[str, Any] | None, source: str = "generation_config.json"
+                   ) -> dict[str, Any]:
+    """The sampling a model asks for: {"temperature", "top_k", "top_p", "source"}.
+
+    From its generation_config.json as transformers reads it: `do_sample: false` is greedy; `do_sample: true` or
+    any of temperature / top_k / top_p samples, the fields it leaves out taking transformers' defaults. A config
+    that says nothing about sampling (most base and Mistral models: only bos/eos ids) gets `DEFAULT_SAMPLING`.
+    A present value of the wrong type or range is a GenerationError naming the file and field."""
+    cfg = generation_config or {}
+    keys = [k for k in HF_SAMPLING if cfg.get(k) is not None]
+    if cfg.get("do_sample") is False:
+        return {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "source": f"{source} (do_sample false: greedy)"}
+    if cfg.get("do_sample") is not True and not keys:
+        return {**DEFAULT_SAMPLING, "source": "quantkit default"}
+    out: dict[str, Any] = {}
+    for key, default in HF_SAMPLING.items():
+        value = cfg.get(key)
+        value = default if value is None else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key == "top_k":
+            ok = ok and float(value).is_integer() and value >= 0
+        elif key == "top_p":
+            ok = ok and 0 < value <= 1
+        else:
+            ok = ok and value >= 0
+        if not ok:
+            raise GenerationError(f"{source}: {key} = {value!r} is not a valid sampling setting")
+        out[key] = int(value) if key == "top_k" else float(value)
+    return {**out, "source": source}
+
+
+def resolve_sampling(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     seed: int | None = None, model_defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams from what the caller gave, the rest from `model_defaults` (`model_sampling`; without them
+    `DEFAULT_SAMPLING`). Sampling without a seed draws one, kept in `.seed`, so a run can be repeated."""
+    defaults = model_defaults or DEFAULT_SAMPLING
+    params = SamplingParams(defaults["temperature"] if temperature is None else temperature,
+                            defaults["top_k"] if top_k is None else top_k,
+                            defaults["top_p"] if top_p is None else top_p, seed)
+    if params.seed is None and params.temperature > 0:
+        import secrets
+
+        params.seed = secrets.randbits(63)
+    return params
+
+
+def describe_sampling(params: SamplingParams) -> str:
+    """"greedy" or "temperature 0.8, top-k 40, top-p 0.95, seed 123" (the speed line's account of the run)."""
+    if params.temperature == 0:
+        return "greedy"
+    return (f"temperature {params.temperature:g}, top-k {params.top_k or 'off'}, "
+            f"top-p {params.top_p:g}, seed {params.seed}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

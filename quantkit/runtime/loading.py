@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from quantkit.errors import TokenizerError
+from quantkit.errors import GenerationError, TokenizerError
+from quantkit.io import read_json_object
 from quantkit.model.reference import Transformer
 from quantkit.model.tokenizer import Tokenizer
 
@@ -33,7 +34,27 @@ def load_with_tokenizer(path: str | Path, device: str | torch.device = "cpu", ba
 
     model = load_model(path, device=device, backend=backend, dtype=dtype, cache_dequant=cache_dequant,
                        cpu_kernels=cpu_kernels)
-    tok_path = model.runtime_info.get("tokenizer_path")
+    info = model.runtime_info
+    tok_path = info.get("tokenizer_path")
     if not tok_path:
         raise TokenizerError(f"{path}: no tokenizer found next to the model (tokenizer.model or tokenizer.json)")
-    return ModelWithTokenizer(model, load_tokenizer(tok_path))
+    tok = load_tokenizer(tok_path)
+    if info.get("chat_template"):  # the format's own metadata (GGUF tokenizer.chat_template) comes first
+        from quantkit.model.chat_template import find_chat_template
+
+        tok.chat_template = find_chat_template(Path(tok_path).parent, info["chat_template"],
+                                               f"{info.get('format', 'model')} metadata")
+    info["chat_template_source"] = tok.chat_template_source
+    info["sampling"] = sampling_defaults(info.get("path") or path)
+    return ModelWithTokenizer(model, tok)
+
+
+def sampling_defaults(path: str | Path) -> dict[str, Any]:
+    """The sampling the model at `path` asks for (`runtime.generate.model_sampling` of the generation_config.json
+    in its directory; a GGUF file or a directory without one: quantkit's default)."""
+    from quantkit.runtime.generate import model_sampling
+
+    config_path = Path(path) / "generation_config.json"
+    if not config_path.is_file():
+        return model_sampling(None)
+    return model_sampling(read_json_object(config_path, GenerationError), str(config_path))
