@@ -177,3 +177,14 @@ def test_plan_and_quantize_print_the_same_bpw(tmp_path, capsys, args):
     planned = next(line for line in plan_text if line.startswith("quant size"))
     written = next(line for line in quant_text if line.startswith("quant size"))
     assert planned.split("[")[0] == written.split("[")[0], (planned, written)  # same MiB, BPW and percentage
+
+
+def test_the_plan_says_what_stays_in_float_and_why():
+    cfg = ModelConfig.from_file("models/mistral-nano/config.json")
+    gptq = build_plan(cfg, preset="w4a16-g128", formats=["gptq"]).kept_in_float()
+    assert gptq[0].startswith("13 norm weights (1-D")
+    assert gptq[1].startswith("embed_tokens.weight, lm_head.weight (78% of the parameters): in gptq only")
+    assert len(gptq) == 2
+    assert build_plan(cfg, formats=["gguf"], gguf_type="Q4_K_M", preset=None).kept_in_float() == [gptq[0]]
+    kept = build_plan(cfg, preset="w4a16-g128", formats=["gptq"], overrides=[r"-:.*layers\.0\..*"]).kept_in_float()
+    assert kept[-1] == "7 linear weights: kept by --override"

@@ -169,3 +169,15 @@ def test_report_cli(outputs, capsys):
     assert data["outputs"][0]["name"] == "nano-Q8_0.gguf"
     assert _run(["report", str(paths[0]), "--text", TEXT, "-o", str(d / "cli2")]) == 1
     assert "error: give the reference" in capsys.readouterr().err
+
+
+def test_the_model_card_states_the_evaluation_texts_perplexity():
+    """The README's first run prints the reference perplexity on evaltext/prose.txt: the model card must say it."""
+    import re
+
+    card = (NANO_PATH / "README.md").read_text()
+    stated = float(re.search(r"evaltext/prose.txt.*\n(?:.*\n){4}\s+value: ([0-9.]+)", card).group(1))
+    measured = quantkit.evaluate(NANO_PATH, "evaltext/prose.txt")
+    assert measured.data["convention"] == "llamacpp" and measured.data["ctx"] == 512
+    assert measured.data["ppl"]["n_windows"] == 47
+    assert measured.ppl == pytest.approx(stated, abs=0.05)

@@ -11,8 +11,8 @@ import json
 
 import click
 
-from quantkit.commands._types import BACKEND, COUNT, DEVICE
-from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CTX
+from quantkit.commands._eval_options import window_options
+from quantkit.commands._types import BACKEND, DEVICE
 
 
 @click.command("compare", short_help="Weight error and KLD of QUANT vs BASE.")
@@ -20,11 +20,6 @@ from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CT
 @click.argument("quant")
 @click.option("--text", "text_path", type=click.Path(), default=None,
               help="Evaluation text (file or directory of .txt); without it only weight errors are shown.")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
-              help="llamacpp: llama-perplexity's chunks; gptq: non-overlapping windows. The same default as `eval`.")
-@click.option("--ctx", type=click.IntRange(min=4), default=None,
-              help=f"Window length (default {DEFAULT_CTX['llamacpp']} for llamacpp, {DEFAULT_CTX['gptq']} for gptq).")
-@click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Show the N tensors with the largest weight error.")
 @click.option("--weights/--no-weights", default=True, show_default=True, help="Compute per-tensor weight errors.")
@@ -34,6 +29,7 @@ from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CT
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer file, if neither model has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+@window_options
 def command(base, quant, text_path, convention, ctx, max_windows, top, weights, device, backend, tokenizer_path,
             as_json, no_progress):
     """Compare QUANT with its full-precision BASE: per-tensor weight error and KL divergence on a text.

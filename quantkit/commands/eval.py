@@ -9,21 +9,15 @@ import json
 
 import click
 
-from quantkit.commands._types import BACKEND, COUNT, DEVICE
-from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CTX
+from quantkit.commands._eval_options import window_options
+from quantkit.commands._types import BACKEND, DEVICE
 
 
 @click.command("eval", short_help="Perplexity on a text, KLD against --ref.")
 @click.argument("model")
 @click.option("--text", "text_path", required=True, type=click.Path(),
               help="Evaluation text: a UTF-8 file, or a directory of .txt files (joined with blank lines).")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
-              help="llamacpp: llama-perplexity's chunks (BOS each, second half scored); gptq: non-overlapping "
-              "windows, one BOS, all targets. The same default as `compare`.")
-@click.option("--ctx", type=click.IntRange(min=4), default=None,
-              help=f"Window length (default {DEFAULT_CTX['llamacpp']} for llamacpp, {DEFAULT_CTX['gptq']} for gptq).")
 @click.option("--ref", "ref", default=None, help="Reference model: also report KLD, same-top % and Δp against it.")
-@click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--spread", is_flag=True, help="With --max-windows: N windows evenly spaced over the whole text.")
 @click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu or cuda.")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True,
@@ -37,6 +31,7 @@ from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CT
               help="Also write report.json and report.md into this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@window_options
 def command(model, text_path, convention, ctx, ref, max_windows, spread, device, backend, dtype, cache_dequant,
             tokenizer_path, report_dir, as_json, no_progress):
     """Perplexity of MODEL on a text, in a named convention, with ± standard error and window/token counts.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from quantkit.commands._types import BACKEND, COUNT, DEVICE, FiniteFloatRange
-from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CTX
+from quantkit.commands._eval_options import window_options
+from quantkit.commands._types import BACKEND, DEVICE, FiniteFloatRange
 
 
 @click.command("report", short_help="Report card: several outputs vs the reference.")
@@ -23,11 +23,6 @@ from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CT
               help="Evaluation text (file or directory of .txt); not the calibration text.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Report directory: report.md, report.json, PNG plots, reference-logits.safetensors.")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
-              help="llamacpp: llama-perplexity's chunks; gptq: non-overlapping windows. The same default as `eval`.")
-@click.option("--ctx", type=click.IntRange(min=4), default=None,
-              help=f"Window length (default {DEFAULT_CTX['llamacpp']} for llamacpp, {DEFAULT_CTX['gptq']} for gptq).")
-@click.option("--max-windows", type=COUNT, default=None, help="Evaluate only the first N windows.")
 @click.option("--mass", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.99, show_default=True,
               help="The reference keeps, per position, its most likely tokens holding this much probability (KLD "
                    "counts the rest as one bucket).")
@@ -38,6 +33,7 @@ from quantkit.eval.perplexity import CONVENTIONS, DEFAULT_CONVENTION, DEFAULT_CT
 @click.option("--force", is_flag=True, help="Replace an earlier report in the same directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+@window_options
 def command(outputs, ref, ref_logits, text_path, output, convention, ctx, max_windows, mass, device, backend,
             tokenizer_path, force, as_json, no_progress):
     """Compare quantized OUTPUTS with the reference on a text: size, bits per weight, perplexity, KLD, same-top

@@ -38,7 +38,10 @@ class ReportCard:
         return self.data
 
     def render(self) -> str:
-        return markdown_table(self.data) + f"\n\nreport: {self.directory / 'report.md'}"
+        d = self.data
+        return (f"reference {d['reference']['source']}: PPL {d['reference']['ppl']:.2f} on {d['text']} "
+                f"({d['convention']} convention, ctx {d['ctx']}, {d['n_windows']} windows, {d['n_tokens']} scored "
+                f"tokens)\n" + markdown_table(d) + f"\n\nreport: {self.directory / 'report.md'}")
 
 
 def layer_states(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -218,16 +218,10 @@ class HFTokenizersTokenizer(Tokenizer):
 def _special_tokens(directory: Path) -> dict[str, str]:
     """bos/eos/unk token strings from tokenizer_config.json, if present (strings or {"content": ...} dicts)."""
     from quantkit.io import read_json_or_empty
+    from quantkit.model.chat_template import special_token_strings
 
-    cfg = read_json_or_empty(directory / "tokenizer_config.json")
-    out = {}
-    for key in ("bos_token", "eos_token", "unk_token"):
-        value = cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            out[key] = value
-    return out
+    found = special_token_strings(read_json_or_empty(directory / "tokenizer_config.json"))
+    return {k: v for k, v in found.items() if k in ("bos_token", "eos_token", "unk_token")}
 
 
 def find_tokenizer_file(directory: str | Path) -> Path | None:

@@ -136,6 +136,26 @@ class Plan:
             "entries": [e.to_dict() for e in self.entries],
         }
 
+    def kept_in_float(self) -> list[str]:
+        """Which tensors stay in floating point, and why: one line per reason (what `quantize` prints too)."""
+        norms = [e for e in self.entries if not e.quantized and len(e.shape) == 1]
+        overridden = [e for e in self.entries if not e.quantized and arch.is_quantizable_linear(e.name)]
+        others = [e for e in self.entries if not e.quantized and e not in norms and e not in overridden]
+        lines = []
+        if norms:
+            lines.append(f"{len(norms)} norm weights (1-D, {sum(e.numel for e in norms):,} values): no format "
+                         "quantizes them")
+        if others:
+            names = ", ".join(e.name.removeprefix("model.") for e in others)
+            why = ("the mix of this GGUF type keeps them" if self.gguf_type else
+                   f"in {'/'.join(self.formats)} only the decoder's linear layers are quantized (as GPTQModel, "
+                   "llm-compressor and vLLM expect)")
+            lines.append(f"{names} ({sum(e.numel for e in others) / max(self.numel, 1):.0%} of the parameters): "
+                         f"{why}")
+        if overridden:
+            lines.append(f"{len(overridden)} linear weights: kept by --override")
+        return lines
+
     def render(self, per_tensor: bool = True) -> str:
         """llama-quantize-style text: one line per tensor, then the size/BPW/memory summary."""
         mib = 1024**2
@@ -155,6 +175,7 @@ class Plan:
         what = self.gguf_type if self.gguf_type else self.preset
         lines.append(f"plan: method {self.method}, {what}, format {','.join(self.formats)}: {quantized} tensors "
                      f"quantized, {n - quantized} kept")
+        lines += [f"kept in float: {line}" for line in self.kept_in_float()]
         lines.append(f"model size  = {self.bytes_in / mib:10.2f} MiB ({self.bpw_in:.2f} BPW)")
         for f in self.formats:
             lines.append(f"quant size  = {self.bytes_out(f) / mib:10.2f} MiB ({self.bpw(f):.2f} BPW)  "

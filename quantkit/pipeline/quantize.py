@@ -78,7 +78,8 @@ class QuantizeResult:
 
     def render(self) -> str:
         mib = 1024**2
-        lines = [f"model size  = {self.sizes['input_bytes'] / mib:10.2f} MiB ({self.sizes['bpw_in']:.2f} BPW)"]
+        lines = [f"kept in float: {line}" for line in self.scheme.get("kept_in_float", [])]
+        lines.append(f"model size  = {self.sizes['input_bytes'] / mib:10.2f} MiB ({self.sizes['bpw_in']:.2f} BPW)")
         for o in self.outputs:  # tensor bytes and BPW as `plan` counts them (bits_per_weight); then the files
             pct = 100 * (o["tensor_bytes"] / max(self.sizes["input_bytes"], 1) - 1)
             lines.append(f"quant size  = {o['tensor_bytes'] / mib:10.2f} MiB ({o['bpw']:.2f} BPW)  {pct:+.1f}%  "
@@ -259,7 +260,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
     return QuantizeResult(
         model={"source": str(ckpt.path), "arch": ckpt.config.architecture, "params": plan.numel},
         scheme={"method": plan.method, "preset": plan.preset, "gguf_type": plan.gguf_type,
-                "overrides": list(plan.overrides), "formats": plan.formats},
+                "overrides": list(plan.overrides), "formats": plan.formats, "kept_in_float": plan.kept_in_float()},
         calibration=calib_set.identity if calib_set is not None else None,
         outputs=outputs,
         sizes={"input_bytes": plan.bytes_in, "bpw_in": round(plan.bpw_in, 4)},
