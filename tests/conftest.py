@@ -7,11 +7,6 @@ import torch
 from quantkit.testing import NANO_PATH, llamacpp_bin, shared_data
 
 
-def pytest_configure(config):
-    # pyproject.toml lists the other markers
-    config.addinivalue_line("markers", "vllm: needs vLLM's venv (scripts/build_vllm.sh); loads take ~30 s each")
-
-
 @pytest.fixture(scope="session")
 def nano_path():
     if not (NANO_PATH / "config.json").exists():
