@@ -6,7 +6,7 @@ The Python API mirrors the command line (same names, same arguments):
 
     plan = quantkit.plan("models/mistral-nano", method="gptq", preset="w4a16-g128")      # quantkit plan
     result = quantkit.quantize("models/mistral-nano", "out/nano-gptq", method="gptq")    # quantkit quantize
-    report = quantkit.evaluate("out/nano-gptq", "calib/prose.txt", ref="models/mistral-nano")  # quantkit eval
+    report = quantkit.evaluate("out/nano-gptq", "evaltext/prose.txt", ref="models/mistral-nano")  # quantkit eval
     model = quantkit.load("out/nano-gptq")                                               # any format
     print(model.generate("Once upon a time", max_tokens=32).text)                        # quantkit generate
     quantkit.convert("models/mistral-nano", "out/nano-Q8_0.gguf", format="gguf", gguf_type="Q8_0")

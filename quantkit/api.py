@@ -4,7 +4,7 @@
 
     plan = quantkit.plan("models/mistral-nano", method="gptq", preset="w4a16-g128")
     result = quantkit.quantize("models/mistral-nano", "out/nano-gptq", method="gptq", preset="w4a16-g128")
-    report = quantkit.evaluate("out/nano-gptq", "calib/prose.txt", ref="models/mistral-nano", max_windows=8)
+    report = quantkit.evaluate("out/nano-gptq", "evaltext/prose.txt", ref="models/mistral-nano", max_windows=8)
     print(report.ppl, report.kld_mean)
     model = quantkit.load("out/nano-gptq")
     print(model.generate("Once upon a time", max_tokens=32).text)

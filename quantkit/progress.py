@@ -141,7 +141,8 @@ class LineProgress:
             return
         self.closed = True
         if self.lines and not self.silent:  # a run long enough to have reported says how it ended
-            done = f"{_amount(self.n, self.unit_scale)}{'' if self.unit_scale else ' '}{self.unit}"
+            plural = "" if self.unit_scale or self.n == 1 or self.unit.endswith("s") else "s"
+            done = f"{_amount(self.n, self.unit_scale)}{'' if self.unit_scale else ' '}{self.unit}{plural}"
             self._write(f"{self.desc}: {done} done in {human_duration(time.monotonic() - self.started)}")
 
     # ---- the line ----

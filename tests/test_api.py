@@ -25,7 +25,7 @@ def readme_example() -> str:
 
 @pytest.mark.slow
 def test_readme_example_runs(tmp_path, monkeypatch, nano_path):
-    for name in ("models", "calib"):
+    for name in ("models", "calib", "evaltext"):
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()

@@ -41,7 +41,7 @@ def test_plain_lines_say_where_it_is_and_how_long_is_left(monkeypatch):
     assert "\r" not in out.getvalue()
     assert lines[0] == "quantize (gptq): layer 4/32 (12%), 20 s elapsed, ~5 min left"  # 2 layers in 20 s, 28 to go
     assert lines[1] == "quantize (gptq): layer 6/32 (19%), 40 s elapsed, ~4 min left; down_proj sqnr 18.2 dB"
-    assert lines[2] == "quantize (gptq): 6 layer done in 50 s"
+    assert lines[2] == "quantize (gptq): 6 layers done in 50 s"
 
 
 def test_plain_lines_of_bytes_and_of_an_iterable(monkeypatch):
@@ -51,7 +51,7 @@ def test_plain_lines_of_bytes_and_of_an_iterable(monkeypatch):
     assert out.getvalue().startswith("writing m.gguf: 1.2GB/4.1GB (29%), 0 s elapsed, ~0 s left")
     out = io.StringIO()
     assert list(LineProgress(range(3), desc="load", total=3, unit="tensor", file=out, interval=0)) == [0, 1, 2]
-    assert out.getvalue().splitlines()[-2:] == ["load: tensor 3/3 (100%), 0 s elapsed", "load: 3 tensor done in 0 s"]
+    assert out.getvalue().splitlines()[-2:] == ["load: tensor 3/3 (100%), 0 s elapsed", "load: 3 tensors done in 0 s"]
 
 
 def test_interval_and_durations(monkeypatch):

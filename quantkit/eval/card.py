@@ -114,7 +114,6 @@ def report_card(outputs: Sequence[str | Path], text: str | Path, output: str | P
     `ref_logits` (such a file from an earlier report, checked to cover the same tokens and windows)."""
     from quantkit.eval.loading import load_eval_model, pick_tokenizer
     from quantkit.eval.perplexity import check_convention, read_texts, tokenize_for_convention
-    from quantkit.eval.run import progress_wrapper
     from quantkit.io import atomic_dir, check_disjoint
 
     if not outputs:
@@ -131,8 +130,9 @@ def report_card(outputs: Sequence[str | Path], text: str | Path, output: str | P
     say = log or (lambda _msg: None)
 
     def bar(iterable, total, desc):
-        wrap = progress_wrapper(progress, desc)
-        return wrap(iterable) if wrap else iterable
+        from quantkit.progress import progress as progress_bar
+
+        return progress_bar(iterable, desc=desc, total=total, unit="window", enabled=progress, leave=False)
 
     t0 = time.perf_counter()
     saved = ReferenceLogits.load(ref_logits) if ref_logits is not None else None
