@@ -38,6 +38,7 @@ def kld_vs_bpw(rows: list[dict]):
     ax.scatter(xs, ys, zorder=3)
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     fig.tight_layout()
     return fig
 
