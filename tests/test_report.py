@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import quantkit
-from quantkit.cli import main
+from cli_helpers import exit_code
 from quantkit.errors import EvalError
 from quantkit.eval import plots
 from quantkit.eval.reference_logits import ReferenceLogits, coarse_kld, head_of
@@ -152,22 +152,14 @@ def test_saved_reference_logits_give_the_same_numbers(card, outputs):
                         max_windows=1)
 
 
-def _run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_report_cli(outputs, capsys):
     d, paths = outputs
-    code = _run(["report", str(paths[0]), "--ref-logits", str(d / "card" / "reference-logits.safetensors"),
+    code = exit_code(*["report", str(paths[0]), "--ref-logits", str(d / "card" / "reference-logits.safetensors"),
                  "--text", TEXT, "--max-windows", "2", "-o", str(d / "cli"), "--json", "--no-progress"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["outputs"][0]["name"] == "nano-Q8_0.gguf"
-    assert _run(["report", str(paths[0]), "--text", TEXT, "-o", str(d / "cli2")]) == 1
+    assert exit_code(*["report", str(paths[0]), "--text", TEXT, "-o", str(d / "cli2")]) == 1
     assert "error: give the reference" in capsys.readouterr().err
 
 

@@ -5,16 +5,8 @@ import stat
 
 import pytest
 
-from quantkit.cli import main
+from cli_helpers import exit_code
 from quantkit.testing import make_random_checkpoint
-
-
-def run(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture
@@ -27,7 +19,7 @@ def snapshot(path):
 
 
 def quantize(src, out, *extra):
-    return run("quantize", src, "--preset", "w4a16-g32", "--no-progress", "-o", out, *extra)
+    return exit_code("quantize", src, "--preset", "w4a16-g32", "--no-progress", "-o", out, *extra)
 
 
 def test_work_dir_that_is_not_quantkits_is_refused_not_emptied(src, tmp_path, capsys):
@@ -71,11 +63,11 @@ def test_force_replaces_only_quantkit_outputs(src, tmp_path):
 def test_gguf_force_replaces_only_quantkit_gguf(src, tmp_path):
     user_file = tmp_path / "model.gguf"
     user_file.write_bytes(b"GGUF" + b"\0" * 64)  # someone else's GGUF
-    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", user_file, "--force") == 4
+    assert exit_code("quantize", src, "--type", "Q8_0", "--no-progress", "-o", user_file, "--force") == 4
     assert user_file.read_bytes() == b"GGUF" + b"\0" * 64
     out = tmp_path / "ours.gguf"
-    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out) == 0
-    assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out, "--force") == 0
+    assert exit_code("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out) == 0
+    assert exit_code("quantize", src, "--type", "Q8_0", "--no-progress", "-o", out, "--force") == 0
 
 
 def test_eval_report_never_replaces_a_users_file(src, tmp_path, capsys):
@@ -83,10 +75,10 @@ def test_eval_report_never_replaces_a_users_file(src, tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     report = tmp_path / "report"
     report.write_text("not a directory of ours")
-    code = run("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
+    code = exit_code("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
                "--report", report, "--no-progress")
     assert code == 4 and report.read_text() == "not a directory of ours"
-    assert run("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
+    assert exit_code("eval", src, "--text", text, "--convention", "llamacpp", "--ctx", "64", "--max-windows", "1",
                "--report", text, "--no-progress") == 4  # the report would replace the evaluated text
     assert text.exists()
 
@@ -95,7 +87,7 @@ def test_outputs_follow_the_umask(src, tmp_path):
     old = os.umask(0o022)
     try:
         assert quantize(src, tmp_path / "out") == 0
-        assert run("quantize", src, "--type", "Q8_0", "--no-progress", "-o", tmp_path / "m.gguf") == 0
+        assert exit_code("quantize", src, "--type", "Q8_0", "--no-progress", "-o", tmp_path / "m.gguf") == 0
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

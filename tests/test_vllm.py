@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantkit.api import quantize
-from quantkit.cli import main
+from cli_helpers import run_captured
 from quantkit.errors import EvalError
 from quantkit.eval.vllm_client import missing_vllm, prompt_logprobs
 
@@ -30,15 +30,6 @@ def require_vllm():
     reason = missing_vllm()
     if reason is not None:
         pytest.skip(f"vLLM not installed: {reason}")
-
-
-def run(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def outputs(nano_path, tmp_path_factory):
 
 
 def verify_json(capsys, nano_path, *outs):
-    code, out = run(capsys, "verify", *map(str, outs), "--ref", str(nano_path), "--client", "vllm", "--json")
+    code, out = run_captured(capsys, "verify", *map(str, outs), "--ref", str(nano_path), "--client", "vllm", "--json")
     data = json.loads(out.out)  # stdout is JSON only (vLLM's output goes to a log, library noise to stderr)
     return code, (data if isinstance(data, list) else [data]), out.err
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from quantkit.cli import main
+from cli_helpers import exit_code
 from quantkit.io import human_bytes, stale_temporaries
 from quantkit.testing import make_random_checkpoint
 
@@ -290,20 +290,12 @@ def _with_nan_in_layer(src: Path, dst: Path, layer: int) -> Path:
     raise AssertionError(f"{name} not found")
 
 
-def run(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_a_non_finite_weight_removes_the_work_dir_this_run_made(src, tmp_path, capsys):
     """Layer 0 completes, layer 1 holds a NaN: the error is the input's, a re-run would stop at the same place, so
     the OUT.partial this run created is removed (and no output, no temporaries)."""
     bad = _with_nan_in_layer(src, tmp_path / "bad", 1)
     out = tmp_path / "out"
-    assert run("quantize", bad, *W4, "-o", out) == 1
+    assert exit_code("quantize", bad, *W4, "-o", out) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: model.layers.1.mlp.down_proj.weight: weight contains NaN"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
@@ -313,13 +305,13 @@ def test_a_users_empty_work_dir_is_emptied_not_removed(src, tmp_path, capsys):
     bad = _with_nan_in_layer(src, tmp_path / "bad", 1)
     mine = tmp_path / "mine"
     mine.mkdir()
-    assert run("quantize", bad, *W4, "-o", tmp_path / "out", "--work-dir", mine) == 1
+    assert exit_code("quantize", bad, *W4, "-o", tmp_path / "out", "--work-dir", mine) == 1
     assert mine.is_dir() and list(mine.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "mine"]
 
 
 def test_a_bad_option_creates_nothing(src, tmp_path, capsys):
-    assert run("quantize", src, *W4, "--method", "gptq", "--calib", tmp_path / "missing.txt", "-o",
+    assert exit_code("quantize", src, *W4, "--method", "gptq", "--calib", tmp_path / "missing.txt", "-o",
                tmp_path / "out") != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
