@@ -116,3 +116,91 @@ def test_autoawq_quantizer_and_bad_input():
         awq.awq_layer(layer, acts, {}, inputs=inputs, search_quantizer="nope")
     with pytest.raises(CalibrationError, match="calibration activations"):
         awq.awq_layer(layer, acts[:0], {"mlp.down_proj": Scheme()}, inputs=inputs)
+
+
+# ---- the speed-ups keep the arithmetic: each shortcut gives bit-identical values to the plain computation ----
+
+def _fake_quant_plain(w, scheme):
+    """fake_quant_scheme as first written (one temporary per step)."""
+    from quantkit.quant.rtn import group_params
+    out_f, in_f = w.shape
+    gs = scheme.effective_group_size(in_f)
+    x = w.float().reshape(-1, gs)
+    scale, zero = group_params(x, scheme.bits, scheme.symmetric)
+    scale = scale.to(getattr(torch, scheme.scale_dtype)).float()
+    scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
+    q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, scheme.maxq)
+    return ((q - zero[:, None]) * scale[:, None]).reshape(out_f, in_f).to(w.dtype)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fake_quant_scheme_is_bitwise_the_plain_formula(symmetric, scale_dtype, dtype):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(48, 96, generator=g) * torch.rand(48, 1, generator=g) * 3).to(dtype)
+    w[0] = 0  # empty groups
+    w[1, :32] = torch.rand(32, generator=g)  # all positive group
+    w[2] = -w[2].abs() * 1e-6  # tiny, all negative
+    for bits in (2, 3, 4, 8):
+        scheme = Scheme(bits=bits, group_size=32, symmetric=symmetric, scale_dtype=scale_dtype)
+        a, b = awq.fake_quant_scheme(w, scheme), _fake_quant_plain(w, scheme)
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a.view(-1).abs(), b.view(-1).abs()) and torch.equal(torch.signbit(a), torch.signbit(b))
+    w32 = w.float()
+    awq.fake_quant_scheme(w32, Scheme(bits=4, group_size=32, symmetric=symmetric))
+    assert torch.equal(w32, w.float())  # the input is never written to
+
+
+@pytest.mark.parametrize("quantizer", ["scheme", "autoawq"])
+def test_stacked_rows_quantize_as_each_matrix_alone(quantizer):
+    fq = awq.QUANTIZERS[quantizer]
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(r, 64, generator=g) * (i + 1) for i, r in enumerate((32, 8, 16))]
+    scheme = Scheme(bits=4, group_size=32, symmetric=False)
+    stacked = fq(torch.cat(ws), scheme)
+    assert torch.equal(stacked, torch.cat([fq(w, scheme) for w in ws]))
+
+
+def _captured(layer, acts, inputs, bs):
+    return awq._capture_inputs(layer, acts, inputs, bs, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_references_from_captured_inputs_and_batched_loss_are_exact(dtype):
+    layer, acts, inputs = make_layer(dtype=dtype, seed=5)
+    bs = 4
+    feats = _captured(layer, acts, inputs, bs)
+    pairs = {"self_attn": ("self_attn.q_proj", "self_attn.o_proj"), "mlp": ("mlp.gate_proj", "mlp.down_proj"),
+             "mlp.down_proj": ("mlp.down_proj", "mlp.down_proj")}
+    for inspect, (feature, last) in pairs.items():
+        direct = awq._run_module(inspect, layer, feats[feature], inputs, bs, "cpu")
+        assert torch.equal(direct, awq._run_module(last, layer, feats[last], inputs, bs, "cpu"))
+        # the loss written batch by batch equals the loss of the concatenated outputs
+        with torch.no_grad():
+            layer.mlp.down_proj.weight.mul_(1.01)
+            layer.self_attn.q_proj.weight.mul_(0.99)
+        out = awq._run_module(inspect, layer, feats[feature], inputs, bs, "cpu")
+        ref32 = direct.float()
+        loss = awq._module_loss(inspect, layer, feats[feature], inputs, bs, "cpu", ref32, torch.empty_like(ref32))
+        assert loss == awq._mse(direct, out) and loss > 0
+
+
+def test_search_scale_and_clip_shortcuts_give_the_same_results():
+    layer, acts, inputs = make_layer(dtype=torch.float32, seed=6)
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=True) for n in LINEARS}
+    feats = _captured(layer, acts, inputs, 4)
+    group = awq.scaling_groups(layer)[0]
+    ref = awq._run_module("self_attn.o_proj", layer, feats["self_attn.o_proj"], inputs, 4, "cpu")
+    a = awq.search_scale(layer, group, feats[group.feature], schemes, inputs, 4, "cpu", awq.fake_quant_scheme,
+                         n_grid=6)
+    b = awq.search_scale(layer, group, feats[group.feature], schemes, inputs, 4, "cpu", awq.fake_quant_scheme,
+                         n_grid=6, reference=ref)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    # clipping on pre-sampled tokens (what awq_layer passes) == clipping that samples the full inputs itself
+    x = feats["mlp.down_proj"]
+    w = layer.mlp.down_proj.weight.detach()
+    full = awq.search_clip(w, x, schemes["mlp.down_proj"], awq.fake_quant_scheme, n_tokens=50)
+    xs = awq._clip_tokens(x, 50)
+    assert torch.equal(full, awq.search_clip(w, xs, schemes["mlp.down_proj"], awq.fake_quant_scheme,
+                                             n_tokens=xs.shape[0]))

@@ -75,9 +75,16 @@ def fake_quant_scheme(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     x = w.float().reshape(-1, gs)
     scale, zero = group_params(x, scheme.bits, scheme.symmetric)
     scale = scale.to(getattr(torch, scheme.scale_dtype)).float()
-    scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
-    q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, scheme.maxq)
-    return ((q - zero[:, None]) * scale[:, None]).reshape(out_f, in_f).to(w.dtype)
+    scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)[:, None]
+    # in place on one fresh tensor: the same elementwise operations, in the same order, as
+    # clamp(round(x / scale) + zero, 0, maxq) - zero) * scale, without a temporary per step
+    q = torch.div(x, scale)
+    q.round_()
+    # symmetric: zero is the constant 2^(bits-1), a scalar does the same arithmetic without broadcasting a tensor
+    zero = float((scheme.maxq + 1) // 2) if scheme.symmetric else zero[:, None]
+    q.add_(zero).clamp_(0, scheme.maxq).sub_(zero)
+    q.mul_(scale)
+    return q.reshape(out_f, in_f).to(w.dtype)
 
 
 def fake_quant_autoawq(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -104,6 +111,8 @@ QUANTIZERS: dict[str, Callable[[torch.Tensor, Scheme], torch.Tensor]] = {
     "scheme": fake_quant_scheme,
     "autoawq": fake_quant_autoawq,
 }
+# quantizers that treat each (row, group) independently, so stacking matrices by rows changes nothing
+_ROW_GROUP_QUANTIZERS = (fake_quant_scheme, fake_quant_autoawq)
 
 
 # ---- the layer ----
@@ -139,9 +148,35 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum(dtype=torch.float64)) / a.numel()
 
 
+# The output of the module a group inspects, on the unscaled layer, is the output of its last linear on the input
+# captured for that linear (same batches, same operations): the searches reuse it instead of re-running the module.
+_REFERENCE_LINEAR = {"self_attn": "self_attn.o_proj", "self_attn.o_proj": "self_attn.o_proj",
+                     "mlp": "mlp.down_proj", "mlp.down_proj": "mlp.down_proj"}
+
+
+def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
+                 reference: torch.Tensor, buf: torch.Tensor) -> float:
+    """`_mse(reference, _run_module(...))` without concatenating the outputs: the squared differences are written
+    batch by batch into `buf` (fp32, reference's shape) and summed once, so every element and the reduction over
+    the whole tensor are the same as there. `reference` is the fp32 reference on `device`."""
+    mod = dict(layer.named_modules())[module_name]
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(device)
+            out = mod(xb, *inputs) if module_name == "self_attn" else mod(xb)
+            d = buf[i:i + batch_size]
+            torch.sub(reference[i:i + batch_size], out.float(), out=d)
+            del out
+            d.pow_(2)
+    return float(buf.sum(dtype=torch.float64)) / buf.numel()
+
+
 def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], inputs,
-                 batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID):
-    """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0)."""
+                 batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID,
+                 reference: torch.Tensor | None = None):
+    """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0).
+
+    `reference`: the unquantized output of `group.inspect` on x, when the caller has it (else it is computed)."""
     modules = dict(layer.named_modules())
     linears = [modules[n] for n in group.linears]
     quantized = [n for n in group.linears if schemes.get(n) is not None]
@@ -159,8 +194,21 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
         x_sum += flat[i:i + 65536].float().abs().sum(0)
     x_mean = x_sum / flat.shape[0]
 
-    reference = _run_module(group.inspect, layer, x, inputs, batch_size, device)
+    if reference is None:
+        reference = _run_module(group.inspect, layer, x, inputs, batch_size, device)
+    reference = reference.to(device).float()
+    buf = torch.empty_like(reference)
     originals = {n: modules[n].weight.data.clone() for n in group.linears}
+    # Linears with the same scheme and dtype are fake-quantized as one matrix (their rows stacked): the known
+    # quantizers work per (row, group) and elementwise, so every value is the one each linear gets on its own.
+    stacks: list[tuple[list[str], torch.Tensor]] = []
+    for n in quantized:
+        w = originals[n]
+        if (stacks and quantizer in _ROW_GROUP_QUANTIZERS and schemes[stacks[-1][0][0]] == schemes[n]
+                and originals[stacks[-1][0][0]].dtype == w.dtype and stacks[-1][1].shape[1] == w.shape[1]):
+            stacks[-1] = (stacks[-1][0] + [n], torch.cat([stacks[-1][1], w.float()]))
+        else:
+            stacks.append(([n], w.float()))
     best = (math.inf, -1.0, None)
     first_loss = None
     try:
@@ -173,12 +221,19 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
             s = s / (s.max() * s.min()).sqrt()
             s[torch.isinf(s) | torch.isnan(s)] = 1.0
             sv = s.to(device).view(1, -1)
-            for n in quantized:
-                w = originals[n]
-                modules[n].weight.data = (quantizer((w.float() * sv), schemes[n]) / sv).to(w.dtype)
-            out = _run_module(group.inspect, layer, x, inputs, batch_size, device)
-            loss = _mse(reference, out)
-            del out
+            for names, wf in stacks:
+                q = quantizer(wf * sv, schemes[names[0]]).div_(sv)
+                if len(names) == 1:
+                    modules[names[0]].weight.data = q.to(originals[names[0]].dtype)
+                    continue
+                r0 = 0
+                for n in names:
+                    rows = originals[n].shape[0]
+                    # a fresh tensor per linear (never a view into the stack), in the linear's dtype
+                    modules[n].weight.data = q[r0:r0 + rows].to(originals[n].dtype, copy=True)
+                    r0 += rows
+                del q
+            loss = _module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf)
             if first_loss is None:
                 first_loss = loss
             if loss < best[0]:
@@ -212,15 +267,22 @@ def fold_scale(layer: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
             w.copy_((hi(w) * hi(sd).view(1, -1)).to(w.dtype))
 
 
+CLIP_TOKENS = 512
+
+
+def _clip_tokens(x: torch.Tensor, n_tokens: int = CLIP_TOKENS) -> torch.Tensor:
+    """The tokens the clipping search uses: every `step`-th row of x [..., in] flattened, <= ~n_tokens of them."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat[::max(1, flat.shape[0] // n_tokens)]
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, quantizer: Callable, n_grid: int = N_GRID,
-                max_shrink: float = 0.5, n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
+                max_shrink: float = 0.5, n_tokens: int = CLIP_TOKENS, rows_per_batch: int = 256) -> torch.Tensor:
     """Best clamp value max|w| per (output row, group) [out, n_groups] minimising the group-wise output error."""
     out_f, in_f = w.shape
     gs = scheme.effective_group_size(in_f)
     ng = in_f // gs
-    flat = x.reshape(-1, in_f)
-    step = max(1, flat.shape[0] // n_tokens)
-    xs = flat[::step].float()  # [tok, in]
+    xs = _clip_tokens(x, n_tokens).float()  # [tok, in]
     xg = xs.reshape(xs.shape[0], ng, gs).permute(1, 2, 0).contiguous()  # [ng, gs, tok]
     best_all = []
     for r0 in range(0, out_f, rows_per_batch):
@@ -276,23 +338,33 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
     feats = _capture_inputs(layer, acts, inputs, batch_size, device)
     summary: dict = {"scales": {}, "clips": {}}
     found = []
+    modules = dict(layer.named_modules())
+    references: dict[str, torch.Tensor] = {}  # last linear -> its output on the captured input (unscaled layer)
     for group in scaling_groups(layer):
         if not any(n in schemes for n in group.linears):
             continue
+        ref_linear = _REFERENCE_LINEAR.get(group.inspect)
+        reference = None
+        if ref_linear is not None and isinstance(modules.get(ref_linear), nn.Linear):
+            if ref_linear not in references:
+                references[ref_linear] = _run_module(ref_linear, layer, feats[ref_linear], inputs, batch_size, device)
+            reference = references[ref_linear]
         s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, inputs, batch_size, device,
-                                             quantizer, duo_scaling, n_grid)
+                                             quantizer, duo_scaling, n_grid, reference=reference)
         found.append((group, s))
         key = group.prev.split(".")[-1]
         summary[f"ratio_{key}"] = ratio
         summary[f"loss_{key}"] = loss
         summary[f"loss0_{key}"] = loss0
-    # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the captured inputs for clipping
+    del references
+    # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the captured inputs for clipping;
+    # the clipping search reads only <= CLIP_TOKENS evenly strided tokens, so only those are kept and rescaled
+    feats = {n: _clip_tokens(f) for n, f in feats.items()}
     for group, s in found:
         fold_scale(layer, group, s)
-        feats[group.feature] = feats[group.feature] / s.view(1, 1, -1).to(feats[group.feature].dtype)
+        feats[group.feature] = feats[group.feature] / s.view(1, -1).to(feats[group.feature].dtype)
         summary["scales"][group.prev] = s
     if clip:
-        modules = dict(layer.named_modules())
         feature_of = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
                       "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
                       "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
@@ -300,7 +372,8 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
         for name, scheme in schemes.items():
             if any(tag in name for tag in CLIP_SKIP) or name not in feature_of:
                 continue
-            max_val = search_clip(modules[name].weight.detach(), feats[feature_of[name]], scheme, quantizer)
+            x = feats[feature_of[name]]
+            max_val = search_clip(modules[name].weight.detach(), x, scheme, quantizer, n_tokens=x.shape[0])
             apply_clip(modules[name], max_val)
             summary["clips"][name] = max_val
     summary["awq_seconds"] = round(time.perf_counter() - t0, 3)
