@@ -30,14 +30,14 @@ __version__ = "0.1.0"
 _API = {
     "plan": "quantkit.api", "quantize": "quantkit.api", "convert": "quantkit.api", "evaluate": "quantkit.api",
     "inspect": "quantkit.api", "load": "quantkit.api", "generate": "quantkit.api", "report": "quantkit.api",
-    "Model": "quantkit.api",
+    "verify": "quantkit.api", "Model": "quantkit.api",
     "Generation": "quantkit.api", "Plan": "quantkit.pipeline.plan", "QuantizeResult": "quantkit.pipeline.quantize",
 }
 __all__ = ["QuantkitError", "__version__", *_API]
 
 if TYPE_CHECKING:
     from quantkit.api import (Generation, Model, convert, evaluate, generate, inspect, load, plan,  # noqa: F401
-                              quantize, report)
+                              quantize, report, verify)
     from quantkit.pipeline.plan import Plan  # noqa: F401
     from quantkit.pipeline.quantize import QuantizeResult  # noqa: F401
 

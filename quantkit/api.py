@@ -30,6 +30,7 @@ from quantkit.runtime.generate import GenerationResult, Generator, resolve_sampl
 if TYPE_CHECKING:
     from quantkit.eval.card import ReportCard
     from quantkit.eval.run import EvalReport
+    from quantkit.eval.verify import VerifyResult
     from quantkit.formats.inspect import Inspection
 
 
@@ -127,6 +128,22 @@ def report(outputs: Sequence[str | Path], text: str | Path, output: str | Path, 
     return report_card(outputs, text, output, ref=ref, ref_logits=ref_logits, convention=convention, ctx=ctx,
                        max_windows=max_windows, mass=mass, device=device, backend=backend, dtype=dtype,
                        tokenizer=tokenizer, force=force, progress=progress, log=log)
+
+
+def verify(outputs: str | Path | Sequence[str | Path], ref: str | Path, *, client: str = "transformers",
+           use_client: bool = True, text: str | Path | None = None, ctx: int = 256, max_windows: int = 4,
+           tol: float = 1e-3, vllm_dtype: str = "float16", tolerances: dict[str, float] | None = None
+           ) -> list[VerifyResult]:
+    """Read each output with quantkit and with its real client ("transformers": transformers + gptqmodel /
+    compressed-tensors; "vllm": vLLM's CPU build in its own venv, several outputs in one process) and compare their
+    predictions on built-in prompts or windows of `text`, and against `ref`. One VerifyResult per output: `.failed`
+    when the client disagrees beyond the tolerances or did not run (`use_client=False` checks quantkit's reader
+    only); `.failure()` says why, `.to_dict()` is `quantkit verify --json`. Nothing is raised for a disagreement."""
+    from quantkit.eval.verify import verify_many
+
+    outs = [outputs] if isinstance(outputs, (str, Path)) else list(outputs)
+    return verify_many(outs, ref, tol=tol, use_client=use_client, client=client, text=text, ctx=ctx,
+                       max_windows=max_windows, vllm_dtype=vllm_dtype, tolerances=tolerances)
 
 
 def inspect(path: str | Path) -> Inspection:

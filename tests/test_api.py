@@ -13,7 +13,7 @@ import quantkit
 from quantkit.testing import make_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-API = ("plan", "quantize", "convert", "evaluate", "inspect", "load", "generate")
+API = ("plan", "quantize", "convert", "evaluate", "inspect", "load", "generate", "report", "verify")
 
 
 def readme_example() -> str:
@@ -80,3 +80,13 @@ def test_plan_reports_each_format_and_bad_input_raises(tmp_path):
     with pytest.raises(quantkit.QuantkitError):
         quantkit.quantize(src, tmp_path / "x", formats="nosuchformat")
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_api_checks_quantkits_reader(tmp_path, nano_path):
+    """quantkit.verify mirrors `quantkit verify`: one result per output; without a client only quantkit's reader."""
+    out = quantkit.quantize(nano_path, tmp_path / "w4", preset="w4a16-g128", formats="gptq").paths["gptq"]
+    results = quantkit.verify(out, nano_path, use_client=False)
+    assert len(results) == 1 and not results[0].failed
+    data = results[0].to_dict()
+    assert data["client"] == {"status": "skipped", "reason": "disabled (--no-client)"}
+    assert data["format"] == "gptq" and data["quantkit_vs_source"]

@@ -76,15 +76,15 @@ def command(outs, ref, client, tol, vllm_dtype, max_kld, min_same_top, max_dlogp
     cannot load OUT): pass --no-client to check with quantkit's reader only. With --client vllm, several
     outputs share one vLLM process (each load still takes ~30 s on CPU).
     """
-    from quantkit.eval.verify import verify_many
+    from quantkit.api import verify
 
     overrides = {k: v for k, v in (("kld_mean", max_kld), ("same_top", min_same_top), ("max_abs_dlogp", max_dlogp))
                  if v is not None}
     if client == "vllm" and not no_client:
         click.echo(f"loading {len(outs)} output(s) with vLLM (about 30-60 s each on CPU) ...", err=True)
     with stdout_to_stderr():
-        results = verify_many(list(outs), ref, tol=tol, use_client=not no_client, client=client, text=text_path,
-                              ctx=ctx, max_windows=max_windows, vllm_dtype=vllm_dtype, tolerances=overrides)
+        results = verify(list(outs), ref, tol=tol, use_client=not no_client, client=client, text=text_path,
+                         ctx=ctx, max_windows=max_windows, vllm_dtype=vllm_dtype, tolerances=overrides)
     if as_json:
         data = [r.to_dict() for r in results]
         click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2))
