@@ -236,19 +236,10 @@ def stale_temporaries(target: str | Path) -> list[Path]:
     return stale
 
 
-def remove_stale_temporaries(target: str | Path) -> list[Path]:
-    """Remove `stale_temporaries(target)` (a symlink itself, never what it points to); returns what was removed."""
-    removed = []
+def remove_stale_temporaries(target: str | Path) -> None:
+    """Remove `stale_temporaries(target)` (a symlink itself, never what it points to)."""
     for p in stale_temporaries(target):
-        try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
+        remove_temp(p)
 
 
 def temp_dir_beside(target: Path) -> Path:
@@ -284,7 +275,12 @@ def move_into_place(tmp: Path, target: Path) -> None:
 
 
 def remove_temp(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    """Delete a temporary quantkit made, best effort: a directory tree, a file, or a symlink itself (never what it
+    points to)."""
+    try:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

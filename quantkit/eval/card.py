@@ -19,7 +19,7 @@ from quantkit.errors import EvalError
 from quantkit.eval.kld import percentile
 from quantkit.eval.perplexity import DEFAULT_CONVENTION, NLLStats, PerplexityResult, plan_windows, window_nll
 from quantkit.eval.reference_logits import ReferenceLogits, coarse_kld, head_of, relative_error, tokens_digest
-from quantkit.formats.sizes import bits_per_weight, stored_tensor_bytes
+from quantkit.formats.sizes import bits_per_weight, file_bytes, stored_tensor_bytes
 
 REFERENCE_FILE = "reference-logits.safetensors"
 FIGURES = {"kld_vs_bpw": "kld_vs_bpw.png", "layer_error": "layer_error.png", "kld_distribution": "kld_distribution.png"}
@@ -54,10 +54,6 @@ def layer_states(model, tokens: torch.Tensor) -> torch.Tensor:
         h = layer(h, positions, rope, mask)
         states.append(h[0].float().cpu())
     return torch.stack(states)
-
-
-def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def run_reference(eval_model, ids: torch.Tensor, meta: dict[str, str], convention: str, ctx: int, bos_id: int,
@@ -168,7 +164,7 @@ def report_card(outputs: Sequence[str | Path], text: str | Path, output: str | P
         names.add(name)
         tensor_bytes = stored_tensor_bytes(Path(path))
         rows.append({"name": name, "path": str(path), "format": model.info.get("format"),
-                     "weight_types": model.info.get("weight_types"), "bytes": disk_bytes(Path(path)),
+                     "weight_types": model.info.get("weight_types"), "bytes": file_bytes(Path(path)),
                      "tensor_bytes": tensor_bytes,
                      "bpw": bits_per_weight(tensor_bytes, model.model.config.num_parameters()),
                      "delta_ppl": row["ppl"] - ref_ppl, **row})

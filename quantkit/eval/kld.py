@@ -19,6 +19,16 @@ KLD_PERCENTILES = (99.9, 99.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
 DP_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 
 
+def bucketed_kld(kept: torch.Tensor, logp_rest: torch.Tensor, logq_rest: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) of two distributions coarsened to some kept tokens plus one bucket holding all others:
+    `kept` = Σ_kept p_i (log p_i − log q_i) per position, `logp_rest` / `logq_rest` the log-probabilities of the
+    bucket (−inf: empty). Never above the full-vocabulary KLD (coarsening cannot increase a divergence). float64."""
+    logp_rest, logq_rest = logp_rest.double(), logq_rest.double()
+    rest = torch.where(logp_rest > float("-inf"), logp_rest.exp() * (logp_rest - logq_rest.clamp_min(-690.0)),
+                       torch.zeros_like(logp_rest))
+    return (kept.double() + rest).clamp_min(0)
+
+
 def _mean_stderr(x: torch.Tensor) -> tuple[float, float]:
     n = x.numel()
     mean = x.mean().item()

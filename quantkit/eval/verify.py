@@ -27,7 +27,6 @@ reading of OUT with the client's reading of the same file: they catch a disagree
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from quantkit.errors import CheckFailed, EvalError, QuantkitError
+from quantkit.eval.kld import bucketed_kld
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -287,16 +287,16 @@ def _compare_position(logq: torch.Tensor, logr: torch.Tensor, pos: dict) -> tupl
         lv.append(float(pos["logprob"]))
     index = torch.tensor(ids)
     v = torch.tensor(lv, dtype=torch.float64)
-    v_rest = max(1.0 - float(v.exp().sum()), 0.0)
+    v_rest = torch.tensor(max(1.0 - float(v.exp().sum()), 1e-300), dtype=torch.float64).log()  # vLLM lists no more
     top = ids[0]
+    others = torch.ones(logq.shape[-1], dtype=torch.bool)
+    others[index] = False
 
     def kld(logp: torch.Tensor) -> tuple[float, float]:
         lp = logp[index]
-        p_rest = max(1.0 - float(lp.exp().sum()), 0.0)
-        k = float((lp.exp() * (lp - v)).sum())
-        if p_rest > 1e-12:
-            k += p_rest * (math.log(p_rest) - math.log(max(v_rest, 1e-300)))
-        return max(k, 0.0), p_rest
+        p_rest = logp[others].logsumexp(-1) if bool(others.any()) else torch.tensor(float("-inf"))
+        k = bucketed_kld((lp.exp() * (lp - v)).sum(), p_rest, v_rest)
+        return float(k), float(p_rest.exp())
 
     k_q, rest = kld(logq)
     k_r, _ = kld(logr)

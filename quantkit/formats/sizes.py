@@ -37,3 +37,8 @@ def stored_tensor_bytes(path: Path) -> int:
     for p in sorted(path.rglob("*.gguf")):
         total += stored_tensor_bytes(p)
     return total
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a directory."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

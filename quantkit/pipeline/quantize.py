@@ -23,7 +23,7 @@ from quantkit.io import (check_disjoint, check_free_space, check_output_path, de
                          write_error)
 from quantkit.pipeline.fanout import open_writers
 from quantkit.pipeline.layerwise import LayerwiseQuantizer, PipelineOptions
-from quantkit.formats.sizes import bits_per_weight, stored_tensor_bytes
+from quantkit.formats.sizes import bits_per_weight, file_bytes, stored_tensor_bytes
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
 from quantkit.pipeline.plan import Plan, build_plan
 from quantkit.pipeline.workdir import MARKER as WORK_MARKER
@@ -291,7 +291,7 @@ def space_needs(plan: Plan, output: Path, work: Path | None, calib_samples: int 
         acts = calib_samples * calib_seqlen * plan.config.hidden_size * 4 if forward else 0
         have = 0
         if work.is_dir() and (work / WORK_MARKER).is_file():
-            have = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+            have = file_bytes(work)
         needs.append((f"the work dir {work}", work, max(tensors + acts - have, 0)))
     return needs
 

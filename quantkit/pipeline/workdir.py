@@ -27,6 +27,7 @@ import torch
 from quantkit import __version__
 from quantkit.errors import OutputExistsError
 from quantkit.formats.dump import load_tensors, save_tensors
+from quantkit.io import remove_temp
 
 WORK_VERSION = 1
 MARKER = ".quantkit-work"  # written first into every work dir: only such a directory is ever cleared
@@ -77,7 +78,7 @@ class WorkDir:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.path.is_dir():
             for p in self.path.iterdir():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                remove_temp(p)
         self.fresh = False
 
     def _state(self) -> dict[str, Any]:
