@@ -2,9 +2,9 @@
 
 - legacy types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): quantkit vs `gguf.quants.quantize` (numpy, what llama.cpp's
   converter uses), both in this process;
-- k-quants (Q2_K .. Q6_K): quantkit vs `llama-quantize --pure` on a GGUF holding the same F32 tensor. The
-  llama-quantize figure is its own reported "quantize time" (read + quantize + write of that one tensor) and its
-  CPU time, with 1 thread (per core) and with all threads.
+- k-quants (Q2_K .. Q6_K) and i-quants (IQ4_NL, IQ4_XS): quantkit vs `llama-quantize --pure` on a GGUF holding
+  the same F32 tensor. The llama-quantize figure is its own reported "quantize time" (read + quantize + write of
+  that one tensor) and its CPU time, with 1 thread (per core) and with all threads.
 
 Throughput is MB/s of F32 input (4 bytes per weight). Both wall time and CPU time are printed because the
 development machine is shared: CPU time per core is the fairer comparison when it is loaded. Also checks that the
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantkit.ggml_types import K_TYPES, LEGACY_TYPES, type_size  # noqa: E402
+from quantkit.ggml_types import I_TYPES, K_TYPES, LEGACY_TYPES, type_size  # noqa: E402
 from quantkit.gguf.quants import quantize_ggml  # noqa: E402
 from quantkit.testing import llamacpp_bin  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--types", default=",".join(LEGACY_TYPES + K_TYPES))
+    ap.add_argument("--types", default=",".join(LEGACY_TYPES + K_TYPES + I_TYPES))
     ap.add_argument("--threads", type=int, default=1, help="quantkit encoder threads (default 1: per core)")
     args = ap.parse_args()
 

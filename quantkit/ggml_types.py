@@ -20,7 +20,8 @@ from quantkit.errors import SchemeError
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256
-BLOCK_TYPES = LEGACY_TYPES + K_TYPES
+I_TYPES = ("IQ4_NL", "IQ4_XS")  # non-linear value table: IQ4_NL blocks of 32, IQ4_XS super-blocks of 256
+BLOCK_TYPES = LEGACY_TYPES + K_TYPES + I_TYPES
 SUPPORTED_TYPES = FLOAT_TYPES + BLOCK_TYPES
 
 

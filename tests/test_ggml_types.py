@@ -22,8 +22,8 @@ def test_table_is_gguf_py_and_the_workers_copy_equals_it():
     for name in gt.SUPPORTED_TYPES:
         assert BLOCK_SIZES[name] == (gt.block_size(name), gt.type_size(name))
         assert BLOCK_SIZES[name] == GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    assert gt.SUPPORTED_TYPES == gt.FLOAT_TYPES + gt.LEGACY_TYPES + gt.K_TYPES
-    assert gt.BLOCK_TYPES == gt.LEGACY_TYPES + gt.K_TYPES
+    assert gt.SUPPORTED_TYPES == gt.FLOAT_TYPES + gt.LEGACY_TYPES + gt.K_TYPES + gt.I_TYPES
+    assert gt.BLOCK_TYPES == gt.LEGACY_TYPES + gt.K_TYPES + gt.I_TYPES
 
 
 def test_predicates():
@@ -31,8 +31,8 @@ def test_predicates():
     assert all(gt.is_block_type(t) for t in gt.BLOCK_TYPES + ("IQ4_XS", "Q8_K"))
     assert not any(gt.is_block_type(t) for t in gt.FLOAT_TYPES + ("I8", "Q7_K", None, 4))
     assert gt.check_type("Q4_K") == "Q4_K"
-    with pytest.raises(SchemeError, match=r"blk.0.attn_q.weight: unsupported ggml type 'IQ4_XS' \(supported: F32, "):
-        gt.check_type("IQ4_XS", "blk.0.attn_q.weight")
+    with pytest.raises(SchemeError, match=r"blk.0.attn_q.weight: unsupported ggml type 'IQ2_XXS' \(supported: F32, "):
+        gt.check_type("IQ2_XXS", "blk.0.attn_q.weight")
 
 
 def test_sizes():

@@ -53,7 +53,7 @@ def synthetic_imatrix(nano, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0", "IQ4_XS", "IQ4_NL"])
 def test_imatrix_quantization_is_byte_identical_to_llama_quantize(nano, synthetic_imatrix, tmp_path, ftype):
     tool = require_llamacpp("llama-quantize")["llama-quantize"]
     f32 = write_gguf(nano, tmp_path / "f32.gguf", "F32", progress=False)
@@ -67,7 +67,7 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(nano, syntheti
     assert kv["quantize.imatrix.entries_count"] == 6 * 7 and kv["quantize.imatrix.chunks_count"] == 10
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", pytest.param("Q6_K", marks=pytest.mark.slow),
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "IQ4_XS", "IQ4_NL", pytest.param("Q6_K", marks=pytest.mark.slow),
                                    pytest.param("Q2_K", marks=pytest.mark.slow),
                                    pytest.param("Q3_K_M", marks=pytest.mark.slow),
                                    pytest.param("Q5_K_M", marks=pytest.mark.slow),

@@ -68,6 +68,20 @@ def test_kquant_grid_rtn_equals_encoder(type_name, with_importance):
     assert same.all(), f"{int((~same).sum())} of {same.size} blocks differ"
 
 
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
+def test_iquant_grid_rtn_keeps_llama_cpp_scales_and_rounds_to_the_nearest_stored_value(type_name):
+    """llama.cpp picks IQ4 indices against the unrounded scale; the grid picks the nearest value of the stored
+    (fp16-rounded) scale: same headers, and every weight at least as close as llama.cpp's."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((32, 1024)) * 0.02).astype(np.float32)
+    ours = GGMLGrid(type_name).quantize_rtn(torch.from_numpy(w))
+    ref = quantize_ggml(w, type_name)
+    size, codes_at = type_size(type_name), {"IQ4_NL": 2, "IQ4_XS": 8}[type_name]
+    assert np.array_equal(ours.data.reshape(-1, size)[:, :codes_at], ref.data.reshape(-1, size)[:, :codes_at])
+    x = torch.from_numpy(w)
+    assert bool(((ours.dequantize() - x).abs() <= (ref.dequantize() - x).abs()).all())
+
+
 def test_rows_permute_with_blocks():
     """GGUF's Q/K row permutation commutes with block quantization (blocks lie within rows)."""
     w = torch.from_numpy(edge_weights(64, 256, seed=4))
@@ -87,7 +101,7 @@ def test_encode_rejects_act_order_permutation():
         GGMLGrid("IQ2_XS")
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q6_K", "IQ4_XS", "IQ4_NL"])
 def test_gptq_through_ggml_grid_beats_rtn(type_name):
     """GPTQ's error feedback under the exact ggml grid: a plain ggml tensor with lower output error than RTN."""
     from quantkit.quant.gptq import GPTQ

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.llamacpp
 
 CTX, CHUNKS = 128, 4
 FAST_TYPES = ["F32", "Q8_0", "Q4_K_M"]
-SLOW_TYPES = ["BF16", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "Q6_K"]
+SLOW_TYPES = ["BF16", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "IQ4_NL",
+              "IQ4_XS"]
 # Measured on mistral-nano (Alice text, 252 positions; benchmarks/RESULTS.md): strict same-top 97.2-100% (plain) and
 # 98.0-100% (ggml-numerics); quantkit against itself with float64 sums 98.0-100%. The data-free block bytes are
 # identical to llama-quantize's (test_gguf_cli.py) and llama.cpp's own Q4_K_M file gives the same figures
@@ -48,7 +49,7 @@ STRICT_SAME_TOP = 0.95
 NEAR_TIE_SAME_TOP = 0.98
 NOISE_FACTOR = 2.0
 # types with tensors llama.cpp repacks on x86 (Q4_0, Q4_K; Q2_K with AVX-512): run once more with --no-repack
-REPACKED_TYPES = {"Q4_0", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"}
+REPACKED_TYPES = {"Q4_0", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_NL"}
 
 
 class _Dequantized:

@@ -14,7 +14,7 @@ from quantkit.testing import NANO_PATH, make_random_checkpoint
 from tests.conftest import require_llamacpp
 
 QUANT_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
-               "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
+               "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "IQ4_NL", "IQ4_XS"]
 
 
 def _llamacpp_types(tool, src, out, mix, extra=()):
@@ -35,7 +35,7 @@ def test_mix_matches_llama_quantize_on_nano(nano_f32, tmp_path, mix):
     assert tensor_types(ModelConfig.from_file(NANO_PATH / "config.json"), mix) == theirs
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K", "Q4_0", "IQ4_XS", "IQ4_NL"])
 def test_fallbacks_for_rows_not_multiple_of_256_match_llama_quantize(tmp_path, mix):
     """hidden 320 / ffn 640: rows of 320 and 640 elements (not multiples of 256) take llama.cpp's fallback types."""
     tools = require_llamacpp("llama-quantize")

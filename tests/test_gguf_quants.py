@@ -13,7 +13,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from quantkit.errors import SchemeError
-from quantkit.ggml_types import BLOCK_TYPES, FLOAT_TYPES, K_TYPES, LEGACY_TYPES, is_float_type, type_size
+from quantkit.ggml_types import BLOCK_TYPES, FLOAT_TYPES, I_TYPES, K_TYPES, LEGACY_TYPES, is_float_type, type_size
 from quantkit.gguf.quants import quantize_ggml
 from tests.conftest import require_llamacpp
 
@@ -53,7 +53,8 @@ def test_encoder_bytes_equal_gguf_package(type_name):
 
 
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q2_K": [80, 82],
-              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}  # byte offsets of the fp16 scales/mins
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+              "IQ4_NL": [0], "IQ4_XS": [0]}  # byte offsets of the fp16 scales/mins
 
 
 def random_ggml_blocks(type_name: str, n: int, rng) -> np.ndarray:
@@ -144,8 +145,8 @@ def oracle_tensors(nano_path):
     return nano, wide
 
 
-@pytest.mark.parametrize("type_name", K_TYPES)
-def test_kquants_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
+@pytest.mark.parametrize("type_name", [*K_TYPES, *I_TYPES])
+def test_searched_types_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
     tools = require_llamacpp("llama-quantize")
     for group in oracle_tensors:
         width = next(iter(group.values())).shape[1]
@@ -173,7 +174,7 @@ def synthetic_imatrix(group: dict[str, np.ndarray], seed: int):
     return Imatrix(entries, ["synthetic.txt"], chunk_count=4, chunk_size=128)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES, *I_TYPES])
 def test_imatrix_weighted_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
     """Our imatrix file is accepted by llama-quantize, and our weighted search gives its bytes."""
     from quantkit.gguf.imatrix import read_imatrix, write_imatrix
@@ -236,3 +237,39 @@ def test_non_finite_weights_are_refused_with_the_index():
     with pytest.raises(SchemeError,
                        match=r"blk.3.ffn_up.weight: weight contains NaN or Inf \(first at index \[550, 7\]\)"):
         quantize_ggml(x, "Q4_K", name="blk.3.ffn_up.weight")
+
+
+def c_best_index(v: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8 over the IQ4 table, step by step as C runs it (binary search, float32 differences)."""
+    from quantkit.gguf.iquants import KVALUES
+
+    out = np.empty(v.shape, dtype=np.int64)
+    for i, x in enumerate(v.astype(np.float32)):
+        if x <= KVALUES[0]:
+            out[i] = 0
+            continue
+        if x >= KVALUES[-1]:
+            out[i] = 15
+            continue
+        ml, mu = 0, 15
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            if x < KVALUES[mav]:
+                mu = mav
+            else:
+                ml = mav
+        out[i] = mu - 1 if np.float32(x - KVALUES[mu - 1]) < np.float32(KVALUES[mu] - x) else mu
+    return out
+
+
+def test_iq4_best_index_equals_the_c_search_near_every_midpoint_and_at_random():
+    from quantkit.gguf.iquants import MIDPOINTS, best_index
+
+    near = []
+    for m in MIDPOINTS:  # 400 consecutive float32 values around each midpoint, the midpoint itself included
+        bits = np.abs(np.float32(m)).view(np.int32)
+        near.append((bits + np.arange(-200, 200, dtype=np.int32)).view(np.float32) * np.sign(np.float32(m)))
+    rng = np.random.default_rng(5)
+    wide = (rng.standard_normal(20000) * 10.0 ** rng.integers(-6, 4, 20000)).astype(np.float32)
+    v = np.concatenate([*near, wide, np.array([-np.inf, np.inf, 0.0, -0.0, -127, 113, 1e30], np.float32)])
+    assert np.array_equal(best_index(v), c_best_index(v))

@@ -43,14 +43,14 @@ def test_dequantize_rows_in_row_chunks_and_refusals(rng):
     data = torch.from_numpy(random_blocks("Q4_K", 5, 1024, rng))  # 2^18 values a row: 4-row chunks
     by_row = torch.cat([dequantize_rows(data[r:r + 1], "Q4_K") for r in range(5)])
     assert torch.equal(dequantize_rows(data, "Q4_K"), by_row)
-    with pytest.raises(FormatError, match="IQ4_XS.*cannot decode"):
-        dequantize_rows(torch.zeros((1, 136), dtype=torch.uint8), "IQ4_XS")
+    with pytest.raises(FormatError, match="IQ2_XXS.*cannot decode"):
+        dequantize_rows(torch.zeros((1, 66), dtype=torch.uint8), "IQ2_XXS")
     with pytest.raises(FormatError, match="Q4_K: expected uint8"):
         dequantize_rows(data[:, :100], "Q4_K")
 
 
 triton = pytest.importorskip("triton")
-KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.mark.parametrize("type_name", KERNEL_TYPES)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.errors import SchemeError
-from quantkit.ggml_types import K_TYPES, LEGACY_TYPES
-from quantkit.gguf import kquants, legacy
+from quantkit.ggml_types import I_TYPES, K_TYPES, LEGACY_TYPES
+from quantkit.gguf import iquants, kquants, legacy
 from quantkit.gguf.f32ops import F32, seqsum_rows
 
 # type name -> (elements per block, bytes per block) of `ggml_types.SUPPORTED_TYPES`: the workers' copy of
@@ -20,6 +20,7 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
 }
 
 # elements per chunk: big enough to amortize numpy's per-call cost (~1 ms per Q4_K call), small enough to keep
@@ -31,9 +32,10 @@ SOURCE_DTYPES = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
 
 
 def is_searched(type_name: str, has_importance: bool) -> bool:
-    """Whether encoding `type_name` runs a scale search (k-quants; legacy types other than Q8_0 given an imatrix),
-    rather than the legacy reference rounding (a few passes per block)."""
-    return type_name in K_TYPES or (has_importance and type_name in LEGACY_TYPES and type_name != "Q8_0")
+    """Whether encoding `type_name` runs a scale search (k-quants, i-quants; legacy types other than Q8_0 given an
+    imatrix), rather than the legacy reference rounding (a few passes per block)."""
+    searched_always = type_name in K_TYPES or type_name in I_TYPES
+    return searched_always or (has_importance and type_name in LEGACY_TYPES and type_name != "Q8_0")
 
 
 def row_bytes(type_name: str, cols: int) -> int:
@@ -64,9 +66,10 @@ def encode_rows(x: np.ndarray, type_name: str, qw: np.ndarray | None, name: str 
     rows, cols = x.shape
     block = BLOCK_SIZES[type_name][0]
     blocks = x.reshape(-1, block)
-    if type_name in K_TYPES:
+    if type_name in K_TYPES or type_name in I_TYPES:
         qwb = None if qw is None else np.broadcast_to(qw.reshape(1, -1), (rows, cols)).reshape(-1, block)
-        data = kquants.ENCODERS[type_name](blocks, qwb)
+        encoders = kquants.ENCODERS if type_name in K_TYPES else iquants.ENCODERS
+        data = encoders[type_name](blocks, qwb)
     elif qw is None or type_name == "Q8_0":
         data = legacy.REF[type_name](blocks)
     else:

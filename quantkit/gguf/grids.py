@@ -5,7 +5,8 @@ A group is one ggml block along a row: 32 columns for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, 
 the k-quants. `fit` runs the same search as the encoder (`quantize_ggml`, llama.cpp's reference; with
 `importance` its imatrix-weighted search) on the current, error-updated weights of the group, and keeps the
 resulting block header: fp16 super-scales and the 4/6/8-bit sub-block scales (and mins). The grid of a sub-block
-is then `{s*c}` (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K), `{s*q + m}` (Q4_1, Q5_1) or `{s*q - m}` (Q2_K, Q4_K, Q5_K) with
+is then `{s*c}` (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K), `{s*q + m}` (Q4_1, Q5_1), `{s*q - m}` (Q2_K, Q4_K, Q5_K) or
+`{s*v[q]}` with v the non-linear 16-value table (IQ4_NL, IQ4_XS; a code is the index of the nearest value), with
 `s`, `m` computed in float32 exactly as llama.cpp's dequantizer computes them, so `encode` writes an ordinary
 block whose dequantized values are bit-identical to `fake_quant`'s.
 
@@ -27,6 +28,7 @@ from quantkit.errors import SchemeError
 from quantkit.ggml_types import block_size, f16_to_f32, type_size
 from quantkit.gguf import kquants, legacy
 from quantkit.gguf.quants import quantize_ggml
+from quantkit.kernels.ggml_ref import IQ4_VALUES, iq4_xs_scales
 from quantkit.tensors import GGMLTensor
 
 
@@ -35,7 +37,7 @@ class _Spec:
     sub: int  # columns per sub-block (sharing one effective scale)
     lo: int  # code range (signed codes for "sym", unsigned otherwise)
     hi: int
-    kind: str  # "sym": s*c | "add": s*q + m | "sub": s*q - m
+    kind: str  # "sym": s*c | "add": s*q + m | "sub": s*q - m | "table": s*IQ4_VALUES[q]
 
 
 SPECS: dict[str, _Spec] = {
@@ -49,6 +51,8 @@ SPECS: dict[str, _Spec] = {
     "Q4_K": _Spec(32, 0, 15, "sub"),
     "Q5_K": _Spec(32, 0, 31, "sub"),
     "Q6_K": _Spec(16, -32, 31, "sym"),
+    "IQ4_NL": _Spec(32, 0, 15, "table"),
+    "IQ4_XS": _Spec(32, 0, 15, "table"),
 }
 GRID_TYPES = tuple(SPECS)
 
@@ -66,7 +70,7 @@ def effective_scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np
     """Per-sub-block (scale, offset) in float32, computed exactly as the dequantizer (`kernels/ggml_ref.py`)
     computes them."""
     b = blocks
-    if type_name in ("Q8_0", "Q4_0", "Q5_0"):
+    if type_name in ("Q8_0", "Q4_0", "Q5_0", "IQ4_NL"):
         return f16_to_f32(b[:, 0:2])[:, None], None
     if type_name in ("Q4_1", "Q5_1"):
         return f16_to_f32(b[:, 0:2])[:, None], f16_to_f32(b[:, 2:4])[:, None]
@@ -83,6 +87,9 @@ def effective_scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np
         sc = b[:, 0:16]
         return (f16_to_f32(b[:, 80:82])[:, None] * (sc & 0x0F).astype(np.float32),
                 f16_to_f32(b[:, 82:84])[:, None] * (sc >> 4).astype(np.float32))
+    if type_name == "IQ4_XS":
+        sc = iq4_xs_scales(torch.from_numpy(np.ascontiguousarray(b))).numpy().astype(np.float32)
+        return f16_to_f32(b[:, 0:2])[:, None] * sc, None
     raise SchemeError(f"no GGML grid for type {type_name!r} (supported: {', '.join(GRID_TYPES)})")
 
 
@@ -112,12 +119,17 @@ def write_codes(type_name: str, blocks: np.ndarray, codes: np.ndarray) -> None:
         blocks[:, 16:176] = kquants.pack_q5_k_codes(c)
     elif type_name == "Q6_K":
         blocks[:, 0:192] = kquants.pack_q6_k_codes(c + 32)
+    elif type_name == "IQ4_NL":
+        blocks[:, 2:18] = legacy.pack_nibbles(c)
+    elif type_name == "IQ4_XS":
+        blocks[:, 8:136] = legacy.pack_nibbles(c.reshape(-1, 32)).reshape(len(blocks), 128)
     else:
         raise SchemeError(f"no GGML grid for type {type_name!r}")
 
 
 class GGMLGrid:
-    """The grid of ggml type `type_name` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)."""
+    """The grid of ggml type `type_name` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+    IQ4_XS)."""
 
     def __init__(self, type_name: str):
         if type_name not in SPECS:
@@ -154,6 +166,11 @@ class GGMLGrid:
         at most |delta|/s with delta the rounding of w; if it does miss, the missed code's value is the same
         float (none found in 4e7 random trials down to s = m/2^30). `encode` verifies every weight anyway."""
         kind = self.spec.kind
+        if kind == "table":
+            values = s[..., None] * self._table(w.device)  # [.., 16], ascending where s > 0
+            c = (values - w[..., None]).abs().argmin(dim=-1).to(torch.float32)
+            c = torch.where(s != 0, c, torch.full_like(c, float(IQ4_VALUES.index(1))))  # ggml's index for 0 * x
+            return c, self._values(c, s, m)
         if kind == "sym":
             v = w / s
         elif kind == "add":
@@ -164,7 +181,12 @@ class GGMLGrid:
         c = torch.where(s != 0, c, torch.zeros_like(c)) + 0.0  # + 0.0: a code of -0.0 is stored as 0
         return c, self._values(c, s, m)
 
+    def _table(self, device) -> torch.Tensor:
+        return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
+
     def _values(self, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        if self.spec.kind == "table":
+            return s * self._table(c.device)[c.long()]
         if self.spec.kind == "sym":
             return s * c
         if self.spec.kind == "add":

@@ -2,7 +2,8 @@
 
 ref: ggml-org/llama.cpp:src/llama-quant.cpp (`llama_tensor_get_type`, `llama_tensor_get_type_impl`,
 `tensor_type_fallback`), formats/gguf.md (file types). Only the rules that apply to dense llama-architecture models
-(Mistral, Llama) are implemented; IQ/TQ/MoE branches are not. With `pure=True` every quantizable tensor gets
+(Mistral, Llama) are implemented; TQ/MoE branches and the i-quant mixes below 4 bits
+are not. With `pure=True` every quantizable tensor gets
 the default type (only the shape fallback applies), as `llama-quantize --pure`.
 """
 
@@ -49,10 +50,14 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K", "5-bit k-quants throughout"),
         FileType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K", "5-bit k-quants, half of attention V/FFN down at Q6_K"),
         FileType("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K", "6-bit k-quants: close to Q8_0 at 80% of its size"),
+        FileType("IQ4_NL", LlamaFileType.MOSTLY_IQ4_NL, "IQ4_NL",
+                 "4.5-bit non-linear blocks of 32 (a 16-value table), attention V at Q5_K with GQA"),
+        FileType("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS, "IQ4_XS",
+                 "4.25-bit non-linear super-blocks of 256, attention V at Q5_K with GQA: Q4_K_S quality, smaller"),
     )
 }
 # block-size fallbacks when a row length (ne[0] = in_features) is not a multiple of the type's block
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 def get_file_type(name: str) -> FileType:
@@ -94,6 +99,8 @@ def _mix_type(kind: str, layer: int, ftype: str, default: str, config: ModelConf
             return "Q6_K"
         if ftype == "Q4_K_S" and layer < 4:
             return "Q5_K"
+        if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
+            return "Q5_K"
         return default
     if kind == "ffn_down":
         if ftype == "Q2_K":
@@ -106,6 +113,8 @@ def _mix_type(kind: str, layer: int, ftype: str, default: str, config: ModelConf
             return "Q6_K" if use_more_bits(layer, n) else default
         if ftype == "Q5_K_M" and use_more_bits(layer, n):
             return "Q6_K"
+        if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and layer < n // 8:
+            return "Q5_K"
         if ftype == "Q4_K_S" and layer < n // 8:
             return "Q5_K"
         if ftype in ("Q4_0", "Q5_0") and has_imatrix and layer < n // 8:

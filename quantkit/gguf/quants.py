@@ -4,11 +4,12 @@
 
 and back with `GGMLTensor.dequantize()` (bit-exact, `kernels/ggml_ref.py`).
 Types (`ggml_types.SUPPORTED_TYPES`): F32, F16, BF16; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (blocks of 32); Q2_K, Q3_K,
-Q4_K, Q5_K, Q6_K (256).
+Q4_K, Q5_K, Q6_K (256); IQ4_NL (32), IQ4_XS (256).
 
 Without `importance` the bytes are ggml's reference quantizers (`quantize_row_qX_ref`, what `llama-quantize` and
-`gguf.quants.quantize` produce). With `importance` (an imatrix: mean x^2 per input column, length cols) they are
-ggml's importance-weighted quantizers `quantize_qX(…, quant_weights)` as `llama-quantize --imatrix` runs them.
+`gguf.quants.quantize` produce; for the i-quants `quantize_iq4_nl/xs`, which llama-quantize runs). With
+`importance` (an imatrix: mean x^2 per input column, length cols) they are ggml's importance-weighted quantizers
+`quantize_qX(…, quant_weights)` as `llama-quantize --imatrix` runs them.
 Everything is vectorized over blocks (numpy, float32 arithmetic in C's order, see `f32ops`); rows are processed
 in chunks to keep the working set in cache.
 

@@ -1,4 +1,5 @@
-"""Triton kernels for ggml block types (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) read straight from the GGUF block bytes.
+"""Triton kernels for ggml block types (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) read straight from the GGUF
+block bytes.
 
   - `ggml_dequant(data, type, rows)`: block bytes [R, bytes_per_row] -> float [R, cols] (used in row chunks for
     prefill: `x @ chunk^T`, so the full matrix never exists at once).
@@ -15,24 +16,56 @@ import triton.language as tl
 
 from quantkit.ggml_types import block_size, type_size
 from quantkit.kernels import tune
+from quantkit.kernels.ggml_ref import IQ4_VALUES
 
-TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}
+TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "IQ4_NL": 5, "IQ4_XS": 6}
 SUPPORTED = tuple(TYPE_IDS)
+_IQ4_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _iq4_table(device) -> torch.Tensor:
+    """IQ4_VALUES as float32 on `device` (the kernels look the 4-bit indices up in it)."""
+    device = torch.device(device)
+    if device not in _IQ4_TABLES:
+        _IQ4_TABLES[device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
+    return _IQ4_TABLES[device]
+
+
+@triton.jit
+def _u16_at(ptr, mask):
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
+    return lo | (hi << 8)
 
 
 @triton.jit
 def _f16_at(ptr, mask):
-    lo = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
-    return (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return _u16_at(ptr, mask).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _chunk(data_ptr, row_off, row_ok, c, TYPE: tl.constexpr):
-    """Elements 32c .. 32c+31 of each row as fp32 [BR, 32]; row_off = row * bytes_per_row (int64 [BR])."""
+def _chunk(data_ptr, kv_ptr, row_off, row_ok, c, TYPE: tl.constexpr):
+    """Elements 32c .. 32c+31 of each row as fp32 [BR, 32]; row_off = row * bytes_per_row (int64 [BR]); kv_ptr:
+    the IQ4 value table (float32[16])."""
     l = tl.arange(0, 32)
     m2 = row_ok[:, None]
-    if TYPE == 0:  # Q8_0: d f16, qs int8[32]
+    if TYPE == 5:  # IQ4_NL: d f16, qs u8[16] (nibbles as Q4_0) indexing the value table
+        base = row_off + c * 18
+        d = _f16_at(data_ptr + base, row_ok)
+        b = tl.load(data_ptr + base[:, None] + 2 + (l % 16)[None, :], mask=m2, other=0).to(tl.int32)
+        w = d[:, None] * tl.load(kv_ptr + tl.where((l < 16)[None, :], b & 0xF, b >> 4))
+    elif TYPE == 6:  # IQ4_XS: d f16, scales_h u16, scales_l u8[4], qs u8[128]; 8 chunks of 32 per 256-block
+        blk = c // 8
+        j = c % 8
+        base = row_off + blk * 136
+        d = _f16_at(data_ptr + base, row_ok)
+        sh = _u16_at(data_ptr + base + 2, row_ok)
+        sl = tl.load(data_ptr + base + 4 + j // 2, mask=row_ok, other=0).to(tl.int32)
+        ls = ((sl >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4)
+        b = tl.load(data_ptr + base[:, None] + 8 + 16 * j + (l % 16)[None, :], mask=m2, other=0).to(tl.int32)
+        dl = d * (ls - 32).to(tl.float32)
+        w = dl[:, None] * tl.load(kv_ptr + tl.where((l < 16)[None, :], b & 0xF, b >> 4))
+    elif TYPE == 0:  # Q8_0: d f16, qs int8[32]
         base = row_off + c * 34
         d = _f16_at(data_ptr + base, row_ok)
         q = tl.load(data_ptr + base[:, None] + 2 + l[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
@@ -83,18 +116,18 @@ def _chunk(data_ptr, row_off, row_ok, c, TYPE: tl.constexpr):
 
 
 @triton.jit
-def _ggml_dequant_kernel(data_ptr, out_ptr, R, row_bytes, cols, TYPE: tl.constexpr, BR: tl.constexpr):
+def _ggml_dequant_kernel(data_ptr, kv_ptr, out_ptr, R, row_bytes, cols, TYPE: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1)
     ok = rows < R
-    w = _chunk(data_ptr, rows.to(tl.int64) * row_bytes, ok, c, TYPE)
+    w = _chunk(data_ptr, kv_ptr, rows.to(tl.int64) * row_bytes, ok, c, TYPE)
     l = tl.arange(0, 32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * cols + c * 32 + l[None, :], w.to(out_ptr.dtype.element_ty),
              mask=ok[:, None])
 
 
 @triton.jit
-def _ggml_matvec_kernel(x_ptr, data_ptr, out_ptr, M, R, row_bytes, stride_xm, chunks, chunks_per_split,
+def _ggml_matvec_kernel(x_ptr, data_ptr, kv_ptr, out_ptr, M, R, row_bytes, stride_xm, chunks, chunks_per_split,
                         TYPE: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     pid_k = tl.program_id(1)
@@ -107,7 +140,7 @@ def _ggml_matvec_kernel(x_ptr, data_ptr, out_ptr, M, R, row_bytes, stride_xm, ch
     c0 = pid_k * chunks_per_split
     c1 = tl.minimum(chunks, c0 + chunks_per_split)
     for c in range(c0, c1):
-        w = _chunk(data_ptr, row_off, ok, c, TYPE)
+        w = _chunk(data_ptr, kv_ptr, row_off, ok, c, TYPE)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + c * 32 + l[None, :], mask=m_ok[:, None], other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     omask = m_ok[:, None] & ok[None, :]
@@ -133,8 +166,9 @@ def ggml_dequant(data: torch.Tensor, type_name: str, dtype=torch.float32,
     if out is None:
         out = torch.empty((r, cols), device=data.device, dtype=dtype)
     br = 32
-    _ggml_dequant_kernel[(triton.cdiv(r, br), cols // 32)](data, out, r, data.shape[1], cols,
-                                                            TYPE=TYPE_IDS[type_name], BR=br)
+    grid = (triton.cdiv(r, br), cols // 32)
+    _ggml_dequant_kernel[grid](data, _iq4_table(data.device), out, r, data.shape[1], cols, TYPE=TYPE_IDS[type_name],
+                               BR=br)
     return out
 
 
@@ -160,8 +194,9 @@ def ggml_matvec(x: torch.Tensor, data: torch.Tensor, type_name: str, out: torch.
         per = triton.cdiv(chunks, split)
         split = triton.cdiv(chunks, per)
         target = dst if split == 1 else torch.empty((split, m, r), device=x.device, dtype=torch.float32)
-        _ggml_matvec_kernel[(tiles, split)](x, data, target, m, r, data.shape[1], x.stride(0), chunks, per,
-                                            TYPE=TYPE_IDS[type_name], SPLIT=split, BM=bm, BR=br, num_warps=warps)
+        _ggml_matvec_kernel[(tiles, split)](x, data, _iq4_table(data.device), target, m, r, data.shape[1], x.stride(0),
+                                            chunks, per, TYPE=TYPE_IDS[type_name], SPLIT=split, BM=bm, BR=br,
+                                            num_warps=warps)
         if split > 1:
             sum_splits(target, dst)
 

@@ -134,8 +134,35 @@ def _q6_k(b):
     return d[..., None] * q.float()
 
 
+# ggml's kvalues_iq4nl: the 16 values an IQ4_NL / IQ4_XS index selects (times the block's scale)
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_values(codes: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=codes.device)[codes]
+
+
+def _iq4_nl(b):
+    return f16_to_f32(b[..., 0:2])[..., None] * _iq4_values(_nibbles32(b[..., 2:18]))
+
+
+def iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS scales_h (uint16 at byte 2) and scales_l[4] (byte 4) -> the 8 signed sub-block scales, int32."""
+    s = b[..., 2:8].to(torch.int32)
+    high = ((s[..., 0:1] | (s[..., 1:2] << 8)) >> _shifts(2, 8, b.device)) & 3
+    low = (s[..., 2:6, None] >> _shifts(4, 2, b.device)).flatten(-2) & 0xF  # sub-block 2i: low nibble of byte i
+    return (low | (high << 4)) - 32
+
+
+def _iq4_xs(b):
+    dl = f16_to_f32(b[..., 0:2])[..., None] * iq4_xs_scales(b).float()  # [.., 8]
+    codes = _nibbles32(b[..., 8:136].reshape(*b.shape[:-1], 8, 16))
+    return dl[..., None] * _iq4_values(codes)
+
+
 DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+           "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
 
 
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
