@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from nano_gguf_setup import CTX, QUANTKIT, prepare, run
 
 from quantkit.formats.base import read_checkpoint
-from quantkit.gguf.convert import convert_to_gguf, write_gguf
+from quantkit.gguf.convert import convert_to_gguf
 from quantkit.gguf.llamacpp import parse_kld_summary, run_perplexity
-from quantkit.model.checkpoint import open_checkpoint
 from quantkit.model.reference import Transformer
 from quantkit.model.tokenizer import load_tokenizer
-from quantkit.testing import NANO_PATH, llamacpp_bin, shared_data
-
-CTX = 512
+from quantkit.testing import NANO_PATH
 
 
 class Dequantized:
@@ -52,16 +48,6 @@ def logits_fn_for(gguf: Path):
     return fn
 
 
-def run(cmd: list[str], log: Path) -> None:
-    t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log.write_text(proc.stdout)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
-    print(f"  {' '.join(Path(c).name if '/' in c else c for c in cmd[:3])} ... {time.time() - t0:.0f}s",
-          file=sys.stderr)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/gguf_quality")
@@ -70,33 +56,11 @@ def main() -> None:
     ap.add_argument("--qk-windows", type=int, default=16, help="windows for quantkit's own eval (CPU-bound)")
     ap.add_argument("--skip-gptq", action="store_true")
     args = ap.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    pg = shared_data("pg-english", "calib")
-    if pg is None:
-        raise SystemExit("needs ../shared/data/pg-english/calib")
-    calib_txt, eval_txt = work / "calib.txt", work / "eval.txt"
-    calib_txt.write_text((pg / "the-hound-of-the-baskervilles.txt").read_text())
-    eval_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
-    quantize, imatrix_tool, perplexity = (llamacpp_bin(t)
-                                          for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
-    ckpt = open_checkpoint(NANO_PATH)
-    env_q = [sys.executable, "-m", "quantkit"]
-
-    f32 = work / "nano-F32.gguf"
-    if not f32.exists():
-        write_gguf(ckpt, f32, "F32", progress=False)
-    base = work / "base.kld"
-    if not base.exists():
-        run_perplexity(perplexity, f32, eval_txt, ctx=CTX, chunks=args.chunks, kld_base_out=base)
-
-    lc_imx, qk_imx = work / "llamacpp.imatrix.gguf", work / "quantkit.imatrix.gguf"
-    if not lc_imx.exists():
-        run([str(imatrix_tool), "-m", str(f32), "-f", str(calib_txt), "-o", str(lc_imx), "-c", str(CTX),
-             "--chunks", str(args.calib_chunks), "-t", "2"], work / "llama-imatrix.log")
-    if not qk_imx.exists():
-        run(env_q + ["imatrix", str(NANO_PATH), "--calib", str(calib_txt), "--calib-samples", str(args.calib_chunks),
-                     "--calib-seqlen", str(CTX), "-o", str(qk_imx), "--no-progress"], work / "quantkit-imatrix.log")
+    env = prepare(Path(args.work), args.chunks, args.calib_chunks)
+    work, env_q, quantize = env.work, QUANTKIT, env.quantize
+    calib_txt, eval_txt, f32, base, lc_imx, qk_imx = (env.calib_txt, env.eval_txt, env.f32, env.base_kld,
+                                                       env.llamacpp_imatrix, env.quantkit_imatrix)
+    perplexity = env.perplexity
 
     variants: dict[str, Path] = {}
     for ftype in ("Q4_K_M", "Q4_0"):

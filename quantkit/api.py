@@ -57,18 +57,43 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
              calib_seqlen: int = 512, seed: int = 0, device: str = "cpu", damp: float = 0.01, block_size: int = 128,
              imatrix: str | Path | None = None, imatrix_out: str | Path | None = None, shard_size: str | int = "5GB",
              work_dir: str | Path | None = None, resume: bool = True, force: bool = False, progress: bool = False,
-             log: Callable[[str], None] | None = None) -> QuantizeResult:
+             log: Callable[[str], None] | None = None, target_bpw: float | None = None,
+             target_size: str | int | None = None, candidates: str | Sequence[str] | None = None,
+             sensitivity: str | Path | None = None, sensitivity_samples: int = 16,
+             sensitivity_seqlen: int = 256) -> QuantizeResult:
     """Quantize `model` layer by layer and write every requested format under `output` (one format: `output`
     itself; several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet
     file or directory; default builtin for gptq/awq), damp/block_size (GPTQ), imatrix (GGUF: a llama.cpp
     importance matrix to use), imatrix_out (save the collected one), shard_size (largest safetensors shard of the
     HF-layout outputs, "5GB" or bytes), work_dir/resume (an interrupted run with the
     same arguments continues from its last completed layer), force (replace an existing output), log (receives
-    one-line notices such as "resuming from layer 3/6")."""
+    one-line notices such as "resuming from layer 3/6").
+
+    GGUF under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes) instead of gguf_type
+    measures each tensor's KLD in each of `candidates` (default Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K, Q6_K, Q8_0) on
+    `sensitivity_samples` windows of `sensitivity_seqlen` tokens of `calib` (cached in `sensitivity`, default
+    under ~/.cache/quantkit), chooses the types with the least predicted KLD that fit, writes them, and reports
+    predicted against measured KLD (`result.allocation`)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(str(model))
+    allocation = None
+    if target_bpw is not None or target_size is not None:
+        from quantkit.eval.run import progress_wrapper
+        from quantkit.pipeline.allocate import DEFAULT_CANDIDATES, allocate_gguf, check_target_arguments
+
+        check_target_arguments(formats, gguf_type, overrides)
+        if isinstance(candidates, str):
+            candidates = [c.strip() for c in candidates.split(",") if c.strip()]
+        allocation = allocate_gguf(
+            ckpt, target_bpw=target_bpw, target_bytes=None if target_size is None else parse_size(target_size),
+            candidates=candidates or DEFAULT_CANDIDATES, calib=calib or "builtin", calib_samples=sensitivity_samples,
+            calib_seqlen=sensitivity_seqlen, seed=seed, imatrix=Path(imatrix) if imatrix is not None else None,
+            sensitivity=Path(sensitivity) if sensitivity is not None else None,
+            progress=progress_wrapper(progress, "sensitivity"))
+        formats, gguf_type, overrides = "gguf", allocation.file_type, allocation.overrides()
+        imatrix = allocation.imatrix_path
     the_plan = make_plan(ckpt, method=method, preset=preset, formats=formats, gguf_type=gguf_type,
                          overrides=overrides, act_order=act_order, calib=calib, calib_samples=calib_samples,
                          calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None)
@@ -79,7 +104,11 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                               max_shard_bytes=parse_size(shard_size),
                               work_dir=Path(work_dir) if work_dir is not None else None, resume=resume, force=force,
                               progress=progress)
-    return quantize_checkpoint(ckpt, the_plan, output, options, log=log)
+    result = quantize_checkpoint(ckpt, the_plan, output, options, log=log)
+    if allocation is not None:
+        allocation.measure(ckpt, result.paths["gguf"])
+        result.allocation = allocation
+    return result
 
 
 def convert(src: str | Path, output: str | Path, *, format: str, dtype: str | None = None,

@@ -28,12 +28,28 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
               help="Per-layer checkpoints for resuming (default: OUT.partial beside the output).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run with the same arguments from its last completed layer.")
+@click.option("--target-bpw", type=FiniteFloatRange(1, 32), default=None,
+              help="GGUF: choose every tensor's type by measurement so that the file holds this many bits per "
+              "weight (instead of --type): each tensor's KL divergence in each candidate type is measured on "
+              "calibration text, and the assignment with the least predicted KLD that fits is written.")
+@click.option("--target-size", type=SIZE, default=None,
+              help="GGUF: as --target-bpw, with the budget as tensor bytes (e.g. 3.9GB).")
+@click.option("--candidates", default=None, metavar="TYPES",
+              help="Types the allocation chooses from, comma-separated (default Q2_K,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,"
+              "Q8_0).")
+@click.option("--sensitivity", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File that caches the measured sensitivities (default: under ~/.cache/quantkit/sensitivity, "
+              "keyed by model, tokens and imatrix); several budgets reuse one measurement.")
+@click.option("--sensitivity-samples", default=16, show_default=True, type=COUNT,
+              help="Calibration windows the sensitivities are measured on.")
+@click.option("--sensitivity-seqlen", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per sensitivity window.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (targets, sizes, BPW, memory) and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
             seed, device, as_json, output, damp, block_size, imatrix_in, imatrix_out, shard_size, work_dir, resume,
-            force, dry_run,
+            target_bpw, target_size, candidates, sensitivity, sensitivity_samples, sensitivity_seqlen, force, dry_run,
             no_progress):
     """Quantize MODEL layer by layer (only one decoder layer in memory) and write the requested format(s).
 
@@ -42,12 +58,17 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     quantkit quantize models/mistral-nano --method awq --preset w4a16-g128-asym --format awq -o out/nano-awq
     quantkit quantize models/mistral-nano --format gguf --type Q4_K_M --calib builtin -o out/nano-Q4_K_M.gguf
     quantkit quantize models/mistral-nano --format gptq,compressed-tensors -o out/nano-w4   # out/nano-w4/{gptq,...}
+    quantkit quantize models/mistral-nano --format gguf --target-bpw 4.5 -o out/nano-4.5bpw.gguf
     """
     from quantkit import api
 
     plan_args = dict(method=method, preset=preset, formats=formats, gguf_type=gguf_type, overrides=overrides,
                      act_order=act_order, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                      device=device)
+    targeted = target_bpw is not None or target_size is not None
+    if dry_run and targeted:
+        raise click.UsageError("--dry-run shows a plan before any work; a --target-bpw/--target-size allocation "
+                               "needs its measurement first (run without --dry-run)")
     if dry_run:
         plan = api.plan(model, **plan_args, imatrix=imatrix_in)
         click.echo(json.dumps(plan.to_dict()) if as_json else plan.render())
@@ -56,5 +77,8 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     result = api.quantize(model, output, **plan_args, seed=seed, damp=damp, block_size=block_size, imatrix=imatrix_in,
                           imatrix_out=imatrix_out, shard_size=shard_size, work_dir=work_dir, resume=resume, force=force,
-                          progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True))
+                          progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True),
+                          target_bpw=target_bpw, target_size=target_size, candidates=candidates,
+                          sensitivity=sensitivity, sensitivity_samples=sensitivity_samples,
+                          sensitivity_seqlen=sensitivity_seqlen)
     click.echo(json.dumps(result.to_dict()) if as_json else result.render())

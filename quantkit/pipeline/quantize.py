@@ -65,6 +65,7 @@ class QuantizeResult:
     memory: dict[str, int]
     layers_log: list[str]
     log: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    allocation: Any = field(default=None, repr=False)  # pipeline.allocate.GGUFAllocation of a size-target run
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -74,7 +75,8 @@ class QuantizeResult:
         return {"quantkit_version": __version__, "command": "quantize", "status": "ok", "model": self.model,
                 "scheme": self.scheme, "calibration": self.calibration, "outputs": self.outputs, "sizes": self.sizes,
                 "resumed_from_layer": self.resumed_from_layer, "timing_s": self.timing_s, "memory": self.memory,
-                "layers_log": self.layers_log}
+                "layers_log": self.layers_log,
+                **({"allocation": self.allocation.to_dict()} if self.allocation is not None else {})}
 
     def render(self) -> str:
         mib = 1024**2
@@ -89,6 +91,8 @@ class QuantizeResult:
         lines.append(f"time {t['total']:.1f}s (calibration data {t['calibration_data']:.1f}s, quantize+write "
                      f"{t['quantize_and_write']:.1f}s)   peak RSS "
                      f"{self.memory['peak_rss_bytes'] / 1024**3:.2f} GiB{resumed}")
+        if self.allocation is not None:
+            lines.append(self.allocation.render())
         lines += [o["path"] for o in self.outputs]
         return "\n".join(lines)
 

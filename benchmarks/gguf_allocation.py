@@ -1,0 +1,142 @@
+"""KL divergence against size on mistral-nano: quantkit's measured allocation (`quantize --target-bpw`) against
+llama.cpp's stock mixes with `llama-imatrix`, all judged by `llama-perplexity --kl-divergence` on held-out text.
+
+Variants (one calibration text for every tool: *The Hound of the Baskervilles*, pg-english calib):
+  llama.cpp MIX + imatrix      llama-imatrix (CALIB windows x 512), llama-quantize --imatrix, for the k-quant and
+                               IQ4 mixes
+  quantkit alloc B             quantize --target-bpw B (RTN blocks with quantkit's imatrix of the same text; the
+                               sensitivities measured once on 16 x 256 tokens of it, cached)
+  quantkit GPTQ alloc B        the same types, GPTQ-calibrated blocks (--method gptq, CALIB windows x 512)
+Evaluation: *Pride and Prejudice* (first 200k characters), llama.cpp convention (ctx 512), CHUNKS chunks, against
+llama.cpp's F32 GGUF of the model. For each target the ratio compares quantkit's best file with the best llama.cpp
+file of the same or larger size.
+
+Usage: python benchmarks/gguf_allocation.py [--work /tmp/gguf_alloc] [--targets 2.5,3.5,4.5,5.5] [--chunks 40]
+Prints a Markdown table, writes <work>/results.json and benchmarks/results/gguf_allocation.png. Steps are cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nano_gguf_setup import CTX, QUANTKIT, prepare, run  # noqa: E402
+
+from quantkit.gguf.llamacpp import parse_kld_summary, run_perplexity  # noqa: E402
+from quantkit.gguf.reader import parse_gguf  # noqa: E402
+from quantkit.testing import NANO_PATH  # noqa: E402
+
+LLAMACPP_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "IQ4_NL", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                  "Q6_K"]
+
+
+def bpw(path: Path) -> float:
+    g = parse_gguf(path)
+    params = sum(math.prod(t.shape) for t in g.tensors.values())
+    return 8 * sum(t.nbytes for t in g.tensors.values()) / params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/gguf_alloc")
+    ap.add_argument("--targets", default="2.5,3.5,4.5,5.5")
+    ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
+    ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (imatrix, GPTQ)")
+    ap.add_argument("--skip-gptq", action="store_true")
+    args = ap.parse_args()
+    env = prepare(Path(args.work), args.chunks, args.calib_chunks)
+    work, qk = env.work, QUANTKIT
+
+    variants: dict[str, tuple[str, Path]] = {}  # label -> (tool, file)
+    for mix in LLAMACPP_MIXES:
+        out = work / f"llamacpp-{mix}.gguf"
+        if not out.exists():
+            run([str(env.quantize), "--imatrix", str(env.llamacpp_imatrix), str(env.f32), str(out), mix, "2"],
+                work / f"{out.stem}.log")
+        variants[f"llama.cpp {mix} + imatrix"] = ("llama.cpp", out)
+    predicted: dict[str, dict] = {}
+    for target in args.targets.split(","):
+        for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
+            out = work / f"quantkit-{method}-{target}bpw.gguf"
+            label = f"quantkit {'GPTQ ' if method == 'gptq' else ''}alloc {target}"
+            log = work / f"{out.stem}.json"
+            if not out.exists() or not log.exists():
+                cmd = qk + ["quantize", str(NANO_PATH), "--target-bpw", target, "--method", method,
+                            "--calib", str(env.calib_txt), "--sensitivity", str(work / "sensitivity.json"),
+                            "--imatrix", str(env.quantkit_imatrix), "-o", str(out), "--force", "--json"]
+                if method == "gptq":
+                    cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX)]
+                log.write_text(run(cmd, work / f"{out.stem}.log").strip().splitlines()[-1])
+            predicted[label] = json.loads(log.read_text())["allocation"]
+            variants[label] = ("quantkit", out)
+
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for label, (_, path) in variants.items():
+        key = f"{label}|{path.stat().st_mtime_ns}"
+        if key not in results:
+            out = run_perplexity(env.perplexity, path, env.eval_txt, ctx=CTX, chunks=args.chunks,
+                                 kld_base_in=env.base_kld)
+            results[key] = {"label": label, "bytes": path.stat().st_size, "bpw": bpw(path),
+                            "llamacpp": parse_kld_summary(out)}
+            results_path.write_text(json.dumps(results, indent=1))
+    rows = sorted((results[f"{label}|{path.stat().st_mtime_ns}"] | {"tool": tool}
+                   for label, (tool, path) in variants.items()), key=lambda r: r["bpw"])
+
+    print(f"\nmistral-nano; eval: pride-and-prejudice (first 200k chars), {args.chunks} x {CTX} tokens, "
+          f"llama-perplexity --kl-divergence against the F32 GGUF; calibration: the-hound-of-the-baskervilles "
+          f"({args.calib_chunks} x {CTX} tokens for the imatrix files and GPTQ).\n")
+    print("| file | BPW | bytes | mean KLD | same top % | PPL | predicted KLD (calib) | measured KLD (calib) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lc, p = r["llamacpp"], predicted.get(r["label"], {})
+        pred = f"{p['predicted_kld']:.5f}" if p else ""
+        meas = f"{p['measured_kld']:.5f}" if p else ""
+        print(f"| {r['label']} | {r['bpw']:.3f} | {r['bytes']:,} | {lc['kld_mean']:.5f} | "
+              f"{lc.get('same_top_pct', float('nan')):.2f} | {lc.get('ppl', float('nan')):.3f} | {pred} | {meas} |")
+    print("\n| target BPW | quantkit best (KLD) | llama.cpp best at >= its size (KLD) | ratio |")
+    print("|---|---|---|---:|")
+    for target in args.targets.split(","):
+        ours = [r for r in rows if r["tool"] == "quantkit" and re.search(rf"alloc {re.escape(target)}$", r["label"])]
+        best = min(ours, key=lambda r: r["llamacpp"]["kld_mean"])
+        theirs = [r for r in rows if r["tool"] == "llama.cpp" and r["bytes"] >= best["bytes"]]
+        if not theirs:
+            print(f"| {target} | {best['label']} ({best['llamacpp']['kld_mean']:.5f}) | none as large | |")
+            continue
+        ref = min(theirs, key=lambda r: r["llamacpp"]["kld_mean"])
+        print(f"| {target} | {best['label']} ({best['llamacpp']['kld_mean']:.5f}) | {ref['label']} "
+              f"({ref['llamacpp']['kld_mean']:.5f}, {ref['bpw']:.2f} BPW) | "
+              f"{best['llamacpp']['kld_mean'] / ref['llamacpp']['kld_mean']:.2f}x |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pick, style in (("llama.cpp + imatrix", lambda r: r["tool"] == "llama.cpp", "o--"),
+                              ("quantkit alloc (RTN)", lambda r: r["label"].startswith("quantkit alloc"), "s-"),
+                              ("quantkit alloc (GPTQ)", lambda r: r["label"].startswith("quantkit GPTQ"), "^-")):
+        pts = [r for r in rows if pick(r)]
+        if pts:
+            ax.plot([r["bpw"] for r in pts], [r["llamacpp"]["kld_mean"] for r in pts], style, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (all tensors)")
+    ax.set_ylabel("mean KLD vs F32 (llama-perplexity)")
+    ax.set_title("mistral-nano: KLD against size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    png = Path(__file__).resolve().parent / "results" / "gguf_allocation.png"
+    png.parent.mkdir(exist_ok=True)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print(f"\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""How much each tensor matters: the KL divergence from the full-precision model when one tensor is stored in one
+ggml type and every other tensor stays in full precision, measured on calibration tokens.
+
+    measure_sensitivity(ckpt, tokens, types, importance, cache=path) -> SensitivityTable
+
+For each 2-D tensor (the embedding and lm_head included) and each candidate type whose block divides its rows, the
+tensor is encoded exactly as the GGUF writer encodes it (`gguf.codec.encode`, with the tensor's imatrix entry where
+it has one), dequantized, put in place of the original, and the model is run from the first layer that sees it:
+the inputs of every layer and the final hidden states of the full-precision model are kept, so a tensor of layer i
+costs layers i.. plus the head. The value is the mean over tokens of KL(p_full || p_quantized), in nats.
+
+The table is saved after every tensor (an atomic rewrite of one JSON file), so an interrupted measurement resumes
+and several byte budgets cost one measurement. A file made for another model, other tokens or another imatrix is
+refused (its `identity` differs).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.ggml_types import block_size
+from quantkit.io import move_into_place, read_json_object, remove_temp, temp_file_beside
+
+CHUNK_TOKENS = 512  # tokens whose full-vocabulary log-probabilities are held at once
+FILE_VERSION = 1
+
+
+@dataclass
+class SensitivityTable:
+    identity: dict[str, Any]
+    kld: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> mean KLD (nats/token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FILE_VERSION, "identity": self.identity, "kld": self.kld}
+
+    @classmethod
+    def load(cls, path: Path, identity: dict[str, Any]) -> SensitivityTable:
+        """The table saved at `path` (empty when there is none); QuantkitError when it was made for something else."""
+        if not path.exists():
+            return cls(identity)
+        obj = read_json_object(path, QuantkitError)
+        if obj.get("version") != FILE_VERSION or obj.get("identity") != identity:
+            raise QuantkitError(f"{path}: sensitivity table of another model, calibration or imatrix "
+                                f"(saved identity {obj.get('identity')}, this run {identity}); remove it or name "
+                                "another file")
+        kld = obj.get("kld")
+        if not isinstance(kld, dict) or not all(
+                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in kld.values()):
+            raise QuantkitError(f"{path}: field 'kld' must map tensor names to {{type: number}}")
+        return cls(identity, {k: {t: float(x) for t, x in v.items()} for k, v in kld.items()})
+
+    def save(self, path: Path) -> None:
+        """Write (or replace: `load` accepted it as this table's file) atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_file_beside(path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        except BaseException:
+            remove_temp(tmp)
+            raise
+        move_into_place(tmp, path)
+
+
+def candidate_types(shape: tuple[int, ...], types: Iterable[str]) -> list[str]:
+    """The types among `types` whose block divides the rows of a tensor of `shape`."""
+    return [t for t in types if shape[-1] % block_size(t) == 0]
+
+
+class _Reference:
+    """The full-precision model's layer inputs, final hidden states and (chunked) log-probabilities."""
+
+    def __init__(self, model, tokens: torch.Tensor):
+        self.model, self.tokens = model, tokens
+        t = tokens.shape[1]
+        self.positions = torch.arange(t)
+        self.rope = model.rope(self.positions, torch.float32)
+        self.mask = model.mask(self.positions, t)
+        with torch.no_grad():
+            h = model.embed(tokens)
+            self.layer_inputs = []
+            for layer in model.model.layers:
+                self.layer_inputs.append(h)
+                h = layer(h, self.positions, self.rope, self.mask)
+            self.final = h
+            self.logp = [torch.log_softmax(model.head(x).float(), dim=-1) for x in self._chunks(h)]
+
+    def kld(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Mean KL(full || q) over the tokens, q = softmax(head(hidden)) chunk by chunk: sum p (log p - log q)
+        per token, the difference taken element by element and summed in float64 (a KLD of 1e-5 is a small
+        difference of two sums of order 1e3)."""
+        total, n = 0.0, 0
+        for logp, x in zip(self.logp, self._chunks(hidden)):
+            logq = torch.log_softmax(head(x).float(), dim=-1)
+            total += float((logp.exp() * (logp - logq)).sum(dtype=torch.float64))
+            n += x.shape[0]
+        return total / n
+
+    def _chunks(self, h: torch.Tensor) -> list[torch.Tensor]:
+        flat = h.reshape(-1, h.shape[-1])
+        return list(flat.split(CHUNK_TOKENS))
+
+    def kld_from_layer(self, first: int) -> float:
+        """Mean KL(full || current model) when the model's weights from layer `first` on (or the embedding:
+        first = -1; only the head: first = n_layers) may differ from the full-precision ones."""
+        model = self.model
+        with torch.no_grad():
+            if first < 0:
+                h, first = model.embed(self.tokens), 0
+            elif first < len(model.model.layers):
+                h = self.layer_inputs[first]
+            else:
+                h = self.final
+            for layer in model.model.layers[first:]:
+                h = layer(h, self.positions, self.rope, self.mask)
+            return self.kld(h, model.head)
+
+
+def model_kld(ckpt, tokens: torch.Tensor, other) -> float:
+    """Mean KL(full-precision `ckpt` || `other`) on `tokens` [n, seqlen]; `other` is a loaded model (e.g. a written
+    GGUF through `runtime.model.load_model`), compared token by token in chunks."""
+    from quantkit.model.reference import Transformer
+
+    ref = _Reference(Transformer.from_checkpoint(ckpt, torch.float32), tokens)
+    t = tokens.shape[1]
+    with torch.no_grad():
+        return ref.kld(other.hidden_states(tokens, torch.arange(t), t), other.lm_head)
+
+
+def _first_layer(name: str, n_layers: int) -> int:
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    if name == "model.embed_tokens.weight":
+        return -1
+    return n_layers  # lm_head
+
+
+def measure_sensitivity(ckpt, tokens: torch.Tensor, types: list[str], importance: dict[str, torch.Tensor],
+                        cache: Path, identity: dict[str, Any],
+                        progress: Callable[[Iterable], Iterable] | None = None,
+                        tensors: list[str] | None = None) -> SensitivityTable:
+    """The sensitivity of every 2-D tensor of `ckpt` (or of `tensors`) to every type of `types` that fits it, on
+    `tokens` [n, seqlen]; measurements already in `cache` are reused, new ones are added to it."""
+    from quantkit.gguf.codec import encode
+    from quantkit.model.reference import Transformer
+
+    table = SensitivityTable.load(cache, identity)
+    shapes = ckpt.config.expected_shapes()
+    names = tensors if tensors is not None else [n for n, s in shapes.items() if len(s) == 2]
+    todo = [n for n in names if any(t not in table.kld.get(n, {}) for t in candidate_types(shapes[n], types))]
+    if not todo:
+        return table
+    model = Transformer.from_checkpoint(ckpt, torch.float32)
+    tied = ckpt.config.tie_word_embeddings
+    ref = _Reference(model, tokens)
+    n_layers = ckpt.config.num_hidden_layers
+    for name in (progress(todo) if progress else todo):
+        params = [model.get_parameter(name)]
+        if tied and name == "model.embed_tokens.weight":
+            params.append(model.get_parameter("lm_head.weight"))
+        original = params[0].data
+        row = table.kld.setdefault(name, {})
+        for type_name in candidate_types(shapes[name], types):
+            if type_name in row:
+                continue
+            imp = importance.get(name)
+            q = encode(original, type_name, imp, name=name).dequantize(torch.float32)
+            for p in params:
+                p.data = q
+            try:
+                row[type_name] = ref.kld_from_layer(_first_layer(name, n_layers))
+            finally:
+                for p in params:
+                    p.data = original
+        table.save(cache)
+    return table

@@ -1,0 +1,146 @@
+"""GGUF types by measurement under a size budget: the solver, the sensitivity measurement, and
+`quantize --target-bpw` end to end (budget met, predicted KLD close to the written file's measured KLD)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from quantkit.errors import QuantkitError, SchemeError
+from quantkit.quant.allocate import Option, allocate, lower_hull
+from quantkit.testing import make_random_checkpoint
+from tests.cli_helpers import run_captured
+
+# ------------------------------------------------------------------ the solver
+
+
+def brute_force(options: dict[str, list[Option]], budget: int) -> float:
+    best = float("inf")
+    for combo in itertools.product(*options.values()):
+        if sum(o.nbytes for o in combo) <= budget:
+            best = min(best, sum(o.cost for o in combo))
+    return best
+
+
+def random_options(rng, n_tensors: int) -> dict[str, list[Option]]:
+    out = {}
+    for i in range(n_tensors):
+        size = int(rng.integers(1, 20))
+        bits = sorted(rng.choice(np.arange(2, 9), size=int(rng.integers(1, 5)), replace=False))
+        scale = float(rng.random()) + 0.1
+        out[f"t{i}"] = [Option(f"b{b}", size * b, scale * 2.0 ** -b * float(rng.uniform(0.7, 1.3))) for b in bits]
+    return out
+
+
+def test_lower_hull_drops_dominated_and_concave_points():
+    opts = [Option("a", 10, 1.0), Option("b", 20, 0.9), Option("c", 30, 0.2), Option("d", 40, 0.5),
+            Option("e", 50, 0.1)]
+    assert [o.label for o in lower_hull(opts)] == ["a", "c", "e"]  # b above the segment a-c, d dominated by c
+
+
+def test_allocation_fits_the_budget_and_is_near_the_exact_optimum():
+    rng = np.random.default_rng(0)
+    exact = 0
+    for trial in range(60):
+        options = random_options(rng, int(rng.integers(2, 6)))
+        smallest = sum(min(o.nbytes for o in opts) for opts in options.values())
+        largest = sum(max(o.nbytes for o in opts) for opts in options.values())
+        budget = int(rng.integers(smallest, largest + 1))
+        got = allocate(options, budget)
+        assert got.nbytes <= budget
+        opt = brute_force(options, budget)
+        assert got.cost >= opt - 1e-12
+        # never worse than the optimum by more than one tensor's largest step (the greedy's last-item gap)
+        gap = max(max(o.cost for o in opts) - min(o.cost for o in opts) for opts in options.values())
+        assert got.cost <= opt + gap + 1e-12
+        exact += abs(got.cost - opt) < 1e-12
+    assert exact >= 45  # mostly exact on these small instances
+
+
+def test_allocation_extremes_and_errors():
+    options = {"x": [Option("lo", 10, 1.0), Option("hi", 30, 0.1)], "y": [Option("lo", 5, 2.0), Option("hi", 9, 0.5)]}
+    assert allocate(options, 15).labels() == {"x": "lo", "y": "lo"}
+    assert allocate(options, 39).labels() == {"x": "hi", "y": "hi"}
+    assert allocate(options, 19).labels() == {"x": "lo", "y": "hi"}  # 1.5/4 bytes beats 0.9/20
+    with pytest.raises(SchemeError, match="below the smallest choice"):
+        allocate(options, 14)
+    with pytest.raises(SchemeError, match="no storage option"):
+        allocate({"z": []}, 100)
+
+
+# ------------------------------------------------------------------ measurement and end to end
+
+SENS = ["--sensitivity-samples", "2", "--sensitivity-seqlen", "48"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Hidden 256 (every linear takes the 256-blocks), with enough decoder weight beside the two 32000-row
+    matrices for the budget to be filled closely."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("alloc") / "m", layout="hf-single", hidden=256, layers=4,
+                                  heads=4, kv_heads=2, intermediate=1024, seed=4)
+
+
+def _quantize(capsys, src, out, cache, *extra):
+    code, cap = run_captured(capsys, "quantize", src, "-o", out, "--sensitivity", cache, *SENS, "--json", *extra)
+    return code, cap.out, cap.err
+
+
+def test_target_bpw_meets_the_budget_and_predicts_the_measured_kld(small, tmp_path, capsys):
+    cache = tmp_path / "sens.json"
+    code, out, err = _quantize(capsys, small, tmp_path / "a.gguf", cache, "--target-bpw", "4.0")
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    a = res["allocation"]
+    assert a["tensor_bytes"] <= a["budget_bytes"] and a["tensor_bytes"] >= 0.995 * a["budget_bytes"]
+    assert abs(res["outputs"][0]["bpw"] - 4.0) <= 0.02
+    assert len(set(a["types"].values()) - {"F32"}) >= 2  # a real mix, not one type
+    assert a["measured_pairs"] > 0
+    assert abs(a["predicted_kld"] / a["measured_kld"] - 1) <= 0.25
+    table = json.loads(cache.read_text())
+    assert all(v >= 0 for row in table["kld"].values() for v in row.values())
+    for row in table["kld"].values():  # more bits, less divergence
+        assert row["Q8_0"] < row["Q4_K"] < row["Q2_K"]
+    # a second budget reuses every measurement
+    code, out, err = _quantize(capsys, small, tmp_path / "b.gguf", cache, "--target-bpw", "6.0")
+    assert code == 0, err
+    b = json.loads(out.strip().splitlines()[-1])["allocation"]
+    assert b["measured_pairs"] == 0 and b["predicted_kld"] < a["predicted_kld"]
+
+
+def test_one_tensor_sensitivity_equals_the_kld_of_a_file_holding_only_that_change(small, tmp_path):
+    """The measurement is exact for one tensor: a GGUF with that tensor in that type and every other tensor F32,
+    read back by the runtime, has the same KLD on the same tokens."""
+    from quantkit.calib import load_calibration
+    from quantkit.eval.sensitivity import measure_sensitivity, model_kld
+    from quantkit.gguf.convert import write_gguf
+    from quantkit.gguf.mixes import tensor_types
+    from quantkit.model.checkpoint import open_checkpoint
+    from quantkit.model.tokenizer import load_tokenizer
+    from quantkit.runtime.model import load_model
+
+    ckpt = open_checkpoint(small)
+    tokens = load_calibration("builtin", load_tokenizer(ckpt.tokenizer_path), 2, 48, 0).tokens
+    name = "model.layers.1.mlp.down_proj.weight"
+    table = measure_sensitivity(ckpt, tokens, ["Q2_K"], {}, tmp_path / "s.json", {"test": 1}, tensors=[name])
+    types = tensor_types(ckpt.config, "F32") | {name: "Q2_K"}
+    out = write_gguf(ckpt, tmp_path / "one.gguf", "F32", progress=False, types=types)
+    measured = model_kld(ckpt, tokens, load_model(out))
+    assert measured > 1e-4
+    assert table.kld[name]["Q2_K"] == pytest.approx(measured, rel=1e-3)
+    with pytest.raises(QuantkitError, match="another model, calibration or imatrix"):
+        measure_sensitivity(ckpt, tokens, ["Q2_K"], {}, tmp_path / "s.json", {"test": 2}, tensors=[name])
+
+
+def test_target_errors_are_one_line(small, tmp_path, capsys):
+    cache = tmp_path / "sens.json"
+    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "4", "--type", "Q4_K_M")
+    assert code != 0 and "error:" in err and "--type Q4_K_M and --target-bpw" in err and "Traceback" not in err
+    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "1.5")
+    assert code != 0 and "error:" in err and "below the smallest choice" in err
+    assert not (tmp_path / "c.gguf").exists()
+    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "4", "--format", "gptq")
+    assert code != 0 and "use --format gguf" in err
