@@ -69,11 +69,12 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
     same arguments continues from its last completed layer), force (replace an existing output), log (receives
     one-line notices such as "resuming from layer 3/6").
 
-    GGUF under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes) instead of gguf_type
-    measures each tensor's KLD in each of `candidates` (default Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K, Q6_K, Q8_0) on
-    `sensitivity_samples` windows of `sensitivity_seqlen` tokens of `calib` (cached in `sensitivity`, default
-    under ~/.cache/quantkit), chooses the types with the least predicted KLD that fit, writes them, and reports
-    predicted against measured KLD (`result.allocation`)."""
+    Under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes), instead of gguf_type /
+    preset, measures the KLD of each tensor (GGUF) or fused group of linears (gptq, compressed-tensors) in each of
+    `candidates` (GGUF default Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K, Q6_K, Q8_0; presets default w2a16-g64, w3a16-g128,
+    w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen` tokens of `calib`
+    (cached in `sensitivity`, default under ~/.cache/quantkit), chooses the targets with the least predicted KLD
+    that fit, writes them, and reports predicted against measured KLD (`result.allocation`)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
 
@@ -81,19 +82,22 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
     allocation = None
     if target_bpw is not None or target_size is not None:
         from quantkit.eval.run import progress_wrapper
-        from quantkit.pipeline.allocate import DEFAULT_CANDIDATES, allocate_gguf, check_target_arguments
+        from quantkit.pipeline.allocate import allocate_types, check_target_arguments
 
-        check_target_arguments(formats, gguf_type, overrides)
+        fmt = check_target_arguments(formats, gguf_type, preset, overrides)
         if isinstance(candidates, str):
             candidates = [c.strip() for c in candidates.split(",") if c.strip()]
-        allocation = allocate_gguf(
-            ckpt, target_bpw=target_bpw, target_bytes=None if target_size is None else parse_size(target_size),
-            candidates=candidates or DEFAULT_CANDIDATES, calib=calib or "builtin", calib_samples=sensitivity_samples,
+        allocation = allocate_types(
+            ckpt, fmt, target_bpw=target_bpw, target_bytes=None if target_size is None else parse_size(target_size),
+            candidates=candidates, calib=calib or "builtin", calib_samples=sensitivity_samples,
             calib_seqlen=sensitivity_seqlen, seed=seed, imatrix=Path(imatrix) if imatrix is not None else None,
             sensitivity=Path(sensitivity) if sensitivity is not None else None,
             progress=progress_wrapper(progress, "sensitivity"))
-        formats, gguf_type, overrides = "gguf", allocation.file_type, allocation.overrides()
-        imatrix = allocation.imatrix_path
+        formats, overrides = fmt, allocation.overrides()
+        if fmt == "gguf":
+            gguf_type, imatrix = allocation.base, allocation.imatrix_path
+        else:
+            preset = allocation.base
     the_plan = make_plan(ckpt, method=method, preset=preset, formats=formats, gguf_type=gguf_type,
                          overrides=overrides, act_order=act_order, calib=calib, calib_samples=calib_samples,
                          calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None)
@@ -106,7 +110,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                               progress=progress)
     result = quantize_checkpoint(ckpt, the_plan, output, options, log=log)
     if allocation is not None:
-        allocation.measure(ckpt, result.paths["gguf"])
+        allocation.measure(ckpt, result.paths[allocation.format])
         result.allocation = allocation
     return result
 

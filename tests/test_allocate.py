@@ -97,7 +97,7 @@ def test_target_bpw_meets_the_budget_and_predicts_the_measured_kld(small, tmp_pa
     a = res["allocation"]
     assert a["tensor_bytes"] <= a["budget_bytes"] and a["tensor_bytes"] >= 0.995 * a["budget_bytes"]
     assert abs(res["outputs"][0]["bpw"] - 4.0) <= 0.02
-    assert len(set(a["types"].values()) - {"F32"}) >= 2  # a real mix, not one type
+    assert len(set(a["targets"].values()) - {"F32"}) >= 2  # a real mix, not one type
     assert a["measured_pairs"] > 0
     assert abs(a["predicted_kld"] / a["measured_kld"] - 1) <= 0.25
     table = json.loads(cache.read_text())
@@ -115,7 +115,7 @@ def test_one_tensor_sensitivity_equals_the_kld_of_a_file_holding_only_that_chang
     """The measurement is exact for one tensor: a GGUF with that tensor in that type and every other tensor F32,
     read back by the runtime, has the same KLD on the same tokens."""
     from quantkit.calib import load_calibration
-    from quantkit.eval.sensitivity import measure_sensitivity, model_kld
+    from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, model_kld
     from quantkit.gguf.convert import write_gguf
     from quantkit.gguf.mixes import tensor_types
     from quantkit.model.checkpoint import open_checkpoint
@@ -125,14 +125,16 @@ def test_one_tensor_sensitivity_equals_the_kld_of_a_file_holding_only_that_chang
     ckpt = open_checkpoint(small)
     tokens = load_calibration("builtin", load_tokenizer(ckpt.tokenizer_path), 2, 48, 0).tokens
     name = "model.layers.1.mlp.down_proj.weight"
-    table = measure_sensitivity(ckpt, tokens, ["Q2_K"], {}, tmp_path / "s.json", {"test": 1}, tensors=[name])
+    table = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]}, tmp_path / "s.json",
+                                {"test": 1})
     types = tensor_types(ckpt.config, "F32") | {name: "Q2_K"}
     out = write_gguf(ckpt, tmp_path / "one.gguf", "F32", progress=False, types=types)
     measured = model_kld(ckpt, tokens, load_model(out))
     assert measured > 1e-4
     assert table.kld[name]["Q2_K"] == pytest.approx(measured, rel=1e-3)
     with pytest.raises(QuantkitError, match="another model, calibration or imatrix"):
-        measure_sensitivity(ckpt, tokens, ["Q2_K"], {}, tmp_path / "s.json", {"test": 2}, tensors=[name])
+        measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]}, tmp_path / "s.json",
+                            {"test": 2})
 
 
 def test_target_errors_are_one_line(small, tmp_path, capsys):
@@ -142,5 +144,29 @@ def test_target_errors_are_one_line(small, tmp_path, capsys):
     code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "1.5")
     assert code != 0 and "error:" in err and "below the smallest choice" in err
     assert not (tmp_path / "c.gguf").exists()
-    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "4", "--format", "gptq")
-    assert code != 0 and "use --format gguf" in err
+    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "4", "--format", "awq")
+    assert code != 0 and "allocate one format at a time, one of gguf, gptq, compressed-tensors" in err
+    code, out, err = _quantize(capsys, small, tmp_path / "c", cache, "--target-bpw", "4", "--format", "gptq",
+                               "--preset", "w4a16-g128")
+    assert code != 0 and "--preset w4a16-g128 and --target-bpw" in err
+
+
+def test_target_bpw_for_gptq_chooses_presets_per_fused_group(small, tmp_path, capsys):
+    """The HF formats: one preset per q/k/v, o, gate/up and down group, written as GPTQ `dynamic` rules that
+    the reader (and the measured KLD) follow; embeddings and lm_head stay float and count against the budget."""
+    cache = tmp_path / "sens.json"
+    code, out, err = _quantize(capsys, small, tmp_path / "g", cache, "--target-bpw", "13.9", "--format", "gptq")
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    a = res["allocation"]
+    assert a["tensor_bytes"] <= a["budget_bytes"]
+    assert abs(res["outputs"][0]["bpw"] - a["bpw"]) < 1e-3
+    targets = a["targets"]
+    for layer in range(4):
+        qkv = {targets[f"model.layers.{layer}.self_attn.{m}_proj.weight"] for m in "qkv"}
+        gate_up = {targets[f"model.layers.{layer}.mlp.{m}_proj.weight"] for m in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+    assert len(set(targets.values())) >= 2
+    assert abs(a["predicted_kld"] / a["measured_kld"] - 1) <= 0.25
+    config = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert config.get("dynamic"), config

@@ -1,11 +1,12 @@
 """How much each tensor matters: the KL divergence from the full-precision model when one tensor is stored in one
 ggml type and every other tensor stays in full precision, measured on calibration tokens.
 
-    measure_sensitivity(ckpt, tokens, types, importance, cache=path) -> SensitivityTable
+    measure_sensitivity(ckpt, tokens, ggml_candidates(types, importance), units, cache, identity) -> table
 
-For each 2-D tensor (the embedding and lm_head included) and each candidate type whose block divides its rows, the
-tensor is encoded exactly as the GGUF writer encodes it (`gguf.codec.encode`, with the tensor's imatrix entry where
-it has one), dequantized, put in place of the original, and the model is run from the first layer that sees it:
+For each unit (one tensor for GGUF — the embedding and lm_head included; a fused group such as q/k/v for the
+integer formats) and each candidate that can store it, the unit's tensors are encoded exactly as the writer encodes
+them (for ggml types `gguf.codec.encode` with the tensor's imatrix entry where it has one; for integer presets
+round-to-nearest), read back, put in place of the originals, and the model is run from the first layer that sees it:
 the inputs of every layer and the final hidden states of the full-precision model are kept, so a tensor of layer i
 costs layers i.. plus the head. The value is the mean over tokens of KL(p_full || p_quantized), in nats.
 
@@ -66,11 +67,6 @@ class SensitivityTable:
             remove_temp(tmp)
             raise
         move_into_place(tmp, path)
-
-
-def candidate_types(shape: tuple[int, ...], types: Iterable[str]) -> list[str]:
-    """The types among `types` whose block divides the rows of a tensor of `shape`."""
-    return [t for t in types if shape[-1] % block_size(t) == 0]
 
 
 class _Reference:
@@ -141,42 +137,63 @@ def _first_layer(name: str, n_layers: int) -> int:
     return n_layers  # lm_head
 
 
-def measure_sensitivity(ckpt, tokens: torch.Tensor, types: list[str], importance: dict[str, torch.Tensor],
-                        cache: Path, identity: dict[str, Any],
-                        progress: Callable[[Iterable], Iterable] | None = None,
-                        tensors: list[str] | None = None) -> SensitivityTable:
-    """The sensitivity of every 2-D tensor of `ckpt` (or of `tensors`) to every type of `types` that fits it, on
-    `tokens` [n, seqlen]; measurements already in `cache` are reused, new ones are added to it."""
+# a candidate: (tensor name, full-precision weight) -> the weight as stored and read back, or None when the
+# candidate cannot store that tensor (its block or group does not divide the rows)
+Encoder = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor]) -> dict[str, Encoder]:
+    """One encoder per ggml type: the GGUF writer's encoding (with the tensor's imatrix entry), dequantized."""
     from quantkit.gguf.codec import encode
+
+    def make(type_name: str) -> Encoder:
+        def fn(name: str, w: torch.Tensor) -> torch.Tensor | None:
+            if w.shape[-1] % block_size(type_name):
+                return None
+            return encode(w, type_name, importance.get(name), name=name).dequantize(torch.float32)
+        return fn
+
+    return {t: make(t) for t in types}
+
+
+def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encoder], units: dict[str, list[str]],
+                        cache: Path, identity: dict[str, Any],
+                        progress: Callable[[Iterable], Iterable] | None = None) -> SensitivityTable:
+    """The sensitivity of every unit (a group of tensors that is stored alike, e.g. one tensor, or q/k/v of a
+    layer) to every candidate that can store all its tensors, on `tokens` [n, seqlen]; measurements already in
+    `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels."""
     from quantkit.model.reference import Transformer
 
     table = SensitivityTable.load(cache, identity)
-    shapes = ckpt.config.expected_shapes()
-    names = tensors if tensors is not None else [n for n, s in shapes.items() if len(s) == 2]
-    todo = [n for n in names if any(t not in table.kld.get(n, {}) for t in candidate_types(shapes[n], types))]
+    todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)]
     if not todo:
         return table
     model = Transformer.from_checkpoint(ckpt, torch.float32)
     tied = ckpt.config.tie_word_embeddings
     ref = _Reference(model, tokens)
     n_layers = ckpt.config.num_hidden_layers
-    for name in (progress(todo) if progress else todo):
-        params = [model.get_parameter(name)]
-        if tied and name == "model.embed_tokens.weight":
-            params.append(model.get_parameter("lm_head.weight"))
-        original = params[0].data
-        row = table.kld.setdefault(name, {})
-        for type_name in candidate_types(shapes[name], types):
-            if type_name in row:
+    for unit in (progress(todo) if progress else todo):
+        names = units[unit]
+        params = {n: [model.get_parameter(n)] for n in names}
+        if tied and "model.embed_tokens.weight" in params:
+            params["model.embed_tokens.weight"].append(model.get_parameter("lm_head.weight"))
+        originals = {n: ps[0].data for n, ps in params.items()}
+        first = min(_first_layer(n, n_layers) for n in names)
+        row = table.kld.setdefault(unit, {})
+        for label, encoder in candidates.items():
+            if label in row:
                 continue
-            imp = importance.get(name)
-            q = encode(original, type_name, imp, name=name).dequantize(torch.float32)
-            for p in params:
-                p.data = q
+            stored = {n: encoder(n, originals[n]) for n in names}
+            if any(q is None for q in stored.values()):
+                continue
             try:
-                row[type_name] = ref.kld_from_layer(_first_layer(name, n_layers))
+                for n, ps in params.items():
+                    for prm in ps:
+                        prm.data = stored[n]
+                row[label] = ref.kld_from_layer(first)
             finally:
-                for p in params:
-                    p.data = original
+                for n, ps in params.items():
+                    for prm in ps:
+                        prm.data = originals[n]
         table.save(cache)
     return table

@@ -1,4 +1,5 @@
-"""GGUF types chosen by measurement under a size budget (`quantize --format gguf --target-bpw B`).
+"""Targets chosen by measurement under a size budget (`quantize --target-bpw B`): ggml types per tensor for GGUF,
+integer presets per fused group of linears for gptq / compressed-tensors.
 
 1. calibration windows, and an importance matrix of the full-precision model over them (or the one given);
 2. the sensitivity table (`eval/sensitivity.py`): the KL divergence of the model with one tensor in one candidate
@@ -17,17 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import SchemeError
-from quantkit.ggml_types import check_type, is_float_type, tensor_nbytes
+from quantkit.ggml_types import check_type, is_float_type
 from quantkit.gguf.mixes import FILE_TYPES
 from quantkit.quant.allocate import Option, allocate
 
-DEFAULT_CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+DEFAULT_CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # GGUF
+DEFAULT_PRESETS = ("w2a16-g64", "w3a16-g128", "w4a16-g128", "w4a16-g32", "w8a16-g128")  # gptq, compressed-tensors
+ALLOCATABLE_FORMATS = ("gguf", "gptq", "compressed-tensors")
 
 
 def cache_dir() -> Path:
@@ -38,17 +42,20 @@ def cache_dir() -> Path:
 
 
 @dataclass
-class GGUFAllocation:
-    """The measured choice: a ggml type per tensor, its bytes against the budget, the predicted KLD."""
+class Allocation:
+    """The measured choice: a target per tensor (a ggml type, or an integer preset for the HF formats), its bytes
+    against the budget, the predicted KLD."""
 
-    types: dict[str, str]  # canonical name -> ggml type, every tensor
+    format: str
+    targets: dict[str, str]  # canonical name -> ggml type (every tensor) / preset (every decoder linear)
     budget_bytes: int
     tensor_bytes: int
     parameters: int
     predicted_kld: float
-    file_type: str  # general.file_type label: the mix whose default type holds most parameters
+    base: str  # GGUF: the general.file_type label (the mix whose default type holds most parameters); else the
+    # preset holding most parameters
     sensitivity_path: Path
-    imatrix_path: Path
+    imatrix_path: Path | None
     measured: int  # (tensor, type) pairs measured by this call (0: all from the cache)
     tokens: Any = field(default=None, repr=False)  # the calibration windows measured on (int64 [n, seqlen])
     measured_kld: float | None = None  # of the written file, on the same tokens (set after the run)
@@ -62,20 +69,24 @@ class GGUFAllocation:
         return 8 * self.budget_bytes / self.parameters
 
     def overrides(self) -> list[str]:
-        return [f"{name}={t}" for name, t in self.types.items()]
+        """One `--override` per tensor: exact names for GGUF, `re:` of the module name for the integer formats."""
+        if self.format == "gguf":
+            return [f"{name}={t}" for name, t in self.targets.items()]
+        return [f"re:{re.escape(name.removesuffix('.weight'))}={t}" for name, t in self.targets.items()]
 
     def histogram(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for t in self.types.values():
+        for t in self.targets.values():
             out[t] = out.get(t, 0) + 1
         return dict(sorted(out.items()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_bpw": round(self.target_bpw, 4), "budget_bytes": self.budget_bytes,
                 "tensor_bytes": self.tensor_bytes, "bpw": round(self.bpw, 4),
-                "predicted_kld": self.predicted_kld, "file_type": self.file_type, "types": self.types,
-                "histogram": self.histogram(), "sensitivity": str(self.sensitivity_path),
-                "imatrix": str(self.imatrix_path), "measured_pairs": self.measured,
+                "predicted_kld": self.predicted_kld, "format": self.format, "base": self.base,
+                "targets": self.targets, "histogram": self.histogram(), "sensitivity": str(self.sensitivity_path),
+                "imatrix": None if self.imatrix_path is None else str(self.imatrix_path),
+                "measured_pairs": self.measured,
                 "measured_kld": self.measured_kld}
 
     def render(self) -> str:
@@ -93,7 +104,7 @@ class GGUFAllocation:
         return 0 if self.tokens is None else int(self.tokens.numel())
 
     def measure(self, ckpt, output: Path) -> float:
-        """Load the written GGUF and set `measured_kld`: its KLD from `ckpt` on the tokens measured on."""
+        """Load the written output and set `measured_kld`: its KLD from `ckpt` on the tokens measured on."""
         from quantkit.eval.sensitivity import model_kld
         from quantkit.runtime.model import load_model
 
@@ -133,34 +144,90 @@ def _file_type(types: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str
     return "Q4_K_M"
 
 
-def allocate_gguf(ckpt, *, target_bpw: float | None = None, target_bytes: int | None = None,
-                  candidates: Iterable[str] = DEFAULT_CANDIDATES, calib: str = "builtin", calib_samples: int = 16,
-                  calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
-                  sensitivity: Path | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> GGUFAllocation:
-    """Measure (or reuse) the sensitivity of every tensor of `ckpt` and choose its types for the budget."""
+def _plan_entries(ckpt, fmt: str):
+    """The plan's entries of `ckpt` in `fmt` (any target): shapes, source dtypes, and the bytes of what stays float."""
+    from quantkit.pipeline.plan import build_plan
+
+    if fmt == "gguf":
+        return build_plan(ckpt.config, formats=["gguf"], gguf_type="Q8_0", checkpoint=ckpt).entries
+    return build_plan(ckpt.config, formats=[fmt], preset="w4a16-g128", checkpoint=ckpt).entries
+
+
+def _int_units(entries) -> dict[str, list[str]]:
+    """The linears of the decoder grouped as engines fuse them (q/k/v, gate/up): one scheme per group."""
+    from quantkit.model.arch import LINEAR_GROUPS
+
+    linear = {e.name for e in entries if e.quantized}
+    units: dict[str, list[str]] = {}
+    for e in entries:
+        if e.name not in linear or ".layers." not in e.name:
+            continue
+        prefix, _, rest = e.name.partition(".layers.")
+        index, _, local = rest.partition(".")
+        local = local.removesuffix(".weight")
+        group = next(g for g in LINEAR_GROUPS if local in g)
+        members = [f"{prefix}.layers.{index}.{m}.weight" for m in group]
+        units.setdefault("|".join(members), [m for m in members if m in linear])
+    return units
+
+
+def _int_candidates(labels: list[str], fmt) -> dict[str, Any]:
+    from quantkit.quant.rtn import quantize_rtn
+    from quantkit.quant.scheme import get_preset
+
+    def make(scheme):
+        def fn(name: str, w):
+            if w.shape[-1] % scheme.effective_group_size(w.shape[-1]):
+                return None
+            return quantize_rtn(w, scheme).dequantize().float()
+        return fn
+
+    out = {}
+    for label in labels:
+        scheme = get_preset(label)
+        fmt.check_scheme(scheme)  # SchemeError: this format cannot hold it
+        out[label] = make(scheme)
+    return out
+
+
+def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, target_bytes: int | None = None,
+                   candidates: Iterable[str] | None = None, calib: str = "builtin", calib_samples: int = 16,
+                   calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
+                   sensitivity: Path | None = None,
+                   progress: Callable[[Iterable], Iterable] | None = None) -> Allocation:
+    """Measure (or reuse) the sensitivity of `ckpt` to every candidate and choose the targets for the budget.
+
+    GGUF: a ggml type per 2-D tensor (embedding and lm_head included). gptq / compressed-tensors: an integer
+    preset per fused group of decoder linears (written as GPTQ `dynamic` rules / compressed-tensors config groups);
+    embeddings, lm_head and norms stay float there and count against the budget."""
     from quantkit.calib import load_calibration
-    from quantkit.eval.sensitivity import SensitivityTable, candidate_types, measure_sensitivity
+    from quantkit.eval.sensitivity import SensitivityTable, ggml_candidates, measure_sensitivity
+    from quantkit.formats.base import get_format
     from quantkit.gguf.imatrix import read_imatrix, write_imatrix
     from quantkit.io import sha256_file
     from quantkit.model.tokenizer import load_tokenizer
     from quantkit.pipeline.imatrix import collect_imatrix
+    from quantkit.pipeline.plan import DTYPE_BYTES
+    from quantkit.quant.scheme import get_preset
 
-    candidates = [check_type(t.upper(), "--candidates") for t in candidates]
-    if not candidates:
-        raise SchemeError("--candidates: name at least one ggml type")
-    shapes = ckpt.config.expected_shapes()
-    parameters = 0
-    for s in shapes.values():
-        n = 1
-        for d in s:
-            n *= d
-        parameters += n
+    gguf = fmt == "gguf"
+    if fmt not in ALLOCATABLE_FORMATS:
+        raise SchemeError(f"--target-bpw/--target-size: {fmt} cannot hold a different scheme per module "
+                          f"(allocatable: {', '.join(ALLOCATABLE_FORMATS)})")
+    labels = [c.strip() for c in (candidates or (DEFAULT_CANDIDATES if gguf else DEFAULT_PRESETS))]
+    labels = [check_type(c.upper(), "--candidates") for c in labels] if gguf else [c.lower() for c in labels]
+    if not labels:
+        raise SchemeError("--candidates: name at least one")
+    form = get_format(fmt)
+    entries = _plan_entries(ckpt, fmt)
+    parameters = sum(e.numel for e in entries)
     budget = budget_bytes(parameters, target_bpw, target_bytes)
     if ckpt.tokenizer_path is None:
         raise SchemeError(f"{ckpt.path}: no tokenizer file; measuring tensor sensitivity needs calibration text")
     calib_set = load_calibration(calib, load_tokenizer(ckpt.tokenizer_path), calib_samples, calib_seqlen, seed)
-    if imatrix is None:
+
+    imatrix_path, imatrix_sha, importance = None, "none", {}
+    if gguf and imatrix is None:
         imatrix_sha = "collected"
         key = _key(_identity(ckpt, calib_set.sha256, imatrix_sha))
         imatrix_path = cache_dir() / "sensitivity" / f"{key}.imatrix.gguf"
@@ -168,45 +235,68 @@ def allocate_gguf(ckpt, *, target_bpw: float | None = None, target_bytes: int | 
             collected = collect_imatrix(ckpt, calib, calib_samples, calib_seqlen, seed, progress=progress is not None)
             imatrix_path.parent.mkdir(parents=True, exist_ok=True)
             write_imatrix(imatrix_path, collected.imatrix)
-    else:
+    elif gguf:
         imatrix_path, imatrix_sha = Path(imatrix), sha256_file(imatrix)
+    if imatrix_path is not None:
+        importance = read_imatrix(imatrix_path).to_canonical()
     identity = _identity(ckpt, calib_set.sha256, imatrix_sha)
     table_path = Path(sensitivity) if sensitivity else cache_dir() / "sensitivity" / f"{_key(identity)}.json"
-    importance = read_imatrix(imatrix_path).to_canonical()
+
+    by_name = {e.name: e for e in entries}
+    if gguf:
+        units = {e.name: [e.name] for e in entries if len(e.shape) == 2}
+        encoders = ggml_candidates(labels, importance)
+        target_of = {label: label for label in labels}
+    else:
+        units = _int_units(entries)
+        encoders = _int_candidates(labels, form)
+        target_of = {label: get_preset(label) for label in labels}
+    in_units = {n for names in units.values() for n in names}
+    fixed = sum(e.bytes_out[fmt] if not gguf else form.stored_nbytes("F32", e.shape, 4)
+                for e in entries if e.name not in in_units)
+
     before = SensitivityTable.load(table_path, identity)
     done_before = sum(len(v) for v in before.kld.values())
-    table = measure_sensitivity(ckpt, calib_set.tokens, candidates, importance, table_path, identity,
-                                progress=progress)
+    table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress)
     measured = sum(len(v) for v in table.kld.values()) - done_before
 
-    fixed, options = 0, {}
-    types: dict[str, str] = {}
-    for name, shape in shapes.items():
-        if len(shape) < 2:
-            types[name] = "F32"
-            fixed += tensor_nbytes(tuple(shape), "F32")
-            continue
-        fits = candidate_types(tuple(shape), candidates)
-        if not fits:
-            raise SchemeError(f"{name}: none of the candidate types fits its rows of {shape[-1]} values")
-        options[name] = [Option(t, tensor_nbytes(tuple(shape), t), table.kld[name][t]) for t in fits]
+    options = {}
+    for unit, names in units.items():
+        row = table.kld.get(unit, {})
+        opts = [Option(label, sum(form.stored_nbytes(target_of[label], by_name[n].shape,
+                                                     DTYPE_BYTES.get(by_name[n].source_dtype, 2)) for n in names),
+                       row[label]) for label in labels if label in row]
+        if not opts:
+            raise SchemeError(f"{unit}: none of the candidates ({', '.join(labels)}) can store it")
+        options[unit] = opts
     if budget <= fixed:
-        raise SchemeError(f"budget of {budget:,} bytes does not even hold the {fixed:,} bytes of F32 norm weights")
+        raise SchemeError(f"budget of {budget:,} bytes does not even hold the {fixed:,} bytes kept in float")
     chosen = allocate(options, budget - fixed)
-    types.update(chosen.labels())
-    types = {name: types[name] for name in shapes}  # file order
-    return GGUFAllocation(types, budget, fixed + chosen.nbytes, parameters, chosen.cost,
-                          _file_type(types, {k: tuple(v) for k, v in shapes.items()}), table_path, imatrix_path,
-                          measured, tokens=calib_set.tokens)
+    targets = {n: label for unit, option in chosen.choice.items() for n in units[unit] for label in [option.label]}
+    if gguf:
+        targets = {e.name: targets.get(e.name, "F32") for e in entries}
+        kind = _file_type(targets, {e.name: e.shape for e in entries})
+    else:
+        counts: dict[str, int] = {}
+        for n, label in targets.items():
+            counts[label] = counts.get(label, 0) + by_name[n].numel
+        kind = max(counts, key=counts.get)
+    return Allocation(fmt, targets, budget, fixed + chosen.nbytes, parameters, chosen.cost, kind, table_path,
+                      imatrix_path, measured, tokens=calib_set.tokens)
 
 
-def check_target_arguments(formats, gguf_type: str | None, overrides) -> None:
-    """A size target chooses every tensor's type: it writes GGUF, and takes no --type or --override."""
-    fmts = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats or ["gguf"])
-    if fmts != ["gguf"]:
-        raise SchemeError(f"--target-bpw/--target-size choose ggml types: use --format gguf (got {','.join(fmts)})")
-    if gguf_type:
-        raise SchemeError(f"--type {gguf_type} and --target-bpw/--target-size: the allocation chooses every "
-                          "tensor's type; give one or the other")
+def check_target_arguments(formats, gguf_type: str | None, preset: str | None, overrides) -> str:
+    """A size target chooses every tensor's target: one output format that can hold a different one per module
+    (default gguf), and no --type, --preset or --override. Returns the format."""
+    fmts = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats or [])
+    fmts = fmts or ["gguf"]
+    if len(fmts) != 1 or fmts[0] not in ALLOCATABLE_FORMATS:
+        raise SchemeError(f"--target-bpw/--target-size allocate one format at a time, one of "
+                          f"{', '.join(ALLOCATABLE_FORMATS)} (got --format {','.join(fmts)})")
+    for given, name in ((gguf_type, "--type"), (preset, "--preset")):
+        if given:
+            raise SchemeError(f"{name} {given} and --target-bpw/--target-size: the allocation chooses every "
+                              "tensor's target; give one or the other")
     if overrides:
-        raise SchemeError("--override and --target-bpw/--target-size: the allocation chooses every tensor's type")
+        raise SchemeError("--override and --target-bpw/--target-size: the allocation chooses every tensor's target")
+    return fmts[0]
