@@ -23,6 +23,9 @@ K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256
 I_TYPES = ("IQ4_NL", "IQ4_XS")  # non-linear value table: IQ4_NL blocks of 32, IQ4_XS super-blocks of 256
 BLOCK_TYPES = LEGACY_TYPES + K_TYPES + I_TYPES
 SUPPORTED_TYPES = FLOAT_TYPES + BLOCK_TYPES
+# llama.cpp types quantkit decodes (kernels/ggml_ref.py) but does not encode
+DECODE_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
+DECODED_TYPES = SUPPORTED_TYPES + DECODE_ONLY_TYPES
 
 
 @functools.cache

@@ -52,9 +52,11 @@ def test_encoder_bytes_equal_gguf_package(type_name):
     assert np.array_equal(ours.data.reshape(-1), np.ascontiguousarray(ref).view(np.uint8).reshape(-1))
 
 
+# byte offsets of the fp16 scales/mins (IQ1_M's d is split over its scales: random_ggml_blocks)
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q2_K": [80, 82],
               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-              "IQ4_NL": [0], "IQ4_XS": [0]}  # byte offsets of the fp16 scales/mins
+              "IQ4_NL": [0], "IQ4_XS": [0], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0],
+              "IQ3_S": [0], "IQ1_S": [0], "IQ1_M": [], "TQ1_0": [52], "TQ2_0": [64]}
 
 
 def random_ggml_blocks(type_name: str, n: int, rng) -> np.ndarray:
@@ -66,8 +68,16 @@ def random_ggml_blocks(type_name: str, n: int, rng) -> np.ndarray:
         return quantize_ggml(x.astype(np.float32)[:, None], type_name).data
     b = rng.integers(0, 256, size=(n, type_size(type_name)), dtype=np.uint8)
     for off in F16_FIELDS[type_name]:
-        b[:, off:off + 2] = (rng.standard_normal(n).astype(np.float16) * np.float16(0.01)).view(np.uint8).reshape(n, 2)
+        b[:, off:off + 2] = random_f16(n, rng).view(np.uint8).reshape(n, 2)
+    if type_name == "IQ1_M":  # its fp16 d: nibble k in the top 4 bits of the k-th uint16 scale word (byte 48)
+        words = b[:, 48:56].copy().view("<u2")
+        nibbles = (random_f16(n, rng).view("<u2")[:, None] >> np.arange(0, 16, 4, dtype=np.uint16)) & 0xF
+        b[:, 48:56] = ((words & 0x0FFF) | (nibbles << 12)).astype("<u2").view(np.uint8)
     return b
+
+
+def random_f16(n: int, rng) -> np.ndarray:
+    return rng.standard_normal(n).astype(np.float16) * np.float16(0.01)
 
 
 @pytest.mark.parametrize("type_name", [*FLOAT_TYPES, *BLOCK_TYPES])
@@ -273,3 +283,42 @@ def test_iq4_best_index_equals_the_c_search_near_every_midpoint_and_at_random():
     wide = (rng.standard_normal(20000) * 10.0 ** rng.integers(-6, 4, 20000)).astype(np.float32)
     v = np.concatenate([*near, wide, np.array([-np.inf, np.inf, 0.0, -0.0, -127, 113, 1e30], np.float32)])
     assert np.array_equal(best_index(v), c_best_index(v))
+
+
+# llama-quantize file type -> the block type it writes with --pure (IQ2_S's blocks come from the IQ2_M file type)
+DECODE_ONLY_FTYPES = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS",
+                      "IQ3_S": "IQ3_S", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0"}
+
+
+@pytest.mark.parametrize("ftype", DECODE_ONLY_FTYPES)
+def test_decode_only_types_read_from_llama_quantize_files(tmp_path, oracle_tensors, ftype):
+    """llama.cpp's own files of the types quantkit decodes but does not write: quantkit's reader and
+    dequantizer give gguf-py's values bit for bit, and they are close to the weights."""
+    from quantkit.gguf.imatrix import write_imatrix
+    from quantkit.gguf.reader import parse_gguf
+    from quantkit.kernels.ggml_ref import dequantize_rows
+
+    tools = require_llamacpp("llama-quantize")
+    nano, _ = oracle_tensors
+    width = next(iter(nano.values())).shape[1]
+    src = tmp_path / "f32.gguf"
+    write_f32_gguf(src, nano, width)
+    imx = write_imatrix(tmp_path / "imatrix.gguf", synthetic_imatrix(nano, 0))
+    type_name = DECODE_ONLY_FTYPES[ftype]
+    ref = llama_quantize(tools, src, tmp_path / f"{ftype}.gguf", ftype, imatrix=imx)
+    ours = parse_gguf(tmp_path / f"{ftype}.gguf")
+    for name, x in nano.items():
+        info = ours.tensors[name]
+        assert info.type_name == type_name == ref[name].tensor_type.name
+        raw = np.memmap(ours.path, np.uint8, "r", info.offset, (info.nbytes,)).reshape(x.shape[0], -1)
+        got = dequantize_rows(torch.from_numpy(np.array(raw)), type_name).numpy()
+        want = gguf_dequantize(np.asarray(ref[name].data), GGMLQuantizationType[type_name]).reshape(x.shape)
+        assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32)), name
+        rel = np.linalg.norm(got - x) / np.linalg.norm(x)
+        assert rel < 0.9, f"{name}: relative error {rel:.2f}"
+
+
+def test_every_decode_only_type_is_checked_against_a_llama_cpp_file():
+    from quantkit.ggml_types import DECODE_ONLY_TYPES
+
+    assert sorted(DECODE_ONLY_FTYPES.values()) == sorted(DECODE_ONLY_TYPES)

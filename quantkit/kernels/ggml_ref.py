@@ -4,7 +4,9 @@ Input is the raw bytes as a uint8 tensor [rows, bytes_per_row] (what GGUF stores
 output is float32 [rows, cols]. Layouts: formats/gguf.md (block types); the arithmetic is that of ggml-quants.c's
 `dequantize_row_*`: the same float32 products and differences in the same order, each a separate correctly
 rounded torch op (no fused multiply-add), so every value equals ggml's — and gguf-py's, which
-tests/test_kernels_ggml.py checks bit for bit for every type. `GGMLTensor.dequantize`, the torch runtime
+tests/test_kernels_ggml.py checks bit for bit for every type. Besides `SUPPORTED_TYPES` it decodes the
+`DECODE_ONLY_TYPES` (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0; layouts in ggml-common.h),
+whose grid tables it takes from gguf-py at first use. `GGMLTensor.dequantize`, the torch runtime
 (`runtime/qlinear.py`) and the Triton kernels' tests all use this one; the CPU fast paths (`cpu.py`, `cpu_ext.py`)
 reuse its field decoders.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import FormatError
-from quantkit.ggml_types import SUPPORTED_TYPES, block_size, f16_to_f32, is_float_type, torch_dtype, type_size
+from quantkit.ggml_types import DECODED_TYPES, block_size, f16_to_f32, is_float_type, torch_dtype, type_size
 
 CHUNK_ELEMENTS = 1 << 20  # values decoded at once: bounds the int32/float32 temporaries of a large tensor
 
@@ -160,16 +162,168 @@ def _iq4_xs(b):
     return dl[..., None] * _iq4_values(codes)
 
 
+# ---- the grid i-quants (IQ2_*, IQ3_*, IQ1_*): groups of 8 (or 4) values looked up in gguf-py's grid tables ----
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}  # (table, device) -> tensor, built at first use
+
+
+def _table(name: str, device) -> torch.Tensor:
+    """gguf-py's grid of type `name` as float32 [entries, 8 or 4] (`init_grid`'s values: exact small integers), or
+    for "ksigns" the ±1.0 signs [128, 8] that ggml's ksigns_iq2xs gives a 7-bit sign index; cached per device."""
+    key = (name, torch.device(device))
+    if key not in _TABLES:
+        from gguf import quants
+
+        if name == "ksigns":
+            k = torch.tensor(list(quants.IQ2_XXS.ksigns), dtype=torch.int32)
+            t = (1 - 2 * ((k[:, None] >> _shifts(1, 8, "cpu")) & 1)).float()
+        else:
+            cls = getattr(quants, name)
+            cls.init_grid()
+            t = torch.from_numpy(cls.grid.reshape(cls.grid_shape).copy())
+        _TABLES[key] = t.to(device)
+    return _TABLES[key]
+
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    """[..., 4m] bytes -> the m little-endian uint32 they hold, int64 [..., m]."""
+    q = b.to(torch.int64).reshape(*b.shape[:-1], -1, 4)
+    return q[..., 0] | (q[..., 1] << 8) | (q[..., 2] << 16) | (q[..., 3] << 24)
+
+
+def _u16(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2m] bytes -> the m little-endian uint16 they hold, int32 [..., m]."""
+    q = b.to(torch.int32).reshape(*b.shape[:-1], -1, 2)
+    return q[..., 0] | (q[..., 1] << 8)
+
+
+def _fields(x: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """int [..., m] -> [..., m * n]: element n*i + k is bits width*k .. width*k + width-1 of x[i]."""
+    return ((x[..., None] >> _shifts(width, n, x.device)) & ((1 << width) - 1)).flatten(-2)
+
+
+def _sign_bits(b: torch.Tensor) -> torch.Tensor:
+    """Sign bytes [..., m] -> ±1.0 [..., 8m]: element 8l + k is -1 where bit k of byte l is set."""
+    return (1 - 2 * _fields(b.to(torch.int32), 1, 8)).float()
+
+
+def _ksigns(idx: torch.Tensor) -> torch.Tensor:
+    """7-bit sign indices [...] -> ±1.0 [..., 8] (the 8th sign makes the count of minus signs even)."""
+    return _table("ksigns", idx.device)[idx]
+
+
+def _grid(name: str, idx: torch.Tensor) -> torch.Tensor:
+    return _table(name, idx.device)[idx]
+
+
+def _db(d: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+    """IQ2_* / IQ3_XXS sub-block scales: d * (0.5 + s) * scale, in that order (float32)."""
+    return d[..., None] * (0.5 + s.float()) * scale
+
+
+def _iq2_xxs(b):
+    q = b[..., 2:66].reshape(*b.shape[:-1], 8, 8)  # 8 groups of 32: 4 grid indices, a uint32 of signs and scale
+    aux = _u32(q[..., 4:8])[..., 0]  # [.., 8]
+    db = _db(f16_to_f32(b[..., 0:2]), aux >> 28, 0.25)
+    signs = _ksigns(_fields(aux, 7, 4).reshape(*aux.shape, 4))  # [.., 8, 4, 8]
+    return db[..., None, None] * _grid("IQ2_XXS", q[..., 0:4].long()) * signs
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """[.., 32, 8] -> [.., 16, 2, 8]: the two groups of 8 under one IQ2_XS / IQ2_S sub-block scale."""
+    return x.reshape(*x.shape[:-2], 16, 2, 8)
+
+
+def _iq2_xs(b):
+    q = _u16(b[..., 2:66])  # [.., 32]: grid index (9 bits), sign index (7 bits)
+    db = _db(f16_to_f32(b[..., 0:2]), _fields(b[..., 66:74].to(torch.int32), 4, 2), 0.25)  # [.., 16]
+    grid, signs = _grid("IQ2_XS", (q & 511).long()), _ksigns(q >> 9)  # [.., 32, 8] each
+    return db[..., None, None] * _pairs(grid) * _pairs(signs)
+
+
+def _iq2_s(b):
+    db = _db(f16_to_f32(b[..., 0:2]), _fields(b[..., 74:82].to(torch.int32), 4, 2), 0.25)  # [.., 16]
+    idx = b[..., 2:34].to(torch.int32) | (_fields(b[..., 66:74].to(torch.int32), 2, 4) << 8)  # [.., 32]
+    signs = _sign_bits(b[..., 34:66]).reshape(*b.shape[:-1], 32, 8)
+    return db[..., None, None] * _pairs(_grid("IQ2_S", idx.long())) * _pairs(signs)
+
+
+def _quads(x: torch.Tensor) -> torch.Tensor:
+    """[.., 256] -> [.., 8, 4, 8]: IQ3_* / IQ1_S sub-blocks of 32, each four groups of 8."""
+    return x.reshape(*x.shape[:-1], 8, 4, 8)
+
+
+def _iq3_xxs(b):
+    aux = _u32(b[..., 66:98])  # [.., 8]: 4 sign indices of 7 bits, then the 4-bit scale
+    db = _db(f16_to_f32(b[..., 0:2]), aux >> 28, 0.5)
+    signs = _ksigns(_fields(aux, 7, 4).reshape(*aux.shape, 4))  # [.., 8, 4, 8]
+    return db[..., None, None] * _quads(_grid("IQ3_XXS", b[..., 2:66].long()).flatten(-2)) * signs
+
+
+def _iq3_s(b):
+    db = f16_to_f32(b[..., 0:2])[..., None] * (1 + 2 * _fields(b[..., 106:110].to(torch.int32), 4, 2)).float()
+    idx = b[..., 2:66].to(torch.int32) | (_fields(b[..., 66:74].to(torch.int32), 1, 8) << 8)  # [.., 64]
+    grid = _quads(_grid("IQ3_S", idx.long()).flatten(-2))
+    return db[..., None, None] * grid * _quads(_sign_bits(b[..., 74:106]))
+
+
+IQ1_DELTA = 0.125  # gguf-py's IQ1_S.delta (ggml's IQ1S_DELTA): every IQ1 grid value shifted by ±delta
+
+
+def _iq1_delta(negative: torch.Tensor) -> torch.Tensor:
+    return torch.where(negative != 0, -IQ1_DELTA, IQ1_DELTA).float()
+
+
+def _iq1_s(b):
+    qh = _u16(b[..., 34:50])  # [.., 8]: 4x3 high index bits, 3-bit scale, delta sign
+    dl = f16_to_f32(b[..., 0:2])[..., None] * (2 * ((qh >> 12) & 7) + 1).float()
+    idx = b[..., 2:34].to(torch.int32) | (_fields(qh, 3, 4) << 8)  # [.., 32]
+    grid = _grid("IQ1_S", idx.long()).reshape(*b.shape[:-1], 8, 4, 8)
+    return dl[..., None, None] * (grid + _iq1_delta(qh >> 15)[..., None, None])
+
+
+def iq1_m_scale(b: torch.Tensor) -> torch.Tensor:
+    """IQ1_M's fp16 d, its 4 nibbles in the top 4 bits of the 4 uint16 scales (byte 48), lowest first -> float32."""
+    top = _u16(b[..., 48:56]) >> 12  # [.., 4]
+    bits = top[..., 0] | (top[..., 1] << 4) | (top[..., 2] << 8) | (top[..., 3] << 12)
+    return bits.to(torch.int16).view(torch.float16).float()
+
+
+def _iq1_m(b):
+    sc = _fields(_u16(b[..., 48:56]), 3, 4)  # [.., 16]: a 3-bit scale per 16 values (bits 12-15: d)
+    dl = iq1_m_scale(b)[..., None] * (2 * sc + 1).float()
+    qh = _fields(b[..., 32:48].to(torch.int32), 4, 2)  # [.., 32]: 3 high index bits and a delta sign per 8 values
+    grid = _grid("IQ1_M", (b[..., 0:32].to(torch.int32) | ((qh & 7) << 8)).long())  # [.., 32, 8]
+    delta = _iq1_delta(qh & 8)[..., None]
+    return dl[..., None, None] * _pairs(grid + delta)
+
+
+# ---- ternary types: values d * {-1, 0, 1} ----
+
+def _tq1_0(b):
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=b.device)[:, None]
+    qs, qh = b[..., 0:48].to(torch.int32), b[..., 48:52].to(torch.int32)
+    q = torch.cat([(qs[..., None, 0:32] * pow3).flatten(-2), (qs[..., None, 32:48] * pow3).flatten(-2),
+                   (qh[..., None, :] * pow3[0:4]).flatten(-2)], dim=-1) & 0xFF  # [.., 256]: base-3 digit fixed point
+    return f16_to_f32(b[..., 52:54])[..., None] * (((q * 3) >> 8) - 1).float()
+
+
+def _tq2_0(b):
+    return f16_to_f32(b[..., 64:66])[..., None] * (_crumbs(b[..., 0:64]) - 1).float()
+
+
 DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
            "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-           "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
+           "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+           "IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,
+           "IQ1_S": _iq1_s, "IQ1_M": _iq1_m, "TQ1_0": _tq1_0, "TQ2_0": _tq2_0}
 
 
 def dequantize_rows(data: torch.Tensor, type_name: str) -> torch.Tensor:
     """Block bytes, uint8 [rows, bytes_per_row] -> a new float32 tensor [rows, cols] on the same device."""
-    if type_name not in SUPPORTED_TYPES:
+    if type_name not in DECODED_TYPES:
         raise FormatError(f"ggml type {type_name!r}: quantkit cannot decode it "
-                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
+                          f"(decodable: {', '.join(DECODED_TYPES)})")
     if is_float_type(type_name):
         _blocks(data, type_name)
         return data.contiguous().view(torch_dtype(type_name)).to(torch.float32, copy=True)
