@@ -2,14 +2,16 @@
 llama.cpp's stock mixes with `llama-imatrix`, all judged by `llama-perplexity --kl-divergence` on held-out text.
 
 Variants (one calibration text for every tool: *The Hound of the Baskervilles*, pg-english calib):
-  llama.cpp MIX + imatrix      llama-imatrix (CALIB windows x 512), llama-quantize --imatrix, for the k-quant and
-                               IQ4 mixes
+  llama.cpp MIX + imatrix      llama-imatrix (CALIB windows x 512), llama-quantize --imatrix, for every k-quant
+                               and i-quant mix
   quantkit alloc B             quantize --target-bpw B (RTN blocks with quantkit's imatrix of the same text; the
                                sensitivities measured once on 16 x 256 tokens of it, cached)
   quantkit GPTQ alloc B        the same types, GPTQ-calibrated blocks (--method gptq, CALIB windows x 512)
+  AutoRound SCHEME             auto-round --format gguf:SCHEME (SignRound-tuned k-quants, CALIB windows x 512), when
+                               installed in --autoround-venv
 Evaluation: *Pride and Prejudice* (first 200k characters), llama.cpp convention (ctx 512), CHUNKS chunks, against
-llama.cpp's F32 GGUF of the model. For each target the ratio compares quantkit's best file with the best llama.cpp
-file of the same or larger size.
+llama.cpp's F32 GGUF of the model. For each target the ratio compares quantkit's best file with the smallest
+llama.cpp (and AutoRound) file of the same or larger size.
 
 Usage: python benchmarks/gguf_allocation.py [--work /tmp/gguf_alloc] [--targets 2.5,3.5,4.5,5.5] [--chunks 40]
 Prints a Markdown table, writes <work>/results.json and benchmarks/results/gguf_allocation.png. Steps are cached.
@@ -32,7 +34,9 @@ from quantkit.gguf.llamacpp import parse_kld_summary, run_perplexity  # noqa: E4
 from quantkit.gguf.reader import parse_gguf  # noqa: E402
 from quantkit.testing import NANO_PATH  # noqa: E402
 
-LLAMACPP_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "IQ4_NL", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+AUTOROUND_SCHEMES = ["q2_k_s", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]  # auto-round --format gguf:<scheme>
+LLAMACPP_MIXES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+                  "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "IQ4_NL", "Q4_K_M", "Q5_K_S", "Q5_K_M",
                   "Q6_K"]
 
 
@@ -49,6 +53,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
     ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (imatrix, GPTQ)")
     ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--autoround-venv", default="~/.cache/quantkit/autoround-venv",
+                    help="a venv with `pip install auto-round` (0.16.1 here); its GGUF exports join the comparison")
     args = ap.parse_args()
     env = prepare(Path(args.work), args.chunks, args.calib_chunks)
     work, qk = env.work, QUANTKIT
@@ -76,6 +82,23 @@ def main() -> None:
             predicted[label] = json.loads(log.read_text())["allocation"]
             variants[label] = ("quantkit", out)
 
+    venv = Path(args.autoround_venv).expanduser()
+    if (venv / "bin" / "auto-round").exists():
+        calib_json = work / "calib.json"
+        text = env.calib_txt.read_text()
+        calib_json.write_text(json.dumps([text[i:i + 4000] for i in range(0, len(text), 4000)]))
+        for scheme in AUTOROUND_SCHEMES:
+            out_dir = work / f"autoround-{scheme}"
+            found = sorted(out_dir.rglob("*.gguf")) if out_dir.exists() else []
+            if not found:
+                run([str(venv / "bin" / "auto-round"), "--model", str(NANO_PATH), "--scheme", f"gguf:{scheme}",
+                     "--format", f"gguf:{scheme}", "--nsamples", str(args.calib_chunks), "--seqlen", str(CTX),
+                     "--dataset", str(calib_json), "--device", "cpu", "--output_dir", str(out_dir)],
+                    work / f"autoround-{scheme}.log")
+                found = sorted(out_dir.rglob("*.gguf"))
+            variants[f"AutoRound {scheme}"] = ("AutoRound", found[0])
+    else:
+        print(f"AutoRound not installed in {venv}: its rows are left out", file=sys.stderr)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for label, (_, path) in variants.items():
@@ -100,19 +123,22 @@ def main() -> None:
         meas = f"{p['measured_kld']:.5f}" if p else ""
         print(f"| {r['label']} | {r['bpw']:.3f} | {r['bytes']:,} | {lc['kld_mean']:.5f} | "
               f"{lc.get('same_top_pct', float('nan')):.2f} | {lc.get('ppl', float('nan')):.3f} | {pred} | {meas} |")
-    print("\n| target BPW | quantkit best (KLD) | llama.cpp best at >= its size (KLD) | ratio |")
-    print("|---|---|---|---:|")
+    print("\n| target BPW | quantkit best (KLD) | llama.cpp, next size up (KLD) | ratio | AutoRound, next size up "
+          "(KLD) | ratio |")
+    print("|---|---|---|---:|---|---:|")
     for target in args.targets.split(","):
         ours = [r for r in rows if r["tool"] == "quantkit" and re.search(rf"alloc {re.escape(target)}$", r["label"])]
         best = min(ours, key=lambda r: r["llamacpp"]["kld_mean"])
-        theirs = [r for r in rows if r["tool"] == "llama.cpp" and r["bytes"] >= best["bytes"]]
-        if not theirs:
-            print(f"| {target} | {best['label']} ({best['llamacpp']['kld_mean']:.5f}) | none as large | |")
-            continue
-        ref = min(theirs, key=lambda r: r["llamacpp"]["kld_mean"])
-        print(f"| {target} | {best['label']} ({best['llamacpp']['kld_mean']:.5f}) | {ref['label']} "
-              f"({ref['llamacpp']['kld_mean']:.5f}, {ref['bpw']:.2f} BPW) | "
-              f"{best['llamacpp']['kld_mean'] / ref['llamacpp']['kld_mean']:.2f}x |")
+        cells = [f"{best['label']} ({best['llamacpp']['kld_mean']:.5f})"]
+        for tool in ("llama.cpp", "AutoRound"):
+            theirs = [r for r in rows if r["tool"] == tool and r["bytes"] >= best["bytes"]]
+            if not theirs:
+                cells += ["none as large", ""]
+                continue
+            ref = min(theirs, key=lambda r: r["bytes"])  # the next size up (or the same)
+            cells += [f"{ref['label']} ({ref['llamacpp']['kld_mean']:.5f}, {ref['bpw']:.2f} BPW)",
+                      f"{best['llamacpp']['kld_mean'] / ref['llamacpp']['kld_mean']:.2f}x"]
+        print(f"| {target} | " + " | ".join(cells) + " |")
 
     import matplotlib
 
@@ -121,6 +147,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pick, style in (("llama.cpp + imatrix", lambda r: r["tool"] == "llama.cpp", "o--"),
+                              ("AutoRound", lambda r: r["tool"] == "AutoRound", "d:"),
                               ("quantkit alloc (RTN)", lambda r: r["label"].startswith("quantkit alloc"), "s-"),
                               ("quantkit alloc (GPTQ)", lambda r: r["label"].startswith("quantkit GPTQ"), "^-")):
         pts = [r for r in rows if pick(r)]

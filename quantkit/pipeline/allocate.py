@@ -269,8 +269,11 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         if not opts:
             raise SchemeError(f"{unit}: none of the candidates ({', '.join(labels)}) can store it")
         options[unit] = opts
-    if budget <= fixed:
-        raise SchemeError(f"budget of {budget:,} bytes does not even hold the {fixed:,} bytes kept in float")
+    smallest = fixed + sum(min(o.nbytes for o in opts) for opts in options.values())
+    if budget < smallest:
+        raise SchemeError(f"budget of {budget:,} bytes ({8 * budget / parameters:.3f} BPW) is below the smallest "
+                          f"choice of every tensor: {smallest:,} bytes ({8 * smallest / parameters:.3f} BPW, "
+                          f"{', '.join(labels)})")
     chosen = allocate(options, budget - fixed)
     targets = {n: label for unit, option in chosen.choice.items() for n in units[unit] for label in [option.label]}
     if gguf:
