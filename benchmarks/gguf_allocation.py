@@ -40,6 +40,10 @@ LLAMACPP_MIXES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K
                   "Q6_K"]
 
 
+def tensor_bytes(path: Path) -> int:
+    return sum(t.nbytes for t in parse_gguf(path).tensors.values())
+
+
 def bpw(path: Path) -> float:
     g = parse_gguf(path)
     params = sum(math.prod(t.shape) for t in g.tensors.values())
@@ -66,22 +70,6 @@ def main() -> None:
             run([str(env.quantize), "--imatrix", str(env.llamacpp_imatrix), str(env.f32), str(out), mix, "2"],
                 work / f"{out.stem}.log")
         variants[f"llama.cpp {mix} + imatrix"] = ("llama.cpp", out)
-    predicted: dict[str, dict] = {}
-    for target in args.targets.split(","):
-        for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
-            out = work / f"quantkit-{method}-{target}bpw.gguf"
-            label = f"quantkit {'GPTQ ' if method == 'gptq' else ''}alloc {target}"
-            log = work / f"{out.stem}.json"
-            if not out.exists() or not log.exists():
-                cmd = qk + ["quantize", str(NANO_PATH), "--target-bpw", target, "--method", method,
-                            "--calib", str(env.calib_txt), "--sensitivity", str(work / "sensitivity.json"),
-                            "--imatrix", str(env.quantkit_imatrix), "-o", str(out), "--force", "--json"]
-                if method == "gptq":
-                    cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX)]
-                log.write_text(run(cmd, work / f"{out.stem}.log").strip().splitlines()[-1])
-            predicted[label] = json.loads(log.read_text())["allocation"]
-            variants[label] = ("quantkit", out)
-
     venv = Path(args.autoround_venv).expanduser()
     if (venv / "bin" / "auto-round").exists():
         calib_json = work / "calib.json"
@@ -99,6 +87,33 @@ def main() -> None:
             variants[f"AutoRound {scheme}"] = ("AutoRound", found[0])
     else:
         print(f"AutoRound not installed in {venv}: its rows are left out", file=sys.stderr)
+    # quantkit at each target BPW, and at exactly the tensor bytes of llama.cpp's and AutoRound's files at the next
+    # size up from it (the "same size" comparison)
+    budgets: dict[str, list[str]] = {t: ["--target-bpw", t] for t in args.targets.split(",")}
+    for tool in ("llama.cpp", "AutoRound"):
+        sized = sorted((bpw(path), label.split()[1], path) for label, (who, path) in variants.items() if who == tool)
+        for t in args.targets.split(","):
+            up = [(b, mix, path) for b, mix, path in sized if b >= float(t)]
+            if up:
+                _, mix, path = up[0]
+                budgets[f"={'AutoRound-' if tool == 'AutoRound' else ''}{mix}"] = ["--target-size",
+                                                                                  str(tensor_bytes(path))]
+    predicted: dict[str, dict] = {}
+    for target, budget in budgets.items():
+        for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
+            out = work / f"quantkit-{method}-{target.lstrip('=')}{'' if target.startswith('=') else 'bpw'}.gguf"
+            label = f"quantkit {'GPTQ ' if method == 'gptq' else ''}alloc {target}"
+            log = work / f"{out.stem}.json"
+            if not out.exists() or not log.exists():
+                cmd = qk + ["quantize", str(NANO_PATH), *budget, "--method", method,
+                            "--calib", str(env.calib_txt), "--sensitivity", str(work / "sensitivity.json"),
+                            "--imatrix", str(env.quantkit_imatrix), "-o", str(out), "--force", "--json"]
+                if method == "gptq":
+                    cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX)]
+                log.write_text(run(cmd, work / f"{out.stem}.log").strip().splitlines()[-1])
+            predicted[label] = json.loads(log.read_text())["allocation"]
+            variants[label] = ("quantkit", out)
+
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for label, (_, path) in variants.items():
@@ -126,7 +141,7 @@ def main() -> None:
     print("\n| target BPW | quantkit best (KLD) | llama.cpp, next size up (KLD) | ratio | AutoRound, next size up "
           "(KLD) | ratio |")
     print("|---|---|---|---:|---|---:|")
-    for target in args.targets.split(","):
+    for target in budgets:
         ours = [r for r in rows if r["tool"] == "quantkit" and re.search(rf"alloc {re.escape(target)}$", r["label"])]
         best = min(ours, key=lambda r: r["llamacpp"]["kld_mean"])
         cells = [f"{best['label']} ({best['llamacpp']['kld_mean']:.5f})"]

@@ -209,7 +209,8 @@ class LayerwiseQuantizer:
         return out, acts
 
     def _quantize_global(self, name: str, w: torch.Tensor):
-        """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix)."""
+        """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix;
+        with GPTQ, lm_head goes through `_gptq_head` instead)."""
         target = self.targets.get(name)
         if target is None or is_float_type(target):
             return w
@@ -218,6 +219,40 @@ class LayerwiseQuantizer:
             return quantize_rtn(w, target)
         check_finite(name, w)
         return encode_ggml(w, target, None)
+
+    def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None):
+        """GPTQ for a quantized lm_head, on the final norm's outputs of the calibration windows (the residual stream
+        `acts` after the last layer); None when the method is not GPTQ or lm_head stays float."""
+        name = "lm_head.weight"
+        target = self.targets.get(name)
+        if self.method != "gptq" or acts is None or target is None or is_float_type(target):
+            return None
+        from quantkit.model.reference import RMSNorm
+        from quantkit.quant.gptq import GPTQ
+
+        dev = self.device
+        norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps).to(dev)
+        norm.weight.data = self.ckpt.get_tensor("model.norm.weight").to(dev, torch.float32)
+        gptq = GPTQ(w.shape[1], name="lm_head", device=dev)
+        bs = max(1, self.options.batch_size)
+        with torch.no_grad():
+            for a in range(0, acts.shape[0], bs):
+                gptq.add_batch(norm(acts[a:a + bs].to(dev)).reshape(-1, w.shape[1]))
+        if isinstance(target, Scheme):
+            grid = target
+        else:
+            from quantkit.gguf.grids import ggml_grid
+
+            grid = ggml_grid(target)
+        t0 = time.perf_counter()
+        qt, info = gptq.quantize(w.to(dev, torch.float32), grid, damp=self.options.damp,
+                                 block_size=self.options.block_size, static_groups=self.options.static_groups,
+                                 name=name)
+        qt.error.pop("seconds", None)
+        self.log.append({"layer": self.config.num_hidden_layers, "module": "lm_head", "target": target_label(target),
+                         "method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens,
+                         "seconds": round(time.perf_counter() - t0, 4)})
+        return qt
 
     def _build_layer(self, tensors: dict[str, torch.Tensor], prefix: str) -> DecoderLayer:
         with torch.device("meta"):
@@ -505,13 +540,14 @@ class LayerwiseQuantizer:
                     hook(i)
             if bar is not None:
                 bar.close()
-            acts = None
             for name in ("model.norm.weight", "lm_head.weight"):
                 if name in self.ckpt.tensors:
                     w = self.ckpt.get_tensor(name)
                     check_finite(name, w)
-                    self._emit(name, self._quantize_global(name, w))
+                    head = self._gptq_head(w, acts) if name == "lm_head.weight" else None
+                    self._emit(name, head if head is not None else self._quantize_global(name, w))
                     del w
+            acts = None
             outputs = [w.finish() for w in self.writers]
         except BaseException as e:
             self._abort()
