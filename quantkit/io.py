@@ -284,29 +284,33 @@ def remove_temp(tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
+def _replacing(target: Path, tmp: Path) -> Iterator[Path]:
+    """Yield `tmp`; on success rename it to `target`, on failure delete it."""
+    try:
+        yield tmp
+    except BaseException:
+        remove_temp(tmp)
+        raise
+    move_into_place(tmp, target)
+
+
+def atomic_dir(target: str | Path, force: bool = False) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary directory beside `target`; on success rename it to `target`, on failure delete it."""
     target = check_output_path(target, force)
-    tmp = temp_dir_beside(target)
-    try:
-        yield tmp
-    except BaseException:
-        remove_temp(tmp)
-        raise
-    move_into_place(tmp, target)
+    return _replacing(target, temp_dir_beside(target))
 
 
-@contextlib.contextmanager
-def atomic_file(target: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_file(target: str | Path, force: bool = False) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary file path beside `target`; rename on success, delete on failure."""
     target = check_output_path(target, force)
-    tmp = temp_file_beside(target)
-    try:
-        yield tmp
-    except BaseException:
-        remove_temp(tmp)
-        raise
-    move_into_place(tmp, target)
+    return _replacing(target, temp_file_beside(target))
+
+
+def atomic_cache_file(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_file` for a file quantkit keeps for itself (a cache whose owner its reader has checked): replaced
+    without the output-ownership check."""
+    target = Path(target)
+    return _replacing(target, temp_file_beside(target))
 
 
 def read_json_object(path: str | Path, error: type[Exception]) -> dict:

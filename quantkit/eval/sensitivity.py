@@ -27,7 +27,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.ggml_types import block_size
-from quantkit.io import move_into_place, read_json_object, remove_temp, temp_file_beside
+from quantkit.io import atomic_cache_file, read_json_object
 
 CHUNK_TOKENS = 512  # tokens whose full-vocabulary log-probabilities are held at once
 FILE_VERSION = 1
@@ -37,6 +37,7 @@ FILE_VERSION = 1
 class SensitivityTable:
     identity: dict[str, Any]
     kld: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> mean KLD (nats/token)
+    measured: int = 0  # (unit, candidate) pairs `measure_sensitivity` added (not saved)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": FILE_VERSION, "identity": self.identity, "kld": self.kld}
@@ -59,14 +60,8 @@ class SensitivityTable:
 
     def save(self, path: Path) -> None:
         """Write (or replace: `load` accepted it as this table's file) atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file_beside(path)
-        try:
+        with atomic_cache_file(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
-        except BaseException:
-            remove_temp(tmp)
-            raise
-        move_into_place(tmp, path)
 
 
 class _Reference:
@@ -156,6 +151,20 @@ def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor]) -
     return {t: make(t) for t in types}
 
 
+def scheme_candidates(schemes: dict[str, Any]) -> dict[str, Encoder]:
+    """One encoder per integer scheme (label -> `Scheme`): round to nearest, dequantized."""
+    from quantkit.quant.rtn import quantize_rtn
+
+    def make(scheme) -> Encoder:
+        def fn(name: str, w: torch.Tensor) -> torch.Tensor | None:
+            if w.shape[-1] % scheme.effective_group_size(w.shape[-1]):
+                return None
+            return quantize_rtn(w, scheme).dequantize().float()
+        return fn
+
+    return {label: make(s) for label, s in schemes.items()}
+
+
 def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encoder], units: dict[str, list[str]],
                         cache: Path, identity: dict[str, Any],
                         progress: Callable[[Iterable], Iterable] | None = None) -> SensitivityTable:
@@ -191,6 +200,7 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
                     for prm in ps:
                         prm.data = stored[n]
                 row[label] = ref.kld_from_layer(first)
+                table.measured += 1
             finally:
                 for n, ps in params.items():
                     for prm in ps:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from quantkit.errors import SchemeError
-from quantkit.ggml_types import block_size, f16_to_f32, type_size
+from quantkit.ggml_types import IQ4_VALUES, block_size, f16_to_f32, type_size
 from quantkit.gguf import kquants, legacy
 from quantkit.gguf.quants import quantize_ggml
-from quantkit.kernels.ggml_ref import IQ4_VALUES, iq4_xs_scales
+from quantkit.kernels.ggml_ref import iq4_values, iq4_xs_scales
 from quantkit.tensors import GGMLTensor
 
 
@@ -167,7 +167,7 @@ class GGMLGrid:
         float (none found in 4e7 random trials down to s = m/2^30). `encode` verifies every weight anyway."""
         kind = self.spec.kind
         if kind == "table":
-            values = s[..., None] * self._table(w.device)  # [.., 16], ascending where s > 0
+            values = s[..., None] * iq4_values(w.device)  # [.., 16], ascending where s > 0
             c = (values - w[..., None]).abs().argmin(dim=-1).to(torch.float32)
             c = torch.where(s != 0, c, torch.full_like(c, float(IQ4_VALUES.index(1))))  # ggml's index for 0 * x
             return c, self._values(c, s, m)
@@ -181,12 +181,9 @@ class GGMLGrid:
         c = torch.where(s != 0, c, torch.zeros_like(c)) + 0.0  # + 0.0: a code of -0.0 is stored as 0
         return c, self._values(c, s, m)
 
-    def _table(self, device) -> torch.Tensor:
-        return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
-
     def _values(self, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         if self.spec.kind == "table":
-            return s * self._table(c.device)[c.long()]
+            return s * iq4_values(c.device)[c.long()]
         if self.spec.kind == "sym":
             return s * c
         if self.spec.kind == "add":

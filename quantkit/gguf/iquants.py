@@ -1,6 +1,6 @@
 """Non-linear 4-bit i-quant encoders: IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256).
 
-Both store 4-bit indices into one 16-value table (`KVALUES`, ggml's `kvalues_iq4nl`) with a scale per 32
+Both store 4-bit indices into one 16-value table (`ggml_types.IQ4_VALUES`, ggml's `kvalues_iq4nl`) with a scale per 32
 elements: IQ4_NL an fp16 scale per block (4.5 bits per weight), IQ4_XS a 6-bit signed sub-block scale against one
 fp16 super-block scale (4.25 bits per weight).
 
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.ggml_types import f32_to_f16
+from quantkit.ggml_types import IQ4_VALUES, f32_to_f16
 from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum
 from quantkit.gguf.legacy import pack_nibbles
 
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+KVALUES = np.array(IQ4_VALUES, dtype=np.float32)
 SEARCH_STEPS = 7  # ggml's ntry: candidate steps (k - 127)/max for k in -7..7
 SUB = 32  # elements per scale
 

@@ -16,19 +16,10 @@ import triton.language as tl
 
 from quantkit.ggml_types import block_size, type_size
 from quantkit.kernels import tune
-from quantkit.kernels.ggml_ref import IQ4_VALUES
+from quantkit.kernels.ggml_ref import iq4_values
 
 TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "IQ4_NL": 5, "IQ4_XS": 6}
 SUPPORTED = tuple(TYPE_IDS)
-_IQ4_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _iq4_table(device) -> torch.Tensor:
-    """IQ4_VALUES as float32 on `device` (the kernels look the 4-bit indices up in it)."""
-    device = torch.device(device)
-    if device not in _IQ4_TABLES:
-        _IQ4_TABLES[device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
-    return _IQ4_TABLES[device]
 
 
 @triton.jit
@@ -167,7 +158,7 @@ def ggml_dequant(data: torch.Tensor, type_name: str, dtype=torch.float32,
         out = torch.empty((r, cols), device=data.device, dtype=dtype)
     br = 32
     grid = (triton.cdiv(r, br), cols // 32)
-    _ggml_dequant_kernel[grid](data, _iq4_table(data.device), out, r, data.shape[1], cols, TYPE=TYPE_IDS[type_name],
+    _ggml_dequant_kernel[grid](data, iq4_values(data.device), out, r, data.shape[1], cols, TYPE=TYPE_IDS[type_name],
                                BR=br)
     return out
 
@@ -194,7 +185,7 @@ def ggml_matvec(x: torch.Tensor, data: torch.Tensor, type_name: str, out: torch.
         per = triton.cdiv(chunks, split)
         split = triton.cdiv(chunks, per)
         target = dst if split == 1 else torch.empty((split, m, r), device=x.device, dtype=torch.float32)
-        _ggml_matvec_kernel[(tiles, split)](x, data, _iq4_table(data.device), target, m, r, data.shape[1], x.stride(0),
+        _ggml_matvec_kernel[(tiles, split)](x, data, iq4_values(data.device), target, m, r, data.shape[1], x.stride(0),
                                             chunks, per, TYPE=TYPE_IDS[type_name], SPLIT=split, BM=bm, BR=br,
                                             num_warps=warps)
         if split > 1:

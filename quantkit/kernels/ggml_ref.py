@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import FormatError
-from quantkit.ggml_types import DECODED_TYPES, block_size, f16_to_f32, is_float_type, torch_dtype, type_size
+from quantkit.ggml_types import (
+    DECODED_TYPES,
+    IQ4_VALUES,
+    block_size,
+    f16_to_f32,
+    is_float_type,
+    torch_dtype,
+    type_size,
+)
 
 CHUNK_ELEMENTS = 1 << 20  # values decoded at once: bounds the int32/float32 temporaries of a large tensor
 
@@ -136,12 +144,14 @@ def _q6_k(b):
     return d[..., None] * q.float()
 
 
-# ggml's kvalues_iq4nl: the 16 values an IQ4_NL / IQ4_XS index selects (times the block's scale)
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+def iq4_values(device) -> torch.Tensor:
+    """`IQ4_VALUES` as float32 [16] on `device` (cached): the decoders, the Triton kernels and the GPTQ grids look
+    4-bit indices up in it."""
+    return _table("IQ4", device)
 
 
 def _iq4_values(codes: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=codes.device)[codes]
+    return iq4_values(codes.device)[codes]
 
 
 def _iq4_nl(b):
@@ -168,13 +178,16 @@ _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}  # (table, device) ->
 
 
 def _table(name: str, device) -> torch.Tensor:
-    """gguf-py's grid of type `name` as float32 [entries, 8 or 4] (`init_grid`'s values: exact small integers), or
-    for "ksigns" the ±1.0 signs [128, 8] that ggml's ksigns_iq2xs gives a 7-bit sign index; cached per device."""
+    """gguf-py's grid of type `name` as float32 [entries, 8 or 4] (`init_grid`'s values: exact small integers), for
+    "ksigns" the ±1.0 signs [128, 8] that ggml's ksigns_iq2xs gives a 7-bit sign index, for "IQ4" the IQ4 values;
+    cached per device."""
     key = (name, torch.device(device))
     if key not in _TABLES:
         from gguf import quants
 
-        if name == "ksigns":
+        if name == "IQ4":
+            t = torch.tensor(IQ4_VALUES, dtype=torch.float32)
+        elif name == "ksigns":
             k = torch.tensor(list(quants.IQ2_XXS.ksigns), dtype=torch.int32)
             t = (1 - 2 * ((k[:, None] >> _shifts(1, 8, "cpu")) & 1)).float()
         else:

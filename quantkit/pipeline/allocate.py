@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,7 @@ class Allocation:
         return [f"re:{re.escape(name.removesuffix('.weight'))}={t}" for name, t in self.targets.items()]
 
     def histogram(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.targets.values():
-            out[t] = out.get(t, 0) + 1
-        return dict(sorted(out.items()))
+        return dict(sorted(Counter(self.targets.values()).items()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_bpw": round(self.target_bpw, 4), "budget_bytes": self.budget_bytes,
@@ -130,16 +128,18 @@ def budget_bytes(parameters: int, target_bpw: float | None, target_bytes: int | 
     return int(target_bpw * parameters / 8)
 
 
-def _file_type(types: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str:
-    weight: dict[str, int] = {}
-    for name, t in types.items():
-        n = 1
-        for d in shapes[name]:
-            n *= d
-        weight[t] = weight.get(t, 0) + n
-    for t in sorted(weight, key=lambda t: -weight[t]):
+def _base(fmt: str, targets: dict[str, str], numel: dict[str, int]) -> str:
+    """The label of the whole allocation: the target holding the most parameters (GGUF: the file type whose default
+    type it is, for general.file_type)."""
+    weight = Counter()
+    for name, t in targets.items():
+        weight[t] += numel[name]
+    ranked = [t for t, _ in weight.most_common() if not is_float_type(t)]
+    if fmt != "gguf":
+        return ranked[0]
+    for t in ranked:
         for ft in FILE_TYPES.values():
-            if ft.default_type == t and not is_float_type(t):
+            if ft.default_type == t:
                 return ft.name
     return "Q4_K_M"
 
@@ -171,25 +171,6 @@ def _int_units(entries) -> dict[str, list[str]]:
     return units
 
 
-def _int_candidates(labels: list[str], fmt) -> dict[str, Any]:
-    from quantkit.quant.rtn import quantize_rtn
-    from quantkit.quant.scheme import get_preset
-
-    def make(scheme):
-        def fn(name: str, w):
-            if w.shape[-1] % scheme.effective_group_size(w.shape[-1]):
-                return None
-            return quantize_rtn(w, scheme).dequantize().float()
-        return fn
-
-    out = {}
-    for label in labels:
-        scheme = get_preset(label)
-        fmt.check_scheme(scheme)  # SchemeError: this format cannot hold it
-        out[label] = make(scheme)
-    return out
-
-
 def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, target_bytes: int | None = None,
                    candidates: Iterable[str] | None = None, calib: str = "builtin", calib_samples: int = 16,
                    calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
@@ -201,7 +182,7 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     preset per fused group of decoder linears (written as GPTQ `dynamic` rules / compressed-tensors config groups);
     embeddings, lm_head and norms stay float there and count against the budget."""
     from quantkit.calib import load_calibration
-    from quantkit.eval.sensitivity import SensitivityTable, ggml_candidates, measure_sensitivity
+    from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, scheme_candidates
     from quantkit.formats.base import get_format
     from quantkit.gguf.imatrix import read_imatrix, write_imatrix
     from quantkit.io import sha256_file
@@ -249,16 +230,13 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         target_of = {label: label for label in labels}
     else:
         units = _int_units(entries)
-        encoders = _int_candidates(labels, form)
         target_of = {label: get_preset(label) for label in labels}
+        for scheme in target_of.values():
+            form.check_scheme(scheme)  # SchemeError: this format cannot hold it
+        encoders = scheme_candidates(target_of)
     in_units = {n for names in units.values() for n in names}
-    fixed = sum(e.bytes_out[fmt] if not gguf else form.stored_nbytes("F32", e.shape, 4)
-                for e in entries if e.name not in in_units)
-
-    before = SensitivityTable.load(table_path, identity)
-    done_before = sum(len(v) for v in before.kld.values())
+    fixed = sum(e.bytes_out[fmt] for e in entries if e.name not in in_units)  # what stays float (GGUF: F32 norms)
     table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress)
-    measured = sum(len(v) for v in table.kld.values()) - done_before
 
     options = {}
     for unit, names in units.items():
@@ -275,17 +253,12 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
                           f"choice of every tensor: {smallest:,} bytes ({8 * smallest / parameters:.3f} BPW, "
                           f"{', '.join(labels)})")
     chosen = allocate(options, budget - fixed)
-    targets = {n: label for unit, option in chosen.choice.items() for n in units[unit] for label in [option.label]}
+    targets = {n: option.label for unit, option in chosen.choice.items() for n in units[unit]}
     if gguf:
         targets = {e.name: targets.get(e.name, "F32") for e in entries}
-        kind = _file_type(targets, {e.name: e.shape for e in entries})
-    else:
-        counts: dict[str, int] = {}
-        for n, label in targets.items():
-            counts[label] = counts.get(label, 0) + by_name[n].numel
-        kind = max(counts, key=counts.get)
-    return Allocation(fmt, targets, budget, fixed + chosen.nbytes, parameters, chosen.cost, kind, table_path,
-                      imatrix_path, measured, tokens=calib_set.tokens)
+    base = _base(fmt, targets, {e.name: e.numel for e in entries})
+    return Allocation(fmt, targets, budget, fixed + chosen.nbytes, parameters, chosen.cost, base, table_path,
+                      imatrix_path, table.measured, tokens=calib_set.tokens)
 
 
 def check_target_arguments(formats, gguf_type: str | None, preset: str | None, overrides) -> str:

@@ -103,6 +103,15 @@ def encode_ggml(weight: torch.Tensor, type_name: str, importance: torch.Tensor |
     return codec.encode(weight.float().cpu(), type_name, imp)
 
 
+def _grid(target: Target):
+    """What GPTQ rounds onto for a target: an integer scheme itself, or the grid of a ggml type."""
+    if isinstance(target, Scheme):
+        return target
+    from quantkit.gguf.grids import ggml_grid
+
+    return ggml_grid(target)
+
+
 def _dequant(t) -> torch.Tensor:
     return t.dequantize(torch.float32)
 
@@ -220,6 +229,12 @@ class LayerwiseQuantizer:
         check_finite(name, w)
         return encode_ggml(w, target, None)
 
+    def _gptq_quantize(self, gptq, weight: torch.Tensor, target: Target, name: str):
+        """GPTQ of one weight onto its target with the run's options: (quantized tensor, GPTQInfo)."""
+        o = self.options
+        return gptq.quantize(weight, _grid(target), damp=o.damp, block_size=o.block_size,
+                             static_groups=o.static_groups, name=name)
+
     def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None):
         """GPTQ for a quantized lm_head, on the final norm's outputs of the calibration windows (the residual stream
         `acts` after the last layer); None when the method is not GPTQ or lm_head stays float."""
@@ -238,16 +253,8 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             for a in range(0, acts.shape[0], bs):
                 gptq.add_batch(norm(acts[a:a + bs].to(dev)).reshape(-1, w.shape[1]))
-        if isinstance(target, Scheme):
-            grid = target
-        else:
-            from quantkit.gguf.grids import ggml_grid
-
-            grid = ggml_grid(target)
         t0 = time.perf_counter()
-        qt, info = gptq.quantize(w.to(dev, torch.float32), grid, damp=self.options.damp,
-                                 block_size=self.options.block_size, static_groups=self.options.static_groups,
-                                 name=name)
+        qt, info = self._gptq_quantize(gptq, w.to(dev, torch.float32), target, name)
         qt.error.pop("seconds", None)
         self.log.append({"layer": self.config.num_hidden_layers, "module": "lm_head", "target": target_label(target),
                          "method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens,
@@ -429,14 +436,7 @@ class LayerwiseQuantizer:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"layer": i, "module": local, "target": target_label(target), "method": self.method}
             if gptq is not None and not is_float_type(target):
-                if isinstance(target, Scheme):
-                    grid = target
-                else:
-                    from quantkit.gguf.grids import ggml_grid
-
-                    grid = ggml_grid(target)
-                qt, info = gptq.quantize(weight, grid, damp=self.options.damp, block_size=self.options.block_size,
-                                         static_groups=self.options.static_groups, name=n)
+                qt, info = self._gptq_quantize(gptq, weight, target, n)
                 row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
                             "n_tokens": info.n_tokens})
             elif isinstance(target, Scheme):
