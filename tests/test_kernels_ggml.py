@@ -50,7 +50,27 @@ def test_dequantize_rows_in_row_chunks_and_refusals(rng):
 
 
 triton = pytest.importorskip("triton")
-KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+LATTICE_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]  # grid tables in kv_ptr
+KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", *LATTICE_TYPES]
+
+
+def test_kernel_types_and_tables():
+    """SUPPORTED (what the runtime routes to Triton) is the tested list; each type's flat table is its reference
+    tables concatenated, ksigns where the kernels read them."""
+    from quantkit.kernels.ggml_matmul import KSIGNS_AT, SUPPORTED
+    from quantkit.kernels.ggml_ref import _table, kernel_table
+
+    assert list(SUPPORTED) == KERNEL_TYPES
+    for t in ("IQ4_NL", "IQ4_XS"):
+        assert torch.equal(kernel_table(t, "cpu"), _table("IQ4", "cpu"))
+    for t in LATTICE_TYPES:
+        tab, grid = kernel_table(t, "cpu"), _table(t, "cpu").reshape(-1)
+        assert tab.dtype == torch.float32 and tab.dim() == 1 and kernel_table(t, "cpu") is tab
+        assert torch.equal(tab[:grid.numel()], grid)
+        if t in KSIGNS_AT:
+            assert KSIGNS_AT[t] == grid.numel() and torch.equal(tab[grid.numel():], _table("ksigns", "cpu").reshape(-1))
+        else:
+            assert tab.numel() == grid.numel()
 
 
 @pytest.mark.parametrize("type_name", KERNEL_TYPES)

@@ -1,10 +1,12 @@
-"""Triton kernels for ggml block types (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) read straight from the GGUF
-block bytes.
+"""Triton kernels for ggml block types (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and the lattice i-quants IQ2_XXS,
+IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) read straight from the GGUF block bytes.
 
   - `ggml_dequant(data, type, rows)`: block bytes [R, bytes_per_row] -> float [R, cols] (used in row chunks for
     prefill: `x @ chunk^T`, so the full matrix never exists at once).
   - `ggml_matvec(x, data, type)`: fused dequant + matmul for decode (batch 1-8), split-K over the columns.
-Each program decodes 32-element chunks of BR rows with `_chunk` (layouts: formats/gguf.md, block types).
+Each program decodes 32-element chunks of BR rows with `_chunk` (layouts: formats/gguf.md, block types; the i-quants:
+ggml-common.h). The value/grid/sign tables a type needs come in one flat float32 tensor, `ggml_ref.kernel_table`
+(the same values the reference decoder looks up), through the kernels' `kv_ptr`.
 References: `quantkit.kernels.ggml_ref.dequantize_rows(data, type)` and `x.float() @ dequantize_rows(...).T`.
 """
 
@@ -16,10 +18,17 @@ import triton.language as tl
 
 from quantkit.ggml_types import block_size, type_size
 from quantkit.kernels import tune
-from quantkit.kernels.ggml_ref import iq4_values
+from quantkit.kernels.ggml_ref import kernel_table
 
-TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "IQ4_NL": 5, "IQ4_XS": 6}
+TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "IQ4_NL": 5, "IQ4_XS": 6,
+            "IQ2_XXS": 7, "IQ2_XS": 8, "IQ2_S": 9, "IQ3_XXS": 10, "IQ3_S": 11, "IQ1_S": 12, "IQ1_M": 13}
 SUPPORTED = tuple(TYPE_IDS)
+# where the ksigns table starts in `kernel_table(type)`: after the grid, entries × values per entry
+# (tests/test_kernels_ggml.py checks them against the table builder)
+_SIGNS_IQ2_XXS = tl.constexpr(256 * 8)
+_SIGNS_IQ2_XS = tl.constexpr(512 * 8)
+_SIGNS_IQ3_XXS = tl.constexpr(256 * 4)
+KSIGNS_AT = {"IQ2_XXS": _SIGNS_IQ2_XXS.value, "IQ2_XS": _SIGNS_IQ2_XS.value, "IQ3_XXS": _SIGNS_IQ3_XXS.value}
 
 
 @triton.jit
@@ -37,10 +46,94 @@ def _f16_at(ptr, mask):
 @triton.jit
 def _chunk(data_ptr, kv_ptr, row_off, row_ok, c, TYPE: tl.constexpr):
     """Elements 32c .. 32c+31 of each row as fp32 [BR, 32]; row_off = row * bytes_per_row (int64 [BR]); kv_ptr:
-    the IQ4 value table (float32[16])."""
+    the type's tables (`ggml_ref.kernel_table`: the IQ4 values, or an i-quant's grid, then ksigns where it uses them).
+    The i-quants (TYPE 7..13) have 256-element super-blocks: chunk c is sub-block c % 8 of block c // 8, four groups
+    of 8 values (g = l // 8, lane k = l % 8) each looked up in the grid (IQ3_*: two 4-value entries per group) and
+    multiplied by signs; the products are the reference's, in its order (d * (0.5 + s) * f, then * grid, then * sign;
+    IQ1_*: dl * (grid + delta)), with no a * b + c that could fuse into an fma."""
     l = tl.arange(0, 32)
     m2 = row_ok[:, None]
-    if TYPE == 5:  # IQ4_NL: d f16, qs u8[16] (nibbles as Q4_0) indexing the value table
+    g = l // 8
+    k = l % 8
+    if TYPE == 7:  # IQ2_XXS (66 B): d f16, then per sub-block 4 grid bytes + u32 (4x7-bit sign index, 4-bit scale)
+        blk = row_off + (c // 8) * 66
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        aux = _u16_at(data_ptr + blk + 6 + 8 * j, row_ok) | (_u16_at(data_ptr + blk + 8 + 8 * j, row_ok) << 16)
+        db = d * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25
+        gi = tl.load(data_ptr + blk[:, None] + 2 + 8 * j + g[None, :], mask=m2, other=0).to(tl.int32)
+        si = (aux[:, None] >> (7 * g)[None, :]) & 127
+        w = (db[:, None] * tl.load(kv_ptr + gi * 8 + k[None, :])
+             * tl.load(kv_ptr + _SIGNS_IQ2_XXS + si * 8 + k[None, :]))
+    elif TYPE == 8:  # IQ2_XS (74 B): d f16, qs u16[32] (9-bit grid index | 7-bit sign index << 9), scales u8[8]
+        blk = row_off + (c // 8) * 74
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        sc = tl.load(data_ptr + blk + 66 + j, mask=row_ok, other=0).to(tl.int32)
+        db = d[:, None] * (0.5 + tl.where((g < 2)[None, :], sc[:, None] & 15, sc[:, None] >> 4).to(tl.float32)) * 0.25
+        q = _u16_at(data_ptr + blk[:, None] + 2 + 2 * (4 * j + g)[None, :], m2)
+        w = db * tl.load(kv_ptr + (q & 511) * 8 + k[None, :]) * tl.load(kv_ptr + _SIGNS_IQ2_XS + (q >> 9) * 8 + k)
+    elif TYPE == 9:  # IQ2_S (82 B): d f16, qs u8[32] grid low bytes, signs u8[32], qh u8[8] (2 bits each), scales u8[8]
+        blk = row_off + (c // 8) * 82
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        sc = tl.load(data_ptr + blk + 74 + j, mask=row_ok, other=0).to(tl.int32)
+        db = d[:, None] * (0.5 + tl.where((g < 2)[None, :], sc[:, None] & 15, sc[:, None] >> 4).to(tl.float32)) * 0.25
+        qh = tl.load(data_ptr + blk + 66 + j, mask=row_ok, other=0).to(tl.int32)
+        gi = tl.load(data_ptr + blk[:, None] + 2 + 4 * j + g[None, :], mask=m2, other=0).to(tl.int32)
+        gi = gi | (((qh[:, None] >> (2 * g)[None, :]) & 3) << 8)
+        sb = tl.load(data_ptr + blk[:, None] + 34 + 4 * j + g[None, :], mask=m2, other=0).to(tl.int32)
+        sign = 1.0 - 2.0 * ((sb >> k[None, :]) & 1).to(tl.float32)
+        w = db * tl.load(kv_ptr + gi * 8 + k[None, :]) * sign
+    elif TYPE == 10:  # IQ3_XXS (98 B): d f16, qs u8[64] (4-value grid indices), u32[8] (4x7-bit sign index, scale)
+        blk = row_off + (c // 8) * 98
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        aux = _u16_at(data_ptr + blk + 66 + 4 * j, row_ok) | (_u16_at(data_ptr + blk + 68 + 4 * j, row_ok) << 16)
+        db = d * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.5
+        gi = tl.load(data_ptr + blk[:, None] + 2 + 8 * j + (l // 4)[None, :], mask=m2, other=0).to(tl.int32)
+        si = (aux[:, None] >> (7 * g)[None, :]) & 127
+        w = (db[:, None] * tl.load(kv_ptr + gi * 4 + (l % 4)[None, :])
+             * tl.load(kv_ptr + _SIGNS_IQ3_XXS + si * 8 + k[None, :]))
+    elif TYPE == 11:  # IQ3_S (110 B): d f16, qs u8[64], qh u8[8] (bit 8 of each index), signs u8[32], scales u8[4]
+        blk = row_off + (c // 8) * 110
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        sc = tl.load(data_ptr + blk + 106 + j // 2, mask=row_ok, other=0).to(tl.int32)
+        db = d * (1 + 2 * ((sc >> (4 * (j % 2))) & 15)).to(tl.float32)
+        qh = tl.load(data_ptr + blk + 66 + j, mask=row_ok, other=0).to(tl.int32)
+        gi = tl.load(data_ptr + blk[:, None] + 2 + 8 * j + (l // 4)[None, :], mask=m2, other=0).to(tl.int32)
+        gi = gi | (((qh[:, None] >> (l // 4)[None, :]) & 1) << 8)
+        sb = tl.load(data_ptr + blk[:, None] + 74 + 4 * j + g[None, :], mask=m2, other=0).to(tl.int32)
+        sign = 1.0 - 2.0 * ((sb >> k[None, :]) & 1).to(tl.float32)
+        w = db[:, None] * tl.load(kv_ptr + gi * 4 + (l % 4)[None, :]) * sign
+    elif TYPE == 12:  # IQ1_S (50 B): d f16, qs u8[32], qh u16[8] (4x3 high index bits, 3-bit scale, delta sign)
+        blk = row_off + (c // 8) * 50
+        j = c % 8
+        d = _f16_at(data_ptr + blk, row_ok)
+        qh = _u16_at(data_ptr + blk + 34 + 2 * j, row_ok)
+        dl = d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)
+        delta = tl.where((qh >> 15) != 0, -0.125, 0.125)
+        gi = tl.load(data_ptr + blk[:, None] + 2 + 4 * j + g[None, :], mask=m2, other=0).to(tl.int32)
+        gi = gi | (((qh[:, None] >> (3 * g)[None, :]) & 7) << 8)
+        w = dl[:, None] * (tl.load(kv_ptr + gi * 8 + k[None, :]) + delta[:, None])
+    elif TYPE == 13:  # IQ1_M (56 B): qs u8[32], qh u8[16] (3 high index bits + delta sign per group), scales u16[4]
+        blk = row_off + (c // 8) * 56
+        j = c % 8
+        dbits = ((tl.load(data_ptr + blk + 49, mask=row_ok, other=0).to(tl.int32) >> 4)
+                 | ((tl.load(data_ptr + blk + 51, mask=row_ok, other=0).to(tl.int32) >> 4) << 4)
+                 | ((tl.load(data_ptr + blk + 53, mask=row_ok, other=0).to(tl.int32) >> 4) << 8)
+                 | ((tl.load(data_ptr + blk + 55, mask=row_ok, other=0).to(tl.int32) >> 4) << 12))
+        d = dbits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # the 4 top nibbles of the scale words
+        sw = _u16_at(data_ptr + blk + 48 + 2 * (j // 2), row_ok)
+        sc = (sw[:, None] >> (3 * (2 * (j % 2) + g // 2))[None, :]) & 7
+        dl = d[:, None] * (2 * sc + 1).to(tl.float32)
+        qh = tl.load(data_ptr + blk[:, None] + 32 + 2 * j + (g // 2)[None, :], mask=m2, other=0).to(tl.int32)
+        qh = (qh >> (4 * (g % 2))[None, :]) & 15
+        gi = tl.load(data_ptr + blk[:, None] + 4 * j + g[None, :], mask=m2, other=0).to(tl.int32) | ((qh & 7) << 8)
+        delta = tl.where((qh & 8) != 0, -0.125, 0.125)
+        w = dl * (tl.load(kv_ptr + gi * 8 + k[None, :]) + delta)
+    elif TYPE == 5:  # IQ4_NL: d f16, qs u8[16] (nibbles as Q4_0) indexing the value table
         base = row_off + c * 18
         d = _f16_at(data_ptr + base, row_ok)
         b = tl.load(data_ptr + base[:, None] + 2 + (l % 16)[None, :], mask=m2, other=0).to(tl.int32)
@@ -158,8 +251,8 @@ def ggml_dequant(data: torch.Tensor, type_name: str, dtype=torch.float32,
         out = torch.empty((r, cols), device=data.device, dtype=dtype)
     br = 32
     grid = (triton.cdiv(r, br), cols // 32)
-    _ggml_dequant_kernel[grid](data, iq4_values(data.device), out, r, data.shape[1], cols, TYPE=TYPE_IDS[type_name],
-                               BR=br)
+    _ggml_dequant_kernel[grid](data, kernel_table(type_name, data.device), out, r, data.shape[1], cols,
+                               TYPE=TYPE_IDS[type_name], BR=br)
     return out
 
 
@@ -185,9 +278,9 @@ def ggml_matvec(x: torch.Tensor, data: torch.Tensor, type_name: str, out: torch.
         per = triton.cdiv(chunks, split)
         split = triton.cdiv(chunks, per)
         target = dst if split == 1 else torch.empty((split, m, r), device=x.device, dtype=torch.float32)
-        _ggml_matvec_kernel[(tiles, split)](x, data, iq4_values(data.device), target, m, r, data.shape[1], x.stride(0),
-                                            chunks, per, TYPE=TYPE_IDS[type_name], SPLIT=split, BM=bm, BR=br,
-                                            num_warps=warps)
+        _ggml_matvec_kernel[(tiles, split)](x, data, kernel_table(type_name, data.device), target, m, r,
+                                            data.shape[1], x.stride(0), chunks, per, TYPE=TYPE_IDS[type_name],
+                                            SPLIT=split, BM=bm, BR=br, num_warps=warps)
         if split > 1:
             sum_splits(target, dst)
 

@@ -198,6 +198,29 @@ def _table(name: str, device) -> torch.Tensor:
     return _TABLES[key]
 
 
+# the tables each Triton-decoded type reads (kernels/ggml_matmul.py), concatenated in this order
+KERNEL_TABLE_PARTS = {"IQ4_NL": ("IQ4",), "IQ4_XS": ("IQ4",),
+                      "IQ2_XXS": ("IQ2_XXS", "ksigns"), "IQ2_XS": ("IQ2_XS", "ksigns"), "IQ2_S": ("IQ2_S",),
+                      "IQ3_XXS": ("IQ3_XXS", "ksigns"), "IQ3_S": ("IQ3_S",), "IQ1_S": ("IQ1_S",), "IQ1_M": ("IQ1_M",)}
+
+
+def kernel_table(type_name: str, device) -> torch.Tensor:
+    """The lookup tables type `type_name`'s Triton kernel reads, as one flat float32 tensor on `device` (cached):
+    `KERNEL_TABLE_PARTS[type_name]`'s `_table`s flattened and concatenated in that order (IQ2_XXS: its grid, 256×8
+    values, then the 128×8 ksigns at offset 2048; IQ2_XS: grid 512×8, ksigns at 4096; IQ3_XXS: grid 256×4, ksigns
+    at 1024; IQ2_S, IQ3_S, IQ1_S, IQ1_M: the grid alone; IQ4_NL, IQ4_XS: the 16 IQ4 values). float32 because these
+    are the very values the reference multiplies (exact small integers and ±1), so the kernels need no conversion;
+    a type without tables gets a single 0.0 (the kernels never read it)."""
+    key = ("kernel:" + type_name, torch.device(device))
+    if key not in _TABLES:
+        parts = KERNEL_TABLE_PARTS.get(type_name)
+        if parts is None:
+            _TABLES[key] = torch.zeros(1, dtype=torch.float32, device=device)
+        else:
+            _TABLES[key] = torch.cat([_table(name, device).reshape(-1) for name in parts]).contiguous()
+    return _TABLES[key]
+
+
 def _u32(b: torch.Tensor) -> torch.Tensor:
     """[..., 4m] bytes -> the m little-endian uint32 they hold, int64 [..., m]."""
     q = b.to(torch.int64).reshape(*b.shape[:-1], -1, 4)

@@ -2,7 +2,7 @@
 
 - `QuantLinear`: integer group-affine weights (GPTQ/AWQ/compressed-tensors/RTN `QuantTensor`s) in the
   `PackedInt` layout (kernels/pack.py: int32 words of 8×4-bit / 4×8-bit codes along the input dimension).
-- `GGMLLinear`: ggml block bytes exactly as GGUF stores them (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K have Triton
+- `GGMLLinear`: ggml block bytes exactly as GGUF stores them (the types in `ggml_matmul.SUPPORTED` have Triton
   kernels; every other block type works through the torch dequantizer, kernels/ggml_ref.py).
 - `GGMLEmbedding`: a ggml-typed token embedding; only the looked-up rows are dequantized.
 
