@@ -18,7 +18,7 @@ from quantkit.errors import SchemeError
 from quantkit.ggml_types import is_block_type
 from quantkit.gguf.encode import is_searched
 from quantkit.gguf.encode_pool import ProcessEncoder
-from quantkit.gguf.mixes import get_file_type, tensor_types
+from quantkit.gguf.mixes import check_imatrix, get_file_type, tensor_types
 from quantkit.gguf.tokenizer_export import GGUFVocab, vocab_from_sentencepiece
 from quantkit.gguf.writer import GGUFFileWriter, display_name
 from quantkit.model.checkpoint import Checkpoint
@@ -51,6 +51,7 @@ def write_gguf(ckpt: Checkpoint, out: str | Path, ftype: str, *, importance: dic
     ft = get_file_type(ftype)
     if types is None:
         types = tensor_types(ckpt.config, ft.name, pure=pure, has_imatrix=bool(importance))
+    check_imatrix(types, ft.name, bool(importance))
     if importance and not any(is_block_type(t) for t in types.values()):
         raise SchemeError(f"an importance matrix only applies to quantized types, not {ft.name}")
     extra = imatrix_kvs(importance_meta)

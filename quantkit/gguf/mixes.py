@@ -1,10 +1,10 @@
 """llama-quantize's per-tensor type rules: `tensor_types(config, ftype) -> {canonical name: ggml type name}`.
 
 ref: ggml-org/llama.cpp:src/llama-quant.cpp (`llama_tensor_get_type`, `llama_tensor_get_type_impl`,
-`tensor_type_fallback`), formats/gguf.md (file types). Only the rules that apply to dense llama-architecture models
-(Mistral, Llama) are implemented; TQ/MoE branches and the i-quant mixes below 4 bits
-are not. With `pure=True` every quantizable tensor gets
-the default type (only the shape fallback applies), as `llama-quantize --pure`.
+`tensor_type_fallback`, `tensor_requires_imatrix`), formats/gguf.md (file types). Only the rules that apply to dense
+llama-architecture models (Mistral, Llama) are implemented; the TQ, MoE, Falcon and 70B branches are not. With
+`pure=True` every quantizable tensor gets the default type (only the shape fallback applies), as
+`llama-quantize --pure`.
 """
 
 from __future__ import annotations
@@ -54,10 +54,33 @@ FILE_TYPES: dict[str, FileType] = {
                  "4.5-bit non-linear blocks of 32 (a 16-value table), attention V at Q5_K with GQA"),
         FileType("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS, "IQ4_XS",
                  "4.25-bit non-linear super-blocks of 256, attention V at Q5_K with GQA: Q4_K_S quality, smaller"),
+        FileType("Q2_K_S", LlamaFileType.MOSTLY_Q2_K_S, "Q2_K",
+                 "2-bit k-quants, attention V (GQA) and the first FFN down at Q4_K; needs an imatrix"),
+        FileType("IQ3_M", LlamaFileType.MOSTLY_IQ3_M, "IQ3_S",
+                 "3.4-bit lattice blocks, attention V/output and the first FFN down at Q4_K"),
+        FileType("IQ3_S", LlamaFileType.MOSTLY_IQ3_S, "IQ3_S", "3.4-bit lattice blocks (IQ3_S) throughout"),
+        FileType("IQ3_XS", LlamaFileType.MOSTLY_IQ3_XS, "IQ3_S",
+                 "IQ3_S, with attention Q/K and the middle FFN gate/up at IQ3_XXS; needs an imatrix"),
+        FileType("IQ3_XXS", LlamaFileType.MOSTLY_IQ3_XXS, "IQ3_XXS",
+                 "3.06-bit lattice blocks, attention Q/K at IQ2_S; needs an imatrix"),
+        FileType("IQ2_M", LlamaFileType.MOSTLY_IQ2_M, "IQ2_S", "2.5-bit lattice blocks (IQ2_S); needs an imatrix"),
+        FileType("IQ2_S", LlamaFileType.MOSTLY_IQ2_S, "IQ2_XS",
+                 "IQ2_XS with attention output and embeddings at IQ3_S; needs an imatrix"),
+        FileType("IQ2_XS", LlamaFileType.MOSTLY_IQ2_XS, "IQ2_XS", "2.31-bit lattice blocks; needs an imatrix"),
+        FileType("IQ2_XXS", LlamaFileType.MOSTLY_IQ2_XXS, "IQ2_XXS", "2.06-bit lattice blocks; needs an imatrix"),
+        FileType("IQ1_M", LlamaFileType.MOSTLY_IQ1_M, "IQ1_M", "1.75-bit ternary lattice blocks; needs an imatrix"),
+        FileType("IQ1_S", LlamaFileType.MOSTLY_IQ1_S, "IQ1_S",
+                 "1.56-bit ternary lattice blocks: the smallest, large quality loss; needs an imatrix"),
     )
 }
+# block types that llama-quantize refuses to write without an imatrix (except into token_embd / output), and the
+# one k-quant file type whose Q2_K tensors need one
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+# the file types of the 1-2 bit family, whose rules differ from the rest for every kind of tensor
+_IQ2_FAMILY = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
 # block-size fallbacks when a row length (ne[0] = in_features) is not a multiple of the type's block
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
 
 
 def get_file_type(name: str) -> FileType:
@@ -87,41 +110,74 @@ def _mix_type(kind: str, layer: int, ftype: str, default: str, config: ModelConf
     if kind == "output" or (tied and kind == "token_embd"):
         if ncols % block_size(default) != 0:
             return "Q8_0"
+        if ftype in _IQ2_FAMILY or ftype == "IQ3_XXS":
+            return "Q5_K"
         return default if default == "Q8_0" else "Q6_K"
+    if kind == "token_embd":
+        if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        return "IQ3_S" if ftype in ("IQ2_S", "IQ2_M", "IQ3_XXS") else default
+    if ftype in _IQ2_FAMILY:
+        low = "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"  # attn_v without GQA, the first ffn_down
+        if kind == "attn_v":
+            return "Q4_K" if n_gqa >= 4 else low
+        if kind == "ffn_down":
+            return low if layer < n // 8 else default
+        if kind == "attn_output":
+            return {"IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}.get(ftype, default)
+        return default
     if kind == "attn_v":
         if ftype == "Q2_K":
             return "Q4_K" if n_gqa >= 4 else "Q3_K"
+        if ftype == "Q2_K_S" and n_gqa >= 4:
+            return "Q4_K"
+        if ftype == "IQ3_XXS":
+            return "Q4_K" if n_gqa >= 4 else "IQ3_XXS" if has_imatrix else "IQ3_S"
+        if (ftype in ("IQ3_XS", "IQ3_S") and n_gqa >= 4) or ftype == "IQ3_M":
+            return "Q4_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if layer < 2 else "Q4_K"
         if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
             return "Q5_K"
         if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n):
             return "Q6_K"
         if ftype == "Q4_K_S" and layer < 4:
             return "Q5_K"
-        if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
-            return "Q5_K"
         return default
+    if kind in ("attn_q", "attn_k"):
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(ftype, default)
     if kind == "ffn_down":
+        first = layer < n // 8
         if ftype == "Q2_K":
             return "Q3_K"
+        if ftype == "Q2_K_S":
+            return "Q4_K" if first else default
+        if ftype == "IQ3_XXS" and not has_imatrix:
+            return "Q4_K" if first else "Q3_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if layer < n // 16 else "Q4_K"
+        if ftype == "IQ3_M" and first:
+            return "Q4_K"
         if ftype == "Q3_K_L":
             return "Q5_K"
         if ftype == "Q4_K_M":
             return "Q6_K" if use_more_bits(layer, n) else default
+        if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and first:
+            return "Q5_K"
         if ftype == "Q5_K_M" and use_more_bits(layer, n):
             return "Q6_K"
-        if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and layer < n // 8:
+        if ftype == "Q4_K_S" and first:
             return "Q5_K"
-        if ftype == "Q4_K_S" and layer < n // 8:
-            return "Q5_K"
-        if ftype in ("Q4_0", "Q5_0") and has_imatrix and layer < n // 8:
+        if ftype in ("Q4_0", "Q5_0") and has_imatrix and first:
             return "Q4_1" if ftype == "Q4_0" else "Q5_1"
         return default
     if kind == "attn_output":
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, default)
+        return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
+            ftype, default)
+    if kind in ("ffn_gate", "ffn_up") and ftype == "IQ3_XS" and n // 8 <= layer < 7 * n // 8:
+        return "IQ3_XXS"
     return default
 
 
@@ -155,6 +211,24 @@ def tensor_types(config: ModelConfig, ftype: str, pure: bool = False, has_imatri
                else _mix_type(kind, layer, ft.name, ft.default_type, config, ncols, tied, has_imatrix))
         out[name] = _fallback(new, ncols)
     return out
+
+
+def check_imatrix(types: dict[str, str], ftype: str, has_imatrix: bool) -> None:
+    """Refuse, as llama-quantize does, types that need an importance matrix when there is none."""
+    if has_imatrix:
+        return
+    for name, type_name in types.items():
+        if requires_imatrix(name, type_name, ftype.upper()):
+            raise SchemeError(f"{arch.to_gguf(name)}: type {type_name} (GGUF type {ftype}) needs an importance "
+                              f"matrix; give --imatrix FILE, or calibrate (quantize --calib ...)")
+
+
+def requires_imatrix(name: str, type_name: str, ftype: str) -> bool:
+    """llama-quantize's `tensor_requires_imatrix`: whether `name` (canonical) may only be written as `type_name`
+    in file type `ftype` with an importance matrix."""
+    if _kind(name)[0] in ("token_embd", "output"):
+        return False
+    return type_name in NEEDS_IMATRIX or (type_name == "Q2_K" and ftype == "Q2_K_S")
 
 
 def data_bytes(config: ModelConfig, types: dict[str, str], alignment: int = 32) -> int:

@@ -18,7 +18,7 @@ from quantkit.errors import SchemeError
 from quantkit.formats.base import Target, get_format
 from quantkit.formats.sizes import bits_per_weight
 from quantkit.ggml_types import check_type, is_block_type
-from quantkit.gguf.mixes import FILE_TYPES, tensor_types
+from quantkit.gguf.mixes import FILE_TYPES, check_imatrix, tensor_types
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
 from quantkit.quant.scheme import (
@@ -208,6 +208,7 @@ def _gguf_targets(config: ModelConfig, gguf_type: str, overrides: list[str], has
             if (re.fullmatch(regex, name) or re.fullmatch(regex, module_name(name))
                     or re.fullmatch(regex, arch.to_gguf(name))):
                 types[name] = type_name
+    check_imatrix(types, gguf_type, has_imatrix)
     return types
 
 
