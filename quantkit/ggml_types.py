@@ -20,13 +20,18 @@ from quantkit.errors import SchemeError
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256
-I_TYPES = ("IQ4_NL", "IQ4_XS")  # non-linear value table: IQ4_NL blocks of 32, IQ4_XS super-blocks of 256
+# i-quants: IQ4_NL (blocks of 32) and IQ4_XS index a non-linear value table; the others (super-blocks of 256)
+# store groups of 8 or 4 weights as points of a lattice grid (gguf/iq_lattice.py)
+I_TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# the block types whose encoder needs an importance vector (ggml asserts one): llama.cpp writes them only with an
+# imatrix, and never into token_embd
+IMPORTANCE_TYPES = ("IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 BLOCK_TYPES = LEGACY_TYPES + K_TYPES + I_TYPES
 # ggml's kvalues_iq4nl: the 16 values an IQ4_NL / IQ4_XS index selects (times the block's scale)
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SUPPORTED_TYPES = FLOAT_TYPES + BLOCK_TYPES
 # llama.cpp types quantkit decodes (kernels/ggml_ref.py) but does not encode
-DECODE_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
+DECODE_ONLY_TYPES = ("TQ1_0", "TQ2_0")
 DECODED_TYPES = SUPPORTED_TYPES + DECODE_ONLY_TYPES
 
 

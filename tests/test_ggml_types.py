@@ -31,8 +31,8 @@ def test_predicates():
     assert all(gt.is_block_type(t) for t in gt.BLOCK_TYPES + ("IQ4_XS", "Q8_K"))
     assert not any(gt.is_block_type(t) for t in gt.FLOAT_TYPES + ("I8", "Q7_K", None, 4))
     assert gt.check_type("Q4_K") == "Q4_K"
-    with pytest.raises(SchemeError, match=r"blk.0.attn_q.weight: unsupported ggml type 'IQ2_XXS' \(supported: F32, "):
-        gt.check_type("IQ2_XXS", "blk.0.attn_q.weight")
+    with pytest.raises(SchemeError, match=r"blk.0.attn_q.weight: unsupported ggml type 'TQ1_0' \(supported: F32, "):
+        gt.check_type("TQ1_0", "blk.0.attn_q.weight")
 
 
 def test_sizes():

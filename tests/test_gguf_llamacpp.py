@@ -40,7 +40,9 @@ pytestmark = pytest.mark.llamacpp
 CTX, CHUNKS = 128, 4
 FAST_TYPES = ["F32", "Q8_0", "Q4_K_M"]
 SLOW_TYPES = ["BF16", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "IQ4_NL",
-              "IQ4_XS"]
+              "IQ4_XS", "IQ3_S"]
+# the mixes written with an importance matrix (llama.cpp requires one for some of their tensors)
+IMATRIX_TYPES = ["Q2_K_S", "IQ3_M", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
 # Measured on mistral-nano (Alice text, 252 positions; benchmarks/RESULTS.md): strict same-top 97.2-100% (plain) and
 # 98.0-100% (ggml-numerics); quantkit against itself with float64 sums 98.0-100%. The data-free block bytes are
 # identical to llama-quantize's (test_gguf_cli.py) and llama.cpp's own Q4_K_M file gives the same figures
@@ -180,8 +182,17 @@ def _summary(ftype, r) -> str:
             f"plain {p['ppl_quantkit']:.4f} ggml-numerics {g['ppl_quantkit']:.4f}{kernels} | {r}")
 
 
-def _check(nano, ftype, text_file, tmp_path):
-    gguf = write_gguf(nano, tmp_path / f"nano-{ftype}.gguf", ftype, progress=False)
+def _importance(nano) -> dict[str, torch.Tensor]:
+    """A deterministic, heavy-tailed importance for every linear of nano (an imatrix's mean x^2 per column)."""
+    from quantkit.model import arch
+
+    gen = torch.Generator().manual_seed(0)
+    return {n: torch.rand(shape[1], generator=gen) ** 4 * 300 + 1e-3
+            for n, shape in nano.config.expected_shapes().items() if arch.is_quantizable_linear(n)}
+
+
+def _check(nano, ftype, text_file, tmp_path, importance=None):
+    gguf = write_gguf(nano, tmp_path / f"nano-{ftype}.gguf", ftype, importance=importance, progress=False)
     r = compare_with_llamacpp(gguf, text_file, tmp_path, f32_cache=True, no_repack_run=ftype in REPACKED_TYPES)
     p, g, n = r["plain"], r["ggml"], r["noise"]
     info = _summary(ftype, r)
@@ -210,6 +221,12 @@ def test_llamacpp_matches_quantkit(nano, text_file, tmp_path, ftype):
 @pytest.mark.parametrize("ftype", SLOW_TYPES)
 def test_llamacpp_matches_quantkit_all_types(nano, text_file, tmp_path, ftype):
     _check(nano, ftype, text_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", IMATRIX_TYPES)
+def test_llamacpp_matches_quantkit_imatrix_types(nano, text_file, tmp_path, ftype):
+    _check(nano, ftype, text_file, tmp_path, importance=_importance(nano))
 
 
 def test_reader_on_llama_quantize_output(nano, text_file, tmp_path):

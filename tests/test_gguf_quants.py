@@ -13,7 +13,16 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from quantkit.errors import SchemeError
-from quantkit.ggml_types import BLOCK_TYPES, FLOAT_TYPES, I_TYPES, K_TYPES, LEGACY_TYPES, is_float_type, type_size
+from quantkit.ggml_types import (
+    BLOCK_TYPES,
+    FLOAT_TYPES,
+    I_TYPES,
+    IMPORTANCE_TYPES,
+    K_TYPES,
+    LEGACY_TYPES,
+    is_float_type,
+    type_size,
+)
 from quantkit.gguf.quants import quantize_ggml
 from tests.conftest import require_llamacpp
 
@@ -83,7 +92,8 @@ def random_f16(n: int, rng) -> np.ndarray:
 @pytest.mark.parametrize("type_name", [*FLOAT_TYPES, *BLOCK_TYPES])
 def test_dequantize_of_encoded_weights_equals_gguf_package(type_name):
     """`GGMLTensor.dequantize` of the encoders' output, corner cases included (all-zero blocks, -0.0, ...)."""
-    t = quantize_ggml(edge_weights(16, 512, seed=1), type_name)
+    importance = np.linspace(0.5, 2.0, 512, dtype=np.float32) if type_name in IMPORTANCE_TYPES else None
+    t = quantize_ggml(edge_weights(16, 512, seed=1), type_name, importance=importance)
     ours = t.dequantize().numpy()
     ref = gguf_dequantize(t.data, GGMLQuantizationType[type_name]).astype(np.float32).reshape(16, 512)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
@@ -155,7 +165,7 @@ def oracle_tensors(nano_path):
     return nano, wide
 
 
-@pytest.mark.parametrize("type_name", [*K_TYPES, *I_TYPES])
+@pytest.mark.parametrize("type_name", [*K_TYPES, "IQ4_NL", "IQ4_XS"])  # the lattice types: tests/test_gguf_iq*.py
 def test_searched_types_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
     tools = require_llamacpp("llama-quantize")
     for group in oracle_tensors:
@@ -184,9 +194,14 @@ def synthetic_imatrix(group: dict[str, np.ndarray], seed: int):
     return Imatrix(entries, ["synthetic.txt"], chunk_count=4, chunk_size=128)
 
 
+# the llama-quantize file type that writes a block type with --pure, where the names differ
+PURE_FTYPE = {"IQ2_S": "IQ2_M"}
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES, *I_TYPES])
 def test_imatrix_weighted_byte_identical_to_llama_quantize(tmp_path, oracle_tensors, type_name):
-    """Our imatrix file is accepted by llama-quantize, and our weighted search gives its bytes."""
+    """Our imatrix file is accepted by llama-quantize, and our weighted search gives its bytes (every i-quant:
+    IQ1_S .. IQ4_XS; the lattice types' other cases are in tests/test_gguf_iq*.py)."""
     from quantkit.gguf.imatrix import read_imatrix, write_imatrix
 
     tools = require_llamacpp("llama-quantize")
@@ -196,13 +211,16 @@ def test_imatrix_weighted_byte_identical_to_llama_quantize(tmp_path, oracle_tens
         write_f32_gguf(src, group, width)
         imx_path = write_imatrix(tmp_path / f"imatrix-{width}.gguf", synthetic_imatrix(group, seed))
         imx = read_imatrix(imx_path)
-        ref = llama_quantize(tools, src, tmp_path / f"{type_name}-{width}.gguf", type_name, imatrix=imx_path)
+        ref = llama_quantize(tools, src, tmp_path / f"{type_name}-{width}.gguf", PURE_FTYPE.get(type_name, type_name),
+                             imatrix=imx_path)
         for name, x in group.items():
+            assert ref[name].tensor_type.name == type_name
             ours = quantize_ggml(x, type_name, importance=imx.importance(name)).data
             same = blocks_identical(ours, np.asarray(ref[name].data), type_name)
             assert same.all(), f"{name} {type_name} imatrix: {int((~same).sum())} of {same.size} blocks differ"
-            if type_name != "Q8_0":  # the importance must change something, or this test proves nothing
-                assert not np.array_equal(ours, quantize_ggml(x, type_name).data)
+            # the importance must change something, or this test proves nothing
+            flat = quantize_ggml(x, type_name, importance=np.ones(x.shape[1], np.float32)).data
+            assert not np.array_equal(ours, flat)
 
 
 @pytest.mark.slow
@@ -285,15 +303,16 @@ def test_iq4_best_index_equals_the_c_search_near_every_midpoint_and_at_random():
     assert np.array_equal(best_index(v), c_best_index(v))
 
 
-# llama-quantize file type -> the block type it writes with --pure (IQ2_S's blocks come from the IQ2_M file type)
-DECODE_ONLY_FTYPES = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS",
+# llama-quantize file type -> the block type it writes with --pure (IQ2_S's blocks come from the IQ2_M file type):
+# quantkit's reader and decoder on llama.cpp's own files of the lattice types and of the decode-only types
+LLAMA_FILE_FTYPES = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS",
                       "IQ3_S": "IQ3_S", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0"}
 
 
-@pytest.mark.parametrize("ftype", DECODE_ONLY_FTYPES)
-def test_decode_only_types_read_from_llama_quantize_files(tmp_path, oracle_tensors, ftype):
-    """llama.cpp's own files of the types quantkit decodes but does not write: quantkit's reader and
-    dequantizer give gguf-py's values bit for bit, and they are close to the weights."""
+@pytest.mark.parametrize("ftype", LLAMA_FILE_FTYPES)
+def test_low_bit_types_read_from_llama_quantize_files(tmp_path, oracle_tensors, ftype):
+    """llama.cpp's own files of the lattice and ternary types: quantkit's reader and dequantizer give gguf-py's
+    values bit for bit, and they are close to the weights."""
     from quantkit.gguf.imatrix import write_imatrix
     from quantkit.gguf.reader import parse_gguf
     from quantkit.kernels.ggml_ref import dequantize_rows
@@ -304,7 +323,7 @@ def test_decode_only_types_read_from_llama_quantize_files(tmp_path, oracle_tenso
     src = tmp_path / "f32.gguf"
     write_f32_gguf(src, nano, width)
     imx = write_imatrix(tmp_path / "imatrix.gguf", synthetic_imatrix(nano, 0))
-    type_name = DECODE_ONLY_FTYPES[ftype]
+    type_name = LLAMA_FILE_FTYPES[ftype]
     ref = llama_quantize(tools, src, tmp_path / f"{ftype}.gguf", ftype, imatrix=imx)
     ours = parse_gguf(tmp_path / f"{ftype}.gguf")
     for name, x in nano.items():
@@ -318,7 +337,8 @@ def test_decode_only_types_read_from_llama_quantize_files(tmp_path, oracle_tenso
         assert rel < 0.9, f"{name}: relative error {rel:.2f}"
 
 
-def test_every_decode_only_type_is_checked_against_a_llama_cpp_file():
+def test_every_low_bit_type_is_checked_against_a_llama_cpp_file():
     from quantkit.ggml_types import DECODE_ONLY_TYPES
 
-    assert sorted(DECODE_ONLY_FTYPES.values()) == sorted(DECODE_ONLY_TYPES)
+    lattice = [t for t in I_TYPES if not t.startswith("IQ4")]
+    assert sorted(LLAMA_FILE_FTYPES.values()) == sorted([*lattice, *DECODE_ONLY_TYPES])

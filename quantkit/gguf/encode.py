@@ -11,7 +11,7 @@ import numpy as np
 
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import I_TYPES, K_TYPES, LEGACY_TYPES
-from quantkit.gguf import iquants, kquants, legacy
+from quantkit.gguf import iq1, iq2, iq3, iquants, kquants, legacy
 from quantkit.gguf.f32ops import F32, seqsum_rows
 
 # type name -> (elements per block, bytes per block) of `ggml_types.SUPPORTED_TYPES`: the workers' copy of
@@ -20,8 +20,11 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ3_S": (256, 110), "IQ3_XXS": (256, 98), "IQ2_S": (256, 82),
+    "IQ2_XS": (256, 74), "IQ2_XXS": (256, 66), "IQ1_M": (256, 56), "IQ1_S": (256, 50),
 }
+# block encoders of the searched types: [n_blocks, block] float32 (+ importance) -> [n_blocks, bytes] uint8
+SEARCHED_ENCODERS = {**kquants.ENCODERS, **iquants.ENCODERS, **iq3.ENCODERS, **iq2.ENCODERS, **iq1.ENCODERS}
 
 # elements per chunk: big enough to amortize numpy's per-call cost (~1 ms per Q4_K call), small enough to keep
 # the search's work arrays (~1 MB each) near the core
@@ -68,8 +71,7 @@ def encode_rows(x: np.ndarray, type_name: str, qw: np.ndarray | None, name: str 
     blocks = x.reshape(-1, block)
     if type_name in K_TYPES or type_name in I_TYPES:
         qwb = None if qw is None else np.broadcast_to(qw.reshape(1, -1), (rows, cols)).reshape(-1, block)
-        encoders = kquants.ENCODERS if type_name in K_TYPES else iquants.ENCODERS
-        data = encoders[type_name](blocks, qwb)
+        data = SEARCHED_ENCODERS[type_name](blocks, qwb)
     elif qw is None or type_name == "Q8_0":
         data = legacy.REF[type_name](blocks)
     else:
