@@ -71,10 +71,10 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
 
     Under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes), instead of gguf_type /
     preset, measures the KLD of each tensor (GGUF) or fused group of linears (gptq, compressed-tensors) in each of
-    `candidates` (GGUF default Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K, Q6_K, Q8_0; presets default w2a16-g64, w3a16-g128,
-    w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen` tokens of `calib`
-    (cached in `sensitivity`, default under ~/.cache/quantkit), chooses the targets with the least predicted KLD
-    that fit, writes them, and reports predicted against measured KLD (`result.allocation`)."""
+    `candidates` (GGUF default `pipeline.allocate.DEFAULT_CANDIDATES`, IQ1_M to Q8_0; presets default w2a16-g64,
+    w3a16-g128, w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen`
+    tokens of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit), chooses the targets with the least
+    predicted KLD that fit, writes them, and reports predicted against measured KLD (`result.allocation`)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
 

@@ -53,8 +53,8 @@ def synthetic_imatrix(nano, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0", "IQ4_XS", "IQ4_NL", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",
-                                   "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0", "IQ4_XS", "IQ4_NL", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
+                                   "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"])
 def test_imatrix_quantization_is_byte_identical_to_llama_quantize(nano, synthetic_imatrix, tmp_path, ftype):
     tool = require_llamacpp("llama-quantize")["llama-quantize"]
     f32 = write_gguf(nano, tmp_path / "f32.gguf", "F32", progress=False)

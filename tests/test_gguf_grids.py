@@ -136,3 +136,22 @@ def test_encode_of_off_grid_weights_rounds_and_reports(type_name):
     gs = grid.group_size
     expected = torch.cat([grid.fake_quant(w[:, c:c + gs], params[c // gs]) for c in range(0, 256, gs)], dim=1)
     assert torch.equal(bits(enc.dequantize()), bits(expected))
+
+
+def test_gptq_run_encodes_lattice_types_with_the_hessian_diagonal(nano_path, tmp_path):
+    """`--method gptq --type IQ2_M`: the k-quant tensors (attn_v Q4_K, ...) go through GPTQ; the lattice i-quants,
+    which have no GPTQ grid, are encoded by ggml's search weighted by the layer's Hessian diagonal (mean x²: an
+    imatrix of the same tokens), and the log says which."""
+    import quantkit
+    from quantkit.gguf.mixes import tensor_types
+    from quantkit.gguf.reader import parse_gguf
+    from quantkit.model import arch
+    from quantkit.model.config import ModelConfig
+
+    res = quantkit.quantize(nano_path, tmp_path / "nano-IQ2_M.gguf", method="gptq", gguf_type="IQ2_M",
+                            calib="builtin", calib_samples=4, calib_seqlen=64)
+    types = {arch.from_gguf(n): i.type_name for n, i in parse_gguf(res.paths["gguf"]).tensors.items()}
+    assert types == tensor_types(ModelConfig.from_file(nano_path / "config.json"), "IQ2_M", has_imatrix=True)
+    methods = {(row["target"], row["method"]) for row in res.log if "method" in row}
+    assert ("IQ2_S", "imatrix") in methods and ("Q4_K", "gptq") in methods
+    assert not any(t == "IQ2_S" and m == "gptq" for t, m in methods)

@@ -35,8 +35,8 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 @click.option("--target-size", type=SIZE, default=None,
               help="GGUF: as --target-bpw, with the budget as tensor bytes (e.g. 3.9GB).")
 @click.option("--candidates", default=None, metavar="TYPES",
-              help="Types the allocation chooses from, comma-separated (default Q2_K,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,"
-              "Q8_0).")
+              help="Types the allocation chooses from, comma-separated (default IQ1_M,IQ2_XXS,IQ2_S,Q2_K,IQ3_XXS,"
+              "IQ3_S,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0; IQ1_M and IQ2_XXS only for tensors with an imatrix entry).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File that caches the measured sensitivities (default: under ~/.cache/quantkit/sensitivity, "
               "keyed by model, tokens and imatrix); several budgets reuse one measurement.")

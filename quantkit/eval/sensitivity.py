@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.ggml_types import block_size
+from quantkit.ggml_types import IMPORTANCE_TYPES, block_size
 from quantkit.io import atomic_cache_file, read_json_object
 
 CHUNK_TOKENS = 512  # tokens whose full-vocabulary log-probabilities are held at once
@@ -144,6 +144,8 @@ def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor]) -
     def make(type_name: str) -> Encoder:
         def fn(name: str, w: torch.Tensor) -> torch.Tensor | None:
             if w.shape[-1] % block_size(type_name):
+                return None
+            if type_name in IMPORTANCE_TYPES and name not in importance:  # ggml encodes these only with an imatrix
                 return None
             return encode(w, type_name, importance.get(name), name=name).dequantize(torch.float32)
         return fn

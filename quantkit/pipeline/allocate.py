@@ -30,7 +30,9 @@ from quantkit.ggml_types import check_type, is_float_type
 from quantkit.gguf.mixes import FILE_TYPES
 from quantkit.quant.allocate import Option, allocate
 
-DEFAULT_CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # GGUF
+# GGUF: from 1.75 to 8.5 bits per weight (IQ1_M, IQ2_XXS and IQ2_S only where the tensor has an imatrix entry)
+DEFAULT_CANDIDATES = ("IQ1_M", "IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K",
+                      "Q8_0")
 DEFAULT_PRESETS = ("w2a16-g64", "w3a16-g128", "w4a16-g128", "w4a16-g32", "w8a16-g128")  # gptq, compressed-tensors
 ALLOCATABLE_FORMATS = ("gguf", "gptq", "compressed-tensors")
 

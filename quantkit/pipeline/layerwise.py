@@ -112,6 +112,14 @@ def _grid(target: Target):
     return ggml_grid(target)
 
 
+def _has_grid(target: Target) -> bool:
+    """Whether GPTQ can round onto `target`; the lattice i-quants (IQ1_S .. IQ3_S) have no GPTQ grid and are
+    encoded by their own search, weighted by the Hessian's diagonal (the imatrix of the same tokens)."""
+    from quantkit.gguf.grids import GRID_TYPES
+
+    return isinstance(target, Scheme) or target in GRID_TYPES
+
+
 def _dequant(t) -> torch.Tensor:
     return t.dequantize(torch.float32)
 
@@ -230,7 +238,10 @@ class LayerwiseQuantizer:
         return encode_ggml(w, target, None)
 
     def _gptq_quantize(self, gptq, weight: torch.Tensor, target: Target, name: str):
-        """GPTQ of one weight onto its target with the run's options: (quantized tensor, GPTQInfo)."""
+        """GPTQ of one weight onto its target with the run's options: (quantized tensor, GPTQInfo); for a type
+        without a GPTQ grid, its imatrix encoding on the Hessian's diagonal: (GGMLTensor, None)."""
+        if not _has_grid(target):
+            return encode_ggml(weight, target, gptq.input_mean_square().cpu()), None
         o = self.options
         return gptq.quantize(weight, _grid(target), damp=o.damp, block_size=o.block_size,
                              static_groups=o.static_groups, name=name)
@@ -256,9 +267,11 @@ class LayerwiseQuantizer:
         t0 = time.perf_counter()
         qt, info = self._gptq_quantize(gptq, w.to(dev, torch.float32), target, name)
         qt.error.pop("seconds", None)
-        self.log.append({"layer": self.config.num_hidden_layers, "module": "lm_head", "target": target_label(target),
-                         "method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens,
-                         "seconds": round(time.perf_counter() - t0, 4)})
+        row = {"layer": self.config.num_hidden_layers, "module": "lm_head", "target": target_label(target),
+               "method": "imatrix"}
+        if info is not None:
+            row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens})
+        self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
         return qt
 
     def _build_layer(self, tensors: dict[str, torch.Tensor], prefix: str) -> DecoderLayer:
@@ -437,8 +450,11 @@ class LayerwiseQuantizer:
             row: dict[str, Any] = {"layer": i, "module": local, "target": target_label(target), "method": self.method}
             if gptq is not None and not is_float_type(target):
                 qt, info = self._gptq_quantize(gptq, weight, target, n)
-                row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
-                            "n_tokens": info.n_tokens})
+                if info is None:
+                    row["method"] = "imatrix"
+                else:
+                    row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
+                                "n_tokens": info.n_tokens})
             elif isinstance(target, Scheme):
                 qt = quantize_rtn(weight, target)
             elif is_float_type(target):

@@ -117,6 +117,10 @@ class GPTQ:
                                    "activations reached this layer)")
         return self._sum
 
+    def input_mean_square(self) -> torch.Tensor:
+        """Mean x² of each input feature over the calibration tokens (an imatrix entry): diag(H) / 2."""
+        return self.hessian().diagonal() / 2
+
     def set_hessian(self, H: torch.Tensor, n_tokens: int = 1) -> None:
         """Use a given Hessian (tests, benchmarks, or one shared by several linears)."""
         if H.shape != (self.in_features, self.in_features):
