@@ -2,9 +2,11 @@
 
 - legacy types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): quantkit vs `gguf.quants.quantize` (numpy, what llama.cpp's
   converter uses), both in this process;
-- k-quants (Q2_K .. Q6_K) and i-quants (IQ4_NL, IQ4_XS): quantkit vs `llama-quantize --pure` on a GGUF holding
+- k-quants (Q2_K .. Q6_K) and i-quants (IQ4_NL .. IQ1_S): quantkit vs `llama-quantize --pure` on a GGUF holding
   the same F32 tensor. The llama-quantize figure is its own reported "quantize time" (read + quantize + write of
-  that one tensor) and its CPU time, with 1 thread (per core) and with all threads.
+  that one tensor; for the lattice types also its grid set-up, as quantkit's first call includes its own) and its
+  CPU time, with 1 thread (per core) and with all threads. The lattice i-quants (IQ3_*, IQ2_*, IQ1_*), which
+  llama-quantize writes only with an imatrix, run with the same synthetic imatrix on both sides.
 
 Throughput is MB/s of F32 input (4 bytes per weight). Both wall time and CPU time are printed because the
 development machine is shared: CPU time per core is the fairer comparison when it is loaded. Also checks that the
@@ -45,12 +47,17 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def llama_quantize(src: Path, dst: Path, type_name: str, threads: int):
+# the llama-quantize file type that writes a block type with --pure, where the names differ
+PURE_FTYPE = {"IQ2_S": "IQ2_M"}
+
+
+def llama_quantize(src: Path, dst: Path, type_name: str, threads: int, imatrix: Path | None = None):
     exe = llamacpp_bin("llama-quantize")
     c0 = children_cpu()
     w0 = time.perf_counter()
-    proc = subprocess.run([str(exe), "--pure", str(src), str(dst), type_name, str(threads)],
-                          capture_output=True, text=True, check=True)
+    extra = [] if imatrix is None else ["--imatrix", str(imatrix)]
+    proc = subprocess.run([str(exe), "--pure", *extra, str(src), str(dst), PURE_FTYPE.get(type_name, type_name),
+                           str(threads)], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - w0
     cpu = children_cpu() - c0
     m = re.search(r"quantize time =\s*([\d.]+) ms", proc.stdout + proc.stderr)
@@ -77,8 +84,11 @@ def main() -> None:
     src = None
     # warm-up (first-touch page faults, lazy imports) so that the first type measured is not penalised
     quantize_ggml(x, "Q8_0", threads=args.threads)
+    importance = (rng.random(args.cols) ** 4 * 300).astype(np.float32)
     for type_name in args.types.split(","):
-        ours, w_ours, c_ours = timed(lambda: quantize_ggml(x, type_name, threads=args.threads))
+        lattice = type_name in I_TYPES and not type_name.startswith("IQ4")
+        imp = importance if lattice else None
+        ours, w_ours, c_ours = timed(lambda: quantize_ggml(x, type_name, importance=imp, threads=args.threads))
         if type_name in LEGACY_TYPES:
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize
@@ -109,14 +119,23 @@ def main() -> None:
                 w.write_tensors_to_file()
                 w.close()
             dst = tmp / f"{type_name}.gguf"
-            w_ref, c_ref = llama_quantize(src, dst, type_name, 1)
+            imx = None
+            if lattice:
+                from quantkit.gguf.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+                imx = write_imatrix(tmp / "imatrix.gguf", Imatrix(
+                    {"blk.0.ffn_down.weight": ImatrixEntry(importance[None, :] * 512, np.array([512.0], np.float32))},
+                    ["synthetic"], chunk_count=1, chunk_size=512))
+            w_ref, c_ref = llama_quantize(src, dst, type_name, 1, imx)
             from gguf import GGUFReader
 
             ref = np.asarray(GGUFReader(str(dst)).tensors[0].data)
             size = type_size(type_name)
             same = np.array_equal(ours.data.reshape(-1, size), ref.reshape(-1, size))
-            name = "llama-quantize --pure, 1 thread"
+            name = "llama-quantize --pure, 1 thread" + (", imatrix" if lattice else "")
             dst.unlink()
+            if imx is not None:
+                imx.unlink()
         print(f"{type_name:6} {mb / w_ours:12.1f} / {mb / c_ours:10.1f}    {mb / w_ref:12.1f} / {mb / c_ref:10.1f}   "
               f"{w_ref / w_ours:9.2f}x {c_ref / c_ours:8.2f}x  {str(same):9}  {name}")
     if src is not None:
