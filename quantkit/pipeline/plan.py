@@ -333,10 +333,11 @@ def _listing_row(name: str, plan: Plan, fmt: str, description: str) -> dict[str,
 
 def list_gguf_types(config: ModelConfig | None = None) -> list[dict[str, Any]]:
     """Every GGUF file type `--type` takes: name, bits per weight of a whole model of `config` (default Mistral-7B's
-    shapes; `bits_per_weight`, llama-quantize's per-tensor mix), of its quantizable linears, and a description."""
+    shapes; `bits_per_weight`, llama-quantize's per-tensor mix with an imatrix, which the types below IQ3_S need),
+    of its quantizable linears, and a description."""
     config = config or ModelConfig()
-    return [_listing_row(name, build_plan(config, formats=["gguf"], gguf_type=name), "gguf", ft.description)
-            for name, ft in FILE_TYPES.items()]
+    return [_listing_row(name, build_plan(config, formats=["gguf"], gguf_type=name, has_imatrix=True), "gguf",
+                         ft.description) for name, ft in FILE_TYPES.items()]
 
 
 def list_presets(config: ModelConfig | None = None, fmt: str = "gptq") -> list[dict[str, Any]]:
