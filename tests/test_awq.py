@@ -5,7 +5,7 @@ import torch
 
 from quantkit.errors import CalibrationError, SchemeError
 from quantkit.model.config import ModelConfig
-from quantkit.model.reference import DecoderLayer, sequence_inputs
+from quantkit.model.reference import DecoderLayer, causal_mask, sequence_inputs
 from quantkit.quant import awq
 from quantkit.quant.rtn import quantize_rtn
 from quantkit.quant.scheme import Scheme
@@ -204,3 +204,56 @@ def test_search_scale_and_clip_shortcuts_give_the_same_results():
     xs = awq._clip_tokens(x, 50)
     assert torch.equal(full, awq.search_clip(w, xs, schemes["mlp.down_proj"], awq.fake_quant_scheme,
                                              n_tokens=xs.shape[0]))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("window", [None, 8], ids=["causal", "window"])
+def test_search_forwards_are_bitwise_the_modules(kv_heads, window):
+    layer, acts, inputs = make_layer(kv_heads=kv_heads, dtype=torch.float32, seed=7)
+    if window is not None:  # a mask that is not the plain causal one takes the attn_mask path
+        positions, rope, _ = inputs
+        inputs = (positions, rope, causal_mask(positions, positions.shape[0], window))
+    attn = awq._attention_forward(layer.self_attn, inputs)
+    mlp = awq._mlp_forward(layer.mlp)
+    with torch.no_grad():
+        assert torch.equal(attn(acts), layer.self_attn(acts, *inputs))
+        assert torch.equal(mlp(acts), layer.mlp(acts))
+    assert awq._is_causal(inputs[2]) == (window is None)
+
+
+def _per_ratio_loss_function(group, layer, x, inputs, batch_size, device, reference):
+    """The search's loss before the shortcuts: the inspected module run batch by batch for every candidate."""
+    buf = torch.empty_like(reference)
+    return lambda: awq._module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_losses_choose_the_scales_of_the_per_ratio_search(kv_heads, dtype, monkeypatch):
+    """The bitwise-equal forwards give the same losses; the Gram form (groups whose inspected module is their only
+    linear: down_proj, o_proj) equals the MSE of the outputs up to rounding and picks the same scale."""
+    layer, acts, inputs = make_layer(kv_heads=kv_heads, dtype=dtype, seed=8)
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    feats = _captured(layer, acts, inputs, 4)
+    groups = awq.scaling_groups(layer)
+    assert len(groups) == (4 if kv_heads == 4 else 3)
+    # the Gram form pays off with more tokens than these (2 × in_features <= tokens); force it here
+    assert not awq._gram_pays(layer.mlp.down_proj, feats["mlp.down_proj"], "cpu")
+    assert awq._gram_pays(layer.mlp.down_proj, feats["mlp.down_proj"].repeat(3, 1, 1), "cpu")
+    monkeypatch.setattr(awq, "_gram_pays", lambda *a: True)
+    grams = []
+    gram_loss = awq._gram_loss
+    monkeypatch.setattr(awq, "_gram_loss", lambda *a: grams.append(a) or gram_loss(*a))
+    for group in groups:
+        args = (layer, group, feats[group.feature], schemes, inputs, 4, "cpu", awq.fake_quant_scheme)
+        fast = awq.search_scale(*args, n_grid=8)
+        with monkeypatch.context() as m:
+            m.setattr(awq, "_loss_function", _per_ratio_loss_function)
+            slow = awq.search_scale(*args, n_grid=8)
+        assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+        if group.linears == (group.inspect,):
+            # (the per-ratio loss compares outputs rounded to fp32, also for fp64 layers)
+            assert fast[2] == pytest.approx(slow[2], rel=1e-6) and fast[3] == pytest.approx(slow[3], rel=1e-6)
+        else:
+            assert fast[2:] == slow[2:]
+    assert len(grams) == (2 if kv_heads == 4 else 1)  # down_proj, and o_proj without grouped-query attention
