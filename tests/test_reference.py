@@ -142,3 +142,43 @@ def test_state_dict_names_are_canonical(plain):
     assert list(model.state_dict()) == ckpt.tensor_names()
     # same dtype: the checkpoint tensor is assigned, not copied again
     assert torch.equal(model.model.norm.weight, ckpt.get_tensor("model.norm.weight"))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("window", [None, 8], ids=["causal", "window"])
+def test_attention_fast_path_is_bitwise_the_explicit_computation(kv_heads, window):
+    """Attention over whole sequences reads the shared key/value heads in place and lets SDPA apply a plain causal
+    mask itself; RoPE runs half by half. Bitwise the same as repeated heads under the explicit mask and the textbook
+    x*cos + rotate_half(x)*sin."""
+    import torch.nn.functional as F
+
+    from quantkit.kernels.rope import rotate_half
+    from quantkit.model.config import ModelConfig
+    from quantkit.model.reference import Attention, _is_causal, causal_mask
+
+    cfg = ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, vocab_size=100)
+    g = torch.Generator().manual_seed(7)
+    attn = Attention(cfg)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    t = 32
+    positions, rope, mask = sequence_inputs(cfg, t)
+    if window is not None:
+        mask = causal_mask(positions, t, window)
+    x = torch.randn(6, t, 128, generator=g)
+    cos, sin = rope
+    d, groups = cfg.head_dim, 4 // kv_heads
+
+    def heads(y, n):
+        return y.reshape(6, t, n, d).transpose(1, 2)
+
+    with torch.no_grad():
+        q, k, v = heads(attn.q_proj(x), 4), heads(attn.k_proj(x), kv_heads), heads(attn.v_proj(x), kv_heads)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
+                                             v.repeat_interleave(groups, dim=1), attn_mask=mask)
+        want = attn.o_proj(out.transpose(1, 2).reshape(6, t, 4 * d))
+        assert torch.equal(attn(x, positions, rope, mask), want)
+    assert _is_causal(mask, t) == (window is None)

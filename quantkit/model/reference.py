@@ -112,6 +112,12 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask:
     return (probs @ values).reshape(b, heads, 1, d)
 
 
+def _is_causal(mask: torch.Tensor, t: int) -> bool:
+    """Whether `mask` is the plain causal mask of t queries over the same t keys (no window, no cache prefix)."""
+    return (mask.dtype == torch.bool and mask.dim() == 2 and tuple(mask.shape) == (t, t)
+            and torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -162,9 +168,13 @@ class Attention(nn.Module):
             else:
                 out = _attend_one(q, keys, values, mask)
         else:
-            groups = self.n_heads // self.n_kv_heads
-            out = F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, dim=1),
-                                                 values.repeat_interleave(groups, dim=1), attn_mask=mask)
+            # the shared key/value heads are read in place (enable_gqa), and a plain causal mask lets SDPA skip the
+            # masked blocks (is_causal): the same result as repeated heads under the explicit mask, bitwise on CPU
+            gqa = self.n_heads != self.n_kv_heads
+            if _is_causal(mask, t):
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, mask: torch.Tensor) -> torch.Tensor:

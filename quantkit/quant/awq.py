@@ -15,10 +15,9 @@ What it does, per decoder layer of `quantkit.model.reference` (module names are 
                                               (AutoAWQ's rule: skipped under grouped-query attention)
        post_attention_layernorm -> gate,up    loss on mlp output
        up_proj (rows)           -> down_proj  loss on down_proj output
-   All searches use the inputs captured in step 1 (before any scaling), as AutoAWQ does. The attention and MLP
-   losses run bitwise-equal, allocation-free copies of the modules' forwards (`_attention_forward`,
-   `_mlp_forward`); a group whose inspected module is its only linear (down_proj; o_proj) gets its MSE on the CPU
-   from the Gram matrix XᵀX (`_gram_loss`: equal up to rounding, per candidate out·in² instead of tokens·in·out).
+   All searches use the inputs captured in step 1 (before any scaling), as AutoAWQ does. A group whose inspected
+   module is its only linear (down_proj; o_proj) gets its MSE on the CPU from the Gram matrix XᵀX (`_gram_loss`:
+   equal up to rounding, per candidate out·in² instead of tokens·in·out).
 3. Fold the scales: the previous op absorbs 1/s (RMSNorm weight, or the rows of the previous linear), the
    scaled linears' columns are multiplied by s. The layer computes the same function (up to rounding).
 4. Clipping search for every quantized linear except q_proj/k_proj: per (output row, group), max|w| shrunk by
@@ -39,11 +38,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import CalibrationError, SchemeError
-from quantkit.model.reference import MLP, Attention
 from quantkit.quant.rtn import group_params
 from quantkit.quant.scheme import Scheme
 
@@ -160,10 +157,11 @@ _REFERENCE_LINEAR = {"self_attn": "self_attn.o_proj", "self_attn.o_proj": "self_
 
 
 def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
-                 reference: torch.Tensor, buf: torch.Tensor) -> float:
+                 reference: torch.Tensor, buf: torch.Tensor, buf64: torch.Tensor | None = None) -> float:
     """`_mse(reference, _run_module(...))` without concatenating the outputs: the squared differences are written
     batch by batch into `buf` (fp32, reference's shape) and summed once, so every element and the reduction over
-    the whole tensor are the same as there. `reference` is the fp32 reference on `device`."""
+    the whole tensor are the same as there. `reference` is the fp32 reference on `device`; `buf64` (optional, fp64,
+    reference's shape) is kept for the sum, which `sum(dtype=torch.float64)` would convert into a fresh tensor."""
     mod = dict(layer.named_modules())[module_name]
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
@@ -173,87 +171,9 @@ def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, ba
             torch.sub(reference[i:i + batch_size], out.float(), out=d)
             del out
             d.pow_(2)
-    return float(buf.sum(dtype=torch.float64)) / buf.numel()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope(x, cos, sin)` (x * cos + rotate_half(x) * sin) with fewer temporaries, bitwise equal: rotate_half
-    negates the second half, and a + (-(b * s)) == a - b * s exactly in IEEE arithmetic."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].sub_(x[..., half:] * sin[..., :half])
-    out[..., half:].add_(x[..., :half] * sin[..., half:])
-    return out
-
-
-def _is_causal(mask: torch.Tensor) -> bool:
-    t, k = mask.shape[-2:]
-    return mask.dim() == 2 and t == k and torch.equal(mask, torch.ones(t, k, dtype=torch.bool,
-                                                                       device=mask.device).tril())
-
-
-def _attention_forward(attn: nn.Module, inputs):
-    """A function x -> attn(x, *inputs) for the cache-free, unfused attention of `quantkit.model.reference` over
-    whole sequences, bitwise equal to it and cheaper: q|k|v in one matmul, RoPE with fewer temporaries, SDPA reading
-    the shared key/value heads (enable_gqa) instead of copies and skipping the masked blocks (is_causal) when the
-    mask is the plain causal one. None when the module is set up otherwise (the caller then runs the module)."""
-    positions, rope, mask = inputs
-    if type(attn) is not Attention or attn.qkv is not None or attn.kv_cache is not None:
-        return None
-    if any(getattr(attn, n).bias is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return None
-    cos, sin = rope
-    causal = _is_causal(mask)
-    sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-    n_heads, n_kv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-
-    bufs: dict[str, torch.Tensor] = {}
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        if t == 1:  # the module attends one query by plain matmuls
-            return attn(x, *inputs)
-        w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        q, k, v = _matmul_into(bufs, "qkv", x, w).split(sizes, dim=-1)
-        q = _rope(q.reshape(b, t, n_heads, d).transpose(1, 2), cos, sin)
-        k = _rope(k.reshape(b, t, n_kv, d).transpose(1, 2), cos, sin)
-        v = v.reshape(b, t, n_kv, d).transpose(1, 2)
-        if causal:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != n_heads)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv != n_heads)
-        return _matmul_into(bufs, "o", out.transpose(1, 2).reshape(b, t, n_heads * d), attn.o_proj.weight)
-
-    return forward
-
-
-def _matmul_into(bufs: dict[str, torch.Tensor], key: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) (no bias) written into a buffer kept in `bufs` and reused across calls (its first rows when
-    x has fewer): the same matmul, bitwise, without allocating (and page-faulting) a large output every time."""
-    shape = (*x.shape[:-1], w.shape[0])
-    buf = bufs.get(key)
-    if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != x.dtype:
-        buf = bufs[key] = torch.empty(shape, dtype=x.dtype, device=x.device)
-    out = buf[:shape[0]]
-    torch.matmul(x, w.t(), out=out)
-    return out
-
-
-def _mlp_forward(mlp: nn.Module):
-    """x -> mlp(x) of the unfused reference MLP without bias, bitwise equal: outputs in reused buffers, silu and
-    the product in place."""
-    if (type(mlp) is not MLP or mlp.gate_up is not None
-            or any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj"))):
-        return None
-    bufs: dict[str, torch.Tensor] = {}
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        g = _matmul_into(bufs, "gate", x, mlp.gate_proj.weight)
-        F.silu(g, inplace=True)
-        g.mul_(_matmul_into(bufs, "up", x, mlp.up_proj.weight))
-        return _matmul_into(bufs, "down", g, mlp.down_proj.weight)
-
-    return forward
+    if buf64 is None:
+        return float(buf.sum(dtype=torch.float64)) / buf.numel()
+    return float(buf64.copy_(buf).sum()) / buf.numel()
 
 
 def _gram_loss(linear: nn.Linear, x: torch.Tensor, device):
@@ -290,38 +210,13 @@ def _gram_pays(linear: nn.Linear, x: torch.Tensor, device) -> bool:
 def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
                    reference: torch.Tensor):
     """() -> the loss of the group's current weights against `reference` (fp32 on device): the Gram form when the
-    inspected module is the group's only linear, else the module's output batch by batch (`_module_loss`, with the
-    bitwise-equal forwards above where they apply)."""
-    modules = dict(layer.named_modules())
-    mod = modules[group.inspect]
+    inspected module is the group's only linear, else the module's output batch by batch (`_module_loss`)."""
+    mod = dict(layer.named_modules())[group.inspect]
     if isinstance(mod, nn.Linear) and group.linears == (group.inspect,) and _gram_pays(mod, x, device):
         return _gram_loss(mod, x, device)
-    forward = None
-    if group.inspect == "self_attn":
-        forward = _attention_forward(mod, inputs)
-    elif group.inspect == "mlp":
-        forward = _mlp_forward(mod)
-    if forward is None:
-        if group.inspect == "self_attn":
-            def forward(xb):
-                return mod(xb, *inputs)
-        else:
-            forward = mod
     buf = torch.empty_like(reference)
     buf64 = torch.empty_like(reference, dtype=torch.float64)
-
-    def loss() -> float:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], batch_size):
-                out = forward(x[i:i + batch_size].to(device))
-                d = buf[i:i + batch_size]
-                torch.sub(reference[i:i + batch_size], out.float(), out=d)
-                del out
-                d.pow_(2)
-        # = buf.sum(dtype=torch.float64) (which converts into a fresh fp64 tensor, then sums it), into a kept one
-        return float(buf64.copy_(buf).sum()) / buf.numel()
-
-    return loss
+    return lambda: _module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf, buf64)
 
 
 def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], inputs,
