@@ -62,6 +62,13 @@ def seqsum_first(a: np.ndarray) -> np.ndarray:
     return s
 
 
+def sumsq_rows(x: np.ndarray) -> np.ndarray:
+    """Sum of x^2 along each row of x [n, S], in order from +0.0 (C: `for (...) s += x[i]*x[i];`): [n]. Every
+    encoder's sigma2 of a super-block (or row) starts from this."""
+    xt = np.ascontiguousarray(x.T)
+    return seqsum(xt * xt)
+
+
 def seqsum_rows(a: np.ndarray) -> np.ndarray:
     """Sequential float32 sum along the last axis (np.add.accumulate is strictly left-to-right).
 

@@ -41,8 +41,8 @@ import numpy as np
 
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import f32_to_f16
-from quantkit.gguf.f32ops import F32, nearest_int, seqsum
-from quantkit.gguf.iq_lattice import lattice
+from quantkit.gguf.f32ops import F32, nearest_int, seqsum, sumsq_rows
+from quantkit.gguf.iq_lattice import lattice, require_importance
 
 QK = 256
 FLT_MAX = np.float32(np.finfo(np.float32).max)
@@ -73,9 +73,7 @@ PAIRS_M = _pairs(16)  # 153 splits, 4 delta sign combinations each
 
 
 def _require(x: np.ndarray, qw, type_name: str) -> None:
-    if qw is None:
-        raise SchemeError(f"{type_name} needs an importance matrix (imatrix); llama.cpp refuses to quantize to "
-                          f"{type_name} without one")
+    require_importance(type_name, qw)
     if x.ndim != 2 or x.shape[1] != QK or np.shape(qw) != x.shape:
         raise SchemeError(f"{type_name}: expected super-blocks [n, {QK}] and an importance of the same shape, got "
                           f"{list(x.shape)} and {list(np.shape(qw))}")
@@ -83,8 +81,7 @@ def _require(x: np.ndarray, qw, type_name: str) -> None:
 
 def _weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """qw * sqrt(sigma2 + x^2) with sigma2 = 2 * sum(x^2) / 256 per super-block (sum in order): [n, 256]."""
-    xt = np.ascontiguousarray(x.T)
-    sigma2 = F32(2) * seqsum(xt * xt) / F32(QK)
+    sigma2 = F32(2) * sumsq_rows(x) / F32(QK)
     return (np.asarray(qw, dtype=np.float32) * np.sqrt(sigma2[:, None] + x * x)).astype(np.float32)
 
 

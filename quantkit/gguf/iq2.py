@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.errors import SchemeError
 from quantkit.ggml_types import f32_to_f16
 from quantkit.gguf import search
-from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, nearest_int, seqsum
-from quantkit.gguf.iq_lattice import Lattice, lattice, nearest_neighbour
+from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, nearest_int, seqsum, sumsq_rows
+from quantkit.gguf.iq_lattice import Lattice, encode_chunks, lattice, nearest_neighbour, require_importance
 
 QK_K = 256
 KMAXQ = 3  # levels 0..2: the odd magnitudes 1, 3, 5
@@ -91,7 +90,7 @@ def _weights(x: np.ndarray, qw: np.ndarray | None, size: int, sigma_factor: int)
     """(element-major sub-blocks xe [size, m], weights [size, m]) of a chunk [n, 256]."""
     n = x.shape[0]
     xe = np.ascontiguousarray(x.reshape(-1, size).T)
-    sigma2 = seqsum(np.ascontiguousarray(x.T) ** 2)
+    sigma2 = sumsq_rows(x)
     if sigma_factor != 1:
         sigma2 = F32(sigma_factor) * sigma2
     sigma2 = np.repeat(sigma2 / F32(QK_K), QK_K // size)[None, :]
@@ -202,21 +201,6 @@ def _block_scale(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return max_scale, d, np.clip(ls, 0, 15).astype(np.uint32)
 
 
-def _chunks(x: np.ndarray, qw: np.ndarray | None, size: int, encode) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    out = np.empty((x.shape[0], size), dtype=np.uint8)
-    for i in range(0, x.shape[0], CHUNK):
-        part = np.ascontiguousarray(x[i:i + CHUNK])
-        out[i:i + CHUNK] = encode(part, None if qw is None else qw[i:i + CHUNK])
-    return out
-
-
-def _needs_importance(type_name: str, qw) -> None:
-    if qw is None:
-        raise SchemeError(f"{type_name} needs an importance matrix (imatrix): llama.cpp refuses to quantize "
-                          f"{type_name} without one")
-
-
 def _iq2_xxs_chunk(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     scales, grid, signs = _sub_blocks(x, qw, "IQ2_XXS")  # [n, 8], [n, 8, 4], [n, 8, 4]
     max_scale, d, ls = _block_scale(scales)
@@ -264,19 +248,19 @@ def _iq2_s_chunk(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 def iq2_xxs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """[n, 256] float32 -> IQ2_XXS blocks [n, 66]. `qw` is required."""
-    _needs_importance("IQ2_XXS", qw)
-    return _chunks(x, qw, 66, _iq2_xxs_chunk)
+    require_importance("IQ2_XXS", qw)
+    return encode_chunks(_iq2_xxs_chunk, x, qw, 66, CHUNK)
 
 
 def iq2_xs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """[n, 256] float32 -> IQ2_XS blocks [n, 74]. `qw` is required."""
-    _needs_importance("IQ2_XS", qw)
-    return _chunks(x, qw, 74, _iq2_xs_chunk)
+    require_importance("IQ2_XS", qw)
+    return encode_chunks(_iq2_xs_chunk, x, qw, 74, CHUNK)
 
 
 def iq2_s(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """[n, 256] float32 -> IQ2_S blocks [n, 82], with or without importance."""
-    return _chunks(x, qw, 82, _iq2_s_chunk)
+    return encode_chunks(_iq2_s_chunk, x, qw, 82, CHUNK)
 
 
 ENCODERS = {"IQ2_XXS": iq2_xxs, "IQ2_XS": iq2_xs, "IQ2_S": iq2_s}

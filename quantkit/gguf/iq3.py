@@ -35,8 +35,8 @@ from functools import cache
 import numpy as np
 
 from quantkit.ggml_types import f32_to_f16
-from quantkit.gguf.f32ops import F32, MAGIC, nearest_int, seqsum
-from quantkit.gguf.iq_lattice import lattice
+from quantkit.gguf.f32ops import F32, MAGIC, nearest_int, seqsum, sumsq_rows
+from quantkit.gguf.iq_lattice import encode_chunks, lattice
 
 QK = 256
 SUB = 32
@@ -260,8 +260,7 @@ def _weights(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarr
     if qw is None:
         w = xe * xe
     else:
-        sumx2 = seqsum(np.ascontiguousarray(x.T) ** 2)
-        sigma2 = np.repeat(F32(2) * sumx2 / F32(QK), QK // SUB)
+        sigma2 = np.repeat(F32(2) * sumsq_rows(x) / F32(QK), QK // SUB)
         with np.errstate(invalid="ignore"):
             w = np.ascontiguousarray(qw.reshape(-1, SUB).T) * np.sqrt(sigma2 + xe * xe)
     return xe, w, np.sqrt(w)
@@ -355,22 +354,14 @@ def _encode_s(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _chunked(encode, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
-    if qw is not None:
-        qw = np.asarray(qw, dtype=np.float32).reshape(-1, QK)
-    parts = [encode(x[i:i + CHUNK], None if qw is None else qw[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
-    return np.concatenate(parts) if parts else np.zeros((0, 98 if encode is _encode_xxs else 110), np.uint8)
-
-
 def iq3_xxs(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """[n, 256] float32 -> IQ3_XXS blocks [n, 98]: d (fp16), grid indices[64], sign+scale words uint32[8]."""
-    return _chunked(_encode_xxs, x, qw)
+    return encode_chunks(_encode_xxs, x, qw, 98, CHUNK)
 
 
 def iq3_s(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """[n, 256] float32 -> IQ3_S blocks [n, 110]: d (fp16), qs[64], qh[8], signs[32], scales[4]."""
-    return _chunked(_encode_s, x, qw)
+    return encode_chunks(_encode_s, x, qw, 110, CHUNK)
 
 
 ENCODERS = {"IQ3_XXS": iq3_xxs, "IQ3_S": iq3_s}

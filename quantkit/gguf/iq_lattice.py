@@ -17,6 +17,8 @@ from functools import cache
 
 import numpy as np
 
+from quantkit.errors import SchemeError
+
 F32 = np.float32
 
 # type -> (gguf-py table, bits per coordinate in the map index, map size, nwant: distinct distances kept)
@@ -258,3 +260,22 @@ def nearest_neighbour(lat: Lattice, index: np.ndarray, xval: np.ndarray, weight:
     result = np.empty(n, dtype=np.int32)
     result[order] = out
     return result
+
+
+def require_importance(type_name: str, qw) -> None:
+    """Refuse, as ggml does, to encode a type that needs importance (`ggml_types.IMPORTANCE_TYPES`) without it."""
+    if qw is None:
+        raise SchemeError(f"{type_name} needs an importance matrix (imatrix): llama.cpp refuses to quantize "
+                          f"{type_name} without one")
+
+
+def encode_chunks(encode, x: np.ndarray, qw: np.ndarray | None, nbytes: int, chunk: int) -> np.ndarray:
+    """`encode(x_part, qw_part) -> [part, nbytes] uint8` over `chunk` super-blocks at a time, so that an encoder's
+    work arrays stay near the core. x, qw (or None): [n, 256] (or anything that reshapes to it)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 256)
+    if qw is not None:
+        qw = np.asarray(qw, dtype=np.float32).reshape(-1, 256)
+    out = np.empty((len(x), nbytes), dtype=np.uint8)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = encode(x[i:i + chunk], None if qw is None else qw[i:i + chunk])
+    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.ggml_types import IQ4_VALUES, f32_to_f16
-from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum
+from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, first_absmax, nearest_int, seqsum, sumsq_rows
 from quantkit.gguf.legacy import pack_nibbles
 
 KVALUES = np.array(IQ4_VALUES, dtype=np.float32)
@@ -68,7 +68,7 @@ def sub_block_scales(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     if qw is None:
         w = xe * xe
     else:
-        sigma2 = seqsum(np.ascontiguousarray(x.T) ** 2) * (F32(2) / F32(size))  # per super-block
+        sigma2 = sumsq_rows(x) * (F32(2) / F32(size))  # per super-block
         sigma2 = np.repeat(sigma2, size // SUB)[None, :]
         w = np.ascontiguousarray(qw.reshape(-1, SUB).T) * np.sqrt(sigma2 + xe * xe)
     signed_max = first_absmax(xe, axis=0)

@@ -21,7 +21,7 @@ import numpy as np
 
 from quantkit.ggml_types import f16_to_f32, f32_to_f16
 from quantkit.gguf import search
-from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, MAGIC, nearest_int, seqsum, wrap_u8
+from quantkit.gguf.f32ops import F32, GROUP_MAX_EPS, MAGIC, nearest_int, seqsum, sumsq_rows, wrap_u8
 
 QK_K = 256
 
@@ -56,12 +56,6 @@ def pack_q3_k_scales(ls: np.ndarray) -> np.ndarray:
     hi = (ls >> 4).reshape(-1, 4, 4)  # [n, s//4, s%4]
     out[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
     return out
-
-
-def _superblock_sigma2(x: np.ndarray) -> np.ndarray:
-    """sum of x^2 over each super-block, summed in order: [N]."""
-    xt = np.ascontiguousarray(x.T)
-    return seqsum(xt * xt)
 
 
 def _positive_max(v: np.ndarray) -> np.ndarray:
@@ -124,7 +118,7 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int):
         lm = np.minimum(63, wrap_u8(nearest_int(inv_min[:, None] * mins)))
         d_val, m_val = max_scale / F32(63), max_min / F32(63)
     else:
-        sigma2 = F32(2) * _superblock_sigma2(x) / F32(QK_K)
+        sigma2 = F32(2) * sumsq_rows(x) / F32(QK_K)
         w = qw * np.sqrt(sigma2[:, None] + x * x)
         ws = _sub(w, 32)
         sw = seqsum(ws)
@@ -676,7 +670,7 @@ def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         # the 6-bit values unpack to ls (to 0 where all scales are 0, but d is 0 there: every d == 0)
         sc = ls.astype(np.float32) - F32(32)
     else:
-        sigma2 = F32(2) * _superblock_sigma2(x) / F32(QK_K)
+        sigma2 = F32(2) * sumsq_rows(x) / F32(QK_K)
         w = qw * np.sqrt(sigma2[:, None] + x * x)
         sw = seqsum(_sub(w, 16))
         scales, iscale_best, all_zero = _qx_search(x.reshape(-1, 16).T, w.reshape(-1, 16).T, 4)
@@ -712,7 +706,7 @@ def q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         d16 = f32_to_f16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
         dmin16 = f32_to_f16(np.where(max_min > 0, max_min / F32(15), F32(0)))
     else:
-        sigma2 = _superblock_sigma2(x) / F32(QK_K)
+        sigma2 = sumsq_rows(x) / F32(QK_K)
         w = qw * np.sqrt(sigma2[:, None] + x * x)
         ws = _sub(w, 16)
         sw = seqsum(ws)
