@@ -40,12 +40,19 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+TYPES = ["Q6_K", "Q8_0", "Q5_K", "Q4_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def _blocks_per_row(type_name, k):
+    return k // (256 if type_name.endswith("_K") else 32)
+
+
 @needs_ext
-@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0", "Q5_K"])
+@pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 48, 256), (1, 37, 512), (3, 40, 768), (9, 16, 512)])
 def test_kernel_matches_reference_and_exact_fp32(type_name, m, n, k):
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks(type_name, n, k // (32 if type_name == "Q8_0" else 256), rng))
+    data = torch.from_numpy(random_blocks(type_name, n, _blocks_per_row(type_name, k), rng))
     x = torch.randn(m, k) * torch.rand(m, 1) * 10
     x[0, :7] *= 50  # an outlier block
     got = cpu_ext.ggml_matmul(x, data, type_name)
@@ -87,16 +94,58 @@ def test_q6k_kernel_edge_cases():
     with pytest.raises(RuntimeError, match="multiple of 256"):
         cpu_ext.ggml_matmul(torch.zeros(1, 300), data, "Q6_K")
     with pytest.raises(ValueError, match="no kernel"):
-        cpu_ext.ggml_matmul(torch.zeros(1, 256), data, "Q5_0")
+        cpu_ext.ggml_matmul(torch.zeros(1, 256), data, "Q2_K")
+    with pytest.raises(ValueError, match="no kernel"):
+        cpu_ext.tiled_matmul(torch.zeros(1, 256), data, "Q2_K")
 
 
-@pytest.mark.parametrize("type_name", ["Q6_K", "Q8_0", "Q5_K"])
+@pytest.mark.parametrize("type_name", TYPES)
 def test_reference_is_the_dequantized_matmul(type_name):
     """The reference itself (no extension needed): 15-bit activations + integer block sums ~= fp32 matmul."""
     rng = np.random.default_rng()
-    data = torch.from_numpy(random_blocks(type_name, 8, 16 if type_name == "Q8_0" else 2, rng))
+    data = torch.from_numpy(random_blocks(type_name, 8, _blocks_per_row(type_name, 512), rng))
     x = torch.randn(2, 512)
     assert rel(cpu_ext.reference_matmul(x, data, type_name), x @ dequantize_rows(data, type_name).t()) <= 1e-3
+
+
+def _needs_simd():
+    if not cpu_ext.uses_simd():
+        pytest.skip("the tiled prefill path is built only with AVX512")
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("m,n,k", [(8, 40, 512), (33, 300, 768), (64, 17, 256)])
+def test_tiled_prefill_matches_bf16_reference_and_exact_fp32(type_name, m, n, k):
+    """Many activation rows: bf16 tiles of the dequantized rows through torch's bf16 matmul. The dequantizer is
+    bit-exact with dequantize_rows rounded to bf16; the product equals the bf16 reference up to summation order
+    (one bf16 rounding of the output: 2^-9 relative), and the fp32 result up to bf16 rounding of x, w and the
+    output (each ~2^-9 relative per element, partly averaging out over a dot product: ~3e-3 measured)."""
+    _needs_simd()
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks(type_name, n, _blocks_per_row(type_name, k), rng))
+    x = torch.randn(m, k) * torch.rand(m, 1) * 10
+    assert torch.equal(cpu_ext.dequant_bf16(data, type_name), dequantize_rows(data, type_name).bfloat16())
+    got = cpu_ext.tiled_matmul(x, data, type_name)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert rel(got, cpu_ext.bf16_reference(x, data, type_name)) <= 4e-3
+    assert rel(got, x @ dequantize_rows(data, type_name).t()) <= 1e-2
+
+
+@needs_ext
+def test_tiled_prefill_spans_several_tiles():
+    """More weight rows than one ~1 MB tile (K = 256: 2048 rows a tile), and 2 threads splitting the dequantization."""
+    _needs_simd()
+    rng = np.random.default_rng()
+    data = torch.from_numpy(random_blocks("Q4_0", 5000, 8, rng))
+    x = torch.randn(12, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpu_ext.tiled_matmul(x, data, "Q4_0")
+    finally:
+        torch.set_num_threads(threads)
+    assert rel(two, cpu_ext.bf16_reference(x, data, "Q4_0")) <= 4e-3
 
 
 def test_sources_are_package_data():
@@ -207,18 +256,22 @@ def test_broken_source_raises_build_error(tmp_path, monkeypatch):
 
 @needs_ext
 @pytest.mark.parametrize("type_name,blocks,k,direct", [("Q6_K", 2, 512, True), ("Q8_0", 16, 512, True),
-                                                       ("Q5_K", 2, 512, True),
-                                                       ("Q8_0", 5, 160, False)])  # K % 256 != 0: grouped int8
+                                                       ("Q5_K", 2, 512, True), ("Q4_K", 2, 512, True),
+                                                       ("Q4_0", 16, 512, True), ("Q5_1", 8, 256, True),
+                                                       ("Q8_0", 5, 160, False),  # K % 256 != 0: grouped int8
+                                                       ("Q4_0", 5, 160, False)])  # ... and torch's int4 kernel
 def test_ggml_linear_uses_the_extension(type_name, blocks, k, direct):
     if not cpu_ext.uses_simd():
         pytest.skip("the runtime uses the extension only with AVX512-VNNI")
     rng = np.random.default_rng()
     data = torch.from_numpy(random_blocks(type_name, 32, blocks, rng))
     lin = GGMLLinear(type_name, data, (32, k), cpu_kernels=True)
-    x = torch.randn(2, 3, k)
-    out = lin(x)
+    exact = lambda x: x @ dequantize_rows(data, type_name).t()  # noqa: E731
+    x = torch.randn(2, 3, k)  # decode-sized: the integer kernels
+    assert rel(lin(x), exact(x)) <= (1e-3 if direct else 1e-2)
     assert isinstance(lin._fast, cpu.DirectGGML) == direct
-    assert rel(out, x @ dequantize_rows(data, type_name).t()) <= (1e-3 if direct else 1e-2)
+    x = torch.randn(1, cpu.PREFILL_ROWS, k)  # prefill-sized: bf16 tiles
+    assert rel(lin(x), exact(x)) <= 1e-2
 
 
 def _nano_gguf(tmp_path_factory, nano_path, ftype):
@@ -308,20 +361,57 @@ def test_compile_failure_falls_back_to_eager_decoding(nano_path, monkeypatch):
     assert got.tokens == Generator(model, max_len=32).generate(prompt, 6).tokens
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q5_K_M"])
+@pytest.fixture(scope="module")
+def nano_q4_0(tmp_path_factory, nano_path):
+    return _nano_gguf(tmp_path_factory, nano_path, "Q4_0")
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0"])
 def test_cpu_kernel_model_logits_match_the_exact_path(request, ftype):
-    """Whole mistral-nano GGUF: the cpu-kernels model (torch's int4 kernel + this extension's Q6_K/Q8_0/Q5_K) against
-    the exact fp32 dequantize-per-chunk path, prefill (M = 6) and one decode step (M = 1)."""
+    """Whole mistral-nano GGUF: the cpu-kernels model (this extension's kernels on every linear where it builds with
+    AVX512-VNNI) against the exact fp32 dequantize-per-chunk path: prefill of 6 tokens (integer kernels) and of 12
+    (bf16 tiles), and one decode step (M = 1)."""
     from quantkit.runtime.generate import Generator
     from quantkit.runtime.model import load_model
 
-    path = request.getfixturevalue({"Q4_K_M": "nano_q4_k_m", "Q8_0": "nano_q8_0", "Q5_K_M": "nano_q5_k_m"}[ftype])
+    path = request.getfixturevalue({"Q4_K_M": "nano_q4_k_m", "Q8_0": "nano_q8_0", "Q5_K_M": "nano_q5_k_m",
+                                    "Q4_0": "nano_q4_0"}[ftype])
     fast, exact = load_model(path, cpu_kernels=True), load_model(path)
-    prompt = torch.tensor([[1, 6843, 3714, 264, 727, 28725]])
     gf, ge = Generator(fast, max_len=16), Generator(exact, max_len=16)
+    long = torch.tensor([[1, 6843, 3714, 264, 727, 28725, 736, 264, 727, 3714, 6843, 264]])
+    assert long.shape[1] >= cpu.PREFILL_ROWS
+    assert rel(gf.forward(long, 0, all_logits=True), ge.forward(long, 0, all_logits=True)) <= 1e-2
+    prompt = long[:, :6]
     assert rel(gf.forward(prompt, 0, all_logits=True), ge.forward(prompt, 0, all_logits=True)) <= 1e-2
     step = torch.tensor([736])
     assert rel(gf.decode_step(step, 6), ge.decode_step(step, 6)) <= 1e-2
-    assert isinstance(fast.lm_head._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
-    if ftype in ("Q8_0", "Q5_K_M"):  # Q8_0 / Q5_K gate|up go through the extension too
-        assert isinstance(fast.model.layers[0].mlp.gate_up._fast, cpu.DirectGGML) == cpu_ext.uses_simd()
+    direct = cpu_ext.uses_simd()
+    assert isinstance(fast.lm_head._fast, cpu.DirectGGML) == direct
+    # every linear, Q4_0 / Q4_K included: no repacked copy of the weights
+    assert isinstance(fast.model.layers[0].mlp.gate_up._fast, cpu.DirectGGML) == direct
+    assert isinstance(fast.model.layers[0].self_attn.qkv._fast, cpu.DirectGGML) == direct
+
+
+def test_gguf_weights_are_read_in_place(nano_q4_0):
+    """A GGUF model's quantized weights are views of the file's memory map: nothing is copied at load (q|k|v and
+    gate|up, written next to each other, are fused as views too), and q/k rows are in HF order (exact logits: the
+    test above)."""
+    from quantkit.gguf.reader import GGUFModel
+    from quantkit.runtime.model import load_model
+
+    model = load_model(nano_q4_0, cpu_kernels=True)
+    layer = model.model.layers[1]
+    storage = model.lm_head.data.untyped_storage()
+    assert storage.nbytes() == nano_q4_0.stat().st_size  # the whole file, once
+    for mod in (layer.self_attn.qkv, layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_up,
+                layer.mlp.down_proj, model.model.embed_tokens):
+        assert mod.data.untyped_storage().data_ptr() == storage.data_ptr()
+    qkv, q = layer.self_attn.qkv.data, layer.self_attn.q_proj.data
+    assert qkv.data_ptr() == q.data_ptr() and qkv.shape[0] == q.shape[0] + 2 * layer.self_attn.k_proj.data.shape[0]
+    gguf = GGUFModel(nano_q4_0)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    first, again = gguf.load(name).data, gguf.load(name).data
+    assert np.array_equal(first, again)  # un-permuted once, in place
+    from quantkit.gguf.reader import unpermute_rows
+
+    assert np.array_equal(first, unpermute_rows(name, np.array(gguf.raw(name)), gguf.config))  # raw: file order

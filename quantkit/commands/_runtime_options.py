@@ -28,8 +28,9 @@ def runtime_options(fn):
     @click.option("--cache-dequant", is_flag=True,
                   help="Keep dequantized weights after first use (faster on CPU, uses full-precision memory).")
     @click.option("--cpu-kernels/--no-cpu-kernels", "cpu_kernels", default=True, show_default=True,
-                  help="On CPU, run torch's int4/int8 matmul kernels (bf16 math) instead of the exact fp32 "
-                       "dequantize-per-chunk path.")
+                  help="On CPU, run the fast kernels instead of the exact fp32 dequantize-per-chunk path: for "
+                       "GGUF blocks, integer kernels on the file's bytes (AVX512-VNNI; 15-bit activations) and bf16 "
+                       "tiles for prompts; for GPTQ/AWQ codes, torch's int4/int8 kernels (bf16 math).")
     @click.option("--compile", "compile_step", is_flag=True,
                   help="On CPU, compile the decode step with torch.compile (first use takes ~10-60 s; then several "
                        "times faster per token on small models).")

@@ -282,6 +282,8 @@ class GGUFModel:
     def __init__(self, path: str | Path):
         self.file = parse_gguf(path)
         self.path = self.file.path
+        self._bytes: torch.Tensor | None = None  # the file's private mapping (_mapping)
+        self._unpermuted: set[str] = set()  # q/k tensors already put in HF row order inside it
         self.config = config_from_kv(self.file.kv, self.file.tensors, self.path)
         self.names: dict[str, GGUFTensorInfo] = {}
         expected = self.config.expected_shapes()
@@ -299,19 +301,42 @@ class GGUFModel:
             raise FormatError(f"{self.path}: tensor {arch.to_gguf(missing[0])!r} is missing")
 
     def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored in the file (GGUF row order), [rows, bytes per row], read-only."""
         info = self.names[name]
         data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-        rows = 1
-        for d in info.shape[:-1]:
-            rows *= d
-        return data.reshape(rows, -1)
+        return data.reshape(_rows(info), -1)
+
+    def _mapping(self) -> torch.Tensor:
+        """The whole file as one uint8 tensor over a private (copy-on-write) memory map, made on first use. `load`
+        serves views into it: nothing is copied at load, pages come in from the page cache as they are first read,
+        and tensors that are neighbours in the file stay neighbours in memory (runtime/model.py fuses such q|k|v and
+        gate|up rows without a copy)."""
+        if self._bytes is None:
+            with open(self.path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._bytes = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the map alive as long as any view
+        return self._bytes
 
     def load(self, name: str):
+        """The tensor under its canonical name, in HF row order: a view into the file's private mapping (q/k rows
+        are un-permuted in place there, once: those pages become private to this process). Every load of a name
+        returns the same bytes; callers must not write into them."""
         info = self.names[name]
-        rows = unpermute_rows(name, np.array(self.raw(name)), self.config)
+        rows = self._mapping()[info.offset:info.offset + info.nbytes].numpy().reshape(_rows(info), -1)
+        if self.config.rope_heads(name) and name not in self._unpermuted:
+            rows[...] = np.array(unpermute_rows(name, rows, self.config))
+            self._unpermuted.add(name)
         if is_float_type(info.type_name):
             return torch.from_numpy(np.ascontiguousarray(rows)).view(torch_dtype(info.type_name)).reshape(info.shape)
         return GGMLTensor(info.type_name, info.shape, np.ascontiguousarray(rows))
+
+
+def _rows(info: GGUFTensorInfo) -> int:
+    rows = 1
+    for d in info.shape[:-1]:
+        rows *= d
+    return rows
+
 
 def tokenizer_model_path(kv: dict[str, Any], cache_dir: Path | None = None) -> Path | None:
     """Rebuild (once, cached by content hash) a sentencepiece tokenizer.model from the GGUF vocabulary."""

@@ -6,10 +6,14 @@ activation quantization; the exact path stays the default).
   (w = (q - 8) * scale + zero). Serves int4 QuantTensors, Q4_0, Q4_1 and Q4_K (sub-block scale and min folded).
 - `GroupedInt8CPU`: int8 codes per group with a per-(row, group) scale and optional additive offset ->
   one `aten._weight_int8pack_mm` per group plus `sum_g(x_g) @ offset`. Serves Q8_0, Q6_K, Q5_K and int8.
-- `DirectGGML`: the block bytes as stored (no repacked copy), through the C++ extension kernels/cpu_ext.py
-  (Q6_K, Q8_0, Q5_K; activations rounded to 15-bit integers, exact integer block sums, rel. error ~5e-5) — used
-  instead of the grouped int8 path where the extension builds with AVX512-VNNI (and K % 256 == 0).
-References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul.
+- `DirectGGML`: the block bytes as stored (no repacked copy: a memory-mapped GGUF is read in place), through the
+  C++ extension kernels/cpu_ext.py (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). Fewer than `PREFILL_ROWS`
+  activation rows (decode): integer VNNI kernels (activations rounded to 15-bit integers, exact integer block sums,
+  rel. error ~5e-5); more (prefill): tiles of weight rows dequantized to bf16 and multiplied by torch's bf16 matmul
+  (AMX where the CPU has it; bf16 rounding, rel. error ~3e-3). Used instead of the int4/int8 paths above where the
+  extension builds with AVX512-VNNI (and K % 256 == 0).
+References: `int4_reference` / `int8_reference` (dequantize to fp32 and matmul); cpu_ext.reference_matmul and
+cpu_ext.bf16_reference.
 """
 
 from __future__ import annotations
@@ -128,6 +132,11 @@ def ggml_parts(data: torch.Tensor, type_name: str):
     return None
 
 
+# activation rows from which the dequantize-a-tile + bf16 matmul path beats the integer kernels (7B shapes, one
+# core: at 4 rows the VNNI kernel is ~2x faster, at 16 the tiled path is ~2.5x faster)
+PREFILL_ROWS = 8
+
+
 class DirectGGML:
     """x @ W^T on ggml block bytes kept exactly as stored (kernels/cpu_ext.py)."""
 
@@ -135,14 +144,16 @@ class DirectGGML:
         self.data, self.type_name = data.contiguous(), type_name
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        from quantkit.kernels.cpu_ext import ggml_matmul
+        from quantkit.kernels.cpu_ext import ggml_matmul, tiled_matmul
 
+        if x2.shape[0] >= PREFILL_ROWS:
+            return tiled_matmul(x2, self.data, self.type_name).to(x2.dtype)
         return ggml_matmul(x2, self.data, self.type_name).to(x2.dtype)
 
 
 def direct_ggml(data: torch.Tensor, type_name: str) -> DirectGGML | None:
-    """The extension's kernel for this type, or None (type not covered, no compiler here, or no AVX512-VNNI: the
-    portable loop is ~5x slower than the grouped int8 path, so it only serves as a tested fallback)."""
+    """The extension's kernels for this type, or None (type not covered, no compiler here, or no AVX512-VNNI: the
+    portable loop is ~5x slower than torch's int4/int8 paths, so it only serves as a tested fallback)."""
     from quantkit.kernels import cpu_ext
 
     if type_name not in cpu_ext.SUPPORTED or data.shape[1] % type_size(type_name):

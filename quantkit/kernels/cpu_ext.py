@@ -6,22 +6,28 @@ first use with `torch.utils.cpp_extension.load` (-O3 -march=native, cached in to
 a name that includes the CPU capability) and loads it as the operator library `torch.ops.quantkit_cpu`. It also holds
 the Python side: `available()` / `reason()` / `uses_simd()`, `ggml_matmul` and the plain-torch references.
 
-`ggml_matmul(x [M, K] float32, data uint8 [N, row bytes], "Q6_K" | "Q8_0") -> [M, N] float32` (K % 256 == 0)
+`ggml_matmul(x [M, K] float32, data uint8 [N, row bytes], type) -> [M, N] float32` (K % 256 == 0) for the types in
+SUPPORTED (Q6_K, Q8_0, Q5_K, Q4_K, Q4_0, Q4_1, Q5_0, Q5_1): the integer kernels, for decode (few rows of x).
+`tiled_matmul(x, data, type)` is the prefill path (many rows): tiles of ~1 MB of weight rows dequantized to bf16
+(`dequant_bf16`, bit-exact with `dequantize_rows(...).bfloat16()`) and multiplied by torch's bf16 matmul (oneDNN,
+AMX where present); reference `bf16_reference`. The weights are always read where they lie (a memory-mapped GGUF).
 
 Math: each row of `x` is rounded to 15-bit integers per 256 values (`quantize_x15`: d = max|x| / 16383,
 q = round(x / d); much finer than llama.cpp's 8-bit activations and than the bf16 of the int4/int8 torch kernels).
 Every block's dot product with the integer codes is then an exact integer, and the float scales are applied per
 block: Q6_K d_w * d_x * sum_j sc_j * sum((code - 32) * q) over its 16-value sub-blocks; Q8_0
 d_w * d_x * sum(code * q) per 32 values; Q5_K d_x * (d * sum_s sc_s * sum(code * q) - dmin * sum_s m_s * sum(q))
-over its 32-value sub-blocks. `reference_matmul` is that computation in plain torch (equal up to float summation
-order); `x @ dequantize_rows(data).T` in fp32 is the exact result it approximates (relative error ~5e-5, from the
-activation rounding).
+over its 32-value sub-blocks (Q4_K the same without the fifth bit); Q4_0/Q5_0 d_x * d * (sum(code * q) - offset *
+sum(q)) and Q4_1/Q5_1 d_x * (d * sum(code * q) + m * sum(q)) per 32 values. `reference_matmul` is that
+computation in plain torch (equal up to float summation order); `x @ dequantize_rows(data).T` in fp32 is the exact
+result it approximates (relative error ~5e-5, from the activation rounding).
 
 The AVX512-VNNI path (where -march=native provides it) splits q = 128 * hi + lo into two int8 digits and runs
 `vpdpbusd` (64 unsigned-code x signed-digit multiply-adds per instruction) twice per 64 values, restoring any code
-offset (-32 for Q6_K; +128 added to make Q8_0's signed codes unsigned) from per-block activation sums, and reduces
-16 weight rows at once. Elsewhere a portable scalar loop computes the same integers (~35x slower, so the runtime
-uses these kernels only where `uses_simd()`; kernels/cpu.py keeps torch's grouped int8 path otherwise).
+offset (-32 for Q6_K, -8 / -16 for Q4_0 / Q5_0; +128 added to make Q8_0's signed codes unsigned) from per-block
+activation sums, and reduces 16 weight rows at once (each tile of 16 rows serves every row of x before the next).
+Elsewhere a portable scalar loop computes the same integers (~35x slower, so the runtime uses these kernels only
+where `uses_simd()`; kernels/cpu.py keeps torch's int4 / grouped int8 paths otherwise).
 Weight rows are split across torch's intra-op threads.
 
 When it cannot be built — two different cases:
@@ -48,13 +54,18 @@ import torch
 
 from quantkit.errors import KernelBuildError
 from quantkit.ggml_types import f16_to_f32
-from quantkit.kernels.ggml_ref import _blocks, _q4k_codes, k_scale_min
+from quantkit.kernels.ggml_ref import _blocks, _nibbles32, _q4k_codes, _qh32, dequantize_rows, k_scale_min
 
-SUPPORTED = ("Q6_K", "Q8_0", "Q5_K")
+# type name -> operator (torch.ops.quantkit_cpu.*) of the integer kernels
+_OPS = {"Q6_K": "q6k_matmul", "Q8_0": "q8_0_matmul", "Q5_K": "q5k_matmul", "Q4_K": "q4k_matmul",
+        "Q4_0": "q4_0_matmul", "Q4_1": "q4_1_matmul", "Q5_0": "q5_0_matmul", "Q5_1": "q5_1_matmul"}
+SUPPORTED = tuple(_OPS)
+# legacy 32-value block types: (offset of the fp16 min or None, offset subtracted from the codes)
+_LEGACY = {"Q4_0": (None, 8), "Q4_1": (2, 0), "Q5_0": (None, 16), "Q5_1": (2, 0)}
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # package data (pyproject.toml [tool.setuptools.package-data])
 SOURCES = (CSRC / "cpu_ext.cpp",)
-CFLAGS = ["-O3", "-march=native"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for is serial without it
 _OUTPUT_LINES = 15  # compiler output lines a KernelBuildError carries
 
 _lock = threading.Lock()
@@ -133,10 +144,14 @@ def build(sources: Sequence[str | os.PathLike] | None = None, name: str | None =
 
 def _build_and_register() -> None:
     build()
-    for op in ("q6k_matmul", "q8_0_matmul", "q5k_matmul"):
+    for op in _OPS.values():
         @torch.library.register_fake(f"quantkit_cpu::{op}")
         def _(x, data, portable=False):
             return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("quantkit_cpu::tiled_matmul")
+    def _(x, data, type):
+        return x.new_empty((x.shape[0], data.shape[0]), dtype=torch.float32)
 
 
 def available() -> bool:
@@ -178,15 +193,26 @@ def uses_simd() -> bool:
 
 
 def ggml_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str, portable: bool = False) -> torch.Tensor:
-    """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32. `portable`: the scalar loop
-    even where the SIMD path exists (same integers; for tests)."""
-    if type_name == "Q6_K":
-        return torch.ops.quantkit_cpu.q6k_matmul(x2, data, portable)
-    if type_name == "Q8_0":
-        return torch.ops.quantkit_cpu.q8_0_matmul(x2, data, portable)
-    if type_name == "Q5_K":
-        return torch.ops.quantkit_cpu.q5k_matmul(x2, data, portable)
-    raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
+    """x2 [M, K] @ W^T for ggml block bytes data [N, row bytes] -> [M, N] float32, by the integer kernels (15-bit
+    activations). `portable`: the scalar loop even where the SIMD path exists (same integers; for tests)."""
+    if type_name not in _OPS:
+        raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
+    return getattr(torch.ops.quantkit_cpu, _OPS[type_name])(x2, data, portable)
+
+
+def tiled_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x2 [M, K] @ W^T for many activation rows (prefill): tiles of weight rows dequantized to bf16 and multiplied
+    with torch's bf16 matmul (oneDNN; AMX where the CPU has it) -> [M, N] float32. Reference: `bf16_reference`.
+    Needs the AVX512 build (`uses_simd()`)."""
+    if type_name not in _OPS:
+        raise ValueError(f"cpu_ext: no kernel for {type_name} (supported: {', '.join(SUPPORTED)})")
+    return torch.ops.quantkit_cpu.tiled_matmul(x2, data, type_name)
+
+
+def dequant_bf16(data: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The tiled path's dequantizer on its own: block bytes [N, row bytes] -> [N, K] bfloat16 (round to nearest
+    even of the fp32 weights; equals `dequantize_rows(data).bfloat16()`)."""
+    return torch.ops.quantkit_cpu.dequant_bf16(data, type_name)
 
 
 # ---- plain torch references ----
@@ -218,8 +244,37 @@ def q6k_codes_scales(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return codes, scales, f16_to_f32(b[..., 208:210])
 
 
+def bf16_reference(x2: torch.Tensor, data: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Plain torch version of `tiled_matmul`: bf16 activations times bf16-rounded dequantized weights (fp32
+    accumulation), rounded to bf16 like the kernel's matmul output."""
+    w = dequantize_rows(data, type_name).bfloat16().float()
+    return (x2.bfloat16().float() @ w.t()).bfloat16().float()
+
+
+def legacy_codes(data: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Q4_0/Q4_1/Q5_0/Q5_1 bytes -> (codes int32 [N, K/32, 32] in 0..31, d float32 [N, K/32], m float32 or None,
+    offset): w = d * (code - offset) + m."""
+    b = _blocks(data, type_name)
+    min_at, offset = _LEGACY[type_name]
+    qh_at = None if type_name.startswith("Q4") else (2 if min_at is None else 4)
+    qs_at = 2 + (2 if min_at is not None else 0) + (4 if qh_at is not None else 0)
+    codes = _nibbles32(b[..., qs_at:qs_at + 16])
+    if qh_at is not None:
+        codes = codes | (_qh32(b[..., qh_at:qh_at + 4]) << 4)
+    m = f16_to_f32(b[..., 2:4]) if min_at is not None else None
+    return codes, f16_to_f32(b[..., 0:2]), m, offset
+
+
 def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_K") -> torch.Tensor:
     """Plain torch version of the kernel's arithmetic (15-bit activations, exact integer sub-block sums)."""
+    if type_name in _LEGACY:
+        codes, d, m, offset = legacy_codes(data, type_name)  # [N, nb32, 32]
+        q, dx = quantize_x15(x2)
+        qb = q.double().reshape(q.shape[0], -1, 32)  # [M, nb32, 32]
+        dots = torch.einsum("nbk,mbk->mnb", codes.double(), qb)  # exact integers
+        xs = qb.sum(-1)[:, None]  # [M, 1, nb32]
+        per_block = d.double()[None] * (dots - offset * xs) + (0 if m is None else m.double()[None] * xs)
+        return (per_block * dx.double().repeat_interleave(8, 1)[:, None]).sum(-1).float()
     if type_name == "Q8_0":
         b = _blocks(data, "Q8_0")  # [N, K/32, 34]
         codes = b[..., 2:34].contiguous().view(torch.int8).double()  # [N, nb32, 32]
@@ -228,13 +283,16 @@ def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_
         sums = torch.einsum("nbk,mbk->mnb", codes, qb)  # exact integers
         scale = f16_to_f32(b[..., 0:2]).double()[None] * dx.double().repeat_interleave(8, 1)[:, None]
         return (sums * scale).sum(-1).float()
-    if type_name == "Q5_K":
-        b = _blocks(data, "Q5_K")  # [N, nb, 176]
+    if type_name in ("Q4_K", "Q5_K"):
+        b = _blocks(data, type_name)  # [N, nb, 144 | 176]
         d, dmin = f16_to_f32(b[..., 0:2]).double(), f16_to_f32(b[..., 2:4]).double()
         sc, mn = k_scale_min(b[..., 4:16])  # [N, nb, 8] each
-        qh = b[..., 16:48].to(torch.int32)
-        high = ((qh[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
-        codes = (_q4k_codes(b[..., 48:176]) | high).double()  # [N, nb, 8, 32]
+        if type_name == "Q4_K":
+            codes = _q4k_codes(b[..., 16:144]).double()  # [N, nb, 8, 32]
+        else:
+            qh = b[..., 16:48].to(torch.int32)
+            high = ((qh[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
+            codes = (_q4k_codes(b[..., 48:176]) | high).double()
         q, dx = quantize_x15(x2)  # [M, nb, 256], [M, nb]
         qs = q.double().reshape(q.shape[0], q.shape[1], 8, 32)
         dots = torch.einsum("nbsk,mbsk->mnbs", codes, qs)  # exact integers

@@ -20,7 +20,8 @@ from torch import nn
 from quantkit.errors import CheckpointError, DeviceError, FormatError
 from quantkit.model.reference import Transformer
 from quantkit.tensors import GGMLTensor, QuantTensor, first_nonfinite
-from quantkit.runtime.qlinear import BACKENDS, GGMLEmbedding, GGMLLinear, QuantLinear, is_block_type
+from quantkit.runtime.qlinear import (BACKENDS, GGMLEmbedding, GGMLLinear, QuantLinear, adjacent_rows, is_block_type,
+                                      shares_storage)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -205,7 +206,12 @@ def _fuse_group(parts: list[nn.Module]) -> nn.Module | None:
         if any(m.type_name != first.type_name or m.in_features != first.in_features or m.backend != first.backend
                or m.cache_dequant for m in parts):
             return None
-        data = torch.cat([m.data for m in parts], 0)
+        datas = [m.data for m in parts]
+        data = adjacent_rows(datas)  # neighbours in the file's mapping: a view, no copy
+        if data is None:
+            if shares_storage(datas):  # views into a file mapping that are not neighbours: a copy would duplicate
+                return None  # weights already in memory, so they stay three (two) matmuls
+            data = torch.cat(datas, 0)
         fused = GGMLLinear(first.type_name, data, (data.shape[0], first.in_features), first.backend,
                            cpu_kernels=first.cpu_kernels)
         start = 0

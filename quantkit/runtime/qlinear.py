@@ -10,8 +10,10 @@ Backends: `triton` (GPU kernels, kernels/int_matmul.py and kernels/ggml_matmul.p
 one chunk of input rows at a time and accumulates, so at most `chunk_elems` weights exist in full precision).
 `cache_dequant=True` (torch backend only) keeps the dequantized matrix after the first call: it trades the
 memory saving for speed and is labelled as such wherever it is reported.
-`cpu_kernels=True` (torch backend on CPU) runs torch's int4/int8 CPU matmul kernels (kernels/cpu.py) on a
-repacked copy of the codes built at first use (bf16 arithmetic: not bit-comparable with the exact fp32 path).
+`cpu_kernels=True` (torch backend on CPU) runs the fast CPU kernels of kernels/cpu.py: for ggml block types the C++
+extension's kernels directly on the stored block bytes (`DirectGGML`: a memory-mapped GGUF is read in place, no
+copy) where it builds with AVX512-VNNI, else torch's int4/int8 kernels on a repacked copy of the codes built at
+first use (bf16 arithmetic: not bit-comparable with the exact fp32 path).
 """
 
 from __future__ import annotations
@@ -224,9 +226,45 @@ class GGMLEmbedding(nn.Module):
 
 
 def _block_bytes(t: GGMLTensor) -> torch.Tensor:
+    """The block bytes as a uint8 tensor [rows, bytes per row] sharing the GGMLTensor's memory (no copy). When that
+    memory is a numpy view of a torch tensor (the GGUF reader's file mapping), the result is a view of the same torch
+    storage, so neighbouring tensors of one file can be fused without a copy (`adjacent_rows`)."""
     import numpy as np
 
-    return torch.from_numpy(np.ascontiguousarray(t.data).reshape(t.shape[0], -1))
+    arr = np.ascontiguousarray(t.data).reshape(t.shape[0], -1)
+    base = arr.base
+    while base is not None and not isinstance(base, torch.Tensor):
+        base = getattr(base, "base", None)
+    if base is None or base.dtype != torch.uint8:
+        return torch.from_numpy(arr)
+    storage = base.untyped_storage()
+    offset = arr.ctypes.data - storage.data_ptr()
+    if not 0 <= offset <= storage.nbytes() - arr.size:
+        return torch.from_numpy(arr)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, offset, arr.shape, (arr.shape[1], 1))
+
+
+def adjacent_rows(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One [sum of rows, row bytes] view over row blocks that lie back to back in one storage (q|k|v or gate|up of a
+    memory-mapped GGUF, written in that order), or None when they do not."""
+    first = parts[0]
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    for t in parts:
+        if (t.dim() != 2 or not t.is_contiguous() or t.shape[1] != first.shape[1] or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+
+
+def shares_storage(parts: list[torch.Tensor]) -> bool:
+    """True when the tensors are views into one larger storage (e.g. a file mapping): concatenating them would copy
+    memory that is already there."""
+    ptr = parts[0].untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() == ptr and t.untyped_storage().nbytes() > t.numel() * t.element_size()
+               for t in parts)
 
 
 def _triton_types() -> tuple[str, ...]:
