@@ -292,3 +292,30 @@ def test_symmetric_v2_zeros_labelled_v1_are_recognised(source, tmp_path):
     ckpt = read_checkpoint(out)
     name = "model.layers.0.mlp.up_proj.weight"
     assert_same(kept[name], ckpt.get(name), name)
+
+
+def test_spilled_shard_writes_save_files_bytes(tmp_path):
+    """Output shards are built from a spill file, never held in memory; the bytes equal safetensors' save_file
+    (tensor layout by dtype then name, header, padding) for every dtype quantkit writes, empty and 0-d included."""
+    from safetensors.torch import save_file
+
+    from quantkit.formats.hf_dir import SAFETENSORS_DTYPES, SpilledShard
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(SAFETENSORS_DTYPES):
+        base = torch.randn(3 + i, 5, generator=gen) * 50
+        tensors[f"layer.{i}.{str(dtype)[6:]}"] = base > 0 if dtype == torch.bool else base.to(dtype)
+    tensors["b.empty"] = torch.zeros(0, 4, dtype=torch.float16)
+    tensors["a.scalar"] = torch.tensor(3.5)
+    tensors["z.view"] = torch.arange(24, dtype=torch.int32).reshape(4, 6).t()  # not contiguous
+    shard = SpilledShard(tmp_path / ".spill")
+    for name, t in tensors.items():
+        shard.add(name, t)
+    shard.write(tmp_path / "ours.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"),
+              metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert not shard and (tmp_path / ".spill").stat().st_size == 0  # the spill restarts for the next shard
+    shard.close()
+    assert not (tmp_path / ".spill").exists()

@@ -122,8 +122,6 @@ def test_plan_bad_input():
         build_plan(small, preset="w4a16-g128", formats=["dump"])
     with pytest.raises(SchemeError, match="needs --type"):
         build_plan(NANO, formats=["gguf"])
-    with pytest.raises(SchemeError, match="same run"):
-        build_plan(NANO, formats=["gguf", "dump"], gguf_type="Q4_K_M")
     with pytest.raises(SchemeError, match="unknown method"):
         build_plan(NANO, method="hqq", formats=["dump"])
 
@@ -188,3 +186,22 @@ def test_the_plan_says_what_stays_in_float_and_why():
     assert build_plan(cfg, formats=["gguf"], gguf_type="Q4_K_M", preset=None).kept_in_float() == [gptq[0]]
     kept = build_plan(cfg, preset="w4a16-g128", formats=["gptq"], overrides=[r"-:.*layers\.0\..*"]).kept_in_float()
     assert kept[-1] == "7 linear weights: kept by --override"
+
+
+def test_integer_formats_and_gguf_in_one_plan():
+    """--format gptq,gguf --type Q4_K_M: each tensor has its integer scheme and its GGUF type; each output's size is
+    its own; an override with a ggml type goes to the GGUF file, one with a preset to the integer format."""
+    plan = build_plan(NANO, preset="w4a16-g128", formats=["gptq", "gguf"], gguf_type="Q4_K_M", method="gptq",
+                      overrides=["re:.*down_proj.*=w8a16", "re:.*o_proj.*=Q8_0"])
+    alone_int = build_plan(NANO, preset="w4a16-g128", formats=["gptq"], method="gptq",
+                           overrides=["re:.*down_proj.*=w8a16"])
+    alone_gguf = build_plan(NANO, formats=["gguf"], gguf_type="Q4_K_M", method="gptq", overrides=["re:.*o_proj.*=Q8_0"])
+    assert plan.mixed and not alone_int.mixed
+    assert plan.targets() == alone_int.targets()
+    assert plan.targets("gguf") == alone_gguf.targets()
+    assert plan.bytes_out("gptq") == alone_int.bytes_out("gptq")
+    assert plan.bytes_out("gguf") == alone_gguf.bytes_out("gguf")
+    assert plan.preset == "w4a16-g128" and plan.gguf_type == "Q4_K_M"
+    o_proj = next(e for e in plan.entries if e.name.endswith("layers.0.self_attn.o_proj.weight"))
+    assert o_proj.label() == "int4 g128 sym | Q8_0"
+    assert "method gptq, w4a16-g128 + Q4_K_M, format gptq,gguf" in plan.render()

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantkit import __version__
 from quantkit.io import read_json_object
@@ -45,7 +44,7 @@ class OutputDir:
         self.stem = stem
         self._parts: list[Path] = []
         self._weight_map: dict[str, int] = {}
-        self._current: dict[str, torch.Tensor] = {}
+        self._shard = SpilledShard(self.tmp / f".{stem}.spill")
         self._used = 0
         self.total_bytes = 0
         self.closed = False
@@ -56,19 +55,19 @@ class OutputDir:
         if name in self._weight_map:
             raise FormatError(f"tensor {name!r} written twice")
         size = tensor_nbytes(tensor)
-        if self._current and self._used + size > self.max_shard_bytes:
+        if self._shard and self._used + size > self.max_shard_bytes:
             self._flush()
-        self._current[name] = tensor.detach().to("cpu").contiguous()
+        self._shard.add(name, tensor)
         self._weight_map[name] = len(self._parts)
         self._used += size
         self.total_bytes += size
 
     def _flush(self) -> None:
-        if self._current:
+        if self._shard:
             part = self.tmp / f"{self.stem}-{len(self._parts):05d}.part.safetensors"
-            save_file(self._current, str(part), metadata={"format": "pt"})
+            self._shard.write(part)
             self._parts.append(part)
-            self._current, self._used = {}, 0
+            self._used = 0
 
     def tensor_names(self) -> list[str]:
         return list(self._weight_map)
@@ -96,6 +95,7 @@ class OutputDir:
     def finish(self) -> Path:
         """Write the last shard and the index, then rename the temporary directory to `out`."""
         self._flush()
+        self._shard.close()
         files = [shard_file_name(i, len(self._parts), self.stem) for i in range(len(self._parts))]
         for part, fname in zip(self._parts, files):
             part.rename(self.tmp / fname)
@@ -108,8 +108,72 @@ class OutputDir:
         return self.out
 
     def abort(self) -> None:
+        self._shard.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.closed = True
+
+
+# safetensors' dtype names, in the order of its Rust `Dtype` enum (save_file lays tensors out by descending dtype,
+# then by name); a test checks the bytes against save_file's
+SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                      torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+                      torch.float64: "F64", torch.int64: "I64"}
+_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+                "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+
+
+class SpilledShard:
+    """One safetensors shard built without holding its tensors in memory: each tensor's bytes go to a spill file
+    as it arrives (safetensors puts a header with every offset first, so the shard itself can only be written
+    once all of its tensors are known); `write` lays them out as `save_file` does — the same bytes — copying from
+    the spill in chunks. A 4 GB shard of a 7B model otherwise sat in RAM until the end of the run."""
+
+    def __init__(self, spill: Path):
+        self.spill_path = spill
+        self._spill = None
+        self._entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, spill offset, bytes
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"{name}: dtype {t.dtype} cannot be stored in safetensors by quantkit")
+        if self._spill is None:
+            self._spill = open(self.spill_path, "w+b")
+        offset = self._spill.tell()
+        self._spill.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries.append((name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), offset, t.numel() * t.element_size()))
+
+    def write(self, path: Path) -> None:
+        """The shard as `save_file(tensors, path, metadata={"format": "pt"})` would write it; the spill restarts."""
+        order = sorted(self._entries, key=lambda e: (-_DTYPE_ORDER.index(e[1]), e[0]))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        start = 0
+        for name, dtype, shape, _, nbytes in order:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + nbytes]}
+            start += nbytes
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._spill.flush()
+        with open(path, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little") + blob)
+            for _, _, _, offset, nbytes in order:
+                self._spill.seek(offset)
+                while nbytes:
+                    chunk = self._spill.read(min(nbytes, 64 << 20))
+                    out.write(chunk)
+                    nbytes -= len(chunk)
+        self._spill.seek(0)
+        self._spill.truncate()
+        self._entries = []
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self.spill_path.unlink(missing_ok=True)
 
 
 # ---- config / provenance / card ----

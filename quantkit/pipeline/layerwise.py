@@ -41,7 +41,7 @@ from quantkit.ggml_types import is_block_type, is_float_type
 from quantkit.io import write_error
 from quantkit.model import arch
 from quantkit.model.reference import DecoderLayer, sequence_inputs
-from quantkit.pipeline.plan import Target, target_label
+from quantkit.pipeline.plan import COMPUTE_DTYPES, Target, target_label
 from quantkit.pipeline.workdir import WORK_VERSION, WorkDir
 from quantkit.quant import awq
 from quantkit.quant.rtn import quantize_rtn, sqnr_db
@@ -59,6 +59,7 @@ class PipelineOptions:
     block_size: int = 128
     static_groups: bool = True
     device: str = "cpu"
+    compute_dtype: str = "float32"  # GPTQ's calibration forwards and Hessian products: float32 | bfloat16
     batch_size: int = 8  # calibration samples per forward pass
     collect_imatrix: bool = False  # also collect Σx² for every linear (saved for GGUF / returned)
     importance_for_ggml: bool = True  # use the collected imatrix when encoding ggml types with rtn
@@ -68,6 +69,17 @@ class PipelineOptions:
         d.pop("device")  # results do not depend on where they were computed... within fp noise
         d.pop("batch_size")
         return d
+
+
+@dataclass
+class Companion:
+    """A second set of targets quantized from the same calibration as the first (GGUF types beside integer
+    formats), handed to its own writer. The first set's weights drive the layer's forward; each companion tensor
+    is quantized from the same unquantized weight and Hessian as the first set's."""
+
+    name: str  # what log rows of it say under "output", e.g. "gguf"
+    targets: dict[str, Target]
+    writer: Any
 
 
 @dataclass
@@ -89,8 +101,11 @@ def _target_fingerprint(target: Target) -> Any:
     return target
 
 
-def run_fingerprint(ckpt, targets: dict[str, Target], options: PipelineOptions, calib_sha: str | None) -> str:
+def run_fingerprint(ckpt, targets: dict[str, Target], options: PipelineOptions, calib_sha: str | None,
+                    companion_targets: dict[str, Target] | None = None) -> str:
     payload = {"source": ckpt.fingerprint(), "targets": {k: _target_fingerprint(v) for k, v in targets.items()},
+               **({"companion": {k: _target_fingerprint(v) for k, v in companion_targets.items()}}
+                  if companion_targets else {}),
                "options": options.fingerprint_dict(), "calibration": calib_sha, "version": __version__,
                "work_version": WORK_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -140,11 +155,11 @@ class _Collector:
 
     def __call__(self, module, args):
         x = args[0].detach()
-        flat = x.reshape(-1, x.shape[-1]).float()
+        flat = x.reshape(-1, x.shape[-1])  # in the forward's dtype: GPTQ's Hessian products run in it
         if self.gptq is not None:
             self.gptq.add_batch(flat)
         if self.imatrix:
-            s = flat.pow(2).sum(0)
+            s = flat.float().pow(2).sum(0)
             self.sum_sq = s if self.sum_sq is None else self.sum_sq + s
             self.count += flat.shape[0]
         if self.stop:
@@ -158,7 +173,7 @@ class LayerwiseQuantizer:
                  options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
                  calibration: dict[str, Any] | None = None, progress: bool = True,
                  log_fn: Callable[[str], None] | None = None, importance: dict[str, torch.Tensor] | None = None,
-                 keep_work: bool = False):
+                 keep_work: bool = False, companion: Companion | None = None):
         self.ckpt = ckpt
         self.keep_work = keep_work  # after success, leave the work dir to the caller (it places the outputs first)
         self.work: WorkDir | None = None
@@ -170,11 +185,17 @@ class LayerwiseQuantizer:
         if unknown:
             raise SchemeError(f"plan names tensor {unknown[0]!r}, which the checkpoint does not have")
         self.writers = writers
+        # a second target set from the same calibration (GGUF beside integer formats), for its own writer
+        self.companion = companion
+        self.companion_name = companion.name if companion is not None else ""
+        self.companion_targets = ({n: companion.targets.get(n) for n in ckpt.tensor_names()}
+                                  if companion is not None else {})
+        self.companion_results: dict[str, Any] = {}  # the current layer's companion tensors
         self.options = options
         self.method = options.method
         if self.method not in ("rtn", "gptq", "awq"):
             raise SchemeError(f"unknown method {self.method!r}; choose rtn, gptq or awq")
-        ggml_quant = any(is_block_type(t) for t in self.targets.values())
+        ggml_quant = any(is_block_type(t) for t in [*self.targets.values(), *self.companion_targets.values()])
         self.uses_imatrix = options.collect_imatrix or (ggml_quant and self.method == "rtn" and calib_tokens is not None
                                                         and options.importance_for_ggml and not self.given_importance)
         self.needs_forward = self.method in ("gptq", "awq") or self.uses_imatrix
@@ -183,6 +204,12 @@ class LayerwiseQuantizer:
         self.tokens = calib_tokens if self.needs_forward else None
         self.calibration = calibration or {}
         self.device = torch.device(options.device)
+        if options.compute_dtype not in COMPUTE_DTYPES:
+            raise SchemeError(f"compute dtype {options.compute_dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        # what the calibration activations, the layer's forward and the Hessian products run in (GPTQ only: AWQ's
+        # search and the imatrix pass stay in float32)
+        self.act_dtype = getattr(torch, options.compute_dtype) if self.method == "gptq" else torch.float32
+        self._masters: dict[str, torch.Tensor] = {}  # the source weights of the layer when it runs in bf16
         self.work_dir = Path(work_dir) if work_dir else None
         self.resume = resume
         self.progress = progress
@@ -197,38 +224,48 @@ class LayerwiseQuantizer:
             for k in sorted(self.given_importance):
                 h.update(k.encode() + self.given_importance[k].float().numpy().tobytes())
             calib_sha = f"{calib_sha}+imatrix:{h.hexdigest()[:16]}"
-        self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha)
+        self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha, self.companion_targets)
         self.log: list[dict[str, Any]] = []
         self.imatrix: dict[str, tuple[torch.Tensor, int]] = {}
         self._inputs = None
 
     # ---- small pieces ----
 
-    def _emit(self, name: str, tensor) -> None:
+    def _emit(self, name: str, tensor, companion=None) -> None:
+        """`tensor` to the writers; `companion` (default: the same tensor) to the companion's writer."""
         for w in self.writers:
             w.add(name, tensor)
+        if self.companion is not None:
+            self.companion.writer.add(name, tensor if companion is None else companion)
+
+    def _companion_of(self, name: str, source: torch.Tensor):
+        """The companion's version of a tensor not quantized in a group (embedding, norms, lm_head, float linears):
+        the source tensor onto its companion target, or None (the same tensor) when that target keeps it float."""
+        target = self.companion_targets.get(name)
+        if self.companion is None or target is None or is_float_type(target):
+            return None
+        return self._quantize_global(name, source, target)
 
     def _layer_inputs(self, seqlen: int):
         """(positions, rope, mask) of the calibration sequences, from the model (fp32, no cache)."""
         if self._inputs is None or self._inputs[0] != seqlen:
-            self._inputs = (seqlen, sequence_inputs(self.config, seqlen, self.device, torch.float32))
+            self._inputs = (seqlen, sequence_inputs(self.config, seqlen, self.device, self.act_dtype))
         return self._inputs[1]
 
-    def _embed(self) -> tuple[Any, torch.Tensor | None]:
+    def _embed(self) -> tuple[tuple[Any, Any], torch.Tensor | None]:
+        """((the embedding as written, its companion or None), the calibration activations entering layer 0)."""
         name = "model.embed_tokens.weight"
         w = self.ckpt.get_tensor(name)
         check_finite(name, w)
         acts = None
         if self.tokens is not None:
-            acts = torch.cat([F.embedding(self.tokens[i:i + 64], w).float()
+            acts = torch.cat([F.embedding(self.tokens[i:i + 64], w).to(self.act_dtype)
                               for i in range(0, self.tokens.shape[0], 64)])
-        out = self._quantize_global(name, w)
-        return out, acts
+        return (self._quantize_global(name, w, self.targets.get(name)), self._companion_of(name, w)), acts
 
-    def _quantize_global(self, name: str, w: torch.Tensor):
+    def _quantize_global(self, name: str, w: torch.Tensor, target: Target):
         """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix;
         with GPTQ, lm_head goes through `_gptq_head` instead)."""
-        target = self.targets.get(name)
         if target is None or is_float_type(target):
             return w
         if isinstance(target, Scheme):
@@ -246,13 +283,15 @@ class LayerwiseQuantizer:
         return gptq.quantize(weight, _grid(target), damp=o.damp, block_size=o.block_size,
                              static_groups=o.static_groups, name=name)
 
-    def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None):
-        """GPTQ for a quantized lm_head, on the final norm's outputs of the calibration windows (the residual stream
-        `acts` after the last layer); None when the method is not GPTQ or lm_head stays float."""
+    def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None) -> tuple[Any, Any]:
+        """GPTQ for a quantized lm_head (and for its companion target, from the same Hessian), on the final norm's
+        outputs of the calibration windows (the residual stream `acts` after the last layer): (head, companion),
+        None for a target kept in float or when the method is not GPTQ."""
         name = "lm_head.weight"
-        target = self.targets.get(name)
-        if self.method != "gptq" or acts is None or target is None or is_float_type(target):
-            return None
+        targets = (self.targets.get(name), self.companion_targets.get(name))
+        wanted = [t is not None and not is_float_type(t) for t in targets]
+        if self.method != "gptq" or acts is None or not any(wanted):
+            return None, None
         from quantkit.model.reference import RMSNorm
         from quantkit.quant.gptq import GPTQ
 
@@ -264,20 +303,26 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             for a in range(0, acts.shape[0], bs):
                 gptq.add_batch(norm(acts[a:a + bs].to(dev)).reshape(-1, w.shape[1]))
-        t0 = time.perf_counter()
-        qt, info = self._gptq_quantize(gptq, w.to(dev, torch.float32), target, name)
-        qt.error.pop("seconds", None)
-        row = {"layer": self.config.num_hidden_layers, "module": "lm_head", "target": target_label(target),
-               "method": "imatrix"}
-        if info is not None:
-            row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens})
-        self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
-        return qt
+        heads = []
+        for target, want, output in zip(targets, wanted, ("", self.companion_name)):
+            if not want:
+                heads.append(None)
+                continue
+            t0 = time.perf_counter()
+            qt, info = self._gptq_quantize(gptq, w.to(dev, torch.float32), target, name)
+            qt.error.pop("seconds", None)
+            row = {"layer": self.config.num_hidden_layers, "module": "lm_head",
+                   **({"output": output} if output else {}), "target": target_label(target), "method": "imatrix"}
+            if info is not None:
+                row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens})
+            self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
+            heads.append(qt)
+        return heads[0], heads[1]
 
     def _build_layer(self, tensors: dict[str, torch.Tensor], prefix: str) -> DecoderLayer:
         with torch.device("meta"):
             layer = DecoderLayer(self.config)
-        state = {k[len(prefix):]: v.to(self.device, torch.float32) for k, v in tensors.items()}
+        state = {k[len(prefix):]: v.to(self.device, self.act_dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, assign=True, strict=True)
         return layer.eval()
 
@@ -300,7 +345,7 @@ class LayerwiseQuantizer:
     # ---- one layer ----
 
     def _quantize_layer(self, i: int, acts: torch.Tensor | None
-                        ) -> tuple[list[tuple[str, Any]], torch.Tensor | None, list[dict]]:
+                        ) -> tuple[list[tuple[str, Any, Any]], torch.Tensor | None, list[dict]]:
         prefix = arch.layer_prefix(i)
         tensors = self.ckpt.layer_tensors(i)
         for name, t in tensors.items():
@@ -308,6 +353,7 @@ class LayerwiseQuantizer:
         source_dtypes = {n: t.dtype for n, t in tensors.items()}
         log_rows: list[dict] = []
         layer = self._build_layer(tensors, prefix)
+        self._masters = tensors if self.act_dtype != torch.float32 else {}
         del tensors
         modules = dict(layer.named_modules())
         results: dict[str, Any] = {}
@@ -341,7 +387,8 @@ class LayerwiseQuantizer:
             folded_norms = self._apply_awq(layer, acts, prefix, log_rows)
             for group in arch.LINEAR_GROUPS:
                 names = [f"{prefix}{local}.weight" for local in group]
-                if not any(self.targets.get(n) is not None for n in names) and not self.uses_imatrix:
+                if (not any(self.targets.get(n) is not None or self.companion_targets.get(n) is not None
+                            for n in names) and not self.uses_imatrix):
                     continue
                 fwd_seconds = 0.0
                 if self.uses_imatrix:
@@ -361,23 +408,27 @@ class LayerwiseQuantizer:
 
         # the layer's tensors in file order (norms may carry folded AWQ scales)
         params = dict(layer.named_parameters())
-        named: list[tuple[str, Any]] = []
+        named: list[tuple[str, Any, Any]] = []  # (name, tensor, companion tensor or None)
         for suffix in arch.LAYER_TENSORS:
             n = prefix + suffix
             if n not in source_dtypes:
                 continue
+            companion = self.companion_results.pop(n, None)
             if n in results:
-                named.append((n, results[n]))
+                named.append((n, results[n], companion))
                 continue
-            local = suffix
-            value = params[local].detach().to("cpu")
+            value = self._masters.get(n, params[suffix]).detach().to("cpu")
             if self.targets.get(n) is None:
                 # unquantized linears and norms: the source dtype (fp16 for AWQ-folded norms, which need it)
                 dtype = torch.float16 if (folded_norms and "norm" in suffix) else source_dtypes[n]
-                named.append((n, value.to(dtype)))
+                value = value.to(dtype)
+                named.append((n, value, companion if companion is not None else self._companion_of(n, value)))
             else:
-                named.append((n, self._quantize_global(n, value.to(source_dtypes[n]))))
+                value = value.to(source_dtypes[n])
+                named.append((n, self._quantize_global(n, value, self.targets.get(n)),
+                              companion if companion is not None else self._companion_of(n, value)))
         del layer, modules, params
+        self._masters = {}
         return named, out_acts, log_rows
 
     def _gptq_layer(self, i: int, layer: DecoderLayer, acts: torch.Tensor, prefix: str, modules: dict,
@@ -400,7 +451,8 @@ class LayerwiseQuantizer:
 
         def run_group(group, inputs_fn):
             names = [f"{prefix}{local}.weight" for local in group]
-            quantized = any(self.targets.get(n) is not None for n in names)
+            quantized = any(self.targets.get(n) is not None or self.companion_targets.get(n) is not None
+                            for n in names)
             if not quantized and not self.uses_imatrix:
                 return
             gptq = GPTQ(modules[group[0]].in_features, name=f"{prefix}{group[0]}", device=dev) if quantized else None
@@ -432,50 +484,65 @@ class LayerwiseQuantizer:
 
         down_in = lambda a, b: layer.mlp_hidden(mlp_in(a, b))  # noqa: E731
         run_group(arch.LINEAR_GROUPS[3], down_in)
+        out = torch.empty_like(acts, device="cpu")  # filled batch by batch: no list + cat copy (0.5 GB at 7B)
         with torch.no_grad():
-            out = [layer.mlp_output(h_mid[a // bs].to(dev), down_in(a, b)).to("cpu", torch.float32) for a, b in batches]
-        return torch.cat(out)
+            for a, b in batches:
+                out[a:b] = layer.mlp_output(h_mid[a // bs].to(dev), down_in(a, b))
+        return out
 
     def _quantize_group(self, i: int, group: tuple[str, ...], prefix: str, modules: dict, gptq, fwd_seconds: float,
                         source_dtypes: dict, results: dict, log_rows: list) -> None:
-        """Quantize the linears of one group and put their dequantized weights back into the layer."""
+        """Quantize the linears of one group and put their dequantized weights back into the layer (the companion
+        targets first, from the same unquantized weights and Hessian; they never enter the forward)."""
         for local in group:
             n = f"{prefix}{local}.weight"
+            mod = modules[local]
+            weight = self._masters[n].to(self.device, torch.float32) if n in self._masters else mod.weight.data
+            if self.companion_targets.get(n) is not None:
+                qt2, row, _ = self._quantize_one(n, self.companion_targets[n], weight, gptq, source_dtypes[n])
+                self.companion_results[n] = qt2
+                log_rows.append({"layer": i, "module": local, "output": self.companion_name, **row})
             target = self.targets.get(n)
             if target is None:
                 continue
-            mod = modules[local]
-            weight = mod.weight.data
-            t0 = time.perf_counter()
-            row: dict[str, Any] = {"layer": i, "module": local, "target": target_label(target), "method": self.method}
-            if gptq is not None and not is_float_type(target):
-                qt, info = self._gptq_quantize(gptq, weight, target, n)
-                if info is None:
-                    row["method"] = "imatrix"
-                else:
-                    row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
-                                "n_tokens": info.n_tokens})
-            elif isinstance(target, Scheme):
-                qt = quantize_rtn(weight, target)
-            elif is_float_type(target):
-                qt = weight.to(source_dtypes[n])
-            else:
-                importance = self.given_importance.get(n)
-                if importance is None and n in self.imatrix and self.options.importance_for_ggml:
-                    s, c = self.imatrix[n]
-                    importance = s / max(c, 1)
-                qt = encode_ggml(weight, target, importance)
-            if isinstance(qt, (QuantTensor, GGMLTensor)):
-                qt.error.pop("seconds", None)  # timings go to the log, not into the (reproducible) output
-                w_hat = _dequant(qt)
-                sq = qt.error.get("sqnr_db")
-                row["sqnr_db"] = sq if sq is not None else round(sqnr_db(weight, w_hat), 3)
-                mod.weight.data = w_hat.to(self.device)
-            row["seconds"] = round(time.perf_counter() - t0, 4)
+            qt, row, w_hat = self._quantize_one(n, target, weight, gptq, source_dtypes[n])
+            if w_hat is not None:
+                mod.weight.data = w_hat.to(self.device, mod.weight.dtype)
             if fwd_seconds:
                 row["fwd_seconds"] = round(fwd_seconds, 4)
             results[n] = qt
-            log_rows.append(row)
+            log_rows.append({"layer": i, "module": local, **row})
+
+    def _quantize_one(self, n: str, target: Target, weight: torch.Tensor, gptq, source_dtype: torch.dtype):
+        """One linear's weight onto `target`: GPTQ with the group's Hessian, else RTN / ggml encoding (with the
+        imatrix). Returns (stored tensor, log row, its dequantized weight or None for a float target)."""
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"target": target_label(target), "method": self.method}
+        if gptq is not None and not is_float_type(target):
+            qt, info = self._gptq_quantize(gptq, weight, target, n)
+            if info is None:
+                row["method"] = "imatrix"
+            else:
+                row.update({"loss": info.loss, "damp": info.damp, "damp_retries": info.damp_retries,
+                            "n_tokens": info.n_tokens})
+        elif isinstance(target, Scheme):
+            qt = quantize_rtn(weight, target)
+        elif is_float_type(target):
+            qt = weight.to(source_dtype)
+        else:
+            importance = self.given_importance.get(n)
+            if importance is None and n in self.imatrix and self.options.importance_for_ggml:
+                s, c = self.imatrix[n]
+                importance = s / max(c, 1)
+            qt = encode_ggml(weight, target, importance)
+        w_hat = None
+        if isinstance(qt, (QuantTensor, GGMLTensor)):
+            qt.error.pop("seconds", None)  # timings go to the log, not into the (reproducible) output
+            w_hat = _dequant(qt)
+            sq = qt.error.get("sqnr_db")
+            row["sqnr_db"] = sq if sq is not None else round(sqnr_db(weight, w_hat), 3)
+        row["seconds"] = round(time.perf_counter() - t0, 4)
+        return qt, row, w_hat
 
     def _apply_awq(self, layer: DecoderLayer, acts: torch.Tensor, prefix: str, log_rows: list) -> bool:
         """Search and fold AWQ scales (and clipping) into `layer` in place; True when norms were modified."""
@@ -508,20 +575,20 @@ class LayerwiseQuantizer:
             if work is not None:
                 start = work.start(self.resume)
             if start == 0:
-                embed, acts = self._embed()
+                (embed, embed2), acts = self._embed()
                 if work is not None:
-                    work.save_embedding([("model.embed_tokens.weight", embed)])
+                    work.save_embedding([("model.embed_tokens.weight", embed, embed2)])
                     if acts is not None:
                         work.save_activations(acts)
-                self._emit("model.embed_tokens.weight", embed)
-                del embed
+                self._emit("model.embed_tokens.weight", embed, embed2)
+                del embed, embed2
             else:
-                for name, t in work.load_embedding():
-                    self._emit(name, t)
+                for name, t, t2 in work.load_embedding():
+                    self._emit(name, t, t2)
                 for i in range(start):
                     named, imatrix, rows = work.load_layer(i)
-                    for name, t in named:
-                        self._emit(name, t)
+                    for name, t, t2 in named:
+                        self._emit(name, t, t2)
                     self.imatrix.update(imatrix)
                     self.log += rows
                 if self.needs_forward:
@@ -543,8 +610,8 @@ class LayerwiseQuantizer:
                     if acts is not None:
                         work.save_activations(acts)
                     work.mark_completed(i + 1)
-                for name, t in named:
-                    self._emit(name, t)
+                for name, t, t2 in named:
+                    self._emit(name, t, t2)
                 self.log += rows
                 del named
                 if bar is not None:
@@ -560,11 +627,15 @@ class LayerwiseQuantizer:
                 if name in self.ckpt.tensors:
                     w = self.ckpt.get_tensor(name)
                     check_finite(name, w)
-                    head = self._gptq_head(w, acts) if name == "lm_head.weight" else None
-                    self._emit(name, head if head is not None else self._quantize_global(name, w))
+                    head, head2 = self._gptq_head(w, acts) if name == "lm_head.weight" else (None, None)
+                    if head is None:
+                        head = self._quantize_global(name, w, self.targets.get(name))
+                    self._emit(name, head, head2 if head2 is not None else self._companion_of(name, w))
                     del w
             acts = None
             outputs = [w.finish() for w in self.writers]
+            if self.companion is not None:
+                outputs.append(self.companion.writer.finish())
         except BaseException as e:
             self._abort()
             self.release_work(e)
@@ -603,7 +674,7 @@ class LayerwiseQuantizer:
                 f"{how} to resume, or delete {kept}")
 
     def _abort(self) -> None:
-        for w in self.writers:
+        for w in [*self.writers, *([self.companion.writer] if self.companion is not None else [])]:
             try:
                 w.abort()
             except Exception:

@@ -17,7 +17,7 @@ from typing import Any
 from quantkit.errors import SchemeError
 from quantkit.formats.base import Target, get_format
 from quantkit.formats.sizes import bits_per_weight
-from quantkit.ggml_types import check_type, is_block_type
+from quantkit.ggml_types import SUPPORTED_TYPES, check_type, is_block_type
 from quantkit.gguf.mixes import FILE_TYPES, check_imatrix, tensor_types
 from quantkit.model import arch
 from quantkit.model.config import ModelConfig
@@ -33,6 +33,7 @@ from quantkit.quant.scheme import (
 )
 
 INT_FORMATS = ("gptq", "awq", "compressed-tensors", "dump")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 METHODS = ("rtn", "gptq", "awq")
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 PROCESS_BASE_BYTES = 600 * 1024**2  # python + torch + libraries
@@ -55,6 +56,16 @@ class PlanEntry:
     target: Target
     bytes_in: int
     bytes_out: dict[str, int]  # output format -> bytes this tensor occupies there (each format reports its own)
+    gguf_target: Target = None  # with integer formats and gguf in one run: the GGUF target (`target`: the integer)
+
+    def label(self) -> str:
+        """The target as `plan` prints it ("w4a16-g128 | Q4_K" when a GGUF companion differs)."""
+        label = target_label(self.target)
+        return label if self.gguf_target is None else f"{label} | {target_label(self.gguf_target)}"
+
+    def target_for(self, fmt: str) -> Target:
+        """What this tensor becomes in output format `fmt`."""
+        return self.gguf_target if fmt == "gguf" and self.gguf_target is not None else self.target
 
     @property
     def numel(self) -> int:
@@ -75,7 +86,7 @@ class PlanEntry:
         t = self.target
         return {"name": self.name, "shape": list(self.shape), "source_dtype": self.source_dtype,
                 "target": target_label(t), "scheme": t.to_dict() if isinstance(t, Scheme) else None,
-                "ggml_type": t if isinstance(t, str) else None, "bytes_in": self.bytes_in,
+                "ggml_type": t if isinstance(t, str) else self.gguf_target, "bytes_in": self.bytes_in,
                 "bytes_out": dict(self.bytes_out), "bpw": {f: round(self.bpw(f), 4) for f in self.bytes_out}}
 
 
@@ -91,11 +102,18 @@ class Plan:
     memory: dict[str, int] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    compute_dtype: str = "float32"  # GPTQ's calibration forwards and Hessian products (resolve_compute_dtype)
 
     # ---- views ----
 
-    def targets(self) -> dict[str, Target]:
-        return {e.name: e.target for e in self.entries}
+    def targets(self, fmt: str | None = None) -> dict[str, Target]:
+        """Every tensor's target (in output format `fmt`: GGUF types in a run that also writes integer formats)."""
+        return {e.name: e.target_for(fmt) if fmt else e.target for e in self.entries}
+
+    @property
+    def mixed(self) -> bool:
+        """Integer formats and gguf from one calibration: the GGUF types are a companion target set."""
+        return "gguf" in self.formats and len(self.formats) > 1
 
     @property
     def bytes_in(self) -> int:
@@ -126,6 +144,7 @@ class Plan:
         return {
             "method": self.method, "formats": self.formats, "preset": self.preset, "gguf_type": self.gguf_type,
             "overrides": self.overrides, "device": self.device, "calibration": self.calibration,
+            **({"compute_dtype": self.compute_dtype} if self.method == "gptq" else {}),
             "tensors": len(self.entries), "quantized_tensors": len(quantized),
             "bytes_in": self.bytes_in, "bpw_in": round(self.bpw_in, 4),
             "outputs": [{"format": f, "bytes": self.bytes_out(f), "bpw": round(self.bpw(f), 4),
@@ -147,7 +166,7 @@ class Plan:
                          "quantizes them")
         if others:
             names = ", ".join(e.name.removeprefix("model.") for e in others)
-            why = ("the mix of this GGUF type keeps them" if self.gguf_type else
+            why = ("the mix of this GGUF type keeps them" if self.gguf_type and not self.mixed else
                    f"in {'/'.join(self.formats)} only the decoder's linear layers are quantized (as GPTQModel, "
                    "llm-compressor and vLLM expect)")
             lines.append(f"{names} ({sum(e.numel for e in others) / max(self.numel, 1):.0%} of the parameters): "
@@ -167,12 +186,12 @@ class Plan:
             for i, e in enumerate(self.entries, 1):
                 shape = "x".join(str(d) for d in e.shape)
                 lines.append(f"[{i:4d}/{n:4d}] {e.name:<{width}}  [{shape:>11}] {e.source_dtype:>4} -> "
-                             f"{target_label(e.target):<22} {e.bytes_in / mib:9.2f} MiB -> "
+                             f"{e.label():<22} {e.bytes_in / mib:9.2f} MiB -> "
                              f"{e.bytes_out[first] / mib:9.2f} MiB ({e.bpw(first):5.2f} BPW)")
             if len(self.formats) > 1:
                 lines.append(f"(per-tensor sizes: {first}; totals for every format below)")
         quantized = sum(1 for e in self.entries if e.quantized)
-        what = self.gguf_type if self.gguf_type else self.preset
+        what = " + ".join(w for w in (self.preset, self.gguf_type) if w)
         lines.append(f"plan: method {self.method}, {what}, format {','.join(self.formats)}: {quantized} tensors "
                      f"quantized, {n - quantized} kept")
         lines += [f"kept in float: {line}" for line in self.kept_in_float()]
@@ -181,6 +200,8 @@ class Plan:
             lines.append(f"quant size  = {self.bytes_out(f) / mib:10.2f} MiB ({self.bpw(f):.2f} BPW)  "
                          f"{100 * (self.bytes_out(f) / max(self.bytes_in, 1) - 1):+.1f}%  [{f}]")
         mem = f"estimated peak RAM {self.memory['peak_ram_bytes'] / 1024**3:.2f} GiB"
+        if self.method == "gptq":
+            mem += f" (calibration forward in {self.compute_dtype})"
         if "peak_vram_bytes" in self.memory:
             mem += f", peak VRAM {self.memory['peak_vram_bytes'] / 1024**3:.2f} GiB"
         lines.append(mem)
@@ -193,6 +214,17 @@ def _source_dtype(ckpt, name: str, config: ModelConfig) -> str:
     if ckpt is not None and name in ckpt.tensors:
         return ckpt.tensors[name].dtype
     return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(config.torch_dtype, "BF16")
+
+
+def _split_overrides(overrides, mixed) -> tuple[list[str], list[str]]:
+    """(integer-format overrides, GGUF overrides). In a run writing both, an override whose value is a ggml type
+    name (`re:.*down_proj=Q6_K`) applies to the GGUF file, any other (a preset, `-:` keep float) to the integer
+    formats; otherwise all apply to the run's one kind."""
+    overrides = list(overrides)
+    if not mixed:
+        return overrides, overrides
+    ggml = [o for o in overrides if "=" in o and o.rsplit("=", 1)[1].upper() in SUPPORTED_TYPES]
+    return [o for o in overrides if o not in ggml], ggml
 
 
 def _gguf_targets(config: ModelConfig, gguf_type: str, overrides: list[str], has_imatrix: bool) -> dict[str, str]:
@@ -232,34 +264,51 @@ def _int_targets(config: ModelConfig, preset: str, overrides: list[str], act_ord
     return targets
 
 
+def resolve_compute_dtype(choice: str, linear_dtypes: set[str]) -> str:
+    """What GPTQ's calibration forwards and Hessian products run in: `choice` (float32, bfloat16), or for "auto"
+    the dtype the model's linear weights are stored in (`linear_dtypes`, e.g. {"BF16"}) when that is bfloat16 —
+    as GPTQModel runs a bf16 model; bf16 matmuls are 4-5x faster than fp32 on CPUs with AMX/AVX512-BF16 and on
+    GPUs — else float32."""
+    if choice == "auto":
+        return "bfloat16" if linear_dtypes == {"BF16"} else "float32"
+    if choice not in COMPUTE_DTYPES:
+        raise SchemeError(f"--compute-dtype {choice}: expected auto, {' or '.join(COMPUTE_DTYPES)}")
+    return choice
+
+
 def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str, n_samples: int, seqlen: int,
-                    max_shard_bytes: int, bytes_out: int, device: str = "cpu", source_bytes: int = 2) -> dict[str, int]:
-    """Peak RAM (and VRAM with a CUDA device) of the layer-wise pipeline, in bytes (an estimate)."""
+                    max_shard_bytes: int, bytes_out: int, device: str = "cpu", source_bytes: int = 2,
+                    compute_bytes: int = 4) -> dict[str, int]:
+    """Peak RAM (and VRAM with a CUDA device) of the layer-wise pipeline, in bytes (an estimate). Output files are
+    streamed to disk (HF shards through a spill file), so no writer buffer counts. `compute_bytes`: 2 when GPTQ's
+    calibration runs in bf16 (the layer, the activations and the forward's temporaries halve)."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes = config.expected_shapes()
     layer_params = sum(int(s[0]) * (int(s[1]) if len(s) > 1 else 1)
                        for n, s in shapes.items() if n.startswith("model.layers.0."))
-    layer_fp32 = layer_params * 4
+    cb = compute_bytes if method == "gptq" else 4
+    layer_compute = layer_params * cb
     calibrated = method in ("gptq", "awq") or any(isinstance(t, str) and is_block_type(t)
                                                  for t in targets.values()) and n_samples > 0
-    # layer inputs + outputs in fp32; GPTQ also caches the attention core and the mid-layer residual
-    acts = (2 * h + (config.q_size + h if method == "gptq" else 0)) * n_samples * seqlen * 4 if calibrated else 0
+    # layer inputs + outputs; GPTQ also caches the attention core and the mid-layer residual
+    acts = (2 * h + (config.q_size + h if method == "gptq" else 0)) * n_samples * seqlen * cb if calibrated else 0
     batch = min(n_samples, FORWARD_BATCH)
-    workspace = (batch * seqlen * max(3 * f, 4 * h) * 4 + batch * config.num_attention_heads * seqlen * seqlen * 4
+    workspace = (batch * seqlen * max(3 * f, 4 * h) * cb + batch * config.num_attention_heads * seqlen * seqlen * 4
                  if calibrated else 0)
     largest_in = max(h, f, config.q_size)
-    hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, its factor, a working copy
+    hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, the flipped copy, its Cholesky factor
     awq_extra = n_samples * seqlen * f * 4 if method == "awq" else 0  # cached inputs of down_proj
     quant_work = max(int(s[0]) * int(s[1])
                      for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
-    layer_phase = layer_fp32 + layer_params * source_bytes + acts + workspace + hessian + awq_extra + quant_work
+    # the source layer stays beside the compute copy unless they are the same tensors (bf16 source, bf16 compute)
+    source_layer = 0 if cb == source_bytes else layer_params * source_bytes
+    layer_phase = layer_compute + source_layer + acts + workspace + hessian + awq_extra + quant_work
     head_phase = v * h * (4 * 3 + source_bytes)  # embedding / lm_head in fp32 + quantizer work
-    writer = min(max_shard_bytes, bytes_out)
-    out = {"peak_ram_bytes": PROCESS_BASE_BYTES + writer + max(layer_phase, head_phase),
-           "layer_bytes": layer_params * source_bytes, "activation_bytes": acts, "hessian_bytes": hessian,
-           "writer_buffer_bytes": writer}
+    out = {"peak_ram_bytes": PROCESS_BASE_BYTES + max(layer_phase, head_phase),
+           "layer_bytes": layer_params * source_bytes, "activation_bytes": acts, "hessian_bytes": hessian}
     if device.startswith("cuda"):
-        out["peak_vram_bytes"] = layer_fp32 + acts // 2 + workspace + hessian + awq_extra + quant_work + 512 * 1024**2
+        out["peak_vram_bytes"] = (layer_compute + acts // 2 + workspace + hessian + awq_extra + quant_work
+                                  + 512 * 1024**2)
         out["peak_ram_bytes"] -= workspace + hessian
     return out
 
@@ -267,7 +316,8 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
 def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", formats: list[str] = ("gptq",),
                gguf_type: str | None = None, overrides: list[str] = (), method: str = "rtn",
                act_order: bool | None = None, n_samples: int = 128, seqlen: int = 512, device: str = "cpu",
-               max_shard_bytes: int = 5 * 1000**3, checkpoint=None, has_imatrix: bool = False) -> Plan:
+               max_shard_bytes: int = 5 * 1000**3, checkpoint=None, has_imatrix: bool = False,
+               compute_dtype: str = "auto") -> Plan:
     """The plan for quantizing a model of `config` (optionally the opened checkpoint, for the source dtypes)."""
     formats = list(formats)
     if method not in METHODS:
@@ -275,22 +325,22 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
     if not formats:
         raise SchemeError("no output format given")
     gguf = "gguf" in formats
-    if gguf and len(formats) > 1:
-        raise SchemeError(f"gguf cannot be written in the same run as {', '.join(f for f in formats if f != 'gguf')}: "
-                          "GGUF stores ggml block types, the others integer group schemes; run quantize twice")
+    int_formats = [f for f in formats if f != "gguf"]
+    gguf_targets: dict[str, Target] = {}
     if gguf:
         if not gguf_type:
             raise SchemeError("--format gguf needs --type (e.g. --type Q4_K_M)")
         if method == "awq":
             raise SchemeError("--method awq writes integer group schemes; for GGUF use --method rtn or gptq")
-        targets: dict[str, Target] = dict(_gguf_targets(config, gguf_type, list(overrides),
-                                                        has_imatrix or method != "rtn"))
-    else:
-        if gguf_type:
-            raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
-        fmts = [get_format(f) for f in formats]  # FormatError names the known formats
+        gguf_targets = dict(_gguf_targets(config, gguf_type, _split_overrides(overrides, int_formats)[1],
+                                          has_imatrix or method != "rtn"))
+        targets: dict[str, Target] = gguf_targets
+    elif gguf_type:
+        raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
+    if int_formats:
+        fmts = [get_format(f) for f in int_formats]  # FormatError names the known formats
         preset = preset or ("w4a16-g128-asym" if method == "awq" else "w4a16-g128")  # AWQ's usual zero-point scheme
-        targets = _int_targets(config, preset, list(overrides), act_order)
+        targets = _int_targets(config, preset, _split_overrides(overrides, gguf)[0], act_order)
         for scheme in {t for t in targets.values() if isinstance(t, Scheme)}:
             for f in fmts:
                 f.check_scheme(scheme)
@@ -306,15 +356,20 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
         for d in shape:
             numel *= d
         float_bytes = DTYPE_BYTES.get(dtype, 2)
-        sizes = {f: fmt.stored_nbytes(target, shape, float_bytes) for f, fmt in fmts.items()}
-        entries.append(PlanEntry(name, shape, dtype, target, numel * float_bytes, sizes))
-    plan = Plan(config, entries, method, formats, None if gguf else preset, gguf_type,
+        entry = PlanEntry(name, shape, dtype, target, numel * float_bytes, {},
+                          gguf_targets[name] if gguf and int_formats else None)
+        entry.bytes_out = {f: fmt.stored_nbytes(entry.target_for(f), shape, float_bytes) for f, fmt in fmts.items()}
+        entries.append(entry)
+    plan = Plan(config, entries, method, formats, preset if int_formats else None, gguf_type,
                 list(overrides), device=device,
                 calibration={"n_samples": n_samples, "seqlen": seqlen} if method != "rtn" or has_imatrix else {})
     src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
     calib_samples = n_samples if (method != "rtn" or has_imatrix) else 0
+    plan.compute_dtype = resolve_compute_dtype(compute_dtype, {e.source_dtype for e in entries
+                                                               if arch.is_quantizable_linear(e.name)})
     plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes,
-                                  max(plan.bytes_out(f) for f in formats), device, src_bytes)
+                                  max(plan.bytes_out(f) for f in formats), device, src_bytes,
+                                  DTYPE_BYTES[plan.compute_dtype])
     return plan
 
 

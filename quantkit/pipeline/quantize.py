@@ -22,10 +22,11 @@ from quantkit.io import (check_disjoint, check_free_space, check_output_path, de
                          move_into_place, remove_stale_temporaries, remove_temp, temp_dir_beside,
                          write_error)
 from quantkit.pipeline.fanout import open_writers
-from quantkit.pipeline.layerwise import LayerwiseQuantizer, PipelineOptions
+from quantkit.pipeline.layerwise import Companion, LayerwiseQuantizer, PipelineOptions
 from quantkit.formats.sizes import bits_per_weight, file_bytes, stored_tensor_bytes
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
-from quantkit.pipeline.plan import Plan, build_plan
+from quantkit.model import arch
+from quantkit.pipeline.plan import Plan, build_plan, resolve_compute_dtype
 from quantkit.pipeline.workdir import MARKER as WORK_MARKER
 
 
@@ -40,6 +41,7 @@ class QuantizeOptions:
     device: str = "cpu"
     damp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
     block_size: int = 128  # GPTQ lazy-batch block size
+    compute_dtype: str = "auto"  # GPTQ's calibration forwards and Hessian products (see resolve_compute_dtype)
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
     max_shard_bytes: int = 5 * 1000**3  # largest safetensors shard of HF-layout outputs
@@ -120,14 +122,14 @@ def default_calibration(method: str, calib: str | None) -> str | None:
 def make_plan(ckpt, *, method: str = "rtn", preset: str | None = None, formats: str | Sequence[str] | None = None,
               gguf_type: str | None = None, overrides: Sequence[str] = (), act_order: bool | None = None,
               calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 512, device: str = "cpu",
-              has_imatrix: bool = False) -> Plan:
+              has_imatrix: bool = False, compute_dtype: str = "auto") -> Plan:
     """The plan of `quantize` for an opened checkpoint, from the same arguments as the CLI."""
     fmts = resolve_formats(formats, gguf_type, method)
     calib = default_calibration(method, calib)
     has_imatrix = has_imatrix or (calib is not None and "gguf" in fmts)
     return build_plan(ckpt.config, preset=preset, formats=fmts, gguf_type=gguf_type, overrides=list(overrides),
                       method=method, act_order=act_order, n_samples=calib_samples, seqlen=calib_seqlen, device=device,
-                      checkpoint=ckpt, has_imatrix=has_imatrix)
+                      checkpoint=ckpt, has_imatrix=has_imatrix, compute_dtype=compute_dtype)
 
 
 def check_device(device: str) -> None:
@@ -161,6 +163,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
     if not isinstance(o.block_size, int) or o.block_size < 1:
         raise SchemeError(f"--block-size {o.block_size!r}: expected a positive number of columns")
     check_device(o.device)
+    compute_dtype = resolve_compute_dtype(o.compute_dtype, {t.dtype for n, t in ckpt.tensors.items()
+                                                            if arch.is_quantizable_linear(n)})
     paths = output_paths(output, plan.formats, plan.gguf_type)
     work = o.work_dir if o.work_dir else output.with_name(output.name + ".partial")
     check_disjoint({"output": output, "--work-dir": work, "--imatrix-out": o.imatrix_out},
@@ -193,7 +197,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                   "calibration": calib_set.identity if calib_set is not None else None,
                   "source_fingerprint": ckpt.fingerprint(), "quantkit_version": __version__}
     if plan.method == "gptq":
-        provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True}
+        provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True,
+                              "compute_dtype": compute_dtype}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
     importance = None
@@ -210,11 +215,12 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
 
     targets = plan.targets()
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size, device=o.device,
+                                       compute_dtype=compute_dtype if plan.method == "gptq" else "float32",
                                        collect_imatrix=o.imatrix_out is not None)
     # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only
     # when all of them, with their logs, are complete: a multi-format run creates all of its outputs or none.
     multi = len(plan.formats) > 1
-    staging = writer = quantizer = None
+    staging = writer = quantizer = companion = None
     t_quant = time.perf_counter()
     try:
         staging = temp_dir_beside(output)
@@ -222,13 +228,20 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
         if multi:  # a directory of outputs, marked as quantkit's so that --force may replace it
             (staging / ".quantkit-outputs").write_text("one quantkit output per format: "
                                                        + ", ".join(plan.formats) + "\n")
-        writer = open_writers(plan.formats, staged, ckpt.path, ckpt.config, targets,
-                              WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
-                                           file_type=plan.gguf_type, importance_meta=importance_meta))
+        write_options = WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
+                                     file_type=plan.gguf_type, importance_meta=importance_meta)
+        companion = None
+        if plan.mixed:  # the GGUF file from the same calibration, through its own writer
+            gguf_targets = plan.targets("gguf")
+            companion = Companion("gguf", gguf_targets, open_writers(["gguf"], staged, ckpt.path, ckpt.config,
+                                                                     gguf_targets, write_options))
+        writer = open_writers([f for f in plan.formats if not (plan.mixed and f == "gguf")], staged, ckpt.path,
+                              ckpt.config, targets, write_options)
         quantizer = LayerwiseQuantizer(ckpt, targets, [writer], calib_set.tokens if calib_set is not None else None,
                                        pipeline_options, work_dir=work, resume=o.resume,
                                        calibration=calib_set.identity if calib_set is not None else None,
-                                       progress=o.progress, log_fn=log, importance=importance, keep_work=True)
+                                       progress=o.progress, log_fn=log, importance=importance, keep_work=True,
+                                       companion=companion)
         result = quantizer.run()
         t_quant = time.perf_counter() - t_quant
         for out in staged.values():
@@ -237,8 +250,9 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
             _save_imatrix(result.imatrix, o.imatrix_out, calib_set, o.force)
         _place_outputs(staging, output, staged, multi)
     except BaseException as e:
-        if writer is not None:
-            writer.abort()
+        for w in (writer, companion.writer if companion is not None else None):
+            if w is not None:
+                w.abort()
         if staging is not None:
             remove_temp(staging)
         kept = quantizer.release_work(e) if quantizer is not None else None
@@ -289,8 +303,9 @@ def space_needs(plan: Plan, output: Path, work: Path | None, calib_samples: int 
         from quantkit.formats.base import get_format
 
         dump = get_format("dump")
-        tensors = sum(dump.stored_nbytes(e.target, e.shape, max(e.bytes_in // max(e.numel, 1), 1))
-                      for e in plan.entries if e.name not in NOT_CHECKPOINTED)
+        tensors = sum(dump.stored_nbytes(t, e.shape, max(e.bytes_in // max(e.numel, 1), 1))
+                      for e in plan.entries if e.name not in NOT_CHECKPOINTED
+                      for t in (e.target, *([e.gguf_target] if e.gguf_target is not None else [])))
         forward = plan.method in ("gptq", "awq") or collect_imatrix or plan.gguf_type is not None
         acts = calib_samples * calib_seqlen * plan.config.hidden_size * 4 if forward else 0
         have = 0

@@ -32,8 +32,21 @@ from quantkit.io import remove_temp
 WORK_VERSION = 1
 MARKER = ".quantkit-work"  # written first into every work dir: only such a directory is ever cleared
 IMATRIX_PREFIX = "imatrix::"
+COMPANION_PREFIX = "companion::"  # a tensor's version for the companion writer (GGUF beside integer formats)
 
 Imatrix = dict[str, tuple[torch.Tensor, int]]  # module weight name -> (Σ x² per input column, token count)
+Named = tuple[str, Any, Any]  # (name, finished tensor, its companion version or None)
+
+
+def _flatten(named: list[Named]) -> list[tuple[str, Any]]:
+    """(name, tensor, companion) triples as the stored (name, tensor) list: companions under COMPANION_PREFIX."""
+    out = [(n, t) for n, t, _ in named]
+    return out + [(COMPANION_PREFIX + n, c) for n, _, c in named if c is not None]
+
+
+def _pair_up(stored: list[tuple[str, Any]]) -> list[Named]:
+    companions = {n[len(COMPANION_PREFIX):]: t for n, t in stored if n.startswith(COMPANION_PREFIX)}
+    return [(n, t, companions.get(n)) for n, t in stored if not n.startswith(COMPANION_PREFIX)]
 
 
 class WorkDir:
@@ -98,11 +111,11 @@ class WorkDir:
             tmp.unlink(missing_ok=True)
             raise
 
-    def save_embedding(self, named: list[tuple[str, Any]]) -> None:
-        save_tensors(self.path / "embed.safetensors", named)
+    def save_embedding(self, named: list[Named]) -> None:
+        save_tensors(self.path / "embed.safetensors", _flatten(named))
 
-    def load_embedding(self) -> list[tuple[str, Any]]:
-        return load_tensors(self.path / "embed.safetensors")[0]
+    def load_embedding(self) -> list[Named]:
+        return _pair_up(load_tensors(self.path / "embed.safetensors")[0])
 
     def save_activations(self, acts: torch.Tensor) -> None:
         save_tensors(self.path / "acts.safetensors", [], extra={"acts": acts})
@@ -113,17 +126,17 @@ class WorkDir:
     def _layer_file(self, i: int) -> Path:
         return self.path / f"layer-{i:05d}.safetensors"
 
-    def save_layer(self, i: int, named: list[tuple[str, Any]], imatrix: Imatrix, log: list[dict]) -> None:
+    def save_layer(self, i: int, named: list[Named], imatrix: Imatrix, log: list[dict]) -> None:
         extra = {IMATRIX_PREFIX + n: s for n, (s, _) in imatrix.items()}
         counts = {n: c for n, (_, c) in imatrix.items()}
-        save_tensors(self._layer_file(i), named, extra=extra, info={"log": log, "imatrix_counts": counts})
+        save_tensors(self._layer_file(i), _flatten(named), extra=extra, info={"log": log, "imatrix_counts": counts})
 
-    def load_layer(self, i: int) -> tuple[list[tuple[str, Any]], Imatrix, list[dict]]:
+    def load_layer(self, i: int) -> tuple[list[Named], Imatrix, list[dict]]:
         named, extra, info = load_tensors(self._layer_file(i))
         counts = info.get("imatrix_counts", {})
         imatrix = {k[len(IMATRIX_PREFIX):]: (v, int(counts.get(k[len(IMATRIX_PREFIX):], 0)))
                    for k, v in extra.items() if k.startswith(IMATRIX_PREFIX)}
-        return named, imatrix, info.get("log", [])
+        return _pair_up(named), imatrix, info.get("log", [])
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
