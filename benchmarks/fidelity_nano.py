@@ -55,12 +55,13 @@ def logits_fn(model, cache: dict | None = None):
     return fn
 
 
-def quantized_model(ckpt, method: str, preset: str, tokens, damp: float, workdir: Path) -> tuple[Transformer, dict]:
+def quantized_model(ckpt, method: str, preset: str, tokens, damp: float, workdir: Path,
+                    compute_dtype: str = "float32") -> tuple[Transformer, dict]:
     plan = build_plan(ckpt.config, preset=preset, formats=["dump"], method=method, checkpoint=ckpt)
     out = workdir / f"{method}-{preset}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     quantize_model(ckpt, plan.targets(), [DumpWriter(out)], tokens if method != "rtn" else None,
-                         PipelineOptions(method=method, damp=damp), progress=True)
+                         PipelineOptions(method=method, damp=damp, compute_dtype=compute_dtype), progress=True)
     seconds = time.perf_counter() - t0
     model = Transformer.from_checkpoint(ckpt, torch.float32)
     state = model.state_dict()

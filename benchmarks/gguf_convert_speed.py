@@ -42,8 +42,12 @@ def mistral_7b_config(layers: int) -> ModelConfig:
     return ModelConfig(num_hidden_layers=layers)  # the dataclass defaults are Mistral-7B-Instruct-v0.2's
 
 
-def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3) -> Path:
-    """Deterministic BF16 weights (N(0, 0.02), norms ~1) under real names, written shard by shard."""
+def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3, outliers: bool = False) -> Path:
+    """Deterministic BF16 weights (N(0, 0.02), norms ~1) under real names, written shard by shard.
+
+    `outliers`: shaped like a trained model's statistics instead of white noise: every matrix's input columns
+    scaled by a log-normal factor (sigma 0.5), and 8 fixed hidden channels made outliers (norm weights x8 there,
+    embedding columns x10), so the activations have the heavy channels that calibration must cope with."""
     done = path / ".complete"
     if done.exists():
         return path
@@ -75,6 +79,8 @@ def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3)
                 t = 1.0 + 0.05 * torch.randn(shape, generator=gen)
             else:
                 t = 0.02 * torch.randn(shape, generator=gen)
+            if outliers:
+                t = _with_outliers(n, t, gen)
             tensors[n] = t.to(torch.bfloat16)
             total += tensors[n].numel() * 2
             weight_map[n] = fname
@@ -88,6 +94,21 @@ def generate_checkpoint(path: Path, layers: int, shard_bytes: int = 2 * 1024**3)
         shutil.copyfile(NANO_PATH / f, path / f)
     done.write_text("ok")
     return path
+
+
+OUTLIER_CHANNELS = (17, 301, 1024, 1555, 2048, 2900, 3333, 4000)
+
+
+def _with_outliers(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A trained model's uneven statistics on random weights (see generate_checkpoint)."""
+    if t.dim() == 1:
+        if name.endswith("layernorm.weight") and t.numel() == 4096:
+            t[list(OUTLIER_CHANNELS)] *= 8.0
+        return t
+    if name == "model.embed_tokens.weight":
+        t[:, list(OUTLIER_CHANNELS)] *= 10.0
+        return t
+    return t * torch.empty(1, t.shape[1]).log_normal_(0.0, 0.5, generator=gen)
 
 
 def _status_kib(pid: int, path: str, field: str) -> int:
@@ -124,24 +145,33 @@ def measure(cmd: list[str], log: Path) -> dict:
     one — read every 0.5 s: summing smaps_rollup over a process tree costs ~15% of a core at 50 ms, which this
     script would take from the measured tool. ru_maxrss from wait4 is not used: Linux folds the parent's RSS at
     fork into it."""
-    t0 = time.perf_counter()
+    peak = {"hwm": 0, "pss": 0}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        hwm = pss = 0
-        for tick in itertools.count():
-            hwm = max(hwm, _status_kib(proc.pid, "status", "VmHWM:"))
+
+        def sample(tick: int) -> None:
+            peak["hwm"] = max(peak["hwm"], _status_kib(proc.pid, "status", "VmHWM:"))
             if tick % 10 == 0:
-                pss = max(pss, sum(_status_kib(p, "smaps_rollup", "Pss:") for p in _tree(proc.pid)))
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
+                peak["pss"] = max(peak["pss"], sum(_status_kib(p, "smaps_rollup", "Pss:") for p in _tree(proc.pid)))
+
+        wall, code, cpu = watch(proc, sample, 0.05)
     if code:
         raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {"seconds": round(wall, 1), "peak_rss_gib": round(hwm / 1024**2, 3), "peak_pss_gib": round(pss / 1024**2, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
+    return {"seconds": round(wall, 1), "peak_rss_gib": round(peak["hwm"] / 1024**2, 3),
+            "peak_pss_gib": round(peak["pss"] / 1024**2, 3), "cpu_seconds": round(cpu, 1)}
+
+
+def watch(proc: subprocess.Popen, on_tick, interval: float) -> tuple[float, int, float]:
+    """Call on_tick(tick) every `interval` seconds until `proc` exits: (wall seconds, exit code, CPU seconds of it
+    and its children)."""
+    t0 = time.perf_counter()
+    for tick in itertools.count():
+        on_tick(tick)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(interval)
+    return time.perf_counter() - t0, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

@@ -52,10 +52,11 @@ def logits_fn(model):
     return fn
 
 
-def quantkit_model(ckpt, method: str, preset: str, tokens, workdir: Path):
+def quantkit_model(ckpt, method: str, preset: str, tokens, workdir: Path, compute_dtype: str = "float32"):
     from fidelity_nano import quantized_model  # the pipeline -> dump -> dequantized reference model path
 
-    return quantized_model(ckpt, method, preset, tokens, 0.01, workdir)
+    return quantized_model(ckpt, method, preset, tokens, 0.01, workdir,
+                           compute_dtype if method == "gptq" else "float32")
 
 
 def model_from_quantized_dir(ckpt, path: Path) -> Transformer:
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", default="pg", help="pg (../shared/data/pg-english/calib) or builtin")
     ap.add_argument("--methods", default="gptq,awq")
     ap.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline rows")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="quantkit GPTQ's calibration forward and Hessian products (quantize --compute-dtype)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
             print(f"# seed {seed}: calibration {calib.identity['source']} sha256 {calib.sha256[:16]}", flush=True)
             for method in methods:
                 if seed in seeds:
-                    model, info = quantkit_model(ckpt, method, schemes[method], calib.tokens, tmp)
+                    model, info = quantkit_model(ckpt, method, schemes[method], calib.tokens, tmp, args.compute_dtype)
                     evaluate(schemes[method], "quantkit", method, seed, model, info["quantize_seconds"])
                     del model
                 if seed in peer_seeds:
