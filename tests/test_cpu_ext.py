@@ -65,19 +65,29 @@ def test_kernel_matches_reference_and_exact_fp32(type_name, m, n, k):
     assert rel(ref, exact) <= 1e-3
 
 
+def _at_threads(n: int, fn):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_kernels_really_run_on_several_threads():
+    """The extension's parallel_for uses the threads it is given (built without OpenMP it silently used one)."""
+    assert _at_threads(2, lambda: int(torch.ops.quantkit_cpu.parallel_threads(64))) == 2
+    assert _at_threads(1, lambda: int(torch.ops.quantkit_cpu.parallel_threads(64))) == 1
+
+
 @needs_ext
 def test_q6k_kernel_splits_rows_across_threads():
     rng = np.random.default_rng()
     data = torch.from_numpy(random_blocks("Q6_K", 1000, 1, rng))
     x = torch.randn(1, 256)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = cpu_ext.ggml_matmul(x, data, "Q6_K")
-        torch.set_num_threads(1)
-        one = cpu_ext.ggml_matmul(x, data, "Q6_K")
-    finally:
-        torch.set_num_threads(threads)
+    two = _at_threads(2, lambda: cpu_ext.ggml_matmul(x, data, "Q6_K"))
+    one = _at_threads(1, lambda: cpu_ext.ggml_matmul(x, data, "Q6_K"))
     assert torch.equal(one, two)  # each output row is computed by one thread, in the same order
     assert rel(one, cpu_ext.reference_matmul(x, data)) <= 1e-5
 
@@ -139,12 +149,7 @@ def test_tiled_prefill_spans_several_tiles():
     rng = np.random.default_rng()
     data = torch.from_numpy(random_blocks("Q4_0", 5000, 8, rng))
     x = torch.randn(12, 256)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = cpu_ext.tiled_matmul(x, data, "Q4_0")
-    finally:
-        torch.set_num_threads(threads)
+    two = _at_threads(2, lambda: cpu_ext.tiled_matmul(x, data, "Q4_0"))
     assert rel(two, cpu_ext.bf16_reference(x, data, "Q4_0")) <= 4e-3
 
 

@@ -849,6 +849,16 @@ bool has_avx512() {
 
 at::Tensor simd_flag() { return at::scalar_tensor(has_avx512() ? 1 : 0, at::kLong); }
 
+// How many threads ran one at::parallel_for over n items: every kernel here splits its rows with it, and without
+// OpenMP at build time (-fopenmp) it runs everything on the calling thread (a test checks this is 2 with 2 threads).
+at::Tensor parallel_threads(int64_t n) {
+  std::vector<int> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  int64_t used = 0;
+  for (int s : seen) used += s;
+  return at::scalar_tensor(used, at::kLong);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cpu, m) {
@@ -863,6 +873,7 @@ TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("dequant_bf16(Tensor data, str type) -> Tensor");
   m.def("tiled_matmul(Tensor x, Tensor data, str type) -> Tensor");
   m.def("simd_flag() -> Tensor");
+  m.def("parallel_threads(int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
@@ -880,4 +891,5 @@ TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(quantkit_cpu, CompositeExplicitAutograd, m) {
   m.impl("simd_flag", &simd_flag);
+  m.impl("parallel_threads", &parallel_threads);
 }
