@@ -55,8 +55,7 @@ def logits_fn(model):
 def quantkit_model(ckpt, method: str, preset: str, tokens, workdir: Path, compute_dtype: str = "float32"):
     from fidelity_nano import quantized_model  # the pipeline -> dump -> dequantized reference model path
 
-    return quantized_model(ckpt, method, preset, tokens, 0.01, workdir,
-                           compute_dtype if method == "gptq" else "float32")
+    return quantized_model(ckpt, method, preset, tokens, 0.01, workdir, compute_dtype)
 
 
 def model_from_quantized_dir(ckpt, path: Path) -> Transformer:

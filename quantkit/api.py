@@ -106,7 +106,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                          calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None,
                          compute_dtype=compute_dtype)
     options = QuantizeOptions(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-                              device=device, damp=damp, block_size=block_size, compute_dtype=compute_dtype,
+                              device=device, damp=damp, block_size=block_size,
                               imatrix=Path(imatrix) if imatrix is not None else None,
                               imatrix_out=Path(imatrix_out) if imatrix_out is not None else None,
                               max_shard_bytes=parse_size(shard_size),

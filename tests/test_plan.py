@@ -130,8 +130,7 @@ def test_memory_estimate_independent_of_depth():
     def peak(layers, samples=128):
         cfg = ModelConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
                           num_key_value_heads=8, vocab_size=32000)
-        plan = build_plan(cfg, preset="w4a16-g128", formats=["dump"], method="gptq", n_samples=samples, seqlen=512,
-                          max_shard_bytes=1 << 30)
+        plan = build_plan(cfg, preset="w4a16-g128", formats=["dump"], method="gptq", n_samples=samples, seqlen=512)
         return plan.memory["peak_ram_bytes"]
 
     assert peak(8) == peak(32)  # one layer at a time

@@ -45,7 +45,6 @@ class OutputDir:
         self._parts: list[Path] = []
         self._weight_map: dict[str, int] = {}
         self._shard = SpilledShard(self.tmp / f".{stem}.spill")
-        self._used = 0
         self.total_bytes = 0
         self.closed = False
 
@@ -55,11 +54,10 @@ class OutputDir:
         if name in self._weight_map:
             raise FormatError(f"tensor {name!r} written twice")
         size = tensor_nbytes(tensor)
-        if self._shard and self._used + size > self.max_shard_bytes:
+        if self._shard and self._shard.nbytes + size > self.max_shard_bytes:
             self._flush()
         self._shard.add(name, tensor)
         self._weight_map[name] = len(self._parts)
-        self._used += size
         self.total_bytes += size
 
     def _flush(self) -> None:
@@ -67,7 +65,6 @@ class OutputDir:
             part = self.tmp / f"{self.stem}-{len(self._parts):05d}.part.safetensors"
             self._shard.write(part)
             self._parts.append(part)
-            self._used = 0
 
     def tensor_names(self) -> list[str]:
         return list(self._weight_map)
@@ -135,6 +132,11 @@ class SpilledShard:
 
     def __bool__(self) -> bool:
         return bool(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes in the shard so far."""
+        return sum(e[4] for e in self._entries)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().to("cpu").contiguous()

@@ -54,14 +54,12 @@ import torch
 
 from quantkit.errors import KernelBuildError
 from quantkit.ggml_types import f16_to_f32
-from quantkit.kernels.ggml_ref import _blocks, _nibbles32, _q4k_codes, _qh32, dequantize_rows, k_scale_min
+from quantkit.kernels.ggml_ref import LEGACY_LAYOUT, _blocks, _q4k_codes, dequantize_rows, k_scale_min, legacy_fields
 
 # type name -> operator (torch.ops.quantkit_cpu.*) of the integer kernels
 _OPS = {"Q6_K": "q6k_matmul", "Q8_0": "q8_0_matmul", "Q5_K": "q5k_matmul", "Q4_K": "q4k_matmul",
         "Q4_0": "q4_0_matmul", "Q4_1": "q4_1_matmul", "Q5_0": "q5_0_matmul", "Q5_1": "q5_1_matmul"}
 SUPPORTED = tuple(_OPS)
-# legacy 32-value block types: (offset of the fp16 min or None, offset subtracted from the codes)
-_LEGACY = {"Q4_0": (None, 8), "Q4_1": (2, 0), "Q5_0": (None, 16), "Q5_1": (2, 0)}
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # package data (pyproject.toml [tool.setuptools.package-data])
 SOURCES = (CSRC / "cpu_ext.cpp",)
@@ -254,20 +252,12 @@ def bf16_reference(x2: torch.Tensor, data: torch.Tensor, type_name: str) -> torc
 def legacy_codes(data: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Q4_0/Q4_1/Q5_0/Q5_1 bytes -> (codes int32 [N, K/32, 32] in 0..31, d float32 [N, K/32], m float32 or None,
     offset): w = d * (code - offset) + m."""
-    b = _blocks(data, type_name)
-    min_at, offset = _LEGACY[type_name]
-    qh_at = None if type_name.startswith("Q4") else (2 if min_at is None else 4)
-    qs_at = 2 + (2 if min_at is not None else 0) + (4 if qh_at is not None else 0)
-    codes = _nibbles32(b[..., qs_at:qs_at + 16])
-    if qh_at is not None:
-        codes = codes | (_qh32(b[..., qh_at:qh_at + 4]) << 4)
-    m = f16_to_f32(b[..., 2:4]) if min_at is not None else None
-    return codes, f16_to_f32(b[..., 0:2]), m, offset
+    return legacy_fields(_blocks(data, type_name), type_name)
 
 
 def reference_matmul(x2: torch.Tensor, data: torch.Tensor, type_name: str = "Q6_K") -> torch.Tensor:
     """Plain torch version of the kernel's arithmetic (15-bit activations, exact integer sub-block sums)."""
-    if type_name in _LEGACY:
+    if type_name in LEGACY_LAYOUT:
         codes, d, m, offset = legacy_codes(data, type_name)  # [N, nb32, 32]
         q, dx = quantize_x15(x2)
         qb = q.double().reshape(q.shape[0], -1, 32)  # [M, nb32, 32]

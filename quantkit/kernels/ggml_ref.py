@@ -86,22 +86,28 @@ def _q8_0(b):
     return f16_to_f32(b[..., 0:2])[..., None] * b[..., 2:34].view(torch.int8).float()
 
 
-def _q4_0(b):
-    return f16_to_f32(b[..., 0:2])[..., None] * (_nibbles32(b[..., 2:18]) - 8).float()
+# the 32-value legacy blocks: byte offsets of the high bits (None: 4-bit codes) and of the nibbles, whether an fp16
+# min follows the fp16 scale, and the offset taken from the codes
+LEGACY_LAYOUT = {"Q4_0": (None, 2, False, 8), "Q4_1": (None, 4, True, 0), "Q5_0": (2, 6, False, 16),
+                 "Q5_1": (4, 8, True, 0)}
 
 
-def _q4_1(b):
-    return f16_to_f32(b[..., 0:2])[..., None] * _nibbles32(b[..., 4:20]).float() + f16_to_f32(b[..., 2:4])[..., None]
+def legacy_fields(b: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Q4_0/Q4_1/Q5_0/Q5_1 blocks [..., block bytes] -> (codes int [..., 32] in 0..31, d [...], m [...] or None,
+    offset): w = d * (code - offset) (+ m)."""
+    qh, qs, has_min, offset = LEGACY_LAYOUT[type_name]
+    codes = _nibbles32(b[..., qs:qs + 16])
+    if qh is not None:
+        codes = codes | (_qh32(b[..., qh:qh + 4]) << 4)
+    return codes, f16_to_f32(b[..., 0:2]), f16_to_f32(b[..., 2:4]) if has_min else None, offset
 
 
-def _q5_0(b):
-    q = (_nibbles32(b[..., 6:22]) | (_qh32(b[..., 2:6]) << 4)) - 16
-    return f16_to_f32(b[..., 0:2])[..., None] * q.float()
-
-
-def _q5_1(b):
-    q = _nibbles32(b[..., 8:24]) | (_qh32(b[..., 4:8]) << 4)
-    return f16_to_f32(b[..., 0:2])[..., None] * q.float() + f16_to_f32(b[..., 2:4])[..., None]
+def _legacy(type_name: str):
+    def dequantize(b):
+        codes, d, m, offset = legacy_fields(b, type_name)
+        w = d[..., None] * (codes - offset).float()
+        return w if m is None else w + m[..., None]
+    return dequantize
 
 
 def _q2_k(b):
@@ -348,7 +354,7 @@ def _tq2_0(b):
     return f16_to_f32(b[..., 64:66])[..., None] * (_crumbs(b[..., 0:64]) - 1).float()
 
 
-DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+DEQUANT = {"Q8_0": _q8_0, **{t: _legacy(t) for t in LEGACY_LAYOUT},
            "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
            "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
            "IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,

@@ -187,7 +187,6 @@ class LayerwiseQuantizer:
         self.writers = writers
         # a second target set from the same calibration (GGUF beside integer formats), for its own writer
         self.companion = companion
-        self.companion_name = companion.name if companion is not None else ""
         self.companion_targets = ({n: companion.targets.get(n) for n in ckpt.tensor_names()}
                                   if companion is not None else {})
         self.companion_results: dict[str, Any] = {}  # the current layer's companion tensors
@@ -303,13 +302,14 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             for a in range(0, acts.shape[0], bs):
                 gptq.add_batch(norm(acts[a:a + bs].to(dev)).reshape(-1, w.shape[1]))
+        w32 = w.to(dev, torch.float32)
         heads = []
-        for target, want, output in zip(targets, wanted, ("", self.companion_name)):
+        for target, want, output in zip(targets, wanted, ("", self.companion.name if self.companion else "")):
             if not want:
                 heads.append(None)
                 continue
             t0 = time.perf_counter()
-            qt, info = self._gptq_quantize(gptq, w.to(dev, torch.float32), target, name)
+            qt, info = self._gptq_quantize(gptq, w32, target, name)
             qt.error.pop("seconds", None)
             row = {"layer": self.config.num_hidden_layers, "module": "lm_head",
                    **({"output": output} if output else {}), "target": target_label(target), "method": "imatrix"}
@@ -418,15 +418,12 @@ class LayerwiseQuantizer:
                 named.append((n, results[n], companion))
                 continue
             value = self._masters.get(n, params[suffix]).detach().to("cpu")
-            if self.targets.get(n) is None:
-                # unquantized linears and norms: the source dtype (fp16 for AWQ-folded norms, which need it)
-                dtype = torch.float16 if (folded_norms and "norm" in suffix) else source_dtypes[n]
-                value = value.to(dtype)
-                named.append((n, value, companion if companion is not None else self._companion_of(n, value)))
-            else:
-                value = value.to(source_dtypes[n])
-                named.append((n, self._quantize_global(n, value, self.targets.get(n)),
-                              companion if companion is not None else self._companion_of(n, value)))
+            # unquantized linears and norms keep the source dtype (fp16 for AWQ-folded norms, which need it)
+            folded = folded_norms and "norm" in suffix and self.targets.get(n) is None
+            value = value.to(torch.float16 if folded else source_dtypes[n])
+            if companion is None:
+                companion = self._companion_of(n, value)
+            named.append((n, self._quantize_global(n, value, self.targets.get(n)), companion))
         del layer, modules, params
         self._masters = {}
         return named, out_acts, log_rows
@@ -501,7 +498,7 @@ class LayerwiseQuantizer:
             if self.companion_targets.get(n) is not None:
                 qt2, row, _ = self._quantize_one(n, self.companion_targets[n], weight, gptq, source_dtypes[n])
                 self.companion_results[n] = qt2
-                log_rows.append({"layer": i, "module": local, "output": self.companion_name, **row})
+                log_rows.append({"layer": i, "module": local, "output": self.companion.name, **row})
             target = self.targets.get(n)
             if target is None:
                 continue

@@ -102,7 +102,7 @@ class Plan:
     memory: dict[str, int] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
-    compute_dtype: str = "float32"  # GPTQ's calibration forwards and Hessian products (resolve_compute_dtype)
+    compute_dtype: str = "float32"  # the calibration forwards and Hessian products (GPTQ: resolve_compute_dtype)
 
     # ---- views ----
 
@@ -277,8 +277,7 @@ def resolve_compute_dtype(choice: str, linear_dtypes: set[str]) -> str:
 
 
 def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str, n_samples: int, seqlen: int,
-                    max_shard_bytes: int, bytes_out: int, device: str = "cpu", source_bytes: int = 2,
-                    compute_bytes: int = 4) -> dict[str, int]:
+                    device: str = "cpu", source_bytes: int = 2, compute_bytes: int = 4) -> dict[str, int]:
     """Peak RAM (and VRAM with a CUDA device) of the layer-wise pipeline, in bytes (an estimate). Output files are
     streamed to disk (HF shards through a spill file), so no writer buffer counts. `compute_bytes`: 2 when GPTQ's
     calibration runs in bf16 (the layer, the activations and the forward's temporaries halve)."""
@@ -316,8 +315,7 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
 def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", formats: list[str] = ("gptq",),
                gguf_type: str | None = None, overrides: list[str] = (), method: str = "rtn",
                act_order: bool | None = None, n_samples: int = 128, seqlen: int = 512, device: str = "cpu",
-               max_shard_bytes: int = 5 * 1000**3, checkpoint=None, has_imatrix: bool = False,
-               compute_dtype: str = "auto") -> Plan:
+               checkpoint=None, has_imatrix: bool = False, compute_dtype: str = "auto") -> Plan:
     """The plan for quantizing a model of `config` (optionally the opened checkpoint, for the source dtypes)."""
     formats = list(formats)
     if method not in METHODS:
@@ -326,21 +324,21 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
         raise SchemeError("no output format given")
     gguf = "gguf" in formats
     int_formats = [f for f in formats if f != "gguf"]
+    int_overrides, gguf_overrides = _split_overrides(overrides, gguf and bool(int_formats))
     gguf_targets: dict[str, Target] = {}
     if gguf:
         if not gguf_type:
             raise SchemeError("--format gguf needs --type (e.g. --type Q4_K_M)")
         if method == "awq":
             raise SchemeError("--method awq writes integer group schemes; for GGUF use --method rtn or gptq")
-        gguf_targets = dict(_gguf_targets(config, gguf_type, _split_overrides(overrides, int_formats)[1],
-                                          has_imatrix or method != "rtn"))
+        gguf_targets = dict(_gguf_targets(config, gguf_type, gguf_overrides, has_imatrix or method != "rtn"))
         targets: dict[str, Target] = gguf_targets
     elif gguf_type:
         raise SchemeError(f"--type {gguf_type} applies to --format gguf only")
     if int_formats:
         fmts = [get_format(f) for f in int_formats]  # FormatError names the known formats
         preset = preset or ("w4a16-g128-asym" if method == "awq" else "w4a16-g128")  # AWQ's usual zero-point scheme
-        targets = _int_targets(config, preset, _split_overrides(overrides, gguf)[0], act_order)
+        targets = _int_targets(config, preset, int_overrides, act_order)
         for scheme in {t for t in targets.values() if isinstance(t, Scheme)}:
             for f in fmts:
                 f.check_scheme(scheme)
@@ -365,10 +363,10 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
                 calibration={"n_samples": n_samples, "seqlen": seqlen} if method != "rtn" or has_imatrix else {})
     src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
     calib_samples = n_samples if (method != "rtn" or has_imatrix) else 0
-    plan.compute_dtype = resolve_compute_dtype(compute_dtype, {e.source_dtype for e in entries
-                                                               if arch.is_quantizable_linear(e.name)})
-    plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, max_shard_bytes,
-                                  max(plan.bytes_out(f) for f in formats), device, src_bytes,
+    linear_dtypes = {e.source_dtype for e in entries if arch.is_quantizable_linear(e.name)}
+    # only GPTQ's calibration follows it; AWQ's search and the imatrix pass run in float32
+    plan.compute_dtype = resolve_compute_dtype(compute_dtype, linear_dtypes) if method == "gptq" else "float32"
+    plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, device, src_bytes,
                                   DTYPE_BYTES[plan.compute_dtype])
     return plan
 

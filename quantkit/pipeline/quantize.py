@@ -25,8 +25,7 @@ from quantkit.pipeline.fanout import open_writers
 from quantkit.pipeline.layerwise import Companion, LayerwiseQuantizer, PipelineOptions
 from quantkit.formats.sizes import bits_per_weight, file_bytes, stored_tensor_bytes
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
-from quantkit.model import arch
-from quantkit.pipeline.plan import Plan, build_plan, resolve_compute_dtype
+from quantkit.pipeline.plan import DTYPE_BYTES, Plan, build_plan
 from quantkit.pipeline.workdir import MARKER as WORK_MARKER
 
 
@@ -41,7 +40,6 @@ class QuantizeOptions:
     device: str = "cpu"
     damp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
     block_size: int = 128  # GPTQ lazy-batch block size
-    compute_dtype: str = "auto"  # GPTQ's calibration forwards and Hessian products (see resolve_compute_dtype)
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
     max_shard_bytes: int = 5 * 1000**3  # largest safetensors shard of HF-layout outputs
@@ -163,8 +161,6 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
     if not isinstance(o.block_size, int) or o.block_size < 1:
         raise SchemeError(f"--block-size {o.block_size!r}: expected a positive number of columns")
     check_device(o.device)
-    compute_dtype = resolve_compute_dtype(o.compute_dtype, {t.dtype for n, t in ckpt.tensors.items()
-                                                            if arch.is_quantizable_linear(n)})
     paths = output_paths(output, plan.formats, plan.gguf_type)
     work = o.work_dir if o.work_dir else output.with_name(output.name + ".partial")
     check_disjoint({"output": output, "--work-dir": work, "--imatrix-out": o.imatrix_out},
@@ -198,7 +194,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                   "source_fingerprint": ckpt.fingerprint(), "quantkit_version": __version__}
     if plan.method == "gptq":
         provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True,
-                              "compute_dtype": compute_dtype}
+                              "compute_dtype": plan.compute_dtype}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
     importance = None
@@ -215,7 +211,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
 
     targets = plan.targets()
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size, device=o.device,
-                                       compute_dtype=compute_dtype if plan.method == "gptq" else "float32",
+                                       compute_dtype=plan.compute_dtype,
                                        collect_imatrix=o.imatrix_out is not None)
     # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only
     # when all of them, with their logs, are complete: a multi-format run creates all of its outputs or none.
@@ -230,7 +226,6 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                                                        + ", ".join(plan.formats) + "\n")
         write_options = WriteOptions(force=o.force, max_shard_bytes=o.max_shard_bytes, provenance=provenance,
                                      file_type=plan.gguf_type, importance_meta=importance_meta)
-        companion = None
         if plan.mixed:  # the GGUF file from the same calibration, through its own writer
             gguf_targets = plan.targets("gguf")
             companion = Companion("gguf", gguf_targets, open_writers(["gguf"], staged, ckpt.path, ckpt.config,
@@ -307,7 +302,8 @@ def space_needs(plan: Plan, output: Path, work: Path | None, calib_samples: int 
                       for e in plan.entries if e.name not in NOT_CHECKPOINTED
                       for t in (e.target, *([e.gguf_target] if e.gguf_target is not None else [])))
         forward = plan.method in ("gptq", "awq") or collect_imatrix or plan.gguf_type is not None
-        acts = calib_samples * calib_seqlen * plan.config.hidden_size * 4 if forward else 0
+        acts = (calib_samples * calib_seqlen * plan.config.hidden_size * DTYPE_BYTES[plan.compute_dtype]
+                if forward else 0)
         have = 0
         if work.is_dir() and (work / WORK_MARKER).is_file():
             have = file_bytes(work)
