@@ -15,7 +15,7 @@ import torch
 
 import quantkit
 from quantkit.errors import KernelBuildError
-from quantkit.kernels import cpu, cpu_ext
+from quantkit.kernels import cpu, cpu_ext, toolchain
 from quantkit.kernels.ggml_ref import dequantize_rows
 from quantkit.runtime.qlinear import GGMLLinear
 from test_kernels_ggml import random_blocks  # noqa: E402 (tests/ is on sys.path under pytest)
@@ -238,7 +238,7 @@ def test_broken_source_raises_build_error(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "quantkit_cpu_ext_broken_test" in msg and "first lines of the compiler output" in msg
     assert "error:" in msg and "quantkit_broken_on_purpose" in msg
-    assert len(msg.splitlines()) <= 1 + cpu_ext._OUTPUT_LINES
+    assert len(msg.splitlines()) <= 1 + toolchain.OUTPUT_LINES
 
     # available() passes it on (every call, one build) instead of reporting the extension unavailable
     calls = []

@@ -9,7 +9,7 @@ import quantkit
 
 ROOT = Path(quantkit.__file__).parent
 
-NEUTRAL = {"errors", "tensors", "ggml_types", "io", "allocator", "progress"}
+NEUTRAL = {"errors", "tensors", "ggml_types", "io", "allocator", "progress", "cache"}
 # package -> the quantkit packages it may import (besides itself and the neutral modules)
 ALLOWED = {
     "kernels": set(),

@@ -11,7 +11,7 @@ import numpy as np
 
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import I_TYPES, K_TYPES, LEGACY_TYPES
-from quantkit.gguf import iq1, iq2, iq3, iquants, kquants, legacy
+from quantkit.gguf import iq1, iq2, iq3, iquants, kquants, legacy, native
 from quantkit.gguf.f32ops import F32, seqsum_rows
 
 # type name -> (elements per block, bytes per block) of `ggml_types.SUPPORTED_TYPES`: the workers' copy of
@@ -23,8 +23,22 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ3_S": (256, 110), "IQ3_XXS": (256, 98), "IQ2_S": (256, 82),
     "IQ2_XS": (256, 74), "IQ2_XXS": (256, 66), "IQ1_M": (256, 56), "IQ1_S": (256, 50),
 }
+
+
+def _native_or_numpy(type_name: str):
+    """The C++ encoder of `type_name` where it can be built (gguf/native.py), else the numpy one (its reference)."""
+    reference = kquants.ENCODERS[type_name]
+
+    def encoder(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+        if native.library() is None:
+            return reference(x, qw)
+        return native.encode(type_name, x, qw, np.empty((x.shape[0], BLOCK_SIZES[type_name][1]), dtype=np.uint8))
+    return encoder
+
+
 # block encoders of the searched types: [n_blocks, block] float32 (+ importance) -> [n_blocks, bytes] uint8
-SEARCHED_ENCODERS = {**kquants.ENCODERS, **iquants.ENCODERS, **iq3.ENCODERS, **iq2.ENCODERS, **iq1.ENCODERS}
+SEARCHED_ENCODERS = {**kquants.ENCODERS, **iquants.ENCODERS, **iq3.ENCODERS, **iq2.ENCODERS, **iq1.ENCODERS,
+                     **{t: _native_or_numpy(t) for t in native.TYPES}}
 
 # elements per chunk: big enough to amortize numpy's per-call cost (~1 ms per Q4_K call), small enough to keep
 # the search's work arrays (~1 MB each) near the core

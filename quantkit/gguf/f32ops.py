@@ -77,8 +77,11 @@ def seqsum_rows(a: np.ndarray) -> np.ndarray:
 
 
 def first_absmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    """The signed value with the largest |x| along `axis`, first occurrence wins (C: `if (amax < fabsf(v))`)."""
-    idx = np.argmax(np.abs(x), axis=axis)
+    """The signed value with the largest |x| along `axis`, first occurrence wins (C: `if (amax < fabsf(v))`); a NaN
+    is never taken (C's comparison is false for it)."""
+    a = np.abs(x)
+    a[np.isnan(a)] = -1
+    idx = np.argmax(a, axis=axis)
     return np.take_along_axis(x, np.expand_dims(idx, axis), axis=axis).squeeze(axis)
 
 

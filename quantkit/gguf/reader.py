@@ -350,7 +350,10 @@ def tokenizer_model_path(kv: dict[str, Any], cache_dir: Path | None = None) -> P
     except FormatError:
         return None
     digest = hashlib.sha256(blob).hexdigest()[:16]
-    cache_dir = cache_dir or Path.home() / ".cache" / "quantkit" / "gguf-tokenizers"
+    if cache_dir is None:
+        from quantkit.cache import cache_dir as quantkit_cache
+
+        cache_dir = quantkit_cache() / "gguf-tokenizers"
     target = cache_dir / digest / "tokenizer.model"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -100,8 +100,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     all_zero = np.abs(mx) < GROUP_MAX_EPS
     safe_max = np.where(all_zero, F32(1.0), mx).astype(np.float32)
     iscale = F32(-nmax) / safe_max
-    # |iscale * x| <= nmax: np.rint equals nearest_int
-    Lf = np.clip(np.rint(iscale * x), -nmax, nmax - 1).astype(np.float32)
+    # nearest_int, not np.rint: the same for |iscale * x| <= nmax, but C's bit trick makes a NaN 0
+    with np.errstate(invalid="ignore"):
+        Lf = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(np.float32)
     w = x * x
     wx = w * x
     sumlx = seqsum(wx * Lf)

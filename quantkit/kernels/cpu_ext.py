@@ -40,11 +40,8 @@ When it cannot be built — two different cases:
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -54,6 +51,7 @@ import torch
 
 from quantkit.errors import KernelBuildError
 from quantkit.ggml_types import f16_to_f32
+from quantkit.kernels.toolchain import compiler_output_head, cxx_compiler, missing_compiler
 from quantkit.kernels.ggml_ref import LEGACY_LAYOUT, _blocks, _q4k_codes, dequantize_rows, k_scale_min, legacy_fields
 
 # type name -> operator (torch.ops.quantkit_cpu.*) of the integer kernels
@@ -64,7 +62,6 @@ SUPPORTED = tuple(_OPS)
 CSRC = Path(__file__).resolve().parent / "csrc"  # package data (pyproject.toml [tool.setuptools.package-data])
 SOURCES = (CSRC / "cpu_ext.cpp",)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for is serial without it
-_OUTPUT_LINES = 15  # compiler output lines a KernelBuildError carries
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -76,32 +73,12 @@ def default_name() -> str:
     return f"quantkit_cpu_ext_{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
-def cxx_compiler() -> str:
-    """The C++ compiler command torch.utils.cpp_extension builds with ($CXX, else c++ / cl on Windows)."""
-    return os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
-
-
 def missing_toolchain() -> str | None:
     """Why nothing can be built here (no C++ compiler / no ninja on PATH), or None when both are found."""
-    cxx = cxx_compiler()
-    argv = shlex.split(cxx) if cxx.strip() else []
-    missing = []
-    if not argv or shutil.which(argv[0]) is None:
-        what = f"$CXX={cxx!r}" if "CXX" in os.environ else cxx
-        missing.append(f"no C++ compiler ({what} is not on PATH; install g++ or clang++, or set CXX)")
+    missing = [m for m in [missing_compiler()] if m]
     if shutil.which("ninja") is None:
         missing.append("no ninja on PATH (pip install ninja, or quantkit[cpu])")
     return "; ".join(missing) or None
-
-
-def _compiler_output_head(output: str, n: int = _OUTPUT_LINES) -> list[str]:
-    """The first n lines of a failed build's output from its first diagnostic on (ninja first echoes its progress line
-    and the whole compile command, which say nothing about the error)."""
-    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
-    first = next((i for i, line in enumerate(lines) if re.search(r"\berror\b:", line, re.IGNORECASE)), None)
-    if first is None:
-        first = next((i for i, line in enumerate(lines) if not line.startswith(("[", "FAILED:"))), 0)
-    return lines[first:first + n]
 
 
 def build(sources: Sequence[str | os.PathLike] | None = None, name: str | None = None,
@@ -132,7 +109,7 @@ def build(sources: Sequence[str | os.PathLike] | None = None, name: str | None =
         cause = e.__cause__
         if isinstance(cause, subprocess.CalledProcessError) and cause.output:
             output = cause.output.decode(errors="replace") if isinstance(cause.output, bytes) else str(cause.output)
-            head = _compiler_output_head(output)
+            head = compiler_output_head(output)
             raise KernelBuildError(
                 f"building the C++ extension {name} ({', '.join(sources)}) with {cxx_compiler()!r} failed {where}; "
                 "first lines of the compiler output:\n" + "\n".join("  " + line for line in head)) from e

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.cache import cache_dir
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import check_type, is_float_type
 from quantkit.gguf.mixes import FILE_TYPES
@@ -35,13 +35,6 @@ DEFAULT_CANDIDATES = ("IQ1_M", "IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "
                       "Q8_0")
 DEFAULT_PRESETS = ("w2a16-g64", "w3a16-g128", "w4a16-g128", "w4a16-g32", "w8a16-g128")  # gptq, compressed-tensors
 ALLOCATABLE_FORMATS = ("gguf", "gptq", "compressed-tensors")
-
-
-def cache_dir() -> Path:
-    """Where quantkit keeps what it measured: $QUANTKIT_CACHE, else $XDG_CACHE_HOME/quantkit, else ~/.cache/quantkit."""
-    if os.environ.get("QUANTKIT_CACHE"):
-        return Path(os.environ["QUANTKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantkit"
 
 
 @dataclass
