@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import inspect
 import sys
 import tempfile
 import time
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--impl", default=None, help="path of an awq.py to run instead of quantkit.quant.awq")
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="quantize --compute-dtype: what the scale search's forwards run in (auto: bf16 for a bf16 "
+                         "model; an --impl without search_dtype runs float32)")
     args = ap.parse_args()
 
     import torch
@@ -56,7 +60,14 @@ def main() -> None:
     layer_seconds: list[float] = []
     inner = impl.awq_layer
 
+    params = inspect.signature(inner).parameters
+
     def timed(*a, **kw):
+        # an older --impl without the search shortcuts runs the full fp32 search
+        if "search_dtype" not in params and kw.pop("search_dtype", None) not in (None, torch.float32):
+            raise SystemExit("this --impl has no search_dtype: run it with --compute-dtype float32")
+        if "rank_every" not in params:
+            kw.pop("rank_every", None)
         t = time.perf_counter()
         try:
             return inner(*a, **kw)
@@ -74,7 +85,7 @@ def main() -> None:
         out = Path(tmp) / "out"
         argv = ["quantize", args.model, "--method", "awq", "--preset", "w4a16-g128", "--format", "awq",
                 "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-                "-o", str(out), "--force"]
+                "--compute-dtype", args.compute_dtype, "-o", str(out), "--force"]
         t0 = time.perf_counter()
         try:
             cli_main(argv)

@@ -64,7 +64,7 @@ def run_measured(cmd: list[str], log: Path, out: Path, kill_at: int | None = Non
     appears; SIGKILL the whole group once layer `kill_at` is reported done."""
     env = {**os.environ, "QUANTKIT_PROGRESS_INTERVAL": "0"}
     layer_times: dict[int, float] = {}
-    peak = {"pss": 0, "hwm": 0, "disk": 0}
+    peak: dict = {"pss": 0, "hwm": 0, "disk": 0, "at": None}
     state = {"text": "", "killed": False}
     t0 = time.perf_counter()
     with open(log, "w") as f, open(log, errors="replace") as reader:
@@ -73,7 +73,11 @@ def run_measured(cmd: list[str], log: Path, out: Path, kill_at: int | None = Non
         def sample(tick: int) -> None:
             if tick % 2 == 0:  # reading every process's smaps costs CPU the measured run would lose
                 pids = _tree(proc.pid)
-                peak["pss"] = max(peak["pss"], sum(_status_kib(p, "smaps_rollup", "Pss:") for p in pids))
+                pss = sum(_status_kib(p, "smaps_rollup", "Pss:") for p in pids)
+                if pss > peak["pss"]:  # where the run was at its peak: its last progress line then
+                    lines = [ln for ln in state["text"].replace("\r", "\n").splitlines() if ln.strip()]
+                    peak["pss"] = pss
+                    peak["at"] = (round(time.perf_counter() - t0, 1), lines[-1][-160:] if lines else "")
                 peak["hwm"] = max([peak["hwm"]] + [_status_kib(p, "status", "VmHWM:") for p in pids])
             if tick % 10 == 0:
                 peak["disk"] = max(peak["disk"], _disk_bytes(out))
@@ -91,7 +95,8 @@ def run_measured(cmd: list[str], log: Path, out: Path, kill_at: int | None = Non
     done = sorted(layer_times.items())
     per_layer = [round(b - a, 1) for (_, a), (_, b) in zip(done, done[1:])]
     return {"seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "peak_pss_gib": round(peak["pss"] / 1024**2, 3), "peak_vmhwm_gib": round(peak["hwm"] / 1024**2, 3),
+            "peak_pss_gib": round(peak["pss"] / 1024**2, 3), "peak_pss_at": peak["at"],
+            "peak_vmhwm_gib": round(peak["hwm"] / 1024**2, 3),
             "peak_disk_gib": round(peak["disk"] / 1024**3, 3), "killed": killed,
             "layers_reported": [k for k, _ in done], "layer_seconds": per_layer}
 

@@ -3,13 +3,15 @@
     GPTQMODEL_CPU_WORKERS=2 nice -n 10 python benchmarks/peers_gptq_awq.py [--seeds 0,1,2] [--peer-seeds 0]
         [--windows 20] [--calib-samples 64] [--calib-seqlen 512] [--calib pg|builtin] [--json out.json]
 
-Schemes: GPTQ at w4a16-g128 (symmetric, no act-order, damp 0.01, block 128); AWQ at w4a16-g128-asym
-(zero point, duo scaling, clipping). Baseline RTN rows for both schemes.
+Schemes: GPTQ at w4a16-g128 (symmetric; quantkit's defaults: group-aware order, damp 0.1, block 128, unless
+--gptq-variants says otherwise); AWQ at w4a16-g128-asym (zero point, duo scaling, clipping). Baseline RTN rows for
+both schemes. --compute-dtype: what quantkit's GPTQ calibration and AWQ scale search run in.
 Calibration: windows drawn by quantkit.calib.load_calibration (seed s) from ../shared/data/pg-english/calib (or the
 built-in set); the *same token tensor* goes to quantkit's pipeline and to GPTQModel's `quantize()`
 (as input_ids / attention_mask lists, calibration_sort=None so nothing is reordered or concatenated).
-Peers: GPTQModel's GPTQ (`QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False,
-act_group_aware=False, damp_percent=0.01)`), GPTQModel's AWQ (`AWQConfig(bits=4, group_size=128, sym=False)`,
+Peers: GPTQModel's GPTQ (--peer-gptq defaults: its out-of-the-box `QuantizeConfig(bits=4, group_size=128)`, i.e.
+damp 0.05 and group-aware order; matched: quantkit's defaults, damp 0.1), GPTQModel's AWQ
+(`AWQConfig(bits=4, group_size=128, sym=False)`,
 backend AWQ_TORCH; AutoAWQ 0.2.9 itself needs its own venv and is not run here).
 Evaluation: every model's weights are dequantized into the fp32 reference model (GPTQModel's checkpoints are
 read with quantkit's own GPTQ/AWQ readers), then KLD(BF16 model || quantized) and perplexity on the first
@@ -52,10 +54,30 @@ def logits_fn(model):
     return fn
 
 
-def quantkit_model(ckpt, method: str, preset: str, tokens, workdir: Path, compute_dtype: str = "float32"):
+def quantkit_model(ckpt, method: str, preset: str, tokens, workdir: Path, compute_dtype: str = "float32",
+                   variant: dict | None = None):
     from fidelity_nano import quantized_model  # the pipeline -> dump -> dequantized reference model path
 
-    return quantized_model(ckpt, method, preset, tokens, 0.01, workdir, compute_dtype)
+    from quantkit.pipeline.layerwise import PipelineOptions
+
+    v = dict(variant or {})
+    return quantized_model(ckpt, method, preset, tokens, v.pop("damp", PipelineOptions.damp), workdir, compute_dtype,
+                           **v)
+
+
+def parse_variant(text: str) -> dict:
+    """'damp=0.05,group_aware,act_order' -> {'damp': 0.05, 'group_aware': True, 'act_order': True}."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        out[key] = True if not value else (float(value) if "." in value else int(value))
+    return out
+
+
+PEER_GPTQ_CONFIGS = {  # GPTQModel QuantizeConfig arguments
+    "matched": dict(bits=4, group_size=128, sym=True, desc_act=False, act_group_aware=True, damp_percent=0.1),
+    "defaults": dict(bits=4, group_size=128),  # out of the box: damp 0.05, act_group_aware (GAR), no desc_act
+}
 
 
 def model_from_quantized_dir(ckpt, path: Path) -> Transformer:
@@ -76,13 +98,12 @@ def model_from_quantized_dir(ckpt, path: Path) -> Transformer:
     return model.eval()
 
 
-def gptqmodel_quantize(method: str, tokens: torch.Tensor, out: Path) -> float:
+def gptqmodel_quantize(method: str, tokens: torch.Tensor, out: Path, gptq_config: str = "matched") -> float:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 
     if method == "gptq":
-        cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, act_group_aware=False,
-                             damp_percent=0.01)
+        cfg = QuantizeConfig(**PEER_GPTQ_CONFIGS[gptq_config])
         backend = BACKEND.AUTO
     else:
         cfg = AWQConfig(bits=4, group_size=128, sym=False)
@@ -108,7 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="gptq,awq")
     ap.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline rows")
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="quantkit GPTQ's calibration forward and Hessian products (quantize --compute-dtype)")
+                    help="quantkit GPTQ's calibration forward and Hessian products, AWQ's scale search (quantize "
+                         "--compute-dtype)")
+    ap.add_argument("--gptq-variants", default="",
+                    help="quantkit GPTQ settings to compare, ';'-separated, each 'damp=0.05,group_aware=0,act_order' "
+                         "('' = quantkit's defaults)")
+    ap.add_argument("--peer-gptq", default="defaults", choices=sorted(PEER_GPTQ_CONFIGS),
+                    help="GPTQModel's GPTQ settings: defaults (its out-of-the-box QuantizeConfig) or matched "
+                         "(quantkit's defaults: damp 0.1, group-aware order)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -131,6 +159,7 @@ def main(argv=None) -> int:
         return base_cache[key]
     schemes = {"gptq": "w4a16-g128", "awq": "w4a16-g128-asym"}
     methods = [m for m in args.methods.split(",") if m]
+    variants = [v.strip() for v in args.gptq_variants.split(";")] if args.gptq_variants else [""]
     rows: list[dict] = []
 
     def evaluate(scheme: str, tool: str, method: str, seed, model, seconds) -> None:
@@ -156,19 +185,22 @@ def main(argv=None) -> int:
             calib = load_calibration(calib_spec, tok, args.calib_samples, args.calib_seqlen, seed)
             print(f"# seed {seed}: calibration {calib.identity['source']} sha256 {calib.sha256[:16]}", flush=True)
             for method in methods:
-                if seed in seeds:
-                    model, info = quantkit_model(ckpt, method, schemes[method], calib.tokens, tmp, args.compute_dtype)
-                    evaluate(schemes[method], "quantkit", method, seed, model, info["quantize_seconds"])
+                for variant in (variants if method == "gptq" else [""]) if seed in seeds else []:
+                    model, info = quantkit_model(ckpt, method, schemes[method], calib.tokens, tmp, args.compute_dtype,
+                                                 parse_variant(variant))
+                    evaluate(schemes[method], f"quantkit[{variant}]" if variant else "quantkit", method, seed, model,
+                             info["quantize_seconds"])
                     del model
                 if seed in peer_seeds:
                     out = tmp / f"gptqmodel-{method}-{seed}"
                     try:
-                        seconds = gptqmodel_quantize(method, calib.tokens, out)
+                        seconds = gptqmodel_quantize(method, calib.tokens, out, args.peer_gptq)
                         model = model_from_quantized_dir(ckpt, out)
                     except Exception as e:  # report and go on: the other rows are still useful
                         print(f"# GPTQModel {method} seed {seed} failed: {type(e).__name__}: {e}", flush=True)
                         continue
-                    evaluate(schemes[method], "gptqmodel-7.6", method, seed, model, round(seconds, 2))
+                    tool = "gptqmodel-7.6" + (f"[{args.peer_gptq}]" if method == "gptq" else "")
+                    evaluate(schemes[method], tool, method, seed, model, round(seconds, 2))
                     del model
 
     print("\n| tool | method | scheme | seeds | mean KLD | PPL | same top % | quantize s |")

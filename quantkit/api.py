@@ -54,8 +54,9 @@ def plan(model: str | Path, *, method: str = "rtn", preset: str | None = None,
 def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", preset: str | None = None,
              formats: str | Sequence[str] | None = None, gguf_type: str | None = None, overrides: Sequence[str] = (),
              act_order: bool | None = None, calib: str | None = None, calib_samples: int = 128,
-             calib_seqlen: int = 512, seed: int = 0, device: str = "cpu", damp: float = 0.01, block_size: int = 128,
-             compute_dtype: str = "auto", imatrix: str | Path | None = None, imatrix_out: str | Path | None = None,
+             calib_seqlen: int = 512, seed: int = 0, device: str = "cpu", damp: float = 0.1, block_size: int = 128,
+             group_aware: bool = True, compute_dtype: str = "auto", imatrix: str | Path | None = None,
+             imatrix_out: str | Path | None = None,
              shard_size: str | int = "5GB",
              work_dir: str | Path | None = None, resume: bool = True, force: bool = False, progress: bool = False,
              log: Callable[[str], None] | None = None, target_bpw: float | None = None,
@@ -64,13 +65,13 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
              sensitivity_seqlen: int = 256) -> QuantizeResult:
     """Quantize `model` layer by layer and write every requested format under `output` (one format: `output`
     itself; several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet
-    file or directory; default builtin for gptq/awq), damp/block_size/compute_dtype (GPTQ; compute_dtype auto,
-    float32 or bfloat16: what the calibration forwards and Hessian products run in, auto = bfloat16 for a bf16
-    checkpoint), imatrix (GGUF: a llama.cpp
-    importance matrix to use), imatrix_out (save the collected one), shard_size (largest safetensors shard of the
-    HF-layout outputs, "5GB" or bytes), work_dir/resume (an interrupted run with the
-    same arguments continues from its last completed layer), force (replace an existing output), log (receives
-    one-line notices such as "resuming from layer 3/6").
+    file or directory; default builtin for gptq/awq), damp/block_size/group_aware (GPTQ; group_aware: groups and
+    their columns in order of importance unless act_order), compute_dtype (auto, float32 or bfloat16: what GPTQ's
+    calibration forwards and Hessian products, and AWQ's scale-search forwards, run in; auto = bfloat16 for a bf16
+    checkpoint), imatrix (GGUF: a llama.cpp importance matrix to use), imatrix_out (save the collected one),
+    shard_size (largest safetensors shard of the HF-layout outputs, "5GB" or bytes), work_dir/resume (an
+    interrupted run with the same arguments continues from its last completed layer), force (replace an existing
+    output), log (receives one-line notices such as "resuming from layer 3/6").
 
     Under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes), instead of gguf_type /
     preset, measures the KLD of each tensor (GGUF) or fused group of linears (gptq, compressed-tensors) in each of
@@ -106,7 +107,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                          calib_seqlen=calib_seqlen, device=device, has_imatrix=imatrix is not None,
                          compute_dtype=compute_dtype)
     options = QuantizeOptions(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-                              device=device, damp=damp, block_size=block_size,
+                              device=device, damp=damp, block_size=block_size, group_aware=group_aware,
                               imatrix=Path(imatrix) if imatrix is not None else None,
                               imatrix_out=Path(imatrix_out) if imatrix_out is not None else None,
                               max_shard_bytes=parse_size(shard_size),

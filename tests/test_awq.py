@@ -242,3 +242,52 @@ def test_fast_losses_choose_the_scales_of_the_per_ratio_search(kv_heads, dtype, 
         else:
             assert fast[2:] == slow[2:]
     assert len(grams) == (2 if kv_heads == 4 else 1)  # down_proj, and o_proj without grouped-query attention
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_search_in_bf16_runs_a_copy_and_keeps_the_layer_in_its_dtype(kv_heads):
+    """search_dtype=bf16: the module outputs of the scale search run in a bf16 copy (reference and candidates alike);
+    the layer, its folded scales and the clipping stay fp32. Same as the fp32 search where the fp32 losses are not
+    near a tie (the ratio chosen differs by at most one grid step), and the layer's own dtype means no copy at all
+    (bit-identical)."""
+    layer, acts, inputs = make_layer(kv_heads=kv_heads, dtype=torch.float32, seed=3)
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    fp32, same, bf16 = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer)
+    a = awq.awq_layer(fp32, acts, schemes, inputs=inputs, n_grid=10)
+    awq.awq_layer(same, acts, schemes, inputs=inputs, n_grid=10, search_dtype=torch.float32)
+    for (n, p), (_, q) in zip(fp32.named_parameters(), same.named_parameters()):
+        assert torch.equal(p, q), n
+    c = awq.awq_layer(bf16, acts, schemes, inputs=inputs, n_grid=10, search_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    ratios = [k for k in a if k.startswith("ratio_")]
+    assert len(ratios) == (4 if kv_heads == 4 else 3)
+    for key in ratios:
+        assert abs(a[key] - c[key]) <= 0.1 + 1e-9, key
+
+
+def test_ranking_on_a_subset_scores_the_finalists_on_every_sample():
+    """rank_every=2: candidates ranked on every 2nd of 36 samples, the best 3 and ratio 0 scored on all samples. The
+    chosen loss is a full-sample loss no better than the full search's best (it is one of the same candidates), and
+    close to it; ratio 0's reported loss is the full-sample one."""
+    layer, acts, inputs = make_layer(dtype=torch.float32, seed=5)
+    acts = acts.repeat(6, 1, 1) + 0.1 * torch.randn(36, *acts.shape[1:], generator=torch.Generator().manual_seed(1))
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    feats = _captured(layer, acts, inputs, 4)
+    group = awq.scaling_groups(layer)[0]  # q, k, v: the loss is the attention's output
+    args = (layer, group, feats[group.feature], schemes, inputs, 4, "cpu", awq.fake_quant_scheme)
+    full = awq.search_scale(*args, n_grid=10)
+    seen = []
+    real = awq._loss_function
+
+    def spy(group, lyr, x, *rest):
+        seen.append(x.shape[0])
+        return real(group, lyr, x, *rest)
+
+    awq._loss_function = spy
+    try:
+        ranked = awq.search_scale(*args, n_grid=10, rank_every=2)
+    finally:
+        awq._loss_function = real
+    assert seen == [36, 18]  # the full-sample loss and the subset's (>= 16 samples: ranking applies)
+    assert ranked[3] == full[3]  # ratio 0 on all samples
+    assert full[2] <= ranked[2] <= 1.02 * full[2]

@@ -180,7 +180,22 @@ def test_shared_hessian_reuses_factor():
     assert torch.equal(a.codes, b.codes) and len(g._factor_cache) == 1
 
 
-def _gptqmodel_quantize(w, x, scheme, static_groups):
+def test_group_aware_factor_is_cached_per_group_size():
+    """One Hessian solved for two targets with different group sizes (a GPTQ output and its GGUF companion): each
+    group size has its own processing order, hence its own inverse factor."""
+    w, x = make_problem(in_f=256)
+    shared = GPTQ(256)
+    shared.add_batch(x)
+    for gs in (32, 128, 32):
+        scheme = Scheme(group_size=gs)
+        fresh = GPTQ(256)
+        fresh.add_batch(x)
+        a, _ = shared.quantize(w, scheme, group_aware=True)
+        b, _ = fresh.quantize(w, scheme, group_aware=True)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), gs
+
+
+def _gptqmodel_quantize(w, x, scheme, static_groups, group_aware=False):
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from torch import nn
     from gptqmodel.quantization.config import QuantizeConfig
@@ -189,7 +204,7 @@ def _gptqmodel_quantize(w, x, scheme, static_groups):
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = w.clone()
     cfg = QuantizeConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric,
-                         desc_act=scheme.act_order, act_group_aware=False, damp_percent=0.01,
+                         desc_act=scheme.act_order, act_group_aware=group_aware, damp_percent=0.01,
                          static_groups=static_groups, fallback=None)
     ref = RefGPTQ(lin, cfg)
     ref.quantizer.configure(perchannel=True)
@@ -200,22 +215,26 @@ def _gptqmodel_quantize(w, x, scheme, static_groups):
 
 @pytest.mark.compat
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
-@pytest.mark.parametrize("scheme,static_groups,max_mismatch", [
-    (Scheme(bits=4, group_size=128, symmetric=True, scale_dtype="float32"), False, 0.0),
-    (Scheme(bits=4, group_size=128, symmetric=False, scale_dtype="float32"), False, 0.0),
-    (Scheme(bits=4, group_size=128, symmetric=True, act_order=True, scale_dtype="float32"), False, 0.0),
-    (Scheme(bits=4, group_size=128, symmetric=True, act_order=True, scale_dtype="float32"), True, 0.0),
-    (Scheme(bits=8, group_size=-1, symmetric=True, scale_dtype="float32"), False, 0.0),
+@pytest.mark.parametrize("scheme,static_groups,group_aware,max_mismatch", [
+    (Scheme(bits=4, group_size=128, symmetric=True, scale_dtype="float32"), False, False, 0.0),
+    (Scheme(bits=4, group_size=128, symmetric=False, scale_dtype="float32"), False, False, 0.0),
+    (Scheme(bits=4, group_size=128, symmetric=True, act_order=True, scale_dtype="float32"), False, False, 0.0),
+    (Scheme(bits=4, group_size=128, symmetric=True, act_order=True, scale_dtype="float32"), True, False, 0.0),
+    (Scheme(bits=8, group_size=-1, symmetric=True, scale_dtype="float32"), False, False, 0.0),
+    # group-aware order (GPTQModel's act_group_aware): groups and their columns by importance, g_idx trivial
+    (Scheme(bits=4, group_size=128, symmetric=True, scale_dtype="float32"), False, True, 0.0),
+    (Scheme(bits=4, group_size=128, symmetric=False, scale_dtype="float32"), False, True, 0.0),
     # g32 inside 128-column blocks: fp32 summation order may flip a rare tie, which then propagates
-    (Scheme(bits=4, group_size=32, symmetric=True, scale_dtype="float32"), False, 0.01),
+    (Scheme(bits=4, group_size=32, symmetric=True, scale_dtype="float32"), False, False, 0.01),
+    (Scheme(bits=4, group_size=32, symmetric=True, scale_dtype="float32"), False, True, 0.01),
 ])
-def test_matches_gptqmodel(scheme, static_groups, max_mismatch):
+def test_matches_gptqmodel(scheme, static_groups, group_aware, max_mismatch):
     """Same matrix, same inputs, same settings as GPTQModel 7.6's GPTQ: same quantized weights."""
     w, x = make_problem(out_f=64, in_f=512, tokens=2048, seed=7)
-    ref_q, ref_gidx = _gptqmodel_quantize(w, x, scheme, static_groups)
+    ref_q, ref_gidx = _gptqmodel_quantize(w, x, scheme, static_groups, group_aware)
     g = GPTQ(512)
     g.add_batch(x)
-    qt, _ = g.quantize(w, scheme, static_groups=static_groups)
+    qt, _ = g.quantize(w, scheme, static_groups=static_groups, group_aware=group_aware)
     ours = qt.dequantize()
     mismatch = ((ours - ref_q).abs() > 1e-6).float().mean().item()
     assert mismatch <= max_mismatch

@@ -114,6 +114,22 @@ def test_gptq_pipeline_beats_rtn_on_calibration_output(tmp_path):
     assert errs["gptq"] < 0.9 * errs["rtn"], errs
 
 
+def test_group_aware_order_is_an_option_of_the_run_and_needs_no_group_index(tmp_path):
+    """PipelineOptions.group_aware reaches GPTQ: the weights differ from the natural order's, and the groups stay
+    contiguous (no g_idx, so no act-order flag in the output)."""
+    ckpt = _ckpt(tmp_path, layers=2)
+    tokens = _tokens(ckpt, tmp_path, n=8, seqlen=64)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq", checkpoint=ckpt)
+    out = {}
+    for aware in (False, True):
+        quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / str(aware))], tokens,
+                       PipelineOptions(method="gptq", group_aware=aware), progress=False)
+        out[aware] = dict(read_dump(tmp_path / str(aware)))
+    quantized = [n for n, t in out[True].items() if isinstance(t, QuantTensor)]
+    assert quantized and not any(out[True][n].has_act_order for n in quantized)
+    assert any(not torch.equal(out[True][n].codes, out[False][n].codes) for n in quantized)
+
+
 def test_gptq_needs_calibration(tmp_path):
     ckpt = _ckpt(tmp_path)
     plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq")

@@ -55,6 +55,22 @@ def test_rtn_to_gptq_and_awq_formats_in_one_run(src, tmp_path, capsys):
     assert r["resumed_from_layer"] == 0
     for o in r["outputs"]:  # each format reports its own planned size, and it is what was written (+ headers)
         assert o["planned_bpw"] < 16 and o["planned_bytes"] <= o["bytes"] < o["planned_bytes"] * 1.01, o
+    # the GPTQ config's meta says nothing of damping for RTN weights (there was none)
+    meta = json.loads((out / "gptq" / "quantize_config.json").read_text())["meta"]
+    assert "damp_percent" not in meta and meta["quantizer"][0].startswith("quantkit:")
+
+
+def test_gptq_config_records_the_solver_settings(src, calib_txt, tmp_path, capsys):
+    """quantize_config.json's meta says how the weights were solved: the defaults (damp 0.1, group-aware order),
+    or what the command line chose."""
+    for extra, damp, aware in (([], 0.1, True), (["--damp", "0.02", "--no-group-aware"], 0.02, False)):
+        out = tmp_path / f"g{damp}"
+        _quantize([str(src), "--method", "gptq", "--preset", "w4a16-g32", "--calib", str(calib_txt),
+                   "--calib-samples", "4", "--calib-seqlen", "32", *extra, "-o", str(out)], capsys)
+        meta = json.loads((out / "quantize_config.json").read_text())["meta"]
+        assert meta["damp_percent"] == damp and meta["act_group_aware"] is aware
+        prov = json.loads((out / "quantkit.json").read_text())
+        assert json.dumps(prov).count('"group_aware": ' + json.dumps(aware)) >= 1
 
 
 def test_gguf_rtn_through_pipeline_equals_per_tensor_encoder(src, tmp_path, capsys):

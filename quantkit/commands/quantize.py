@@ -15,14 +15,18 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 @model_options
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
               help="Output directory (GGUF: file). With several formats, a directory holding one output per format.")
-@click.option("--damp", default=0.01, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
-              help="GPTQ damping, fraction of mean(diag H).")
+@click.option("--damp", default=0.1, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
+              help="GPTQ damping, fraction of mean(diag H) (0.1 with --group-aware measured best; README).")
 @click.option("--block-size", default=128, show_default=True, type=COUNT, help="GPTQ lazy-batch block size.")
+@click.option("--group-aware/--no-group-aware", default=True, show_default=True,
+              help="GPTQ without --act-order: quantize the groups in order of importance (largest Hessian "
+              "diagonal), each group's columns too (GPTQModel's act_group_aware). Groups stay contiguous: no "
+              "g_idx, every kernel runs the output.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
               show_default=True,
-              help="GPTQ: dtype of the calibration forward passes and Hessian products. auto: bfloat16 when the "
-              "model's linear weights are bf16 (as GPTQModel runs it; 4-5x faster on CPUs with AMX/AVX512-BF16), "
-              "else float32.")
+              help="GPTQ: dtype of the calibration forward passes and Hessian products; AWQ: of its scale search's "
+              "forward passes. auto: bfloat16 when the model's linear weights are bf16 (as GPTQModel runs it; 4-5x "
+              "faster on CPUs with AMX/AVX512-BF16), else float32.")
 @click.option("--imatrix", "imatrix_in", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GGUF: use this importance matrix (llama.cpp imatrix file, e.g. from `quantkit imatrix`).")
 @click.option("--imatrix-out", type=click.Path(path_type=Path), default=None,
@@ -53,8 +57,8 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 @click.option("--dry-run", is_flag=True, help="Print the plan (targets, sizes, BPW, memory) and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
-            seed, device, as_json, output, damp, block_size, compute_dtype, imatrix_in, imatrix_out, shard_size,
-            work_dir, resume, target_bpw, target_size, candidates, sensitivity, sensitivity_samples,
+            seed, device, as_json, output, damp, block_size, group_aware, compute_dtype, imatrix_in, imatrix_out,
+            shard_size, work_dir, resume, target_bpw, target_size, candidates, sensitivity, sensitivity_samples,
             sensitivity_seqlen, force, dry_run, no_progress):
     """Quantize MODEL layer by layer (only one decoder layer in memory) and write the requested format(s).
 
@@ -81,6 +85,7 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     if output is None:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     result = api.quantize(model, output, **plan_args, seed=seed, damp=damp, block_size=block_size,
+                          group_aware=group_aware,
                           compute_dtype=compute_dtype, imatrix=imatrix_in,
                           imatrix_out=imatrix_out, shard_size=shard_size, work_dir=work_dir, resume=resume, force=force,
                           progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True),

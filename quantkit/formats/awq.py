@@ -57,7 +57,8 @@ class AWQCodec(Codec):
             f"{prefix}.scales": qt.scales.t().to(torch.float16).contiguous(),
         }
 
-    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str]) -> dict[str, Any]:
+    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str],
+                            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         if not modules:
             raise FormatError("no quantized linear was written; an AWQ checkpoint needs at least one")
         sizes = {m.group_size for m in modules.values()}

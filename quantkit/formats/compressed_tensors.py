@@ -74,7 +74,8 @@ class CompressedTensorsCodec(Codec):
             out[f"{prefix}.weight_zero_point"] = packing.ct_pack_zero_point(qt.zeros, qt.bits)
         return out
 
-    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str]) -> dict[str, Any]:
+    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str],
+                            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         if not modules:
             raise FormatError("no quantized linear was written; a compressed-tensors checkpoint needs at least one")
         distinct = sorted(set(modules.values()), key=lambda m: (m != majority(modules), m.bits, m.group_size))

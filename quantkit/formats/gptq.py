@@ -74,7 +74,8 @@ class GPTQCodec(Codec):
 
     _symmetric = True  # set by the writer from the schemes before any tensor arrives
 
-    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str]) -> dict[str, Any]:
+    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str],
+                            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         if not modules:
             raise FormatError("no quantized linear was written; a GPTQ checkpoint needs at least one")
         main = majority(modules)
@@ -89,8 +90,7 @@ class GPTQCodec(Codec):
             "format": fmt,
             "checkpoint_format": fmt,
             "pack_dtype": "int32",
-            "meta": {"quantizer": [f"quantkit:{__version__}"],
-                     "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "mse": 0.0},
+            "meta": {"quantizer": [f"quantkit:{__version__}"], **_gptq_meta(provenance or {})},
             "sym": main.symmetric,
         }
         dynamic: dict[str, dict] = {}
@@ -253,3 +253,12 @@ def read_gptq(path: Path) -> QuantizedCheckpoint:
 
 
 register(GPTQFormat())
+
+
+def _gptq_meta(provenance: dict[str, Any]) -> dict[str, Any]:
+    """GPTQModel's `meta` fields for how the weights were solved, from the run's provenance (none for RTN)."""
+    gptq = provenance.get("gptq")
+    if not gptq:
+        return {}
+    return {"damp_percent": gptq["damp"], "static_groups": bool(gptq.get("static_groups", True)),
+            "act_group_aware": bool(gptq.get("group_aware", False)), "true_sequential": True, "mse": 0.0}

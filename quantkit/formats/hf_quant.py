@@ -108,7 +108,8 @@ class Codec:
     def encode(self, prefix: str, qt: QuantTensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str]) -> dict[str, Any]:
+    def quantization_config(self, modules: dict[str, ModuleQuant], unquantized: list[str],
+                            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, Any]:
@@ -173,14 +174,14 @@ class HFQuantWriter:
     def finish(self) -> Path:
         try:
             self._check_complete()
-            qc = self.codec.quantization_config(self.modules, sorted(self.float_linears))
+            prov = dict(self.options.provenance)
+            qc = self.codec.quantization_config(self.modules, sorted(self.float_linears), prov)
             cfg = source_config_dict(self.source_dir, self.config, str(self.float_dtype).replace("torch.", ""))
             cfg["quantization_config"] = qc
             self.dir.write_json("config.json", cfg, sort_keys=self.codec.config_sort_keys())
             for fname, obj in self.codec.extra_files(qc).items():
                 self.dir.write_json(fname, obj)
             self.dir.copy_tokenizer_files(self.source_dir)
-            prov = dict(self.options.provenance)
             record = provenance_record(self.codec.name, self.source_dir, prov, self.schemes, self.errors, qc)
             self.dir.write_json("quantkit.json", record)
             base = base_model_name(prov, self.source_dir)

@@ -9,6 +9,9 @@ their own faster forms of make_q3_quants / make_qx_quants here), quantize the su
 super-block scale, then re-quantize every weight with the fp16-rounded effective scale — exactly as the C code
 does, including its corner cases (a sub-block whose effective scale is 0 keeps the codes of the search; narrowing
 to uint8/int8 wraps).
+
+Q3_K and Q6_K also exist in C++ (`csrc/kquants.cpp`, loaded by `native.py`; `encode.SEARCHED_ENCODERS` uses them where
+a compiler exists): these numpy forms are their reference and their fallback.
 """
 
 from __future__ import annotations

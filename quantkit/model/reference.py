@@ -23,6 +23,8 @@ to rounding order. The plain-torch RoPE lives beside its kernel (kernels/rope.py
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Callable, Iterable
 
 import torch
@@ -112,10 +114,25 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask:
     return (probs @ values).reshape(b, heads, 1, d)
 
 
+_CAUSAL_SEEN: dict[int, tuple[weakref.ref, int, bool]] = {}  # id(mask) -> (the mask, its version, causal?)
+
+
 def _is_causal(mask: torch.Tensor, t: int) -> bool:
-    """Whether `mask` is the plain causal mask of t queries over the same t keys (no window, no cache prefix)."""
-    return (mask.dtype == torch.bool and mask.dim() == 2 and tuple(mask.shape) == (t, t)
-            and torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()))
+    """Whether `mask` is the plain causal mask of t queries over the same t keys (no window, no cache prefix).
+    The answer is remembered per mask tensor (until it is modified in place): calibration runs the same mask
+    through thousands of forwards, and each comparison builds a t×t reference."""
+    if not (mask.dtype == torch.bool and mask.dim() == 2 and tuple(mask.shape) == (t, t)):
+        return False
+    if mask.is_inference():  # no version counter to notice in-place changes: compare every time
+        return torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril())
+    seen = _CAUSAL_SEEN.get(id(mask))
+    if seen is not None and seen[0]() is mask and seen[1] == mask._version:
+        return seen[2]
+    causal = torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril())
+    if len(_CAUSAL_SEEN) > 64:
+        _CAUSAL_SEEN.clear()
+    _CAUSAL_SEEN[id(mask)] = (weakref.ref(mask), mask._version, causal)
+    return causal
 
 
 class Attention(nn.Module):

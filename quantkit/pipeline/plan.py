@@ -144,7 +144,7 @@ class Plan:
         return {
             "method": self.method, "formats": self.formats, "preset": self.preset, "gguf_type": self.gguf_type,
             "overrides": self.overrides, "device": self.device, "calibration": self.calibration,
-            **({"compute_dtype": self.compute_dtype} if self.method == "gptq" else {}),
+            **({"compute_dtype": self.compute_dtype} if self.method in ("gptq", "awq") else {}),
             "tensors": len(self.entries), "quantized_tensors": len(quantized),
             "bytes_in": self.bytes_in, "bpw_in": round(self.bpw_in, 4),
             "outputs": [{"format": f, "bytes": self.bytes_out(f), "bpw": round(self.bpw(f), 4),
@@ -200,8 +200,9 @@ class Plan:
             lines.append(f"quant size  = {self.bytes_out(f) / mib:10.2f} MiB ({self.bpw(f):.2f} BPW)  "
                          f"{100 * (self.bytes_out(f) / max(self.bytes_in, 1) - 1):+.1f}%  [{f}]")
         mem = f"estimated peak RAM {self.memory['peak_ram_bytes'] / 1024**3:.2f} GiB"
-        if self.method == "gptq":
-            mem += f" (calibration forward in {self.compute_dtype})"
+        if self.method in ("gptq", "awq"):
+            mem += f" (calibration forward in {self.compute_dtype})" if self.method == "gptq" else \
+                f" (scale search in {self.compute_dtype})"
         if "peak_vram_bytes" in self.memory:
             mem += f", peak VRAM {self.memory['peak_vram_bytes'] / 1024**3:.2f} GiB"
         lines.append(mem)
@@ -296,7 +297,9 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
                  if calibrated else 0)
     largest_in = max(h, f, config.q_size)
     hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, the flipped copy, its Cholesky factor
-    awq_extra = n_samples * seqlen * f * 4 if method == "awq" else 0  # cached inputs of down_proj
+    # AWQ: the cached inputs of down_proj, and the layer's copy its scale search runs in (when not float32)
+    awq_extra = n_samples * seqlen * f * 4 + (layer_params * compute_bytes if compute_bytes != 4 else 0) \
+        if method == "awq" else 0
     quant_work = max(int(s[0]) * int(s[1])
                      for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
     # the source layer stays beside the compute copy unless they are the same tensors (bf16 source, bf16 compute)
@@ -364,8 +367,9 @@ def build_plan(config: ModelConfig, *, preset: str | None = "w4a16-g128", format
     src_bytes = DTYPE_BYTES.get(entries[0].source_dtype, 2) if entries else 2
     calib_samples = n_samples if (method != "rtn" or has_imatrix) else 0
     linear_dtypes = {e.source_dtype for e in entries if arch.is_quantizable_linear(e.name)}
-    # only GPTQ's calibration follows it; AWQ's search and the imatrix pass run in float32
-    plan.compute_dtype = resolve_compute_dtype(compute_dtype, linear_dtypes) if method == "gptq" else "float32"
+    # GPTQ's calibration and AWQ's scale search follow it; the imatrix pass runs in float32
+    plan.compute_dtype = (resolve_compute_dtype(compute_dtype, linear_dtypes) if method in ("gptq", "awq")
+                          else "float32")
     plan.memory = estimate_memory(config, targets, method, calib_samples, seqlen, device, src_bytes,
                                   DTYPE_BYTES[plan.compute_dtype])
     return plan

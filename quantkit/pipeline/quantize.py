@@ -38,8 +38,9 @@ class QuantizeOptions:
     calib_seqlen: int = 512
     seed: int = 0
     device: str = "cpu"
-    damp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
+    damp: float = 0.1  # GPTQ damping, fraction of mean(diag H) (why 0.1: README, "GPTQ's defaults")
     block_size: int = 128  # GPTQ lazy-batch block size
+    group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
     max_shard_bytes: int = 5 * 1000**3  # largest safetensors shard of HF-layout outputs
@@ -194,6 +195,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                   "source_fingerprint": ckpt.fingerprint(), "quantkit_version": __version__}
     if plan.method == "gptq":
         provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True,
+                              "group_aware": o.group_aware,
                               "compute_dtype": plan.compute_dtype}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
@@ -210,7 +212,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                            "entries": sum(1 for e in plan.entries if e.quantized), "chunks": calib_set.n_samples}
 
     targets = plan.targets()
-    pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size, device=o.device,
+    pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size,
+                                       group_aware=o.group_aware, device=o.device,
                                        compute_dtype=plan.compute_dtype,
                                        collect_imatrix=o.imatrix_out is not None)
     # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only

@@ -17,7 +17,10 @@ What it does, per decoder layer of `quantkit.model.reference` (module names are 
        up_proj (rows)           -> down_proj  loss on down_proj output
    All searches use the inputs captured in step 1 (before any scaling), as AutoAWQ does. A group whose inspected
    module is its only linear (down_proj; o_proj) gets its MSE on the CPU from the Gram matrix XᵀX (`_gram_loss`:
-   equal up to rounding, per candidate out·in² instead of tokens·in·out).
+   equal up to rounding, per candidate out·in² instead of tokens·in·out). Two options make the other groups'
+   searches cheaper (the pipeline uses both): `search_dtype` runs the module outputs in a bf16 copy of the layer
+   (reference and candidates alike), and `rank_every` ranks the candidates on a subset of the samples and scores
+   only the best few on all of them.
 3. Fold the scales: the previous op absorbs 1/s (RMSNorm weight, or the rows of the previous linear), the
    scaled linears' columns are multiplied by s. The layer computes the same function (up to rounding).
 4. Clipping search for every quantized linear except q_proj/k_proj: per (output row, group), max|w| shrunk by
@@ -32,6 +35,7 @@ to the storage dtype), so the search optimises what is stored; `"autoawq"` uses 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -135,13 +139,26 @@ def _capture_inputs(layer: nn.Module, acts: torch.Tensor, inputs, batch_size: in
     return {n: torch.cat(v) for n, v in store.items()}
 
 
+def _floats_to(obj, dtype: torch.dtype):
+    """The layer's forward inputs (tensors, nested in tuples) with their floating-point tensors in `dtype`."""
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_floats_to(o, dtype) for o in obj)
+    return obj.to(dtype) if torch.is_tensor(obj) and obj.is_floating_point() else obj
+
+
+def _layer_dtype(layer: nn.Module) -> torch.dtype:
+    return next(layer.parameters()).dtype
+
+
 def _run_module(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device) -> torch.Tensor:
-    """The output of one module of the layer (the whole attention, the whole MLP or a linear) on inputs x."""
+    """The output of one module of the layer (the whole attention, the whole MLP or a linear) on inputs x (in the
+    layer's dtype)."""
     mod = dict(layer.named_modules())[module_name]
+    dtype = _layer_dtype(layer)
     outs = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
+            xb = x[i:i + batch_size].to(device, dtype)
             outs.append(mod(xb, *inputs) if module_name == "self_attn" else mod(xb))
     return torch.cat(outs)
 
@@ -161,16 +178,30 @@ def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, ba
     """`_mse(reference, _run_module(...))` without concatenating the outputs: the squared differences are written
     batch by batch into `buf` (fp32, reference's shape) and summed once, so every element and the reduction over
     the whole tensor are the same as there. `reference` is the fp32 reference on `device`; `buf64` (optional, fp64,
-    reference's shape) is kept for the sum, which `sum(dtype=torch.float64)` would convert into a fresh tensor."""
+    reference's shape) is kept for the sum, which `sum(dtype=torch.float64)` would convert into a fresh tensor.
+
+    A layer in a 16-bit dtype (the bf16 copy of a search in bf16) has its outputs' errors summed batch by batch
+    instead (fp32 dot products, added in fp64): one pass over each batch rather than three over the whole buffer,
+    with the same value up to rounding."""
     mod = dict(layer.named_modules())[module_name]
+    dtype = _layer_dtype(layer)
+    per_batch = dtype in (torch.bfloat16, torch.float16)
+    total = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
+            xb = x[i:i + batch_size].to(device, dtype)
             out = mod(xb, *inputs) if module_name == "self_attn" else mod(xb)
             d = buf[i:i + batch_size]
-            torch.sub(reference[i:i + batch_size], out.float(), out=d)
+            # a bf16 output is widened exactly inside the subtraction; an fp64 one is rounded to fp32 first
+            torch.sub(reference[i:i + batch_size], out.float() if out.dtype == torch.float64 else out, out=d)
             del out
-            d.pow_(2)
+            if per_batch:
+                flat = d.view(-1)
+                total += float(torch.dot(flat, flat))
+            else:
+                d.pow_(2)
+    if per_batch:
+        return total / buf.numel()
     if buf64 is None:
         return float(buf.sum(dtype=torch.float64)) / buf.numel()
     return float(buf64.copy_(buf).sum()) / buf.numel()
@@ -207,13 +238,18 @@ def _gram_pays(linear: nn.Linear, x: torch.Tensor, device) -> bool:
     return torch.device(device).type == "cpu" and in_f <= GRAM_MAX_IN and 2 * in_f <= x.numel() // x.shape[-1]
 
 
+def _uses_gram(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, device) -> bool:
+    """Whether the group's loss takes the Gram form: its inspected module is its only linear, and that pays."""
+    mod = dict(layer.named_modules())[group.inspect]
+    return isinstance(mod, nn.Linear) and group.linears == (group.inspect,) and _gram_pays(mod, x, device)
+
+
 def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
                    reference: torch.Tensor):
-    """() -> the loss of the group's current weights against `reference` (fp32 on device): the Gram form when the
-    inspected module is the group's only linear, else the module's output batch by batch (`_module_loss`)."""
-    mod = dict(layer.named_modules())[group.inspect]
-    if isinstance(mod, nn.Linear) and group.linears == (group.inspect,) and _gram_pays(mod, x, device):
-        return _gram_loss(mod, x, device)
+    """() -> the loss of the group's current weights in `layer` against `reference` (fp32 on device): the Gram form
+    (`_uses_gram`, which does not need the reference), else the module's output batch by batch (`_module_loss`)."""
+    if _uses_gram(group, layer, x, device):
+        return _gram_loss(dict(layer.named_modules())[group.inspect], x, device)
     buf = torch.empty_like(reference)
     buf64 = torch.empty_like(reference, dtype=torch.float64)
     return lambda: _module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf, buf64)
@@ -221,11 +257,21 @@ def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, input
 
 def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], inputs,
                  batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID,
-                 reference: torch.Tensor | None = None):
+                 reference: torch.Tensor | None = None, forward: tuple[nn.Module, tuple] | None = None,
+                 rank_every: int = 1, rescore: int = 3):
     """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0).
 
-    `reference`: the unquantized output of `group.inspect` on x, when the caller has it (else it is computed)."""
+    `reference`: the unquantized output of `group.inspect` on x, when the caller has it (else it is computed).
+    `forward`: (a copy of the layer in another dtype, its `inputs`) that runs the candidates' module outputs (the
+    candidates are quantized from `layer`'s weights, then cast); `reference` must then come from that copy.
+    `rank_every` > 1 (groups whose loss is a module's output, with at least 16 samples in the subset): the n_grid
+    candidates are ranked on every rank_every-th calibration sample, and only the best `rescore` of them (and ratio
+    0, whose loss is reported) are scored on all samples; the best of those wins. 1: every candidate on every
+    sample (AutoAWQ's search)."""
+    fwd_layer, fwd_inputs = forward if forward is not None and not _uses_gram(group, layer, x, device) \
+        else (layer, inputs)
     modules = dict(layer.named_modules())
+    targets = dict(fwd_layer.named_modules())
     linears = [modules[n] for n in group.linears]
     quantized = [n for n in group.linears if schemes.get(n) is not None]
     first = schemes[quantized[0]]
@@ -242,11 +288,13 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
         x_sum += flat[i:i + 65536].float().abs().sum(0)
     x_mean = x_sum / flat.shape[0]
 
+    x_fwd = x if fwd_layer is layer else x.to(_layer_dtype(fwd_layer))  # converted once, not per candidate
     if reference is None:
-        reference = _run_module(group.inspect, layer, x, inputs, batch_size, device)
+        reference = _run_module(group.inspect, fwd_layer, x_fwd, fwd_inputs, batch_size, device)
     reference = reference.to(device).float()
-    loss_of = _loss_function(group, layer, x, inputs, batch_size, device, reference)
+    loss_of = _loss_function(group, fwd_layer, x_fwd, fwd_inputs, batch_size, device, reference)
     originals = {n: modules[n].weight.data.clone() for n in group.linears}
+    kept = {n: targets[n].weight.data for n in group.linears}  # restored at the end
     # Linears with the same scheme and dtype are fake-quantized as one matrix (their rows stacked): the known
     # quantizers work per (row, group) and elementwise, so every value is the one each linear gets on its own.
     stacks: list[tuple[list[str], torch.Tensor]] = []
@@ -257,38 +305,53 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
             stacks[-1] = (stacks[-1][0] + [n], torch.cat([stacks[-1][1], w.float()]))
         else:
             stacks.append(([n], w.float()))
+    def candidate(r: int) -> torch.Tensor:
+        """Set the group's weights to ratio r's fake-quantized ones; its scales."""
+        ratio = r / n_grid
+        if duo_scaling:
+            s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            s = x_mean.pow(ratio).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s[torch.isinf(s) | torch.isnan(s)] = 1.0
+        sv = s.to(device).view(1, -1)
+        for names, wf in stacks:
+            q = quantizer(wf * sv, schemes[names[0]]).div_(sv)
+            if len(names) == 1:
+                targets[names[0]].weight.data = q.to(kept[names[0]].dtype)
+                continue
+            r0 = 0
+            for n in names:
+                rows = originals[n].shape[0]
+                # a fresh tensor per linear (never a view into the stack), in the linear's dtype
+                targets[n].weight.data = q[r0:r0 + rows].to(kept[n].dtype, copy=True)
+                r0 += rows
+            del q
+        return s
+
+    order = list(range(n_grid))
     best = (math.inf, -1.0, None)
     first_loss = None
     try:
-        for r in range(n_grid):
-            ratio = r / n_grid
-            if duo_scaling:
-                s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-            else:
-                s = x_mean.pow(ratio).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            s[torch.isinf(s) | torch.isnan(s)] = 1.0
-            sv = s.to(device).view(1, -1)
-            for names, wf in stacks:
-                q = quantizer(wf * sv, schemes[names[0]]).div_(sv)
-                if len(names) == 1:
-                    modules[names[0]].weight.data = q.to(originals[names[0]].dtype)
-                    continue
-                r0 = 0
-                for n in names:
-                    rows = originals[n].shape[0]
-                    # a fresh tensor per linear (never a view into the stack), in the linear's dtype
-                    modules[n].weight.data = q[r0:r0 + rows].to(originals[n].dtype, copy=True)
-                    r0 += rows
-                del q
+        if rank_every > 1 and x.shape[0] >= 16 * rank_every and not _uses_gram(group, fwd_layer, x, device):
+            rank_loss = _loss_function(group, fwd_layer, x_fwd[::rank_every], fwd_inputs, batch_size, device,
+                                       reference[::rank_every].contiguous())
+            ranked = []
+            for r in order:
+                candidate(r)
+                ranked.append((rank_loss(), r))
+            del rank_loss
+            order = sorted({0, *(r for _, r in sorted(ranked)[:rescore])})
+        for r in order:
+            s = candidate(r)
             loss = loss_of()
-            if first_loss is None:
+            if r == 0:
                 first_loss = loss
             if loss < best[0]:
-                best = (loss, ratio, s.clone())
+                best = (loss, r / n_grid, s.clone())
     finally:
-        for n, w in originals.items():
-            modules[n].weight.data = w
+        for n, w in kept.items():
+            targets[n].weight.data = w
     if best[2] is None:
         raise CalibrationError(f"AWQ scale search for {group.linears} found no finite loss (non-finite activations?)")
     return best[2], best[1], best[0], first_loss
@@ -365,13 +428,17 @@ def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
 
 def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | None], *, inputs,
               batch_size: int = 8, device: str | torch.device = "cpu", duo_scaling: bool = True,
-              clip: bool = True, n_grid: int = N_GRID, search_quantizer: str = "scheme") -> dict:
+              clip: bool = True, n_grid: int = N_GRID, search_quantizer: str = "scheme",
+              search_dtype: torch.dtype | None = None, rank_every: int = 1) -> dict:
     """Search AWQ scales and clipping for one decoder layer and fold them into it, in place.
 
     `acts`: the layer's input hidden states [n_samples, seq, hidden]; `inputs`: what the layer's forward takes
     besides them, (positions, rope, mask) of those sequences (`quantkit.model.reference.sequence_inputs`);
     `schemes`: local linear name ("self_attn.q_proj", ...) -> Scheme (None or missing: not quantized, still scaled
-    so fused groups agree).
+    so fused groups agree). `search_dtype` (e.g. torch.bfloat16; None: the layer's dtype): the dtype the scale
+    search's module outputs run in (a copy of the layer; the reference outputs too, so both sides round alike).
+    The statistics, the candidates' quantization, the folding and the clipping search stay in the layer's dtype.
+    `rank_every` > 1: rank the candidates on a subset of the samples first (`search_scale`).
     Returns a summary dict: per-group best ratio/loss (scalars, for the per-layer log), plus `scales`
     {prev op: s} and `clips` {linear: max_val [out, groups]}.
     """
@@ -387,24 +454,32 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
     summary: dict = {"scales": {}, "clips": {}}
     found = []
     modules = dict(layer.named_modules())
-    references: dict[str, torch.Tensor] = {}  # last linear -> its output on the captured input (unscaled layer)
+    forward = None
+    if search_dtype is not None and search_dtype != _layer_dtype(layer):
+        forward = (copy.deepcopy(layer).to(search_dtype), _floats_to(inputs, search_dtype))
+    fwd_layer, fwd_inputs = forward or (layer, inputs)
+    references: dict[tuple, torch.Tensor] = {}  # (last linear, in `layer`?) -> its output on the captured input
     for group in scaling_groups(layer):
         if not any(n in schemes for n in group.linears):
             continue
         ref_linear = _REFERENCE_LINEAR.get(group.inspect)
         reference = None
         if ref_linear is not None and isinstance(modules.get(ref_linear), nn.Linear):
-            if ref_linear not in references:
-                references[ref_linear] = _run_module(ref_linear, layer, feats[ref_linear], inputs, batch_size, device)
-            reference = references[ref_linear]
+            # the Gram-form groups search on `layer` itself, the others on the forward copy
+            on = (layer, inputs) if _uses_gram(group, layer, feats[group.feature], device) else (fwd_layer, fwd_inputs)
+            key = (ref_linear, on[0] is layer)
+            if key not in references:
+                references[key] = _run_module(ref_linear, on[0], feats[ref_linear], on[1], batch_size, device)
+            reference = references[key]
         s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, inputs, batch_size, device,
-                                             quantizer, duo_scaling, n_grid, reference=reference)
+                                             quantizer, duo_scaling, n_grid, reference=reference, forward=forward,
+                                             rank_every=rank_every)
         found.append((group, s))
         key = group.prev.split(".")[-1]
         summary[f"ratio_{key}"] = ratio
         summary[f"loss_{key}"] = loss
         summary[f"loss0_{key}"] = loss0
-    del references
+    del references, forward, fwd_layer
     # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the captured inputs for clipping;
     # the clipping search reads only <= CLIP_TOKENS evenly strided tokens, so only those are kept and rescaled
     feats = {n: _clip_tokens(f) for n, f in feats.items()}

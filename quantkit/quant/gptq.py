@@ -4,12 +4,16 @@ Algorithm (Frantar et al. 2022; docs/algorithms.md §2.1), with the conventions 
 
     H = 2/n Σ x xᵀ over the n calibration tokens (fp32)         -- `GPTQ.add_batch`, `GPTQ.hessian`
     dead columns (H_ii == 0): H_ii = 1, W[:, i] = 0
-    damp = 0.01 · mean(diag H) added to the diagonal (×10 on Cholesky failure, up to 1×mean; fp64 fallback)
+    damp · mean(diag H) added to the diagonal (damp 0.01 here as in the paper; quantkit's runs default to 0.1;
+        ×10 on Cholesky failure, up to 1×mean; fp64 fallback)
     U = upper Cholesky factor of H⁻¹
     for each block of 128 columns (lazy batch updates), for each column i in the block:
         q_i = grid.fake_quant(w_i);  e_i = (w_i − q_i) / U_ii;  w_j −= e_i U_ij for the later columns j
     act-order: columns processed by descending H_ii; with static groups the parameters come from the original
     contiguous groups (trivial g_idx), otherwise from the permuted, error-updated groups (g_idx stored).
+    group-aware (GPTQModel's act_group_aware, from Gafni et al. 2025, "GAR"): the groups processed by descending
+    largest H_ii, each group's columns by descending H_ii; each group's parameters are fitted when it starts, on its
+    error-updated weights, and the groups stay contiguous (trivial g_idx).
 
 Differences from GPTQModel 7.6 (same result up to fp32 rounding order unless noted):
 - Computation runs on Wᵀ (columns contiguous) and each 128-column block is split into sub-blocks of 16 columns:
@@ -154,9 +158,11 @@ class GPTQ:
     # ---- quantization ----
 
     def quantize(self, weight: torch.Tensor, grid: Grid | Scheme, damp: float = 0.01, block_size: int = 128,
-                 act_order: bool | None = None, static_groups: bool = True, max_damp: float = 1.0,
-                 name: str | None = None) -> tuple[QuantTensor | GGMLTensor, GPTQInfo]:
-        """GPTQ-quantize `weight` [out, in]. `act_order=None` takes the Scheme's act_order (False for a Grid)."""
+                 act_order: bool | None = None, static_groups: bool = True, group_aware: bool = False,
+                 max_damp: float = 1.0, name: str | None = None) -> tuple[QuantTensor | GGMLTensor, GPTQInfo]:
+        """GPTQ-quantize `weight` [out, in]. `act_order=None` takes the Scheme's act_order (False for a Grid).
+        `group_aware` (without act-order): groups by descending largest H_ii, each group's columns by descending
+        H_ii; groups stay contiguous, so the output needs no g_idx."""
         t0 = time.perf_counter()
         name = name or self.name
         if weight.dim() != 2 or weight.shape[1] != self.in_features:
@@ -182,8 +188,14 @@ class GPTQ:
             W[:, dead] = 0
 
         diag_live = torch.where(dead, torch.ones_like(diag), diag)  # dead columns count as H_ii = 1 (reference)
-        perm = torch.argsort(diag_live, descending=True) if act_order else None
-        key = (act_order, float(damp), float(max_damp))
+        group_aware = group_aware and not act_order and gs < n
+        if act_order:
+            perm = torch.argsort(diag_live, descending=True)
+        elif group_aware:
+            perm, group_of = group_aware_order(diag_live, gs)
+        else:
+            perm = None
+        key = (act_order, gs if group_aware else None, float(damp), float(max_damp))  # the order's own factor
         if key not in self._factor_cache:
             self._factor_cache = {key: self._inverse_factor(H, dead, perm, damp, max_damp, name)}
         U, damp_used, retries, used64 = self._factor_cache[key]
@@ -230,9 +242,13 @@ class GPTQ:
                                 src = Wb0[i - b1:i - b1 + gs]
                                 if i + gs > b2:
                                     src = torch.cat([src, Wt[b2:i + gs]])
-                                current = grid.fit(src.t(), imp[i:i + gs])
+                                cols, imp_g = src.t(), imp[i:i + gs]
+                                if group_aware:  # fit in the group's own column order; stored by original group
+                                    back = torch.argsort(perm[i:i + gs])
+                                    cols, imp_g, g = cols[:, back], imp_g[back], group_of[g]
+                                current = grid.fit(cols, imp_g)
                                 params_list[g] = current
-                            params, offset = current, i % gs
+                            params, offset = current, (orig_col[i] % gs if group_aware else i % gs)
                         w = Wt[i]
                         q = grid.fake_quant(w.unsqueeze(1), params, offset).squeeze(1)
                         Qt[i] = q
@@ -254,7 +270,7 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             Q = Qt.t()[:, inv]
-            g_idx = None if static else (inv // gs).to(torch.int32)
+            g_idx = None if static or group_aware else (inv // gs).to(torch.int32)
         else:
             Q = Qt.t()
             g_idx = None
@@ -262,7 +278,8 @@ class GPTQ:
         seconds = time.perf_counter() - t0
         info = GPTQInfo(loss=float(loss), damp=damp_used, damp_retries=retries, fp64=used64, dead_columns=n_dead,
                         seconds=seconds, n_tokens=self.n_tokens,
-                        extra={"act_order": act_order, "static_groups": static, "block_size": block_size})
+                        extra={"act_order": act_order, "static_groups": static, "group_aware": group_aware,
+                               "block_size": block_size})
         if hasattr(tensor, "error"):
             tensor.error.update({"gptq_loss": info.loss, "damp": damp_used, "seconds": round(seconds, 3)})
         return tensor, info
@@ -297,6 +314,17 @@ class GPTQ:
                           stacklevel=3)
             d = nxt
             retries += 1
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-aware processing order (GAR): groups by descending largest diagonal entry, inside each group its
+    columns by descending diagonal. Returns (perm, group_of): perm[i] is the column processed i-th, group_of[k]
+    the original group processed k-th."""
+    d = diag.view(-1, group_size)
+    local = torch.argsort(d, dim=1, descending=True, stable=True)
+    group_of = torch.argsort(d.amax(dim=1), descending=True, stable=True)
+    perm = (group_of.unsqueeze(1) * group_size + local[group_of]).flatten()
+    return perm, group_of.tolist()
 
 
 def _upper_inverse_factor(H: torch.Tensor, damp_abs: float, dtype: torch.dtype) -> torch.Tensor | None:
