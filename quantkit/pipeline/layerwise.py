@@ -496,15 +496,23 @@ class LayerwiseQuantizer:
     def _quantize_group(self, i: int, group: tuple[str, ...], prefix: str, modules: dict, gptq, fwd_seconds: float,
                         source_dtypes: dict, results: dict, log_rows: list) -> None:
         """Quantize the linears of one group and put their dequantized weights back into the layer (the companion
-        targets first, from the same unquantized weights and Hessian; they never enter the forward)."""
+        targets first, all of the group's, from the same unquantized weights and Hessian; they never enter the
+        forward. Solving one target set after the other, not alternating, lets GPTQ reuse each processing order's
+        inverse-Hessian factor across the group)."""
+        def unquantized(n: str, local: str) -> torch.Tensor:
+            return self._masters[n].to(self.device, torch.float32) if n in self._masters else modules[local].weight.data
+
+        for local in group:
+            n = f"{prefix}{local}.weight"
+            if self.companion_targets.get(n) is not None:
+                qt2, row, _ = self._quantize_one(n, self.companion_targets[n], unquantized(n, local), gptq,
+                                                 source_dtypes[n])
+                self.companion_results[n] = qt2
+                log_rows.append({"layer": i, "module": local, "output": self.companion.name, **row})
         for local in group:
             n = f"{prefix}{local}.weight"
             mod = modules[local]
-            weight = self._masters[n].to(self.device, torch.float32) if n in self._masters else mod.weight.data
-            if self.companion_targets.get(n) is not None:
-                qt2, row, _ = self._quantize_one(n, self.companion_targets[n], weight, gptq, source_dtypes[n])
-                self.companion_results[n] = qt2
-                log_rows.append({"layer": i, "module": local, "output": self.companion.name, **row})
+            weight = unquantized(n, local)
             target = self.targets.get(n)
             if target is None:
                 continue

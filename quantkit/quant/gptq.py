@@ -197,7 +197,8 @@ class GPTQ:
             perm = None
         key = (act_order, gs if group_aware else None, float(damp), float(max_damp))  # the order's own factor
         if key not in self._factor_cache:
-            self._factor_cache = {key: self._inverse_factor(H, dead, perm, damp, max_damp, name)}
+            self._factor_cache.clear()  # the previous factor goes first: at 7B's down_proj it is 0.8 GB
+            self._factor_cache[key] = self._inverse_factor(H, dead, perm, damp, max_damp, name)
         U, damp_used, retries, used64 = self._factor_cache[key]
 
         importance_full = diag.clone()
@@ -292,16 +293,14 @@ class GPTQ:
             Hp = H.clone()
             idx = dead.nonzero().squeeze(1)
             Hp[idx, idx] = 1.0
-        if perm is not None:
-            Hp = Hp[perm][:, perm]
-        mean_diag = float(Hp.diagonal().mean())
+        mean_diag = float(Hp.diagonal().mean())  # the same in any order
         if not math.isfinite(mean_diag) or mean_diag <= 0:
             raise HessianError(f"{name}: the Hessian diagonal mean is {mean_diag}; calibration inputs are degenerate")
         d = damp
         retries = 0
         while True:
             for dtype in (torch.float32, torch.float64):
-                U = _upper_inverse_factor(Hp, d * mean_diag, dtype)
+                U = _upper_inverse_factor(Hp, d * mean_diag, dtype, perm)
                 if U is not None:
                     if dtype == torch.float64:
                         warnings.warn(f"{name}: Cholesky failed in fp32 at damp {d:g}; used fp64", stacklevel=3)
@@ -327,12 +326,18 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return perm, group_of.tolist()
 
 
-def _upper_inverse_factor(H: torch.Tensor, damp_abs: float, dtype: torch.dtype) -> torch.Tensor | None:
-    """U upper-triangular with UᵀU = (H + damp·I)⁻¹, or None when H + damp·I is not positive definite.
+def _upper_inverse_factor(H: torch.Tensor, damp_abs: float, dtype: torch.dtype,
+                          perm: torch.Tensor | None = None) -> torch.Tensor | None:
+    """U upper-triangular with UᵀU = (P H Pᵀ + damp·I)⁻¹ (P: the processing order `perm`, None = as is), or None
+    when that matrix is not positive definite.
 
-    With J the order reversal and L = chol(J H J): H⁻¹ = J L⁻ᵀ L⁻¹ J, so U = J L⁻¹ J.
+    With J the order reversal and L = chol(J P H Pᵀ J): (P H Pᵀ)⁻¹ = J L⁻ᵀ L⁻¹ J, so U = J L⁻¹ J.
     """
-    M = torch.flip(H.to(dtype), (0, 1))  # a copy (one: flipping both axes at once)
+    if perm is None:
+        M = torch.flip(H.to(dtype), (0, 1))  # a copy (one: flipping both axes at once)
+    else:  # reorder and reverse in one gather: one n×n copy, not three
+        rev = perm.flip(0)
+        M = H.to(dtype)[rev[:, None], rev[None, :]]
     M.diagonal().add_(damp_abs)
     L, info = torch.linalg.cholesky_ex(M)
     del M
