@@ -18,7 +18,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ from quantkit.model.tokenizer import load_tokenizer  # noqa: E402
 from quantkit.formats.dump import DumpWriter, read_dump  # noqa: E402
 from quantkit.pipeline.layerwise import PipelineOptions, quantize_model  # noqa: E402
 from quantkit.pipeline.plan import build_plan  # noqa: E402
-from quantkit.quant.scheme import Scheme  # noqa: E402
 from quantkit.tensors import QuantTensor  # noqa: E402
 from quantkit.testing import NANO_PATH, shared_data  # noqa: E402
 
@@ -58,18 +56,14 @@ def logits_fn(model, cache: dict | None = None):
 
 
 def quantized_model(ckpt, method: str, preset: str, tokens, damp: float, workdir: Path,
-                    compute_dtype: str = "float32", act_order: bool | None = None, mse_clip: bool = False,
+                    compute_dtype: str = "float32", act_order: bool | None = None,
                     **options) -> tuple[Transformer, dict]:
-    """`options`: further PipelineOptions fields (group_aware, block_size, ...); `mse_clip`: every integer scheme
-    searches its groups' clipping range (Scheme.mse_clip)."""
+    """`options`: further PipelineOptions fields (group_aware, block_size, ...)."""
     plan = build_plan(ckpt.config, preset=preset, formats=["dump"], method=method, checkpoint=ckpt,
                       act_order=act_order)
-    targets = plan.targets()
-    if mse_clip:
-        targets = {n: replace(t, mse_clip=True) if isinstance(t, Scheme) else t for n, t in targets.items()}
     out = workdir / f"{method}-{preset}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    quantize_model(ckpt, targets, [DumpWriter(out)], tokens if method != "rtn" else None,
+    quantize_model(ckpt, plan.targets(), [DumpWriter(out)], tokens if method != "rtn" else None,
                    PipelineOptions(method=method, damp=damp, compute_dtype=compute_dtype, **options), progress=True)
     seconds = time.perf_counter() - t0
     model = Transformer.from_checkpoint(ckpt, torch.float32)

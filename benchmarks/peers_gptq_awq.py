@@ -98,7 +98,7 @@ def model_from_quantized_dir(ckpt, path: Path) -> Transformer:
     return model.eval()
 
 
-def gptqmodel_quantize(method: str, tokens: torch.Tensor, out: Path, gptq_config: str = "matched") -> float:
+def gptqmodel_quantize(method: str, tokens: torch.Tensor, out: Path, gptq_config: str = "defaults") -> float:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 

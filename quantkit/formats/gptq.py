@@ -260,5 +260,5 @@ def _gptq_meta(provenance: dict[str, Any]) -> dict[str, Any]:
     gptq = provenance.get("gptq")
     if not gptq:
         return {}
-    return {"damp_percent": gptq["damp"], "static_groups": bool(gptq.get("static_groups", True)),
-            "act_group_aware": bool(gptq.get("group_aware", False)), "true_sequential": True, "mse": 0.0}
+    return {"damp_percent": gptq["damp"], "static_groups": gptq["static_groups"],
+            "act_group_aware": gptq["group_aware"], "true_sequential": True, "mse": 0.0}

@@ -123,15 +123,16 @@ def _is_causal(mask: torch.Tensor, t: int) -> bool:
     through thousands of forwards, and each comparison builds a t×t reference."""
     if not (mask.dtype == torch.bool and mask.dim() == 2 and tuple(mask.shape) == (t, t)):
         return False
-    if mask.is_inference():  # no version counter to notice in-place changes: compare every time
-        return torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril())
-    seen = _CAUSAL_SEEN.get(id(mask))
+    # an inference tensor has no version counter to notice in-place changes: it is compared every time
+    remember = not mask.is_inference()
+    seen = _CAUSAL_SEEN.get(id(mask)) if remember else None
     if seen is not None and seen[0]() is mask and seen[1] == mask._version:
         return seen[2]
     causal = torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril())
-    if len(_CAUSAL_SEEN) > 64:
-        _CAUSAL_SEEN.clear()
-    _CAUSAL_SEEN[id(mask)] = (weakref.ref(mask), mask._version, causal)
+    if remember:
+        if len(_CAUSAL_SEEN) > 64:
+            _CAUSAL_SEEN.clear()
+        _CAUSAL_SEEN[id(mask)] = (weakref.ref(mask), mask._version, causal)
     return causal
 
 

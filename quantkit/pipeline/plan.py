@@ -200,9 +200,10 @@ class Plan:
             lines.append(f"quant size  = {self.bytes_out(f) / mib:10.2f} MiB ({self.bpw(f):.2f} BPW)  "
                          f"{100 * (self.bytes_out(f) / max(self.bytes_in, 1) - 1):+.1f}%  [{f}]")
         mem = f"estimated peak RAM {self.memory['peak_ram_bytes'] / 1024**3:.2f} GiB"
-        if self.method in ("gptq", "awq"):
-            mem += f" (calibration forward in {self.compute_dtype})" if self.method == "gptq" else \
-                f" (scale search in {self.compute_dtype})"
+        if self.method == "gptq":
+            mem += f" (calibration forward in {self.compute_dtype})"
+        elif self.method == "awq":
+            mem += f" (scale search in {self.compute_dtype})"
         if "peak_vram_bytes" in self.memory:
             mem += f", peak VRAM {self.memory['peak_vram_bytes'] / 1024**3:.2f} GiB"
         lines.append(mem)

@@ -173,6 +173,12 @@ _REFERENCE_LINEAR = {"self_attn": "self_attn.o_proj", "self_attn.o_proj": "self_
                      "mlp": "mlp.down_proj", "mlp.down_proj": "mlp.down_proj"}
 
 
+def _per_batch(layer: nn.Module) -> bool:
+    """Whether a layer's module losses are summed batch by batch (`_module_loss`): a 16-bit layer, i.e. the copy a
+    search in bf16 runs."""
+    return _layer_dtype(layer) in (torch.bfloat16, torch.float16)
+
+
 def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
                  reference: torch.Tensor, buf: torch.Tensor, buf64: torch.Tensor | None = None) -> float:
     """`_mse(reference, _run_module(...))` without concatenating the outputs: the squared differences are written
@@ -180,18 +186,18 @@ def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, ba
     the whole tensor are the same as there. `reference` is the fp32 reference on `device`; `buf64` (optional, fp64,
     reference's shape) is kept for the sum, which `sum(dtype=torch.float64)` would convert into a fresh tensor.
 
-    A layer in a 16-bit dtype (the bf16 copy of a search in bf16) has its outputs' errors summed batch by batch
-    instead (fp32 dot products, added in fp64): one pass over each batch rather than three over the whole buffer,
-    with the same value up to rounding."""
+    A layer in a 16-bit dtype (`_per_batch`: the bf16 copy of a search in bf16) has its outputs' errors summed batch
+    by batch instead (fp32 dot products, added in fp64): `buf` then holds one batch, and each batch is one pass
+    rather than three over the whole buffer, with the same value up to rounding."""
     mod = dict(layer.named_modules())[module_name]
     dtype = _layer_dtype(layer)
-    per_batch = dtype in (torch.bfloat16, torch.float16)
+    per_batch = _per_batch(layer)
     total = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(device, dtype)
             out = mod(xb, *inputs) if module_name == "self_attn" else mod(xb)
-            d = buf[i:i + batch_size]
+            d = buf[:xb.shape[0]] if per_batch else buf[i:i + batch_size]
             # a bf16 output is widened exactly inside the subtraction; an fp64 one is rounded to fp32 first
             torch.sub(reference[i:i + batch_size], out.float() if out.dtype == torch.float64 else out, out=d)
             del out
@@ -201,7 +207,7 @@ def _module_loss(module_name: str, layer: nn.Module, x: torch.Tensor, inputs, ba
             else:
                 d.pow_(2)
     if per_batch:
-        return total / buf.numel()
+        return total / reference.numel()
     if buf64 is None:
         return float(buf.sum(dtype=torch.float64)) / buf.numel()
     return float(buf64.copy_(buf).sum()) / buf.numel()
@@ -250,8 +256,11 @@ def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, input
     (`_uses_gram`, which does not need the reference), else the module's output batch by batch (`_module_loss`)."""
     if _uses_gram(group, layer, x, device):
         return _gram_loss(dict(layer.named_modules())[group.inspect], x, device)
-    buf = torch.empty_like(reference)
-    buf64 = torch.empty_like(reference, dtype=torch.float64)
+    if _per_batch(layer):  # one batch of fp32 work space, no fp64 copy
+        buf, buf64 = reference.new_empty((min(batch_size, reference.shape[0]), *reference.shape[1:])), None
+    else:
+        buf = torch.empty_like(reference)
+        buf64 = torch.empty_like(reference, dtype=torch.float64)
     return lambda: _module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf, buf64)
 
 
@@ -268,8 +277,8 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
     candidates are ranked on every rank_every-th calibration sample, and only the best `rescore` of them (and ratio
     0, whose loss is reported) are scored on all samples; the best of those wins. 1: every candidate on every
     sample (AutoAWQ's search)."""
-    fwd_layer, fwd_inputs = forward if forward is not None and not _uses_gram(group, layer, x, device) \
-        else (layer, inputs)
+    gram = _uses_gram(group, layer, x, device)
+    fwd_layer, fwd_inputs = forward if forward is not None and not gram else (layer, inputs)
     modules = dict(layer.named_modules())
     targets = dict(fwd_layer.named_modules())
     linears = [modules[n] for n in group.linears]
@@ -333,7 +342,7 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
     best = (math.inf, -1.0, None)
     first_loss = None
     try:
-        if rank_every > 1 and x.shape[0] >= 16 * rank_every and not _uses_gram(group, fwd_layer, x, device):
+        if rank_every > 1 and x.shape[0] >= 16 * rank_every and not gram:
             rank_loss = _loss_function(group, fwd_layer, x_fwd[::rank_every], fwd_inputs, batch_size, device,
                                        reference[::rank_every].contiguous())
             ranked = []

@@ -315,7 +315,7 @@ class GPTQ:
             retries += 1
 
 
-def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, list[int]]:
     """Group-aware processing order (GAR): groups by descending largest diagonal entry, inside each group its
     columns by descending diagonal. Returns (perm, group_of): perm[i] is the column processed i-th, group_of[k]
     the original group processed k-th."""
