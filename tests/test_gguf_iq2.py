@@ -96,3 +96,24 @@ def test_encoded_blocks_decode_close_to_the_weights(type_name):
                            type_name).numpy()
     assert np.isfinite(back).all()
     assert not back[0, :256].any()
+
+
+def test_lattice_is_built_once_when_encoder_threads_ask_at_once():
+    """Encoder threads (`gguf.quants`) that first need a lattice at the same time get one and the same object:
+    the neighbour search's tables are keyed by it, and a second, short-lived copy once handed one type's tables to
+    another type (an IndexError in IQ3_S after a threaded IQ2 encode)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quantkit.gguf import iq_lattice
+
+    iq_lattice._build_lattice.cache_clear()
+    start = threading.Barrier(4)
+
+    def ask(_):
+        start.wait()
+        return iq_lattice.lattice("IQ2_XXS")
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, range(4)))
+    assert all(lat is got[0] for lat in got)

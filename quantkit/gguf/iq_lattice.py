@@ -12,6 +12,7 @@ decoder, and a coordinate's level is the rank of its value among the table's val
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -64,10 +65,18 @@ def _grid_levels(table: str) -> np.ndarray:
     return np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), values).astype(np.int8)
 
 
-@cache
 def lattice(type_name: str) -> Lattice:
-    """The grid, map and neighbour lists of `type_name` (built once per process: about a second for the
-    2048-point IQ1 grid)."""
+    """The grid, map and neighbour lists of `type_name`, built once per process (about a second for the
+    2048-point IQ1 grid) even when encoder threads ask for it at the same time."""
+    with _BUILD_LOCK:
+        return _build_lattice(type_name)
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+@cache
+def _build_lattice(type_name: str) -> Lattice:
     table, bits, map_size, nwant = _SPECS[type_name]
     levels = _grid_levels(table)
     dim = levels.shape[1]
@@ -121,12 +130,13 @@ class _Codes:
 SEARCH_ROWS = 2048  # groups scored together: their tables (2 x 82 x 2048 floats for IQ2) stay in cache
 DIRECT_WIDTH = 16  # lists up to this long are summed exactly outright; longer ones are pruned first
 PRUNE_MARGIN = np.float32(2.0 ** -14)  # far above the 28 ulps two summation orders of the same terms can differ by
-_CODES: dict[int, _Codes] = {}
+_CODES: dict[int, tuple[np.ndarray, _Codes]] = {}  # id(neighbours) -> (the neighbours, their codes)
 
 
 def _codes(lat: Lattice) -> _Codes:
-    key = id(lat.neighbours)  # lattice() keeps every Lattice alive, so the id is never reused
-    if key not in _CODES:
+    key = id(lat.neighbours)  # each entry holds its array alive, so the id names that array while it is listed
+    known = _CODES.get(key)
+    if known is None or known[0] is not lat.neighbours:
         nlev, split, dim = int(lat.levels.max()) + 1, lat.dim // 2, lat.dim
         lv = lat.levels.astype(np.intp)
 
@@ -137,9 +147,10 @@ def _codes(lat: Lattice) -> _Codes:
         term = (np.arange(dim, dtype=np.intp)[:, None] * nlev + lv.T) * SEARCH_ROWS
         term = np.concatenate([term, term[:, :1]], axis=1)  # padding: any valid offset, masked by the caller
         count = (lat.neighbours >= 0).sum(axis=1).astype(np.intp)
-        _CODES[key] = _Codes(term, code(slice(0, split), split), code(slice(split, dim), dim - split), count,
-                             nlev, split)
-    return _CODES[key]
+        known = lat.neighbours, _Codes(term, code(slice(0, split), split), code(slice(split, dim), dim - split),
+                                       count, nlev, split)
+        _CODES[key] = known
+    return known[1]
 
 
 def _table(terms: np.ndarray, pad: float, out: np.ndarray) -> np.ndarray:
