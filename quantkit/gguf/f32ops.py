@@ -7,7 +7,7 @@ the same bits. What needs care:
 - reductions: numpy's `sum` is pairwise; `seqsum` adds strictly in order, starting from +0.0 like C's `s = 0`;
 - rounding: `nearest_int` is ggml's `fval + 12582912.f` bit trick (round half to even for |f| < 2^22, and the
   same garbage as C outside that range); where the range is known to be safe the searches use np.rint instead;
-- narrowing: C stores ints into uint8/int8 fields with wrap-around; `wrap_u8` / `wrap_i8` do the same.
+- narrowing: C stores ints into uint8/int8 fields with wrap-around; `wrap_u8` does the same for uint8.
 
 Tolerance: none is needed against the llama.cpp build used here (checked: `ggml-quants.c.o` has no FMA
 instructions; 100% of blocks identical on mistral-nano for every type, with and without imatrix). A build that
@@ -33,10 +33,6 @@ def nearest_int(f: np.ndarray) -> np.ndarray:
 
 def wrap_u8(v: np.ndarray) -> np.ndarray:
     return (np.asarray(v).astype(np.int64) & 0xFF).astype(np.int32)
-
-
-def wrap_i8(v: np.ndarray) -> np.ndarray:
-    return ((np.asarray(v).astype(np.int64) + 128) & 0xFF).astype(np.int32) - 128
 
 
 def seqsum(a: np.ndarray) -> np.ndarray:

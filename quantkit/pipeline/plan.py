@@ -32,7 +32,6 @@ from quantkit.quant.scheme import (
     with_act_order,
 )
 
-INT_FORMATS = ("gptq", "awq", "compressed-tensors", "dump")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 METHODS = ("rtn", "gptq", "awq")
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -134,10 +133,6 @@ class Plan:
     @property
     def bpw_in(self) -> float:
         return bits_per_weight(self.bytes_in, self.numel)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
 
     def to_dict(self) -> dict[str, Any]:
         quantized = [e for e in self.entries if e.quantized]
