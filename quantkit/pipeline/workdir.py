@@ -134,7 +134,8 @@ class WorkDir:
     def load_layer(self, i: int) -> tuple[list[Named], Imatrix, list[dict]]:
         named, extra, info = load_tensors(self._layer_file(i))
         counts = info.get("imatrix_counts", {})
-        imatrix = {k[len(IMATRIX_PREFIX):]: (v, int(counts.get(k[len(IMATRIX_PREFIX):], 0)))
+        # copies: the imatrix outlives the layer's tensors, and a view would keep the whole file mapped and resident
+        imatrix = {k[len(IMATRIX_PREFIX):]: (v.clone(), int(counts.get(k[len(IMATRIX_PREFIX):], 0)))
                    for k, v in extra.items() if k.startswith(IMATRIX_PREFIX)}
         return _pair_up(named), imatrix, info.get("log", [])
 
