@@ -127,7 +127,7 @@ def _capture_inputs(layer: nn.Module, acts: torch.Tensor, inputs, batch_size: in
     """Inputs of q_proj, o_proj, gate_proj, down_proj for every calibration sample: name -> [N, T, in]
     (the layer's sub-steps, in the order of its forward)."""
     names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    store: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i in range(0, acts.shape[0], batch_size):
             x = acts[i:i + batch_size].to(device)
@@ -135,8 +135,10 @@ def _capture_inputs(layer: nn.Module, acts: torch.Tensor, inputs, batch_size: in
             core = layer.attention_core(attn_in, *inputs)
             mlp_in = layer.mlp_input(layer.attention_output(x, core))
             for n, t in zip(names, (attn_in, core, mlp_in, layer.mlp_hidden(mlp_in))):
-                store[n].append(t.detach().to("cpu"))
-    return {n: torch.cat(v) for n, v in store.items()}
+                if n not in store:  # filled in place: a list of batches and its concatenation would be two copies
+                    store[n] = torch.empty((acts.shape[0], *t.shape[1:]), dtype=t.dtype)
+                store[n][i:i + batch_size] = t.detach()
+    return store
 
 
 def _floats_to(obj, dtype: torch.dtype):
