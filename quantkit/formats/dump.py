@@ -93,7 +93,8 @@ def save_tensors(path: str | Path, named: Iterable[tuple[str, Any]], extra: dict
 
 
 def load_tensors(path: str | Path) -> tuple[list[tuple[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
-    """-> (ordered StoredTensors, extra tensors, info) as written by `save_tensors`."""
+    """-> (ordered StoredTensors, extra tensors, info) as written by `save_tensors`. The tensors are views of the
+    file's memory mapping, which stays mapped (with every page read) while any of them lives: copy what is kept."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -136,7 +136,7 @@ _CODES: dict[int, tuple[np.ndarray, _Codes]] = {}  # id(neighbours) -> (the neig
 def _codes(lat: Lattice) -> _Codes:
     key = id(lat.neighbours)  # each entry holds its array alive, so the id names that array while it is listed
     known = _CODES.get(key)
-    if known is None or known[0] is not lat.neighbours:
+    if known is None:
         nlev, split, dim = int(lat.levels.max()) + 1, lat.dim // 2, lat.dim
         lv = lat.levels.astype(np.intp)
 

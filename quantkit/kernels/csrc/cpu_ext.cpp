@@ -85,7 +85,7 @@ float q6k_row_scalar(const uint8_t* row, int64_t nb, const int16_t* xq, const fl
 #ifdef QK_AVX512
 // The weight rows stream from memory once per decode step: each kernel asks for the bytes PREFETCH_AHEAD past the
 // block it is about to read (rows of a tile are adjacent, so this runs on into the next row). The hardware
-// prefetcher alone kept ~4.8 GB/s of Q4_K streaming on one core; with this, ~8.9 (benchmarks/cpu_kernel_bandwidth.py).
+// prefetcher alone kept ~4.8 GB/s of Q4_K streaming on one core; with this, ~9.5 (benchmarks/cpu_kernel_bandwidth.py).
 constexpr int PREFETCH_AHEAD = 2048;
 
 inline void prefetch_ahead(const uint8_t* p, int bytes) {
