@@ -4,6 +4,7 @@ exact fp32 result, how it reports a missing toolchain vs a failing build, and th
 
 import stat
 import warnings
+import zlib
 from fnmatch import fnmatch
 from importlib.resources import files
 from pathlib import Path
@@ -25,6 +26,17 @@ def _skip_unless(ok: bool, why: str):
     """Skip for a missing C++ compiler / ninja (tests/conftest.py turns such a skip into a failure under CI=true)."""
     if not ok:
         pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Each test's random blocks and activations are fixed by its name. Drawn afresh every run, about 0.3% of random
+    Q4_K / Q5_K cases cancel enough to exceed the 1e-3 bound of the 15-bit activation rounding (seen once in a run)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(torch.initial_seed())
 
 
 @pytest.fixture
@@ -51,7 +63,7 @@ def _blocks_per_row(type_name, k):
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 48, 256), (1, 37, 512), (3, 40, 768), (9, 16, 512)])
 def test_kernel_matches_reference_and_exact_fp32(type_name, m, n, k):
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks(type_name, n, _blocks_per_row(type_name, k), rng))
     x = torch.randn(m, k) * torch.rand(m, 1) * 10
     x[0, :7] *= 50  # an outlier block
@@ -83,7 +95,7 @@ def test_kernels_really_run_on_several_threads():
 
 @needs_ext
 def test_q6k_kernel_splits_rows_across_threads():
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks("Q6_K", 1000, 1, rng))
     x = torch.randn(1, 256)
     two = _at_threads(2, lambda: cpu_ext.ggml_matmul(x, data, "Q6_K"))
@@ -94,7 +106,7 @@ def test_q6k_kernel_splits_rows_across_threads():
 
 @needs_ext
 def test_q6k_kernel_edge_cases():
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks("Q6_K", 32, 2, rng))
     x = torch.zeros(2, 512)
     x[1, 256:] = torch.randn(256)  # first super-block of row 1 all zero (scale 0 path)
@@ -112,7 +124,7 @@ def test_q6k_kernel_edge_cases():
 @pytest.mark.parametrize("type_name", TYPES)
 def test_reference_is_the_dequantized_matmul(type_name):
     """The reference itself (no extension needed): 15-bit activations + integer block sums ~= fp32 matmul."""
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks(type_name, 8, _blocks_per_row(type_name, 512), rng))
     x = torch.randn(2, 512)
     assert rel(cpu_ext.reference_matmul(x, data, type_name), x @ dequantize_rows(data, type_name).t()) <= 1e-3
@@ -132,7 +144,7 @@ def test_tiled_prefill_matches_bf16_reference_and_exact_fp32(type_name, m, n, k)
     (one bf16 rounding of the output: 2^-9 relative), and the fp32 result up to bf16 rounding of x, w and the
     output (each ~2^-9 relative per element, partly averaging out over a dot product: ~3e-3 measured)."""
     _needs_simd()
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks(type_name, n, _blocks_per_row(type_name, k), rng))
     x = torch.randn(m, k) * torch.rand(m, 1) * 10
     assert torch.equal(cpu_ext.dequant_bf16(data, type_name), dequantize_rows(data, type_name).bfloat16())
@@ -146,7 +158,7 @@ def test_tiled_prefill_matches_bf16_reference_and_exact_fp32(type_name, m, n, k)
 def test_tiled_prefill_spans_several_tiles():
     """More weight rows than one ~1 MB tile (K = 256: 2048 rows a tile), and 2 threads splitting the dequantization."""
     _needs_simd()
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks("Q4_0", 5000, 8, rng))
     x = torch.randn(12, 256)
     two = _at_threads(2, lambda: cpu_ext.tiled_matmul(x, data, "Q4_0"))
@@ -268,7 +280,7 @@ def test_broken_source_raises_build_error(tmp_path, monkeypatch):
 def test_ggml_linear_uses_the_extension(type_name, blocks, k, direct):
     if not cpu_ext.uses_simd():
         pytest.skip("the runtime uses the extension only with AVX512-VNNI")
-    rng = np.random.default_rng()
+    rng = _rng()
     data = torch.from_numpy(random_blocks(type_name, 32, blocks, rng))
     lin = GGMLLinear(type_name, data, (32, k), cpu_kernels=True)
     exact = lambda x: x @ dequantize_rows(data, type_name).t()  # noqa: E731
