@@ -1,4 +1,6 @@
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -207,7 +209,10 @@ def test_search_scale_and_clip_shortcuts_give_the_same_results():
 
 
 def _per_ratio_loss_function(group, layer, x, inputs, batch_size, device, reference):
-    """The search's loss before the shortcuts: the inspected module run batch by batch for every candidate."""
+    """The search's loss before the shortcuts: the inspected module run batch by batch for every candidate (against
+    the unquantized output, which the search does not compute where it takes the Gram form)."""
+    if reference is None:
+        reference = awq._run_module(group.inspect, layer, x, inputs, batch_size, device).float()
     buf = torch.empty_like(reference)
     return lambda: awq._module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf)
 
@@ -263,6 +268,39 @@ def test_search_in_bf16_runs_a_copy_and_keeps_the_layer_in_its_dtype(kv_heads):
     assert len(ratios) == (4 if kv_heads == 4 else 3)
     for key in ratios:
         assert abs(a[key] - c[key]) <= 0.1 + 1e-9, key
+
+
+@pytest.mark.parametrize("search_dtype", [None, torch.bfloat16], ids=["layer-dtype", "bf16"])
+def test_each_captured_input_is_freed_after_its_last_reader(search_dtype, monkeypatch):
+    """The whole captured inputs (at 7B, 6.5 GiB in fp32) are held only until the last scale search that reads them,
+    as its input or as the input of its reference output; a search in bf16 holds its own input only in bf16."""
+    layer, acts, inputs = make_layer(kv_heads=2, dtype=torch.float32, seed=3)  # GQA: no v -> o group
+    schemes = {n: Scheme(bits=4, group_size=32, symmetric=False) for n in LINEARS}
+    captured: dict = {}
+    capture, search = awq._capture_inputs, awq.search_scale
+
+    def recording_capture(*args):
+        feats = capture(*args)
+        captured.update({n: weakref.ref(t) for n, t in feats.items()})
+        return feats
+
+    seen = []
+
+    def recording_search(layer, group, x, *args, **kwargs):
+        gc.collect()
+        seen.append((group.feature, x.dtype, {n.split(".")[-1] for n, r in captured.items() if r() is not None}))
+        return search(layer, group, x, *args, **kwargs)
+
+    monkeypatch.setattr(awq, "_capture_inputs", recording_capture)
+    monkeypatch.setattr(awq, "search_scale", recording_search)
+    awq.awq_layer(layer, acts, schemes, inputs=inputs, n_grid=4, search_dtype=search_dtype)
+    x_dtype = search_dtype or torch.float32
+    # o_proj's input is read only for the attention group's reference output
+    expected = [("self_attn.q_proj", {"q_proj", "o_proj", "gate_proj", "down_proj"}),
+                ("mlp.gate_proj", {"gate_proj", "down_proj"}), ("mlp.down_proj", {"down_proj"})]
+    if search_dtype is not None:  # the searched input itself is held in bf16 only
+        expected = [(f, alive - {f.split(".")[-1]}) for f, alive in expected]
+    assert seen == [(f, x_dtype, alive) for f, alive in expected]
 
 
 def test_ranking_on_a_subset_scores_the_finalists_on_every_sample():

@@ -259,3 +259,77 @@ def test_bf16_inputs_give_the_fp32_hessian_to_bf16_rounding():
         h = g.hessian().double()
         assert float((h - ref).norm() / ref.norm()) < 2**-9
         assert float(((h.diagonal() - ref.diagonal()).abs() / ref.diagonal()).max()) < 2**-8
+
+
+def _peak_extra_bytes(fn) -> int:
+    """Bytes by which this process's peak resident set grew above its resident set while `fn` ran (Linux)."""
+    import re
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts from the current resident set
+    base = status("VmRSS")
+    fn()
+    return status("VmHWM") - base
+
+
+def _out_of_place_factor(H, damp_abs, perm):
+    """The inverse factor by out-of-place operations: gather, Cholesky, triangular inverse, flip."""
+    M = H if perm is None else H[perm][:, perm]
+    M = torch.flip(M, (0, 1)).clone()
+    M.diagonal().add_(damp_abs)
+    L = torch.linalg.cholesky(M)
+    Linv = gptq_mod._lower_triangular_inverse(L.clone())
+    return torch.flip(Linv, (0, 1))
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["natural", "permuted"])
+def test_inverse_factor_in_one_buffer_equals_the_out_of_place_one(ordered):
+    """The factor is computed in one n×n buffer beside H (Cholesky, triangular inverse and the reversal in place):
+    every value and the layout are those of the out-of-place operations."""
+    _, x = make_problem(in_f=300, tokens=2000, seed=3)
+    g = GPTQ(300)
+    g.add_batch(x)
+    H = g.hessian()
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1)) if ordered else None
+    U = gptq_mod._upper_inverse_factor(H, 0.01, torch.float32, perm)
+    ref = _out_of_place_factor(H, 0.01, perm)
+    assert torch.equal(U, ref) and U.stride() == ref.stride()
+    assert torch.equal(U.triu(), U)
+
+
+@pytest.mark.parametrize("shape,layout", [((5, 7), "rows"), ((6, 6), "columns"), ((1, 9), "rows"), ((4, 5), "other")])
+def test_flip_both_axes_in_place_equals_torch_flip(shape, layout):
+    x = torch.arange(shape[0] * shape[1], dtype=torch.float32).reshape(shape)
+    if layout == "columns":
+        x = x.t().contiguous().t()
+    elif layout == "other":
+        x = torch.arange(60, dtype=torch.float32).reshape(4, 15)[:, ::3]
+    expected = torch.flip(x, (0, 1))
+    for chunk in (1, 2, 3, 1 << 20):  # chunk boundaries anywhere, odd element counts with a middle element
+        y = x.clone() if layout != "other" else x  # (a clone keeps a dense layout)
+        assert y.stride() == x.stride()
+        out = gptq_mod.flip_both_axes_(y, chunk=chunk)
+        assert torch.equal(out, expected)
+        if layout != "other":
+            assert out.data_ptr() == y.data_ptr()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory is read from Linux's /proc")
+def test_inverse_factor_needs_about_one_matrix_beside_the_hessian():
+    """At 7B's down_proj (n = 14336) each n×n fp32 matrix is 0.8 GB. The factor used to take H plus 2.8 of them at
+    its peak (a gathered copy, Cholesky's output, the flipped copy, and 1.75 of them inside isfinite)."""
+    n = 4096  # 64 MiB matrices: each its own mapping, returned to the system when freed
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)
+    H = a @ a.t() / n
+    H.diagonal().add_(0.1)
+    del a
+    perm = torch.randperm(n, generator=g)
+    warm = torch.randperm(64, generator=g)
+    gptq_mod._upper_inverse_factor(H[:64, :64].clone(), 0.01, torch.float32, warm)  # the libraries loaded
+    extra = _peak_extra_bytes(lambda: gptq_mod._upper_inverse_factor(H, 0.01, torch.float32, perm))
+    assert extra < 1.6 * n * n * 4, f"{extra / (n * n * 4):.2f} n×n matrices beside H"

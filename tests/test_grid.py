@@ -3,6 +3,7 @@ import torch
 
 from quantkit.errors import CheckpointError, QuantkitError, SchemeError
 from quantkit.quant.grid import Grid, IntGrid
+from quantkit import tensors
 from quantkit.tensors import check_finite
 from quantkit.quant.rtn import quantize_rtn
 from quantkit.quant.scheme import Scheme, get_preset
@@ -110,3 +111,22 @@ def test_non_finite_weight_names_the_tensor(bad):
     with pytest.raises(CheckpointError, match=message):
         check_finite("model.layers.0.mlp.up_proj.weight", w)
     assert issubclass(SchemeError, QuantkitError)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns", "strided", "1-d", "0-d", "bf16", "empty"])
+def test_all_finite_in_blocks_agrees_with_isfinite(layout, monkeypatch):
+    """all_finite tests a tensor in blocks of rows (isfinite's temporaries are 1.75x an fp32 tensor); blocks of 7
+    elements here, so every bad position falls at some block's start, middle or end."""
+    monkeypatch.setattr(tensors, "FINITE_CHUNK", 7)
+    base = {"rows": torch.zeros(5, 9), "columns": torch.zeros(9, 5).t(), "strided": torch.zeros(6, 20)[:, ::3],
+            "1-d": torch.zeros(23), "0-d": torch.zeros(()), "bf16": torch.zeros(4, 6, dtype=torch.bfloat16),
+            "empty": torch.zeros(0, 4)}[layout]
+    assert tensors.all_finite(base) and tensors.first_nonfinite(base) is None
+    for flat_index in range(base.numel()):
+        for bad in (float("nan"), float("inf")):
+            t = base.clone() if layout != "strided" else torch.zeros(6, 20)[:, ::3]
+            index = list(torch.unravel_index(torch.tensor(flat_index), t.shape)) if t.dim() else []
+            t[tuple(index)] = bad
+            assert not tensors.all_finite(t)
+            assert tensors.first_nonfinite(t) == (~torch.isfinite(t)).nonzero()[0].tolist()
+    assert tensors.all_finite(torch.zeros(3, dtype=torch.int64))

@@ -293,10 +293,16 @@ def estimate_memory(config: ModelConfig, targets: dict[str, Target], method: str
                  if calibrated else 0)
     largest_in = max(h, f, config.q_size)
     hessian = (largest_in**2 * 4) * 3 if method == "gptq" else 0  # H, the flipped copy, its Cholesky factor
-    # AWQ: the captured inputs of q_proj, o_proj, gate_proj (3 x hidden wide) and down_proj; with a search in bf16,
-    # the layer's copy it runs in and a group's inputs converted to it
-    awq_extra = n_samples * seqlen * (f + 3 * h) * 4 + ((layer_params + n_samples * seqlen * h) * compute_bytes
-                                                        if compute_bytes != 4 else 0) if method == "awq" else 0
+    # AWQ (quant/awq.py): the larger of two moments. After the capture, the inputs of q_proj, o_proj, gate_proj
+    # (3 x hidden wide) and down_proj in fp32; each is freed after its last search. The down_proj search holds its
+    # input in fp32 while converting it to the search dtype, beside its reference output (in the search dtype and
+    # in fp32; a search in fp32 also keeps an fp32 and an fp64 buffer that wide) and the layer's copy in bf16
+    tokens = n_samples * seqlen
+    if compute_bytes != 4:
+        awq_down = tokens * f * (4 + compute_bytes) + tokens * h * (compute_bytes + 4) + layer_params * compute_bytes
+    else:
+        awq_down = tokens * f * 4 + tokens * h * (4 + 4 + 8)
+    awq_extra = max(tokens * (f + 3 * h) * 4, awq_down) if method == "awq" else 0
     quant_work = max(int(s[0]) * int(s[1])
                      for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2) * 4 * 3
     # the source layer stays beside the compute copy unless they are the same tensors (bf16 source, bf16 compute)

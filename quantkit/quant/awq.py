@@ -253,7 +253,7 @@ def _uses_gram(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, device) -
 
 
 def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, inputs, batch_size: int, device,
-                   reference: torch.Tensor):
+                   reference: torch.Tensor | None):
     """() -> the loss of the group's current weights in `layer` against `reference` (fp32 on device): the Gram form
     (`_uses_gram`, which does not need the reference), else the module's output batch by batch (`_module_loss`)."""
     if _uses_gram(group, layer, x, device):
@@ -266,15 +266,26 @@ def _loss_function(group: ScalingGroup, layer: nn.Module, x: torch.Tensor, input
     return lambda: _module_loss(group.inspect, layer, x, inputs, batch_size, device, reference, buf, buf64)
 
 
+def input_mean(x: torch.Tensor) -> torch.Tensor:
+    """mean |x| per input channel of x [..., in], accumulated in fp32 (AWQ's x_mean)."""
+    flat = x.reshape(-1, x.shape[-1])
+    x_sum = torch.zeros(flat.shape[1], dtype=torch.float32)
+    for i in range(0, flat.shape[0], 65536):
+        x_sum += flat[i:i + 65536].float().abs().sum(0)
+    return x_sum / flat.shape[0]
+
+
 def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes: dict[str, Scheme], inputs,
                  batch_size: int, device, quantizer: Callable, duo_scaling: bool = True, n_grid: int = N_GRID,
                  reference: torch.Tensor | None = None, forward: tuple[nn.Module, tuple] | None = None,
-                 rank_every: int = 1, rescore: int = 3):
+                 rank_every: int = 1, rescore: int = 3, x_mean: torch.Tensor | None = None):
     """Best scale for one group: returns (scales [in] fp32, best ratio, best loss, loss of ratio 0).
 
     `reference`: the unquantized output of `group.inspect` on x, when the caller has it (else it is computed).
     `forward`: (a copy of the layer in another dtype, its `inputs`) that runs the candidates' module outputs (the
     candidates are quantized from `layer`'s weights, then cast); `reference` must then come from that copy.
+    `x_mean`: `input_mean` of the layer-dtype inputs, when the caller has it; x may then already be in the forward
+    copy's dtype (what it is converted to anyway), so that the caller need not hold both copies.
     `rank_every` > 1 (groups whose loss is a module's output, with at least 16 samples in the subset): the n_grid
     candidates are ranked on every rank_every-th calibration sample, and only the best `rescore` of them (and ratio
     0, whose loss is reported) are scored on all samples; the best of those wins. 1: every candidate on every
@@ -292,17 +303,15 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
     wg = weight.reshape(-1, gs).abs()
     w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(weight.shape).mean(0)
     del weight, wg
-    # x_mean: mean |x| per input channel, accumulated in fp32
-    flat = x.reshape(-1, x.shape[-1])
-    x_sum = torch.zeros(flat.shape[1], dtype=torch.float32)
-    for i in range(0, flat.shape[0], 65536):
-        x_sum += flat[i:i + 65536].float().abs().sum(0)
-    x_mean = x_sum / flat.shape[0]
-
+    if x_mean is None:
+        x_mean = input_mean(x)
     x_fwd = x if fwd_layer is layer else x.to(_layer_dtype(fwd_layer))  # converted once, not per candidate
-    if reference is None:
-        reference = _run_module(group.inspect, fwd_layer, x_fwd, fwd_inputs, batch_size, device)
-    reference = reference.to(device).float()
+    if gram:  # the Gram form needs no reference output
+        reference = None
+    else:
+        if reference is None:
+            reference = _run_module(group.inspect, fwd_layer, x_fwd, fwd_inputs, batch_size, device)
+        reference = reference.to(device).float()
     loss_of = _loss_function(group, fwd_layer, x_fwd, fwd_inputs, batch_size, device, reference)
     originals = {n: modules[n].weight.data.clone() for n in group.linears}
     kept = {n: targets[n].weight.data for n in group.linears}  # restored at the end
@@ -344,7 +353,7 @@ def search_scale(layer: nn.Module, group: ScalingGroup, x: torch.Tensor, schemes
     best = (math.inf, -1.0, None)
     first_loss = None
     try:
-        if rank_every > 1 and x.shape[0] >= 16 * rank_every and not gram:
+        if rank_every > 1 and x_fwd.shape[0] >= 16 * rank_every and not gram:
             rank_loss = _loss_function(group, fwd_layer, x_fwd[::rank_every], fwd_inputs, batch_size, device,
                                        reference[::rank_every].contiguous())
             ranked = []
@@ -469,31 +478,60 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
     if search_dtype is not None and search_dtype != _layer_dtype(layer):
         forward = (copy.deepcopy(layer).to(search_dtype), _floats_to(inputs, search_dtype))
     fwd_layer, fwd_inputs = forward or (layer, inputs)
-    references: dict[tuple, torch.Tensor] = {}  # (last linear, in `layer`?) -> its output on the captured input
-    for group in scaling_groups(layer):
-        if not any(n in schemes for n in group.linears):
-            continue
+    groups = [g for g in scaling_groups(layer) if any(n in schemes for n in g.linears)]
+    # Each captured input is held whole only until the last group that reads it (as its search input or as the
+    # input of its reference output); then only the <= CLIP_TOKENS strided tokens the clipping search reads are
+    # kept (a copy: a strided view would keep the whole tensor). At 7B the four inputs are 6.5 GiB in fp32.
+    plan = []  # per group: (group, searches on the forward copy?, reference key or None)
+    for group in groups:
+        gram = _uses_gram(group, layer, feats[group.feature], device)  # then it needs no reference output
+        on_copy = forward is not None and not gram
         ref_linear = _REFERENCE_LINEAR.get(group.inspect)
-        reference = None
-        if ref_linear is not None and isinstance(modules.get(ref_linear), nn.Linear):
-            # the Gram-form groups search on `layer` itself, the others on the forward copy
-            on = (layer, inputs) if _uses_gram(group, layer, feats[group.feature], device) else (fwd_layer, fwd_inputs)
-            key = (ref_linear, on[0] is layer)
-            if key not in references:
-                references[key] = _run_module(ref_linear, on[0], feats[ref_linear], on[1], batch_size, device)
-            reference = references[key]
-        s, ratio, loss, loss0 = search_scale(layer, group, feats[group.feature], schemes, inputs, batch_size, device,
-                                             quantizer, duo_scaling, n_grid, reference=reference, forward=forward,
-                                             rank_every=rank_every)
+        has_ref = ref_linear is not None and isinstance(modules.get(ref_linear), nn.Linear) and not gram
+        ref_key = (ref_linear, on_copy) if has_ref else None
+        plan.append((group, on_copy, ref_key))
+    last_read = {n: -1 for n in feats}
+    ref_last_read: dict[tuple, int] = {}
+    for k, (group, _, ref_key) in enumerate(plan):
+        last_read[group.feature] = k
+        if ref_key is not None:
+            last_read[ref_key[0]] = max(last_read[ref_key[0]], k)
+            ref_last_read[ref_key] = k
+    clip_feats: dict[str, torch.Tensor] = {}
+
+    def release(k: int) -> None:
+        for n in [n for n in feats if last_read[n] < k]:
+            clip_feats[n] = _clip_tokens(feats.pop(n)).clone()
+        for key in [key for key in references if ref_last_read[key] < k]:
+            del references[key]
+
+    references: dict[tuple, torch.Tensor] = {}  # (last linear, on the forward copy?) -> its output on its input
+    release(0)
+    for k, (group, on_copy, ref_key) in enumerate(plan):
+        if ref_key is not None and ref_key not in references:
+            on = (fwd_layer, fwd_inputs) if on_copy else (layer, inputs)
+            references[ref_key] = _run_module(ref_key[0], on[0], feats[ref_key[0]], on[1], batch_size, device)
+        x = feats[group.feature]
+        x_mean = input_mean(x)
+        if last_read[group.feature] == k:  # its last reader: the whole input goes, in the layer's dtype
+            clip_feats[group.feature] = _clip_tokens(feats.pop(group.feature)).clone()
+            if on_copy:  # only the forward copy's dtype is needed now: the layer-dtype input is freed here
+                x = x.to(_layer_dtype(fwd_layer))
+        s, ratio, loss, loss0 = search_scale(layer, group, x, schemes, inputs, batch_size, device, quantizer,
+                                             duo_scaling, n_grid, reference=references.get(ref_key),
+                                             forward=forward, rank_every=rank_every, x_mean=x_mean)
+        del x
+        release(k + 1)
         found.append((group, s))
         key = group.prev.split(".")[-1]
         summary[f"ratio_{key}"] = ratio
         summary[f"loss_{key}"] = loss
         summary[f"loss0_{key}"] = loss0
-    del references, forward, fwd_layer
-    # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the captured inputs for clipping;
-    # the clipping search reads only <= CLIP_TOKENS evenly strided tokens, so only those are kept and rescaled
-    feats = {n: _clip_tokens(f) for n, f in feats.items()}
+    release(len(plan))  # every reference output and whole input
+    del forward, fwd_layer
+    # fold all scales (searched on the unscaled layer, as AutoAWQ), then rescale the kept tokens of the captured
+    # inputs for clipping
+    feats = clip_feats
     for group, s in found:
         fold_scale(layer, group, s)
         feats[group.feature] = feats[group.feature] / s.view(1, -1).to(feats[group.feature].dtype)

@@ -40,7 +40,7 @@ import torch
 from quantkit.errors import CalibrationError, QuantkitError
 from quantkit.quant.grid import Grid, make_grid
 from quantkit.quant.scheme import Scheme
-from quantkit.tensors import GGMLTensor, QuantTensor, check_finite
+from quantkit.tensors import GGMLTensor, QuantTensor, all_finite, check_finite
 
 SUB_BLOCK = 16
 _SMALL_OP_ELEMENTS = 1 << 15  # rows per column below which per-column ops run single-threaded on CPU
@@ -137,7 +137,7 @@ class GPTQ:
                             self._sum[i:i + _SYM_BLOCK, j:j + _SYM_BLOCK].t())
             self._sum.mul_(2.0 / self.n_tokens)
             self._finalized = True
-            if not bool(torch.isfinite(self._sum.diagonal()).all()) or not bool(torch.isfinite(self._sum).all()):
+            if not bool(torch.isfinite(self._sum.diagonal()).all()) or not all_finite(self._sum):
                 raise HessianError(f"{self.name}: the Hessian contains NaN or Inf (non-finite calibration "
                                    "activations reached this layer)")
         return self._sum
@@ -332,6 +332,8 @@ def _upper_inverse_factor(H: torch.Tensor, damp_abs: float, dtype: torch.dtype,
     when that matrix is not positive definite.
 
     With J the order reversal and L = chol(J P H Pᵀ J): (P H Pᵀ)⁻¹ = J L⁻ᵀ L⁻¹ J, so U = J L⁻¹ J.
+    On the CPU the factorization, the triangular inverse and the reversal all happen in one n×n buffer beside H
+    (at 7B's down_proj each is 0.8 GB), with the values of the out-of-place operations.
     """
     if perm is None:
         M = torch.flip(H.to(dtype), (0, 1))  # a copy (one: flipping both axes at once)
@@ -339,15 +341,35 @@ def _upper_inverse_factor(H: torch.Tensor, damp_abs: float, dtype: torch.dtype,
         rev = perm.flip(0)
         M = H.to(dtype)[rev[:, None], rev[None, :]]
     M.diagonal().add_(damp_abs)
-    L, info = torch.linalg.cholesky_ex(M)
+    if M.device.type == "cpu":
+        # M is symmetric: its transpose is the same matrix, laid out column-major, which LAPACK factors in place
+        M = M.mT
+        L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty((), dtype=torch.int32)))
+    else:
+        L, info = torch.linalg.cholesky_ex(M)
     del M
     if int(info) != 0 or not bool(torch.isfinite(L.diagonal()).all()):
         return None
     Linv = _lower_triangular_inverse(L)
     del L
-    if Linv is None or not bool(torch.isfinite(Linv).all()):
+    if Linv is None or not all_finite(Linv):
         return None
-    return torch.flip(Linv, (0, 1))
+    return flip_both_axes_(Linv)
+
+
+def flip_both_axes_(x: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """`torch.flip(x, (0, 1))` in x's own storage, for x row- or column-major contiguous (flipping both axes of such
+    a matrix reverses its storage), swapping `chunk` elements at a time; any other layout gets torch.flip."""
+    if x.dim() != 2 or not (x.is_contiguous() or x.mT.is_contiguous()):
+        return torch.flip(x, (0, 1))
+    flat = (x if x.is_contiguous() else x.mT).view(-1)
+    n = flat.numel()
+    for i in range(0, n // 2, chunk):
+        j = min(i + chunk, n // 2)
+        low = flat[i:j].clone()
+        flat[i:j] = flat[n - j:n - i].flip(0)
+        flat[n - j:n - i] = low.flip(0)
+    return x
 
 
 def _lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor | None:
