@@ -147,6 +147,18 @@ def verify_gguf(path: Path) -> dict:
     return res
 
 
+def synthetic_checkpoint(work: Path, layers: int) -> Path:
+    """The synthetic 7B-shaped checkpoint with `layers` decoder layers under `work`, generated once (in a child
+    process: keeps the measuring process small)."""
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"mistral-7b-shaped-{layers}L-outliers"
+    if not (src / ".complete").exists():
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
+                        "import gguf_convert_speed as g; g.generate_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), "
+                        "outliers=True)", str(src), str(layers)], check=True, cwd=Path(__file__).resolve().parents[1])
+    return src
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -164,12 +176,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    src = work / f"mistral-7b-shaped-{args.layers}L-outliers"
-    if not (src / ".complete").exists():
-        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
-                        "import gguf_convert_speed as g; g.generate_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), "
-                        "outliers=True)", str(src), str(args.layers)], check=True)
+    src = synthetic_checkpoint(work, args.layers)
     tag = f"{args.method}-{args.format.replace(',', '+')}-{args.compute_dtype}"
     out = work / f"out-{tag}-{args.layers}L"
     for stale in (out, out.with_name(out.name + ".partial")):

@@ -333,3 +333,19 @@ def test_inverse_factor_needs_about_one_matrix_beside_the_hessian():
     gptq_mod._upper_inverse_factor(H[:64, :64].clone(), 0.01, torch.float32, warm)  # the libraries loaded
     extra = _peak_extra_bytes(lambda: gptq_mod._upper_inverse_factor(H, 0.01, torch.float32, perm))
     assert extra < 1.6 * n * n * 4, f"{extra / (n * n * 4):.2f} n×n matrices beside H"
+
+
+@pytest.mark.parametrize("out_f,dead", [(1, False), (5, True), (5, False)])
+@pytest.mark.parametrize("group_aware", [False, True])
+def test_quantize_never_writes_into_the_callers_weight(out_f, dead, group_aware):
+    """The solver reads the fp32 weight it is given without copying it first (a 7B down_proj copy is 0.23 GB): its
+    updates go to its own transposed copy, also for one output row (whose transpose is already contiguous)."""
+    _, x = make_problem(in_f=128, tokens=512, seed=4)
+    if dead:
+        x[:, 7] = 0
+    g = GPTQ(128)
+    g.add_batch(x)
+    w = torch.randn(out_f, 128, generator=torch.Generator().manual_seed(5))
+    before = w.clone()
+    g.quantize(w, Scheme(bits=4, group_size=32, symmetric=True), group_aware=group_aware)
+    assert torch.equal(w, before)

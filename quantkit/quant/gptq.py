@@ -183,8 +183,9 @@ class GPTQ:
         diag = H.diagonal()
         dead = diag == 0
         n_dead = int(dead.sum())
-        W = weight.to(self.device, torch.float32).clone()
+        W = weight.to(self.device, torch.float32)  # read only: the solver works on its own transposed copy
         if n_dead:
+            W = W.clone()
             W[:, dead] = 0
 
         diag_live = torch.where(dead, torch.ones_like(diag), diag)  # dead columns count as H_ii = 1 (reference)
@@ -211,7 +212,8 @@ class GPTQ:
                 c = g * gs
                 params_list[g] = grid.fit(W[:, c:c + gs], importance_full[c:c + gs])
 
-        Wt = (W[:, perm] if perm is not None else W).t().contiguous()  # [in, out], processing order
+        # [in, out] in processing order, gathered in one copy (at 7B's down_proj each copy is 0.23 GB)
+        Wt = W.t()[perm] if perm is not None else W.t().clone(memory_format=torch.contiguous_format)
         del W
         imp = importance_full[perm] if perm is not None else importance_full
         orig_col = perm.tolist() if perm is not None else None
@@ -271,6 +273,7 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             Q = Qt.t()[:, inv]
+            del Qt
             g_idx = None if static or group_aware else (inv // gs).to(torch.int32)
         else:
             Q = Qt.t()
