@@ -166,6 +166,23 @@ def test_rank_deficient_hessian_recovers(tmp_path):
     assert (tmp_path / "out" / "dump.json").exists()
 
 
+def test_each_hessian_is_freed_at_its_last_solve(tmp_path, monkeypatch):
+    """A gptq,gguf-shaped run solves each group's linears for two target sets from one Hessian: the last solve of
+    each group (and only it) frees the Hessian."""
+    from quantkit.quant.gptq import GPTQ
+
+    ckpt = _ckpt(tmp_path)
+    tokens = _tokens(ckpt, tmp_path, n=2, seqlen=32)
+    plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"], method="gptq")
+    released = []
+    real = GPTQ.release
+    monkeypatch.setattr(GPTQ, "release", lambda self: released.append(self.name) or real(self))
+    quantize_model(ckpt, plan.targets(), [DumpWriter(tmp_path / "out")], tokens, PipelineOptions(method="gptq"),
+                   progress=False)
+    groups = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert released == [f"model.layers.{i}.{g}" for i in range(ckpt.config.num_hidden_layers) for g in groups]
+
+
 def test_out_of_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path, monkeypatch):
     ckpt = _ckpt(tmp_path)
     plan = build_plan(ckpt.config, preset="w4a16-g32", formats=["dump"])

@@ -279,14 +279,15 @@ class LayerwiseQuantizer:
         check_finite(name, w)
         return encode_ggml(w, target, None)
 
-    def _gptq_quantize(self, gptq, weight: torch.Tensor, target: Target, name: str):
+    def _gptq_quantize(self, gptq, weight: torch.Tensor, target: Target, name: str, last: bool = False):
         """GPTQ of one weight onto its target with the run's options: (quantized tensor, GPTQInfo); for a type
-        without a GPTQ grid, its imatrix encoding on the Hessian's diagonal: (GGMLTensor, None)."""
+        without a GPTQ grid, its imatrix encoding on the Hessian's diagonal: (GGMLTensor, None). `last`: the
+        Hessian's last use (GPTQ frees it once the factor is computed)."""
         if not _has_grid(target):
             return encode_ggml(weight, target, gptq.input_mean_square().cpu()), None
         o = self.options
         return gptq.quantize(weight, _grid(target), damp=o.damp, block_size=o.block_size,
-                             static_groups=o.static_groups, group_aware=o.group_aware, name=name)
+                             static_groups=o.static_groups, group_aware=o.group_aware, name=name, last=last)
 
     def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None) -> tuple[Any, Any]:
         """GPTQ for a quantized lm_head (and for its companion target, from the same Hessian), on the final norm's
@@ -502,11 +503,15 @@ class LayerwiseQuantizer:
         def unquantized(n: str, local: str) -> torch.Tensor:
             return self._masters[n].to(self.device, torch.float32) if n in self._masters else modules[local].weight.data
 
+        # the group's solves in order (companions first); the last one may free the Hessian
+        solves = [(kind, local) for kind, targets in (("companion", self.companion_targets), ("primary", self.targets))
+                  for local in group if targets.get(f"{prefix}{local}.weight") is not None]
+        final = solves[-1] if solves else None
         for local in group:
             n = f"{prefix}{local}.weight"
             if self.companion_targets.get(n) is not None:
                 qt2, row, _ = self._quantize_one(n, self.companion_targets[n], unquantized(n, local), gptq,
-                                                 source_dtypes[n])
+                                                 source_dtypes[n], last=final == ("companion", local))
                 self.companion_results[n] = qt2
                 log_rows.append({"layer": i, "module": local, "output": self.companion.name, **row})
         for local in group:
@@ -516,7 +521,8 @@ class LayerwiseQuantizer:
             target = self.targets.get(n)
             if target is None:
                 continue
-            qt, row, w_hat = self._quantize_one(n, target, weight, gptq, source_dtypes[n])
+            qt, row, w_hat = self._quantize_one(n, target, weight, gptq, source_dtypes[n],
+                                                last=final == ("primary", local))
             del weight
             # its source weight is not read again (the output takes `qt`): at 7B a layer's are 0.44 GB in bf16
             self._masters.pop(n, None)
@@ -527,13 +533,15 @@ class LayerwiseQuantizer:
             results[n] = qt
             log_rows.append({"layer": i, "module": local, **row})
 
-    def _quantize_one(self, n: str, target: Target, weight: torch.Tensor, gptq, source_dtype: torch.dtype):
-        """One linear's weight onto `target`: GPTQ with the group's Hessian, else RTN / ggml encoding (with the
-        imatrix). Returns (stored tensor, log row, its dequantized weight or None for a float target)."""
+    def _quantize_one(self, n: str, target: Target, weight: torch.Tensor, gptq, source_dtype: torch.dtype,
+                      last: bool = False):
+        """One linear's weight onto `target`: GPTQ with the group's Hessian (`last`: its last use), else RTN /
+        ggml encoding (with the imatrix). Returns (stored tensor, log row, its dequantized weight or None for a
+        float target)."""
         t0 = time.perf_counter()
         row: dict[str, Any] = {"target": target_label(target), "method": self.method}
         if gptq is not None and not is_float_type(target):
-            qt, info = self._gptq_quantize(gptq, weight, target, n)
+            qt, info = self._gptq_quantize(gptq, weight, target, n, last=last)
             if info is None:
                 row["method"] = "imatrix"
             else:
