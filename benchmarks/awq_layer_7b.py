@@ -33,7 +33,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from e2e_7b import synthetic_checkpoint, verify_hf  # noqa: E402
-from gguf_convert_speed import _tree, watch  # noqa: E402
+from gguf_convert_speed import _status_kib, _tree, watch  # noqa: E402
 
 from quantkit.testing import shared_data  # noqa: E402
 
@@ -64,14 +64,7 @@ def run(cmd: list[str], log: Path, stdout: Path | None = None) -> dict:
 
         def sample(tick: int) -> None:
             if tick % 2 == 0:
-                total = 0
-                for pid in _tree(proc.pid):
-                    try:
-                        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-                    except OSError:
-                        continue
-                    total += next((int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("Pss:")), 0)
-                peak["pss"] = max(peak["pss"], total)
+                peak["pss"] = max(peak["pss"], sum(_status_kib(p, "smaps_rollup", "Pss:") for p in _tree(proc.pid)))
 
         wall, code, cpu = watch(proc, sample, 1.0)
     if code:

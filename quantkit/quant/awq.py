@@ -482,43 +482,47 @@ def awq_layer(layer: nn.Module, acts: torch.Tensor, schemes: dict[str, Scheme | 
     # Each captured input is held whole only until the last group that reads it (as its search input or as the
     # input of its reference output); then only the <= CLIP_TOKENS strided tokens the clipping search reads are
     # kept (a copy: a strided view would keep the whole tensor). At 7B the four inputs are 6.5 GiB in fp32.
-    plan = []  # per group: (group, searches on the forward copy?, reference key or None)
+    plan = []  # per group: (group, searches on the forward copy?, linear whose output is its reference or None)
     for group in groups:
         gram = _uses_gram(group, layer, feats[group.feature], device)  # then it needs no reference output
-        on_copy = forward is not None and not gram
         ref_linear = _REFERENCE_LINEAR.get(group.inspect)
         has_ref = ref_linear is not None and isinstance(modules.get(ref_linear), nn.Linear) and not gram
-        ref_key = (ref_linear, on_copy) if has_ref else None
-        plan.append((group, on_copy, ref_key))
+        plan.append((group, forward is not None and not gram, ref_linear if has_ref else None))
     last_read = {n: -1 for n in feats}
-    ref_last_read: dict[tuple, int] = {}
-    for k, (group, _, ref_key) in enumerate(plan):
+    ref_last_read: dict[str, int] = {}
+    for k, (group, _, ref_linear) in enumerate(plan):
         last_read[group.feature] = k
-        if ref_key is not None:
-            last_read[ref_key[0]] = max(last_read[ref_key[0]], k)
-            ref_last_read[ref_key] = k
+        if ref_linear is not None:
+            last_read[ref_linear] = max(last_read[ref_linear], k)
+            ref_last_read[ref_linear] = k
     clip_feats: dict[str, torch.Tensor] = {}
+    references: dict[str, torch.Tensor] = {}  # linear -> its output (on the forward copy) on its captured input
+
+    def keep_clip_tokens(n: str) -> torch.Tensor:
+        """Drop input n's whole tensor, keeping the tokens the clipping search reads; returns the whole tensor."""
+        whole = feats.pop(n)
+        clip_feats[n] = _clip_tokens(whole).clone()
+        return whole
 
     def release(k: int) -> None:
         for n in [n for n in feats if last_read[n] < k]:
-            clip_feats[n] = _clip_tokens(feats.pop(n)).clone()
-        for key in [key for key in references if ref_last_read[key] < k]:
-            del references[key]
+            keep_clip_tokens(n)
+        for n in [n for n in references if ref_last_read[n] < k]:
+            del references[n]
 
-    references: dict[tuple, torch.Tensor] = {}  # (last linear, on the forward copy?) -> its output on its input
     release(0)
-    for k, (group, on_copy, ref_key) in enumerate(plan):
-        if ref_key is not None and ref_key not in references:
-            on = (fwd_layer, fwd_inputs) if on_copy else (layer, inputs)
-            references[ref_key] = _run_module(ref_key[0], on[0], feats[ref_key[0]], on[1], batch_size, device)
+    for k, (group, on_copy, ref_linear) in enumerate(plan):
+        if ref_linear is not None and ref_linear not in references:
+            references[ref_linear] = _run_module(ref_linear, fwd_layer, feats[ref_linear], fwd_inputs, batch_size,
+                                                 device)
         x = feats[group.feature]
         x_mean = input_mean(x)
         if last_read[group.feature] == k:  # its last reader: the whole input goes, in the layer's dtype
-            clip_feats[group.feature] = _clip_tokens(feats.pop(group.feature)).clone()
+            keep_clip_tokens(group.feature)
             if on_copy:  # only the forward copy's dtype is needed now: the layer-dtype input is freed here
                 x = x.to(_layer_dtype(fwd_layer))
         s, ratio, loss, loss0 = search_scale(layer, group, x, schemes, inputs, batch_size, device, quantizer,
-                                             duo_scaling, n_grid, reference=references.get(ref_key),
+                                             duo_scaling, n_grid, reference=references.get(ref_linear),
                                              forward=forward, rank_every=rank_every, x_mean=x_mean)
         del x
         release(k + 1)

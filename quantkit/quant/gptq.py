@@ -139,7 +139,7 @@ class GPTQ:
                             self._sum[i:i + _SYM_BLOCK, j:j + _SYM_BLOCK].t())
             self._sum.mul_(2.0 / self.n_tokens)
             self._finalized = True
-            if not bool(torch.isfinite(self._sum.diagonal()).all()) or not all_finite(self._sum):
+            if not all_finite(self._sum):
                 raise HessianError(f"{self.name}: the Hessian contains NaN or Inf (non-finite calibration "
                                    "activations reached this layer)")
         return self._sum
@@ -214,7 +214,6 @@ class GPTQ:
 
         importance_full = diag.clone()
         importance_full[dead] = 0
-        n_tokens = self.n_tokens
         if last:
             del H, diag, diag_live
             self.release()
@@ -295,7 +294,7 @@ class GPTQ:
         tensor = grid.encode(Q.contiguous(), params_list, g_idx)
         seconds = time.perf_counter() - t0
         info = GPTQInfo(loss=float(loss), damp=damp_used, damp_retries=retries, fp64=used64, dead_columns=n_dead,
-                        seconds=seconds, n_tokens=n_tokens,
+                        seconds=seconds, n_tokens=self.n_tokens,
                         extra={"act_order": act_order, "static_groups": static, "group_aware": group_aware,
                                "block_size": block_size})
         if hasattr(tensor, "error"):
