@@ -6,7 +6,8 @@ Variants (one calibration text for every tool: *The Hound of the Baskervilles*, 
                                and i-quant mix
   quantkit alloc B             quantize --target-bpw B (RTN blocks with quantkit's imatrix of the same text; the
                                sensitivities measured once on 16 x 256 tokens of it, cached)
-  quantkit GPTQ alloc B        the same types, GPTQ-calibrated blocks (--method gptq, CALIB windows x 512)
+  quantkit GPTQ alloc B        quantize --target-bpw B --method gptq (GPTQ-calibrated blocks on CALIB windows x 512;
+                               the sensitivities measured GPTQ-rounded on the same 16 x 256 tokens, cached apart)
   AutoRound SCHEME             auto-round --format gguf:SCHEME (SignRound-tuned k-quants, CALIB windows x 512), when
                                installed in --autoround-venv
 Evaluation: *Pride and Prejudice* (first 200k characters), llama.cpp convention (ctx 512), CHUNKS chunks, against
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--targets", default="2.5,3.5,4.5,5.5")
     ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
     ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (imatrix, GPTQ)")
-    ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--methods", default="rtn,gptq", help="quantkit's methods to allocate with (rtn, gptq)")
     ap.add_argument("--autoround-venv", default="~/.cache/quantkit/autoround-venv",
                     help="a venv with `pip install auto-round` (0.16.1 here); its GGUF exports join the comparison")
     args = ap.parse_args()
@@ -100,13 +101,14 @@ def main() -> None:
                                                                                   str(tensor_bytes(path))]
     predicted: dict[str, dict] = {}
     for target, budget in budgets.items():
-        for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
+        for method in args.methods.split(","):
             out = work / f"quantkit-{method}-{target.lstrip('=')}{'' if target.startswith('=') else 'bpw'}.gguf"
             label = f"quantkit {'GPTQ ' if method == 'gptq' else ''}alloc {target}"
             log = work / f"{out.stem}.json"
             if not out.exists() or not log.exists():
                 cmd = qk + ["quantize", str(NANO_PATH), *budget, "--method", method,
-                            "--calib", str(env.calib_txt), "--sensitivity", str(work / "sensitivity.json"),
+                            "--calib", str(env.calib_txt),
+                            "--sensitivity", str(work / f"sensitivity{'' if method == 'rtn' else '-' + method}.json"),
                             "--imatrix", str(env.quantkit_imatrix), "-o", str(out), "--force", "--json"]
                 if method == "gptq":
                     cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX)]

@@ -77,7 +77,8 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
     preset, measures the KLD of each tensor (GGUF) or fused group of linears (gptq, compressed-tensors) in each of
     `candidates` (GGUF default `pipeline.allocate.DEFAULT_CANDIDATES`, IQ1_M to Q8_0; presets default w2a16-g64,
     w3a16-g128, w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen`
-    tokens of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit), chooses the targets with the least
+    tokens of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit; with method gptq each candidate
+    is measured GPTQ-rounded, with the run's damp/block_size/group_aware), chooses the targets with the least
     predicted KLD that fit, writes them, and reports predicted against measured KLD (`result.allocation`)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
@@ -96,6 +97,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
             candidates=candidates, calib=calib or "builtin", calib_samples=sensitivity_samples,
             calib_seqlen=sensitivity_seqlen, seed=seed, imatrix=Path(imatrix) if imatrix is not None else None,
             sensitivity=Path(sensitivity) if sensitivity is not None else None,
+            gptq={"damp": damp, "block_size": block_size, "group_aware": group_aware} if method == "gptq" else None,
             progress=progress_wrapper(progress, "sensitivity"))
         formats, overrides = fmt, allocation.overrides()
         if fmt == "gguf":
@@ -112,7 +114,8 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                               imatrix_out=Path(imatrix_out) if imatrix_out is not None else None,
                               max_shard_bytes=parse_size(shard_size),
                               work_dir=Path(work_dir) if work_dir is not None else None, resume=resume, force=force,
-                              progress=progress)
+                              progress=progress,
+                              embedding_hessian=allocation.embedding_hessian if allocation is not None else None)
     result = quantize_checkpoint(ckpt, the_plan, output, options, log=log)
     if allocation is not None:
         allocation.measure(ckpt, result.paths[allocation.format])

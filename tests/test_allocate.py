@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError, SchemeError
-from quantkit.quant.allocate import Option, allocate, lower_hull
+from quantkit.quant.allocate import Option, _greedy, allocate, lower_hull
 from quantkit.testing import make_random_checkpoint
 from tests.cli_helpers import run_captured
 
@@ -45,7 +45,7 @@ def test_allocation_fits_the_budget_and_is_near_the_exact_optimum():
     rng = np.random.default_rng(0)
     exact = 0
     for trial in range(60):
-        options = random_options(rng, int(rng.integers(2, 6)))
+        options = random_options(rng, int(rng.integers(4, 9)))
         smallest = sum(min(o.nbytes for o in opts) for opts in options.values())
         largest = sum(max(o.nbytes for o in opts) for opts in options.values())
         budget = int(rng.integers(smallest, largest + 1))
@@ -57,7 +57,19 @@ def test_allocation_fits_the_budget_and_is_near_the_exact_optimum():
         gap = max(max(o.cost for o in opts) - min(o.cost for o in opts) for opts in options.values())
         assert got.cost <= opt + gap + 1e-12
         exact += abs(got.cost - opt) < 1e-12
-    assert exact >= 45  # mostly exact on these small instances
+        assert got.cost <= _greedy(options, budget).cost  # the plain greedy is one of the candidates
+    assert exact >= 58  # the plain greedy alone: 43 of these 60
+
+
+def test_a_wide_tensor_whose_upgrade_stops_fitting_is_chosen_exactly():
+    """The greedy upgrades the small tensor first (more cost saved per byte); the wide tensor's upgrade then no
+    longer fits and its 100 bytes go unused. Enumerating the widest tensors finds the better choice."""
+    options = {"small": [Option("lo", 10, 0.1), Option("hi", 20, 0.0)],
+               "wide": [Option("lo", 100, 1.0), Option("hi", 200, 0.5)]}
+    assert _greedy(options, 210).labels() == {"small": "hi", "wide": "lo"}  # cost 1.0
+    got = allocate(options, 210)
+    assert got.labels() == {"small": "lo", "wide": "hi"} and got.cost == pytest.approx(0.6)
+    assert list(got.choice) == ["small", "wide"]  # in the caller's order
 
 
 def test_allocation_extremes_and_errors():
@@ -170,3 +182,76 @@ def test_target_bpw_for_gptq_chooses_presets_per_fused_group(small, tmp_path, ca
     assert abs(a["predicted_kld"] / a["measured_kld"] - 1) <= 0.25
     config = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
     assert config.get("dynamic"), config
+
+
+def test_gptq_sensitivity_equals_the_kld_of_a_gptq_file_holding_only_that_change(small, tmp_path):
+    """With GPTQ, a candidate is measured GPTQ-rounded on the full-precision model's Hessian: exactly what the
+    pipeline writes when that one tensor is quantized (its input is then the full-precision model's) on the same
+    tokens. Without the Hessians (the data-free measurement) the two differ."""
+    import quantkit
+    from quantkit.calib import load_calibration
+    from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, model_kld
+    from quantkit.model.checkpoint import open_checkpoint
+    from quantkit.model.tokenizer import load_tokenizer
+    from quantkit.runtime.model import load_model
+
+    ckpt = open_checkpoint(small)
+    tokens = load_calibration("builtin", load_tokenizer(ckpt.tokenizer_path), 2, 48, 0).tokens
+    gptq = {"damp": 0.1, "block_size": 128, "group_aware": True}
+    for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        table = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}, gptq), {name: [name]},
+                                    tmp_path / f"{name}.json", {"test": 1}, hessians=True)
+        rtn = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]},
+                                  tmp_path / f"{name}.rtn.json", {"test": 1})
+        out = quantkit.quantize(small, tmp_path / f"{name}.gguf", method="gptq", formats="gguf", gguf_type="F32",
+                                overrides=[f"{name}=Q2_K"], calib="builtin", calib_samples=2, calib_seqlen=48,
+                                compute_dtype="float32", **gptq).paths["gguf"]
+        measured = model_kld(ckpt, tokens, load_model(out))
+        assert table.kld[name]["Q2_K"] == pytest.approx(measured, rel=1e-3), name
+        assert rtn.kld[name]["Q2_K"] > 1.1 * measured, name  # GPTQ recovers more than the 10% the test needs
+
+
+def test_embedding_sensitivity_with_gptq_equals_the_kld_of_its_fisher_rounded_file(small, tmp_path):
+    """The embedding has no input: a GPTQ measurement rounds it against the output's Fisher matrix, measured once
+    and kept beside the table; the run given that matrix writes exactly the measured embedding. With too few tokens
+    to estimate the matrix, the embedding keeps its data-free encoding."""
+    from quantkit.calib import load_calibration
+    from quantkit.eval.sensitivity import (embedding_hessian_path, ggml_candidates, load_embedding_hessian,
+                                           measure_sensitivity, model_kld)
+    from quantkit.model.checkpoint import open_checkpoint
+    from quantkit.model.tokenizer import load_tokenizer
+    from quantkit.pipeline.quantize import QuantizeOptions, make_plan, quantize_checkpoint
+    from quantkit.runtime.model import load_model
+
+    ckpt = open_checkpoint(small)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    name, cache = "model.embed_tokens.weight", tmp_path / "s.json"
+    gptq = {"damp": 0.1, "block_size": 128, "group_aware": True}
+    candidates = ggml_candidates(["Q2_K"], {}, gptq)
+
+    few = load_calibration("builtin", tokenizer, 2, 48, 0).tokens  # 384 scores for 256 dimensions
+    table = measure_sensitivity(ckpt, few, candidates, {name: [name]}, tmp_path / "few.json", {"t": 0}, hessians=True)
+    rtn = measure_sensitivity(ckpt, few, ggml_candidates(["Q2_K"], {}), {name: [name]}, tmp_path / "few-rtn.json",
+                              {"t": 0})
+    assert table.embedding_hessian is None and table.kld == rtn.kld
+
+    tokens = load_calibration("builtin", tokenizer, 8, 128, 0).tokens
+    table = measure_sensitivity(ckpt, tokens, candidates, {name: [name]}, cache, {"test": 1}, hessians=True)
+    assert table.embedding_hessian == embedding_hessian_path(cache) and table.embedding_hessian.exists()
+    assert load_embedding_hessian(table.embedding_hessian, {"test": 1}).shape == (256, 256)
+    with pytest.raises(QuantkitError, match="Fisher matrix of another model or calibration"):
+        load_embedding_hessian(table.embedding_hessian, {"test": 2})
+    again = measure_sensitivity(ckpt, tokens, candidates, {name: [name]}, cache, {"test": 1}, hessians=True)
+    assert again.measured == 0 and again.embedding_hessian == table.embedding_hessian  # all from the cache
+    rtn = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]}, tmp_path / "r.json",
+                              {"test": 1})
+
+    plan = make_plan(ckpt, method="gptq", formats="gguf", gguf_type="F32", overrides=[f"{name}=Q2_K"],
+                     calib="builtin", calib_samples=8, calib_seqlen=128, compute_dtype="float32")
+    options = QuantizeOptions(calib="builtin", calib_samples=8, calib_seqlen=128,
+                              embedding_hessian=table.embedding_hessian, **gptq)
+    result = quantize_checkpoint(ckpt, plan, tmp_path / "e.gguf", options)
+    measured = model_kld(ckpt, tokens, load_model(result.paths["gguf"]))
+    assert table.kld[name]["Q2_K"] == pytest.approx(measured, rel=1e-3)
+    assert measured < 0.95 * rtn.kld[name]["Q2_K"]  # the Fisher-weighted rounding beats the data-free one (0.91x)
+    assert any(r.get("module") == "embed_tokens" and r.get("hessian") == "output fisher" for r in result.log)

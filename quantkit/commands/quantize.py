@@ -40,15 +40,18 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 @click.option("--target-bpw", type=FiniteFloatRange(1, 32), default=None,
               help="GGUF: choose every tensor's type by measurement so that the file holds this many bits per "
               "weight (instead of --type): each tensor's KL divergence in each candidate type is measured on "
-              "calibration text, and the assignment with the least predicted KLD that fits is written.")
+              "calibration text (with --method gptq, GPTQ-rounded as the run writes it), and the assignment with "
+              "the least predicted KLD that fits is written.")
 @click.option("--target-size", type=SIZE, default=None,
               help="GGUF: as --target-bpw, with the budget as tensor bytes (e.g. 3.9GB).")
 @click.option("--candidates", default=None, metavar="TYPES",
               help="Types the allocation chooses from, comma-separated (default IQ1_M,IQ2_XXS,IQ2_S,Q2_K,IQ3_XXS,"
-              "IQ3_S,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0; IQ1_M and IQ2_XXS only for tensors with an imatrix entry).")
+              "IQ3_S,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0; IQ1_M and IQ2_XXS only for tensors with an imatrix entry, "
+              "or, with --method gptq, a Hessian).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File that caches the measured sensitivities (default: under ~/.cache/quantkit/sensitivity, "
-              "keyed by model, tokens and imatrix); several budgets reuse one measurement.")
+              "keyed by model, tokens, imatrix and GPTQ options; with --method gptq the embedding's Fisher matrix "
+              "is kept beside it); several budgets reuse one measurement.")
 @click.option("--sensitivity-samples", default=16, show_default=True, type=COUNT,
               help="Calibration windows the sensitivities are measured on.")
 @click.option("--sensitivity-seqlen", default=256, show_default=True, type=click.IntRange(min=2),

@@ -4,11 +4,18 @@ ggml type and every other tensor stays in full precision, measured on calibratio
     measure_sensitivity(ckpt, tokens, ggml_candidates(types, importance), units, cache, identity) -> table
 
 For each unit (one tensor for GGUF — the embedding and lm_head included; a fused group such as q/k/v for the
-integer formats) and each candidate that can store it, the unit's tensors are encoded exactly as the writer encodes
-them (for ggml types `gguf.codec.encode` with the tensor's imatrix entry where it has one; for integer presets
-round-to-nearest), read back, put in place of the originals, and the model is run from the first layer that sees it:
-the inputs of every layer and the final hidden states of the full-precision model are kept, so a tensor of layer i
-costs layers i.. plus the head. The value is the mean over tokens of KL(p_full || p_quantized), in nats.
+integer formats) and each candidate that can store it, the unit's tensors are encoded as the run will encode them,
+read back, put in place of the originals, and the model is run from the first layer that sees it: the inputs of every
+layer and the final hidden states of the full-precision model are kept, so a tensor of layer i costs layers i.. plus
+the head. The value is the mean over tokens of KL(p_full || p_quantized), in nats.
+
+How a candidate encodes: for a data-free run, ggml types as `gguf.codec.encode` with the tensor's imatrix entry
+where it has one, integer presets round-to-nearest; for a GPTQ run (`gptq=` options), GPTQ onto the candidate with
+the Hessian of the tensor's input in the full-precision model on the same tokens (`gguf.grids.gptq_round`, as the
+pipeline rounds), so the prediction credits what GPTQ recovers. The embedding, a lookup without an input, is rounded
+by GPTQ on the Fisher information of the output with respect to its output (`quant/fisher.py`), measured once on the
+same tokens and kept beside the table (`embedding_hessian_path`) for the run that writes the allocation — when the
+tokens are enough to estimate it (`fisher.enough_samples`; else its data-free encoding, as the run then writes it).
 
 The table is saved after every tensor (an atomic rewrite of one JSON file), so an interrupted measurement resumes
 and several byte budgets cost one measurement. A file made for another model, other tokens or another imatrix is
@@ -21,13 +28,19 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.ggml_types import IMPORTANCE_TYPES, block_size
 from quantkit.io import atomic_cache_file, read_json_object
+from quantkit.model.arch import EMBEDDING
+from quantkit.tensors import all_finite
+
+if TYPE_CHECKING:
+    from quantkit.quant.gptq import GPTQ
 
 CHUNK_TOKENS = 512  # tokens whose full-vocabulary log-probabilities are held at once
 FILE_VERSION = 1
@@ -38,6 +51,7 @@ class SensitivityTable:
     identity: dict[str, Any]
     kld: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> mean KLD (nats/token)
     measured: int = 0  # (unit, candidate) pairs `measure_sensitivity` added (not saved)
+    embedding_hessian: Path | None = None  # GPTQ measurements: the embedding's Fisher matrix (a file beside it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": FILE_VERSION, "identity": self.identity, "kld": self.kld}
@@ -62,6 +76,33 @@ class SensitivityTable:
         """Write (or replace: `load` accepted it as this table's file) atomically."""
         with atomic_cache_file(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def embedding_hessian_path(cache: Path) -> Path:
+    """Where a GPTQ measurement keeps the embedding's Fisher matrix: beside its table."""
+    return cache.with_name(cache.stem + ".embedding-fisher.safetensors")
+
+
+def _identity_text(identity: dict[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True)
+
+
+def load_embedding_hessian(path: Path, identity: dict[str, Any] | None = None) -> torch.Tensor:
+    """The Fisher matrix saved at `path` (with `identity`: only if made for it); QuantkitError otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = (f.metadata() or {}).get("identity")
+            fisher = f.get_tensor("fisher")
+    except (OSError, SafetensorError) as e:
+        raise QuantkitError(f"{path}: cannot read the embedding's Fisher matrix ({e})") from None
+    if identity is not None and saved != _identity_text(identity):
+        raise QuantkitError(f"{path}: Fisher matrix of another model or calibration (saved identity {saved}); remove "
+                            "it beside its table")
+    if fisher.dim() != 2 or fisher.shape[0] != fisher.shape[1] or not all_finite(fisher):
+        raise QuantkitError(f"{path}: field 'fisher' must be a finite square matrix, got shape {list(fisher.shape)}")
+    return fisher.float()
 
 
 class _Reference:
@@ -127,24 +168,30 @@ def model_kld(ckpt, tokens: torch.Tensor, other) -> float:
 def _first_layer(name: str, n_layers: int) -> int:
     if name.startswith("model.layers."):
         return int(name.split(".")[2])
-    if name == "model.embed_tokens.weight":
+    if name == EMBEDDING:
         return -1
     return n_layers  # lm_head
 
 
-# a candidate: (tensor name, full-precision weight) -> the weight as stored and read back, or None when the
-# candidate cannot store that tensor (its block or group does not divide the rows)
-Encoder = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+# a candidate: (tensor name, full-precision weight, the Hessian of its input as a GPTQ object, or None) -> the weight
+# as stored and read back, or None when the candidate cannot store that tensor (its block or group does not divide
+# the rows)
+Encoder = Callable[[str, torch.Tensor, "GPTQ | None"], "torch.Tensor | None"]
 
 
-def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor]) -> dict[str, Encoder]:
-    """One encoder per ggml type: the GGUF writer's encoding (with the tensor's imatrix entry), dequantized."""
+def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor],
+                    gptq: dict[str, Any] | None = None) -> dict[str, Encoder]:
+    """One encoder per ggml type: the GGUF writer's encoding (with the tensor's imatrix entry), dequantized; with
+    `gptq` (options of `GPTQ.quantize`), GPTQ onto the type for every tensor that has an input Hessian."""
     from quantkit.gguf.codec import encode
+    from quantkit.gguf.grids import gptq_round
 
     def make(type_name: str) -> Encoder:
-        def fn(name: str, w: torch.Tensor) -> torch.Tensor | None:
+        def fn(name: str, w: torch.Tensor, hessian) -> torch.Tensor | None:
             if w.shape[-1] % block_size(type_name):
                 return None
+            if gptq is not None and hessian is not None:
+                return gptq_round(hessian, w, type_name, name, **gptq)[0].dequantize(torch.float32)
             if type_name in IMPORTANCE_TYPES and name not in importance:  # ggml encodes these only with an imatrix
                 return None
             return encode(w, type_name, importance.get(name), name=name).dequantize(torch.float32)
@@ -153,48 +200,117 @@ def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor]) -
     return {t: make(t) for t in types}
 
 
-def scheme_candidates(schemes: dict[str, Any]) -> dict[str, Encoder]:
-    """One encoder per integer scheme (label -> `Scheme`): round to nearest, dequantized."""
+def scheme_candidates(schemes: dict[str, Any], gptq: dict[str, Any] | None = None) -> dict[str, Encoder]:
+    """One encoder per integer scheme (label -> `Scheme`): round to nearest, dequantized; with `gptq` (options of
+    `GPTQ.quantize`), GPTQ onto the scheme."""
     from quantkit.quant.rtn import quantize_rtn
 
     def make(scheme) -> Encoder:
-        def fn(name: str, w: torch.Tensor) -> torch.Tensor | None:
+        def fn(name: str, w: torch.Tensor, hessian) -> torch.Tensor | None:
             if w.shape[-1] % scheme.effective_group_size(w.shape[-1]):
                 return None
+            if gptq is not None and hessian is not None:
+                return hessian.quantize(w, scheme, name=name, **gptq)[0].dequantize().float()
             return quantize_rtn(w, scheme).dequantize().float()
         return fn
 
     return {label: make(s) for label, s in schemes.items()}
 
 
+class _InputHessians:
+    """The Hessian of each linear's input in the full-precision model on the reference's tokens, as GPTQ objects
+    (one shared by the linears that read the same input), collected one layer (or the head) at a time."""
+
+    def __init__(self, ref: _Reference, n_layers: int, embedding: torch.Tensor | None):
+        from quantkit.quant.gptq import GPTQ
+
+        self.ref, self.n_layers = ref, n_layers
+        self.first: int | None = None
+        self.by_name: dict[str, GPTQ] = {}
+        self.embedding = None
+        if embedding is not None:  # the embedding's Fisher matrix stands for its input's Hessian
+            self.embedding = GPTQ(embedding.shape[0], name=EMBEDDING)
+            self.embedding.set_hessian(embedding, int(ref.tokens.numel()))
+
+    def get(self, name: str) -> GPTQ | None:
+        first = _first_layer(name, self.n_layers)
+        if first < 0:
+            return self.embedding
+        if first != self.first:
+            self.by_name, self.first = {}, None  # the previous layer's Hessians go first
+            self.by_name, self.first = self._collect(first), first
+        return self.by_name.get(name)
+
+    def _collect(self, first: int) -> dict[str, GPTQ]:
+        from quantkit.model import arch
+        from quantkit.quant.gptq import GPTQ
+
+        model, ref = self.ref.model, self.ref
+        with torch.no_grad():
+            if first == self.n_layers:
+                gptq = GPTQ(model.lm_head.in_features, name="lm_head")
+                for x in ref._chunks(ref.final):
+                    gptq.add_batch(model.model.norm(x))
+                return {"lm_head.weight": gptq}
+            layer, prefix = model.model.layers[first], arch.layer_prefix(first)
+            modules = dict(layer.named_modules())
+            found, handles = {}, []
+            for group in arch.LINEAR_GROUPS:
+                gptq = GPTQ(modules[group[0]].in_features, name=f"{prefix}{group[0]}")
+                handles.append(modules[group[0]].register_forward_pre_hook(
+                    lambda _module, args, g=gptq: g.add_batch(args[0])))
+                found.update({f"{prefix}{local}.weight": gptq for local in group})
+            try:
+                layer(ref.layer_inputs[first], ref.positions, ref.rope, ref.mask)
+            finally:
+                for h in handles:
+                    h.remove()
+            return found
+
+
 def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encoder], units: dict[str, list[str]],
                         cache: Path, identity: dict[str, Any],
-                        progress: Callable[[Iterable], Iterable] | None = None) -> SensitivityTable:
+                        progress: Callable[[Iterable], Iterable] | None = None,
+                        hessians: bool = False) -> SensitivityTable:
     """The sensitivity of every unit (a group of tensors that is stored alike, e.g. one tensor, or q/k/v of a
     layer) to every candidate that can store all its tensors, on `tokens` [n, seqlen]; measurements already in
-    `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels."""
+    `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels.
+    `hessians`: hand each encoder the Hessian of its tensor's input (for candidates that round with GPTQ)."""
     from quantkit.model.reference import Transformer
 
     table = SensitivityTable.load(cache, identity)
     todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)]
-    if not todo:
+    fisher_path = embedding_hessian_path(cache)
+    from quantkit.quant.fisher import embedding_fisher, enough_samples
+
+    wants_fisher = (hessians and any(EMBEDDING in names for names in units.values())
+                    and enough_samples(int(tokens.numel()), ckpt.config.hidden_size))
+    fisher = load_embedding_hessian(fisher_path, identity) if wants_fisher and fisher_path.exists() else None
+    if not todo and (fisher is not None or not wants_fisher):
+        table.embedding_hessian = fisher_path if fisher is not None else None
         return table
     model = Transformer.from_checkpoint(ckpt, torch.float32)
+    if wants_fisher and fisher is None:
+        fisher = embedding_fisher(model, tokens)
+        with atomic_cache_file(fisher_path) as tmp:
+            save_file({"fisher": fisher.contiguous()}, str(tmp), metadata={"identity": _identity_text(identity)})
+    table.embedding_hessian = fisher_path if fisher is not None else None
     tied = ckpt.config.tie_word_embeddings
     ref = _Reference(model, tokens)
     n_layers = ckpt.config.num_hidden_layers
+    inputs = _InputHessians(ref, n_layers, fisher) if hessians else None
     for unit in (progress(todo) if progress else todo):
         names = units[unit]
         params = {n: [model.get_parameter(n)] for n in names}
-        if tied and "model.embed_tokens.weight" in params:
-            params["model.embed_tokens.weight"].append(model.get_parameter("lm_head.weight"))
+        if tied and EMBEDDING in params:
+            params[EMBEDDING].append(model.get_parameter("lm_head.weight"))
         originals = {n: ps[0].data for n, ps in params.items()}
         first = min(_first_layer(n, n_layers) for n in names)
         row = table.kld.setdefault(unit, {})
         for label, encoder in candidates.items():
             if label in row:
                 continue
-            stored = {n: encoder(n, originals[n]) for n in names}
+            stored = {n: encoder(n, originals[n], inputs and inputs.get(n)) for n in names}
             if any(q is None for q in stored.values()):
                 continue
             try:

@@ -20,6 +20,7 @@ order and permuting the encoded rows afterwards gives the same bytes as doing it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ from quantkit.ggml_types import IQ4_VALUES, block_size, f16_to_f32, type_size
 from quantkit.gguf import kquants, legacy
 from quantkit.gguf.quants import quantize_ggml
 from quantkit.kernels.ggml_ref import iq4_values, iq4_xs_scales
-from quantkit.tensors import GGMLTensor
+from quantkit.quant.gptq import GPTQ, GPTQInfo
+from quantkit.quant.scheme import Scheme
+from quantkit.tensors import GGMLTensor, QuantTensor
 
 
 @dataclass(frozen=True)
@@ -263,3 +266,15 @@ class GGMLGrid:
 
 def ggml_grid(type_name: str) -> GGMLGrid:
     return GGMLGrid(type_name)
+
+
+def gptq_round(gptq: GPTQ, weight: torch.Tensor, target: Scheme | str, name: str, **options: Any
+               ) -> tuple[QuantTensor | GGMLTensor, GPTQInfo | None]:
+    """GPTQ of `weight` onto `target` with `gptq`'s Hessian: an integer scheme, or a ggml type's grid; a lattice
+    i-quant (IQ1_S .. IQ3_S: no grid) gets its own search weighted by the Hessian's diagonal (the imatrix of the
+    same tokens) and no GPTQInfo. `options`: those of `GPTQ.quantize` (damp, block_size, group_aware, last, ...)."""
+    if isinstance(target, str) and target not in GRID_TYPES:
+        from quantkit.gguf.codec import encode
+
+        return encode(weight.float().cpu(), target, gptq.input_mean_square().cpu(), name=name), None
+    return gptq.quantize(weight, target if isinstance(target, Scheme) else ggml_grid(target), name=name, **options)

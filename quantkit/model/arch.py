@@ -26,9 +26,11 @@ LAYER_TENSORS: dict[str, tuple[str, str]] = {
     "mlp.down_proj.weight": ("feed_forward.w2.weight", "ffn_down.weight"),
 }
 
+EMBEDDING = "model.embed_tokens.weight"
+
 # Whole-model tensors: canonical -> (consolidated, GGUF).
 GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
-    "model.embed_tokens.weight": ("tok_embeddings.weight", "token_embd.weight"),
+    EMBEDDING: ("tok_embeddings.weight", "token_embd.weight"),
     "model.norm.weight": ("norm.weight", "output_norm.weight"),
     "lm_head.weight": ("output.weight", "output.weight"),
 }

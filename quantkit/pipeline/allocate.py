@@ -54,6 +54,7 @@ class Allocation:
     imatrix_path: Path | None
     measured: int  # (tensor, type) pairs measured by this call (0: all from the cache)
     tokens: Any = field(default=None, repr=False)  # the calibration windows measured on (int64 [n, seqlen])
+    embedding_hessian: Path | None = None  # GPTQ: the embedding's Fisher matrix it was measured with (and is written)
     measured_kld: float | None = None  # of the written file, on the same tokens (set after the run)
 
     @property
@@ -79,6 +80,7 @@ class Allocation:
                 "predicted_kld": self.predicted_kld, "format": self.format, "base": self.base,
                 "targets": self.targets, "histogram": self.histogram(), "sensitivity": str(self.sensitivity_path),
                 "imatrix": None if self.imatrix_path is None else str(self.imatrix_path),
+                "embedding_hessian": None if self.embedding_hessian is None else str(self.embedding_hessian),
                 "measured_pairs": self.measured,
                 "measured_kld": self.measured_kld}
 
@@ -105,8 +107,9 @@ class Allocation:
         return self.measured_kld
 
 
-def _identity(ckpt, tokens_sha: str, imatrix_sha: str) -> dict[str, Any]:
-    return {"model": ckpt.fingerprint(), "tokens_sha256": tokens_sha, "imatrix_sha256": imatrix_sha}
+def _identity(ckpt, tokens_sha: str, imatrix_sha: str, gptq: dict[str, Any] | None = None) -> dict[str, Any]:
+    identity = {"model": ckpt.fingerprint(), "tokens_sha256": tokens_sha, "imatrix_sha256": imatrix_sha}
+    return identity if gptq is None else {**identity, "gptq": dict(sorted(gptq.items()))}
 
 
 def _key(identity: dict[str, Any]) -> str:
@@ -169,9 +172,11 @@ def _int_units(entries) -> dict[str, list[str]]:
 def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, target_bytes: int | None = None,
                    candidates: Iterable[str] | None = None, calib: str = "builtin", calib_samples: int = 16,
                    calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
-                   sensitivity: Path | None = None,
+                   sensitivity: Path | None = None, gptq: dict[str, Any] | None = None,
                    progress: Callable[[Iterable], Iterable] | None = None) -> Allocation:
     """Measure (or reuse) the sensitivity of `ckpt` to every candidate and choose the targets for the budget.
+    `gptq`: the run rounds with GPTQ, with these options of `GPTQ.quantize` (damp, block_size, group_aware), and
+    each candidate is measured rounded so (on the full-precision model's Hessians of the same tokens).
 
     GGUF: a ggml type per 2-D tensor (embedding and lm_head included). gptq / compressed-tensors: an integer
     preset per fused group of decoder linears (written as GPTQ `dynamic` rules / compressed-tensors config groups);
@@ -215,23 +220,24 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         imatrix_path, imatrix_sha = Path(imatrix), sha256_file(imatrix)
     if imatrix_path is not None:
         importance = read_imatrix(imatrix_path).to_canonical()
-    identity = _identity(ckpt, calib_set.sha256, imatrix_sha)
+    identity = _identity(ckpt, calib_set.sha256, imatrix_sha, gptq)
     table_path = Path(sensitivity) if sensitivity else cache_dir() / "sensitivity" / f"{_key(identity)}.json"
 
     by_name = {e.name: e for e in entries}
     if gguf:
         units = {e.name: [e.name] for e in entries if len(e.shape) == 2}
-        encoders = ggml_candidates(labels, importance)
+        encoders = ggml_candidates(labels, importance, gptq)
         target_of = {label: label for label in labels}
     else:
         units = _int_units(entries)
         target_of = {label: get_preset(label) for label in labels}
         for scheme in target_of.values():
             form.check_scheme(scheme)  # SchemeError: this format cannot hold it
-        encoders = scheme_candidates(target_of)
+        encoders = scheme_candidates(target_of, gptq)
     in_units = {n for names in units.values() for n in names}
     fixed = sum(e.bytes_out[fmt] for e in entries if e.name not in in_units)  # what stays float (GGUF: F32 norms)
-    table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress)
+    table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress,
+                                hessians=gptq is not None)
 
     options = {}
     for unit, names in units.items():
@@ -253,7 +259,7 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         targets = {e.name: targets.get(e.name, "F32") for e in entries}
     base = _base(fmt, targets, {e.name: e.numel for e in entries})
     return Allocation(fmt, targets, budget, fixed + chosen.nbytes, parameters, chosen.cost, base, table_path,
-                      imatrix_path, table.measured, tokens=calib_set.tokens)
+                      imatrix_path, table.measured, tokens=calib_set.tokens, embedding_hessian=table.embedding_hessian)
 
 
 def check_target_arguments(formats, gguf_type: str | None, preset: str | None, overrides) -> str:

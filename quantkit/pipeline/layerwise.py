@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from quantkit import __version__
 from quantkit.errors import CalibrationError, SchemeError, WriteError
 from quantkit.ggml_types import is_block_type, is_float_type
+from quantkit.gguf.grids import gptq_round
 from quantkit.io import write_error
 from quantkit.model import arch
+from quantkit.model.arch import EMBEDDING
 from quantkit.model.reference import DecoderLayer, sequence_inputs
 from quantkit.pipeline.plan import COMPUTE_DTYPES, Target, target_label
 from quantkit.pipeline.workdir import WORK_VERSION, WorkDir
@@ -124,23 +126,6 @@ def encode_ggml(weight: torch.Tensor, type_name: str, importance: torch.Tensor |
     return codec.encode(weight.float().cpu(), type_name, imp)
 
 
-def _grid(target: Target):
-    """What GPTQ rounds onto for a target: an integer scheme itself, or the grid of a ggml type."""
-    if isinstance(target, Scheme):
-        return target
-    from quantkit.gguf.grids import ggml_grid
-
-    return ggml_grid(target)
-
-
-def _has_grid(target: Target) -> bool:
-    """Whether GPTQ can round onto `target`; the lattice i-quants (IQ1_S .. IQ3_S) have no GPTQ grid and are
-    encoded by their own search, weighted by the Hessian's diagonal (the imatrix of the same tokens)."""
-    from quantkit.gguf.grids import GRID_TYPES
-
-    return isinstance(target, Scheme) or target in GRID_TYPES
-
-
 def _dequant(t) -> torch.Tensor:
     return t.dequantize(torch.float32)
 
@@ -179,7 +164,8 @@ class LayerwiseQuantizer:
                  options: PipelineOptions, work_dir: Path | None = None, resume: bool = True,
                  calibration: dict[str, Any] | None = None, progress: bool = True,
                  log_fn: Callable[[str], None] | None = None, importance: dict[str, torch.Tensor] | None = None,
-                 keep_work: bool = False, companion: Companion | None = None):
+                 keep_work: bool = False, companion: Companion | None = None,
+                 embedding_hessian: torch.Tensor | None = None):
         self.ckpt = ckpt
         self.keep_work = keep_work  # after success, leave the work dir to the caller (it places the outputs first)
         self.work: WorkDir | None = None
@@ -229,6 +215,15 @@ class LayerwiseQuantizer:
             for k in sorted(self.given_importance):
                 h.update(k.encode() + self.given_importance[k].float().numpy().tobytes())
             calib_sha = f"{calib_sha}+imatrix:{h.hexdigest()[:16]}"
+        # GPTQ: the embedding rounded against the output's Fisher matrix (`quant/fisher.py`; an allocation's)
+        self.embedding_gptq = None
+        if embedding_hessian is not None and self.method == "gptq":
+            from quantkit.quant.gptq import GPTQ
+
+            self.embedding_gptq = GPTQ(embedding_hessian.shape[0], name=EMBEDDING, device=self.device)
+            self.embedding_gptq.set_hessian(embedding_hessian)
+            digest = hashlib.sha256(embedding_hessian.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+            calib_sha = f"{calib_sha}+embedding-fisher:{digest}"
         self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha, self.companion_targets)
         self.log: list[dict[str, Any]] = []
         self.imatrix: dict[str, tuple[torch.Tensor, int]] = {}
@@ -259,7 +254,7 @@ class LayerwiseQuantizer:
 
     def _embed(self) -> tuple[tuple[Any, Any], torch.Tensor | None]:
         """((the embedding as written, its companion or None), the calibration activations entering layer 0)."""
-        name = "model.embed_tokens.weight"
+        name = EMBEDDING
         w = self.ckpt.get_tensor(name)
         check_finite(name, w)
         acts = None
@@ -270,9 +265,20 @@ class LayerwiseQuantizer:
 
     def _quantize_global(self, name: str, w: torch.Tensor, target: Target):
         """Embeddings, final norm and lm_head: float, or a ggml type (RTN; llama.cpp leaves them out of the imatrix;
-        with GPTQ, lm_head goes through `_gptq_head` instead)."""
+        with GPTQ, lm_head goes through `_gptq_head` instead, and the embedding is GPTQ-rounded when the run was
+        given its Fisher matrix)."""
         if target is None or is_float_type(target):
             return w
+        if name == EMBEDDING and self.embedding_gptq is not None:
+            check_finite(name, w)
+            t0 = time.perf_counter()
+            qt, info = self._gptq_quantize(self.embedding_gptq, w.to(self.device, torch.float32), target, name)
+            qt.error.pop("seconds", None)
+            self.log.append({"layer": -1, "module": "embed_tokens", "target": target_label(target),
+                             "method": "gptq" if info is not None else "imatrix", "hessian": "output fisher",
+                             **({"loss": info.loss, "damp": info.damp} if info is not None else {}),
+                             "seconds": round(time.perf_counter() - t0, 4)})
+            return qt
         if isinstance(target, Scheme):
             check_finite(name, w)
             return quantize_rtn(w, target)
@@ -280,14 +286,12 @@ class LayerwiseQuantizer:
         return encode_ggml(w, target, None)
 
     def _gptq_quantize(self, gptq, weight: torch.Tensor, target: Target, name: str, last: bool = False):
-        """GPTQ of one weight onto its target with the run's options: (quantized tensor, GPTQInfo); for a type
-        without a GPTQ grid, its imatrix encoding on the Hessian's diagonal: (GGMLTensor, None). `last`: the
-        Hessian's last use (GPTQ frees it once the factor is computed)."""
-        if not _has_grid(target):
-            return encode_ggml(weight, target, gptq.input_mean_square().cpu()), None
+        """GPTQ of one weight onto its target with the run's options (`gguf.grids.gptq_round`): (quantized tensor,
+        GPTQInfo or None for a lattice i-quant). `last`: the Hessian's last use (GPTQ frees it once the factor is
+        computed)."""
         o = self.options
-        return gptq.quantize(weight, _grid(target), damp=o.damp, block_size=o.block_size,
-                             static_groups=o.static_groups, group_aware=o.group_aware, name=name, last=last)
+        return gptq_round(gptq, weight, target, name, damp=o.damp, block_size=o.block_size,
+                          static_groups=o.static_groups, group_aware=o.group_aware, last=last)
 
     def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None) -> tuple[Any, Any]:
         """GPTQ for a quantized lm_head (and for its companion target, from the same Hessian), on the final norm's

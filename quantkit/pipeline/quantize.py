@@ -43,6 +43,7 @@ class QuantizeOptions:
     group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
+    embedding_hessian: Path | None = None  # GPTQ: round the embedding against this Fisher matrix (an allocation's)
     max_shard_bytes: int = 5 * 1000**3  # largest safetensors shard of HF-layout outputs
     work_dir: Path | None = None  # resume checkpoints (default: OUT.partial beside the output)
     resume: bool = True
@@ -211,6 +212,13 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
         importance_meta = {"file": "(collected by quantkit quantize)", "dataset": calib_set.identity["source"],
                            "entries": sum(1 for e in plan.entries if e.quantized), "chunks": calib_set.n_samples}
 
+    embedding_hessian = None
+    if o.embedding_hessian is not None and plan.method == "gptq":
+        from quantkit.eval.sensitivity import load_embedding_hessian
+
+        embedding_hessian = load_embedding_hessian(o.embedding_hessian)
+        provenance["embedding_hessian"] = str(o.embedding_hessian)
+
     targets = plan.targets()
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size,
                                        group_aware=o.group_aware, device=o.device,
@@ -239,7 +247,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                                        pipeline_options, work_dir=work, resume=o.resume,
                                        calibration=calib_set.identity if calib_set is not None else None,
                                        progress=o.progress, log_fn=log, importance=importance, keep_work=True,
-                                       companion=companion)
+                                       companion=companion, embedding_hessian=embedding_hessian)
         result = quantizer.run()
         t_quant = time.perf_counter() - t_quant
         for out in staged.values():

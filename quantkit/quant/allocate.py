@@ -3,16 +3,23 @@
     allocate({tensor: [Option(label, nbytes, cost), ...]}, budget_bytes) -> Allocation
 
 `cost` is what the choice adds to the objective (e.g. the measured KL divergence of the model with only that
-tensor quantized that way); costs are assumed additive over tensors. The solver starts from every tensor's
+tensor quantized that way); costs are assumed additive over tensors. The greedy starts from every tensor's
 smallest option and spends the budget on upgrades along each tensor's lower convex hull of (bytes, cost), best
-cost saved per byte first — the greedy that is optimal for the relaxed problem up to the last upgrade — then spends
-what is left on the single upgrade (hull or not) that saves the most cost and still fits, until none fits.
-Deterministic: ties go to the earlier tensor, then the smaller option.
+cost saved per byte first — optimal for the relaxed problem up to the last upgrade — then spends what is left on
+the single upgrade (hull or not) that saves the most cost and still fits, until none fits.
+
+The greedy's loss is at most one upgrade, which is small when every tensor is a small part of the budget but not
+when a few are large (a small model's embedding and output matrices hold most of its bytes, and an upgrade of one
+that no longer fits leaves its bytes to upgrades worth far less). So the `exact` tensors with the widest byte range
+are chosen by enumeration: every combination of their options, the greedy for the rest in what remains, the best
+total kept (the plain greedy's answer is one of the candidates: never worse than it).
+Deterministic: ties go to the earlier tensor, then the smaller option, then the plain greedy.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 from quantkit.errors import SchemeError
@@ -59,18 +66,38 @@ def lower_hull(options: list[Option]) -> list[Option]:
     return pts
 
 
-def allocate(options: dict[str, list[Option]], budget_bytes: int) -> Allocation:
-    """The option of every tensor with the least total cost whose bytes fit `budget_bytes` (see the module text).
-    SchemeError when even the smallest options do not fit, or a tensor has none."""
+def allocate(options: dict[str, list[Option]], budget_bytes: int, exact: int = 2) -> Allocation:
+    """The option of every tensor with the least total cost whose bytes fit `budget_bytes` (see the module text;
+    `exact`: how many of the widest tensors are enumerated). SchemeError when even the smallest options do not fit,
+    or a tensor has none."""
     for name, opts in options.items():
         if not opts:
             raise SchemeError(f"{name}: no storage option to choose from")
+    smallest = {name: min(o.nbytes for o in opts) for name, opts in options.items()}
+    if sum(smallest.values()) > budget_bytes:
+        raise SchemeError(f"budget of {budget_bytes:,} bytes is below the smallest choice of every tensor "
+                          f"({sum(smallest.values()):,} bytes)")
+    best = _greedy(options, budget_bytes)
+    wide = sorted(options, key=lambda n: -(max(o.nbytes for o in options[n]) - smallest[n]))[:exact]
+    rest = {name: opts for name, opts in options.items() if name not in wide}
+    rest_smallest = sum(smallest[name] for name in rest)
+    for combo in itertools.product(*(sorted(options[n], key=lambda o: (o.nbytes, o.cost)) for n in wide)):
+        left = budget_bytes - sum(o.nbytes for o in combo)
+        if left < rest_smallest:
+            continue
+        picked = dict(zip(wide, combo))
+        if rest:
+            picked.update(_greedy(rest, left).choice)
+        if sum(o.cost for o in picked.values()) < best.cost:
+            best = Allocation({name: picked[name] for name in options}, budget_bytes)
+    return best
+
+
+def _greedy(options: dict[str, list[Option]], budget_bytes: int) -> Allocation:
+    """The hull greedy and the final single upgrades (the module text); the smallest options must fit."""
     hulls = {name: lower_hull(opts) for name, opts in options.items()}
     choice = {name: hull[0] for name, hull in hulls.items()}
     smallest = sum(o.nbytes for o in choice.values())
-    if smallest > budget_bytes:
-        raise SchemeError(f"budget of {budget_bytes:,} bytes is below the smallest choice of every tensor "
-                          f"({smallest:,} bytes)")
     order = {name: i for i, name in enumerate(options)}
     step = {name: 0 for name in options}
     heap: list[tuple[float, int, str]] = []
