@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from quantkit.calib import load_calibration
-from quantkit.eval.sensitivity import _Reference
-from quantkit.gguf.codec import encode
-from quantkit.gguf.grids import gptq_round
-from quantkit.model.checkpoint import open_checkpoint
-from quantkit.model.reference import Transformer
-from quantkit.model.tokenizer import load_tokenizer
-from quantkit.quant.fisher import embedding_fisher
-from quantkit.quant.gptq import GPTQ
-from quantkit.testing import NANO_PATH, shared_data
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nano_gguf_setup import nano_windows  # noqa: E402
+
+from quantkit.eval.sensitivity import _Reference  # noqa: E402
+from quantkit.gguf.codec import encode  # noqa: E402
+from quantkit.gguf.grids import gptq_round  # noqa: E402
+from quantkit.quant.fisher import embedding_fisher  # noqa: E402
+from quantkit.quant.gptq import GPTQ  # noqa: E402
 
 
 def main() -> None:
@@ -34,17 +32,8 @@ def main() -> None:
     ap.add_argument("--types", default="Q3_K,Q4_K,Q5_K")
     ap.add_argument("--damp", type=float, default=0.1)
     args = ap.parse_args()
-    pg = shared_data("pg-english", "calib")
-    if pg is None:
-        raise SystemExit("needs ../shared/data/pg-english/calib")
-    ckpt = open_checkpoint(str(NANO_PATH))
-    model = Transformer.from_checkpoint(ckpt, torch.float32)
-    tokenizer = load_tokenizer(ckpt.tokenizer_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        held_txt = Path(tmp) / "held.txt"
-        held_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
-        calib = load_calibration(str(pg / "the-hound-of-the-baskervilles.txt"), tokenizer, 16, 256, 0).tokens
-        held = load_calibration(str(held_txt), tokenizer, 16, 256, 0).tokens
+    _, model, windows = nano_windows()
+    calib, held = windows["calib"], windows["held-out"]
     t0 = time.perf_counter()
     fisher = embedding_fisher(model, calib)
     seconds = time.perf_counter() - t0

@@ -72,3 +72,30 @@ def prepare(work: Path, chunks: int, calib_chunks: int) -> NanoSetup:
         run(QUANTKIT + ["imatrix", str(NANO_PATH), "--calib", str(calib_txt), "--calib-samples", str(calib_chunks),
                         "--calib-seqlen", str(CTX), "-o", str(qk_imx), "--no-progress"], work / "quantkit-imatrix.log")
     return NanoSetup(work, calib_txt, eval_txt, f32, base, lc_imx, qk_imx, quantize, perplexity)
+
+
+def nano_windows(n: int = 16, seqlen: int = 256):
+    """mistral-nano (opened, and as a float32 model) with `n` x `seqlen` token windows of the same texts as
+    `prepare`: "calib" (the allocation's default windows, seed 0), "calib-other" (other windows of it, seed 1) and
+    "held-out" (the evaluation text, seed 0)."""
+    import tempfile
+
+    import torch
+
+    from quantkit.calib import load_calibration
+    from quantkit.model.reference import Transformer
+    from quantkit.model.tokenizer import load_tokenizer
+
+    pg = shared_data("pg-english", "calib")
+    if pg is None:
+        raise SystemExit("needs ../shared/data/pg-english/calib")
+    ckpt = open_checkpoint(str(NANO_PATH))
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    calib_txt = str(pg / "the-hound-of-the-baskervilles.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        held_txt = Path(tmp) / "held.txt"
+        held_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
+        windows = {"held-out": load_calibration(str(held_txt), tokenizer, n, seqlen, 0).tokens}
+    windows["calib"] = load_calibration(calib_txt, tokenizer, n, seqlen, 0).tokens
+    windows["calib-other"] = load_calibration(calib_txt, tokenizer, n, seqlen, 1).tokens
+    return ckpt, Transformer.from_checkpoint(ckpt, torch.float32), windows
