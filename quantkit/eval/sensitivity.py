@@ -237,7 +237,7 @@ class _InputHessians:
         if first < 0:
             return self.embedding
         if first != self.first:
-            self.by_name, self.first = {}, None  # the previous layer's Hessians go first
+            self.by_name = {}  # the previous layer's Hessians are freed before the next ones are collected
             self.by_name, self.first = self._collect(first), first
         return self.by_name.get(name)
 
@@ -277,12 +277,11 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
     `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels.
     `hessians`: hand each encoder the Hessian of its tensor's input (for candidates that round with GPTQ)."""
     from quantkit.model.reference import Transformer
+    from quantkit.quant.fisher import embedding_fisher, enough_samples
 
     table = SensitivityTable.load(cache, identity)
     todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)]
     fisher_path = embedding_hessian_path(cache)
-    from quantkit.quant.fisher import embedding_fisher, enough_samples
-
     wants_fisher = (hessians and any(EMBEDDING in names for names in units.values())
                     and enough_samples(int(tokens.numel()), ckpt.config.hidden_size))
     fisher = load_embedding_hessian(fisher_path, identity) if wants_fisher and fisher_path.exists() else None
