@@ -23,8 +23,7 @@ from nano_gguf_setup import nano_windows  # noqa: E402
 from quantkit.eval.sensitivity import _Reference  # noqa: E402
 from quantkit.gguf.codec import encode  # noqa: E402
 from quantkit.gguf.grids import gptq_round  # noqa: E402
-from quantkit.quant.fisher import embedding_fisher  # noqa: E402
-from quantkit.quant.gptq import GPTQ  # noqa: E402
+from quantkit.quant.fisher import embedding_fisher, embedding_gptq  # noqa: E402
 
 
 def main() -> None:
@@ -53,8 +52,7 @@ def main() -> None:
     print("| type | rounding | KLD calib | KLD held-out | held-out / data-free |")
     print("|---|---|---:|---:|---:|")
     for type_name in args.types.split(","):
-        gptq = GPTQ(fisher.shape[0], name="embed_tokens")
-        gptq.set_hessian(fisher)
+        gptq = embedding_gptq(fisher)
         rows = {
             "data-free (baseline)": encode(weight, type_name).dequantize(torch.float32),
             "Fisher diagonal as importance": encode(weight, type_name, fisher.diagonal()).dequantize(torch.float32),

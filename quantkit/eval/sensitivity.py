@@ -203,6 +203,7 @@ def ggml_candidates(types: Iterable[str], importance: dict[str, torch.Tensor],
 def scheme_candidates(schemes: dict[str, Any], gptq: dict[str, Any] | None = None) -> dict[str, Encoder]:
     """One encoder per integer scheme (label -> `Scheme`): round to nearest, dequantized; with `gptq` (options of
     `GPTQ.quantize`), GPTQ onto the scheme."""
+    from quantkit.gguf.grids import gptq_round
     from quantkit.quant.rtn import quantize_rtn
 
     def make(scheme) -> Encoder:
@@ -210,7 +211,7 @@ def scheme_candidates(schemes: dict[str, Any], gptq: dict[str, Any] | None = Non
             if w.shape[-1] % scheme.effective_group_size(w.shape[-1]):
                 return None
             if gptq is not None and hessian is not None:
-                return hessian.quantize(w, scheme, name=name, **gptq)[0].dequantize().float()
+                return gptq_round(hessian, w, scheme, name, **gptq)[0].dequantize().float()
             return quantize_rtn(w, scheme).dequantize().float()
         return fn
 
@@ -222,15 +223,13 @@ class _InputHessians:
     (one shared by the linears that read the same input), collected one layer (or the head) at a time."""
 
     def __init__(self, ref: _Reference, n_layers: int, embedding: torch.Tensor | None):
-        from quantkit.quant.gptq import GPTQ
+        from quantkit.quant.fisher import embedding_gptq
 
         self.ref, self.n_layers = ref, n_layers
         self.first: int | None = None
         self.by_name: dict[str, GPTQ] = {}
-        self.embedding = None
-        if embedding is not None:  # the embedding's Fisher matrix stands for its input's Hessian
-            self.embedding = GPTQ(embedding.shape[0], name=EMBEDDING)
-            self.embedding.set_hessian(embedding, int(ref.tokens.numel()))
+        # the embedding's Fisher matrix stands for its input's Hessian
+        self.embedding = None if embedding is None else embedding_gptq(embedding)
 
     def get(self, name: str) -> GPTQ | None:
         first = _first_layer(name, self.n_layers)
@@ -285,15 +284,15 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
     wants_fisher = (hessians and any(EMBEDDING in names for names in units.values())
                     and enough_samples(int(tokens.numel()), ckpt.config.hidden_size))
     fisher = load_embedding_hessian(fisher_path, identity) if wants_fisher and fisher_path.exists() else None
+    table.embedding_hessian = fisher_path if fisher is not None else None
     if not todo and (fisher is not None or not wants_fisher):
-        table.embedding_hessian = fisher_path if fisher is not None else None
         return table
     model = Transformer.from_checkpoint(ckpt, torch.float32)
     if wants_fisher and fisher is None:
         fisher = embedding_fisher(model, tokens)
         with atomic_cache_file(fisher_path) as tmp:
             save_file({"fisher": fisher.contiguous()}, str(tmp), metadata={"identity": _identity_text(identity)})
-    table.embedding_hessian = fisher_path if fisher is not None else None
+        table.embedding_hessian = fisher_path
     tied = ckpt.config.tie_word_embeddings
     ref = _Reference(model, tokens)
     n_layers = ckpt.config.num_hidden_layers

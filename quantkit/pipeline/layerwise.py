@@ -218,10 +218,9 @@ class LayerwiseQuantizer:
         # GPTQ: the embedding rounded against the output's Fisher matrix (`quant/fisher.py`; an allocation's)
         self.embedding_gptq = None
         if embedding_hessian is not None and self.method == "gptq":
-            from quantkit.quant.gptq import GPTQ
+            from quantkit.quant.fisher import embedding_gptq
 
-            self.embedding_gptq = GPTQ(embedding_hessian.shape[0], name=EMBEDDING, device=self.device)
-            self.embedding_gptq.set_hessian(embedding_hessian)
+            self.embedding_gptq = embedding_gptq(embedding_hessian, self.device)
             digest = hashlib.sha256(embedding_hessian.float().contiguous().numpy().tobytes()).hexdigest()[:16]
             calib_sha = f"{calib_sha}+embedding-fisher:{digest}"
         self.fingerprint = run_fingerprint(ckpt, self.targets, options, calib_sha, self.companion_targets)
@@ -269,8 +268,7 @@ class LayerwiseQuantizer:
         given its Fisher matrix)."""
         if target is None or is_float_type(target):
             return w
-        if name == EMBEDDING and self.embedding_gptq is not None:
-            check_finite(name, w)
+        if name == EMBEDDING and self.embedding_gptq is not None:  # `_embed` has checked it is finite
             t0 = time.perf_counter()
             qt, info = self._gptq_quantize(self.embedding_gptq, w.to(self.device, torch.float32), target, name)
             qt.error.pop("seconds", None)

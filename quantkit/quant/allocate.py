@@ -77,9 +77,11 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int, exact: int = 2
     if sum(smallest.values()) > budget_bytes:
         raise SchemeError(f"budget of {budget_bytes:,} bytes is below the smallest choice of every tensor "
                           f"({sum(smallest.values()):,} bytes)")
-    best = _greedy(options, budget_bytes)
+    hulls = {name: lower_hull(opts) for name, opts in options.items()}
+    best = _greedy(options, budget_bytes, hulls)
     wide = sorted(options, key=lambda n: -(max(o.nbytes for o in options[n]) - smallest[n]))[:exact]
     rest = {name: opts for name, opts in options.items() if name not in wide}
+    rest_hulls = {name: hulls[name] for name in rest}
     rest_smallest = sum(smallest[name] for name in rest)
     for combo in itertools.product(*(sorted(options[n], key=lambda o: (o.nbytes, o.cost)) for n in wide)):
         left = budget_bytes - sum(o.nbytes for o in combo)
@@ -87,15 +89,17 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int, exact: int = 2
             continue
         picked = dict(zip(wide, combo))
         if rest:
-            picked.update(_greedy(rest, left).choice)
+            picked.update(_greedy(rest, left, rest_hulls).choice)
         if sum(o.cost for o in picked.values()) < best.cost:
             best = Allocation({name: picked[name] for name in options}, budget_bytes)
     return best
 
 
-def _greedy(options: dict[str, list[Option]], budget_bytes: int) -> Allocation:
-    """The hull greedy and the final single upgrades (the module text); the smallest options must fit."""
-    hulls = {name: lower_hull(opts) for name, opts in options.items()}
+def _greedy(options: dict[str, list[Option]], budget_bytes: int,
+            hulls: dict[str, list[Option]] | None = None) -> Allocation:
+    """The hull greedy and the final single upgrades (the module text); the smallest options must fit. `hulls`:
+    each tensor's `lower_hull`, when the caller has them."""
+    hulls = hulls or {name: lower_hull(opts) for name, opts in options.items()}
     choice = {name: hull[0] for name, hull in hulls.items()}
     smallest = sum(o.nbytes for o in choice.values())
     order = {name: i for i, name in enumerate(options)}

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from quantkit.model.arch import EMBEDDING
+from quantkit.quant.gptq import GPTQ
+
 DRAWS = 4  # labels sampled per position
 MIN_SAMPLES_PER_DIM = 8  # scores (tokens × draws) per hidden dimension for F to be used
 
@@ -56,3 +59,10 @@ def embedding_fisher(model, tokens: torch.Tensor, draws: int = DRAWS, seed: int 
                 g = g.reshape(-1, hidden).double()
                 total.addmm_(g.T, g)
     return (total / (tokens.numel() * draws)).float()
+
+
+def embedding_gptq(fisher: torch.Tensor, device: torch.device | str | None = None) -> GPTQ:
+    """A GPTQ object for the embedding's rows whose Hessian is `fisher`."""
+    gptq = GPTQ(fisher.shape[0], name=EMBEDDING, device=device)
+    gptq.set_hessian(fisher)
+    return gptq
