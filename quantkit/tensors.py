@@ -133,3 +133,37 @@ class GGMLTensor:
         rows = int(np.prod(self.shape[:-1]))  # 1 for a 1-D tensor
         data = torch.from_numpy(raw if raw.flags.writeable else raw.copy()).reshape(rows, -1)
         return dequantize_rows(data, self.type_name).reshape(self.shape).to(dtype)
+
+
+def stack_rows(parts: list[tuple[torch.Tensor, QuantTensor | GGMLTensor]], rows: int) -> QuantTensor | GGMLTensor:
+    """One tensor of `rows` rows from parts that each hold some of them: (row indices, tensor of those rows), all of
+    one kind, type and column layout (the rows of a tensor quantized in groups of rows). Integer counts in `error`
+    (e.g. off-grid weights) are summed."""
+    first = parts[0][1]
+    covered = torch.zeros(rows, dtype=torch.bool)
+    for index, _ in parts:
+        covered[index] = True
+    if int(sum(index.numel() for index, _ in parts)) != rows or not bool(covered.all()):
+        raise ValueError(f"stack_rows: the parts do not cover each of the {rows} rows once")
+    error = {k: sum(t.error.get(k, 0) for _, t in parts) for k, v in first.error.items() if type(v) is int}
+    if isinstance(first, GGMLTensor):
+        if any(not isinstance(t, GGMLTensor) or t.type_name != first.type_name for _, t in parts):
+            raise ValueError("stack_rows: parts of different ggml types")
+        data = np.empty((rows, first.data.shape[1]), dtype=first.data.dtype)
+        for index, t in parts:
+            data[index.numpy()] = t.data
+        return GGMLTensor(first.type_name, (rows, *first.shape[1:]), data, error)
+    layout = (first.bits, first.group_size, first.symmetric)
+    if any(not isinstance(t, QuantTensor) or (t.bits, t.group_size, t.symmetric) != layout
+           or (t.g_idx is None) != (first.g_idx is None)
+           or (t.g_idx is not None and not torch.equal(t.g_idx, first.g_idx)) for _, t in parts):
+        raise ValueError("stack_rows: parts of different schemes or column orders (g_idx)")
+
+    def gather(field_of) -> torch.Tensor:
+        out = torch.empty((rows, *field_of(first).shape[1:]), dtype=field_of(first).dtype)
+        for index, t in parts:
+            out[index] = field_of(t).cpu()
+        return out
+
+    return QuantTensor(gather(lambda t: t.codes), gather(lambda t: t.scales), gather(lambda t: t.zeros), first.bits,
+                       first.group_size, first.symmetric, first.g_idx, error)

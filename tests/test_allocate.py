@@ -185,9 +185,10 @@ def test_target_bpw_for_gptq_chooses_presets_per_fused_group(small, tmp_path, ca
 
 
 def test_gptq_sensitivity_equals_the_kld_of_a_gptq_file_holding_only_that_change(small, tmp_path):
-    """With GPTQ, a candidate is measured GPTQ-rounded on the full-precision model's Hessian: exactly what the
-    pipeline writes when that one tensor is quantized (its input is then the full-precision model's) on the same
-    tokens. Without the Hessians (the data-free measurement) the two differ."""
+    """With GPTQ, a candidate is measured GPTQ-rounded on the full-precision model's Hessians of other windows
+    (lm_head's: KL-weighted, per row cluster): exactly what the pipeline writes when that one tensor is quantized
+    (its input is then the full-precision model's), calibrated on those windows. Without the Hessians (the
+    data-free measurement) the two differ."""
     import quantkit
     from quantkit.calib import load_calibration
     from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, model_kld
@@ -196,19 +197,23 @@ def test_gptq_sensitivity_equals_the_kld_of_a_gptq_file_holding_only_that_change
     from quantkit.runtime.model import load_model
 
     ckpt = open_checkpoint(small)
-    tokens = load_calibration("builtin", load_tokenizer(ckpt.tokenizer_path), 2, 48, 0).tokens
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    tokens = load_calibration("builtin", tokenizer, 2, 48, 0).tokens
+    other = load_calibration("builtin", tokenizer, 8, 128, 1).tokens  # the Hessians' windows (the run's calibration)
     gptq = {"damp": 0.1, "block_size": 128, "group_aware": True}
     for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
         table = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}, gptq), {name: [name]},
-                                    tmp_path / f"{name}.json", {"test": 1}, hessians=True)
+                                    tmp_path / f"{name}.json", {"test": 1}, hessians=True, head_clusters=8,
+                                    hessian_tokens=other)
         rtn = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]},
                                   tmp_path / f"{name}.rtn.json", {"test": 1})
-        out = quantkit.quantize(small, tmp_path / f"{name}.gguf", method="gptq", formats="gguf", gguf_type="F32",
-                                overrides=[f"{name}=Q2_K"], calib="builtin", calib_samples=2, calib_seqlen=48,
-                                compute_dtype="float32", **gptq).paths["gguf"]
-        measured = model_kld(ckpt, tokens, load_model(out))
+        result = quantkit.quantize(small, tmp_path / f"{name}.gguf", method="gptq", formats="gguf", gguf_type="F32",
+                                   overrides=[f"{name}=Q2_K"], calib="builtin", calib_samples=8, calib_seqlen=128,
+                                   seed=1, compute_dtype="float32", head_clusters=8, **gptq)
+        measured = model_kld(ckpt, tokens, load_model(result.paths["gguf"]))
         assert table.kld[name]["Q2_K"] == pytest.approx(measured, rel=1e-3), name
         assert rtn.kld[name]["Q2_K"] > 1.1 * measured, name  # GPTQ recovers more than the 10% the test needs
+    assert any(r.get("module") == "lm_head" and r.get("hessian") == "KL, 8 row clusters" for r in result.log)
 
 
 def test_embedding_sensitivity_with_gptq_equals_the_kld_of_its_fisher_rounded_file(small, tmp_path):

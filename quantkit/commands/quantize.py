@@ -9,6 +9,7 @@ import click
 
 from quantkit.commands._plan_options import model_options
 from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
+from quantkit.quant.head_hessian import CLUSTERS as HEAD_CLUSTERS
 
 
 @click.command("quantize", short_help="Quantize to GPTQ/AWQ/compressed-tensors/GGUF.")
@@ -22,6 +23,11 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
               help="GPTQ without --act-order: quantize the groups in order of importance (largest Hessian "
               "diagonal), each group's columns too (GPTQModel's act_group_aware). Groups stay contiguous: no "
               "g_idx, every kernel runs the output.")
+@click.option("--head-clusters", default=HEAD_CLUSTERS, show_default=True, type=COUNT,
+              help="GPTQ of a quantized lm_head (GGUF): group its rows into this many clusters and round each "
+              "against the KL divergence's Hessian of its contexts (the contexts weighted by the probability of "
+              "the cluster's tokens) instead of one Hessian for every row; 1: the shared input Hessian. Collecting "
+              "the Hessians costs this many times the products of one.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
               show_default=True,
               help="GPTQ: dtype of the calibration forward passes and Hessian products; AWQ: of its scale search's "
@@ -60,9 +66,9 @@ from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
 @click.option("--dry-run", is_flag=True, help="Print the plan (targets, sizes, BPW, memory) and stop.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
-            seed, device, as_json, output, damp, block_size, group_aware, compute_dtype, imatrix_in, imatrix_out,
-            shard_size, work_dir, resume, target_bpw, target_size, candidates, sensitivity, sensitivity_samples,
-            sensitivity_seqlen, force, dry_run, no_progress):
+            seed, device, as_json, output, damp, block_size, group_aware, head_clusters, compute_dtype, imatrix_in,
+            imatrix_out, shard_size, work_dir, resume, target_bpw, target_size, candidates, sensitivity,
+            sensitivity_samples, sensitivity_seqlen, force, dry_run, no_progress):
     """Quantize MODEL layer by layer (only one decoder layer in memory) and write the requested format(s).
 
     \b
@@ -88,7 +94,7 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
     if output is None:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     result = api.quantize(model, output, **plan_args, seed=seed, damp=damp, block_size=block_size,
-                          group_aware=group_aware,
+                          group_aware=group_aware, head_clusters=head_clusters,
                           compute_dtype=compute_dtype, imatrix=imatrix_in,
                           imatrix_out=imatrix_out, shard_size=shard_size, work_dir=work_dir, resume=resume, force=force,
                           progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True),

@@ -11,11 +11,13 @@ the head. The value is the mean over tokens of KL(p_full || p_quantized), in nat
 
 How a candidate encodes: for a data-free run, ggml types as `gguf.codec.encode` with the tensor's imatrix entry
 where it has one, integer presets round-to-nearest; for a GPTQ run (`gptq=` options), GPTQ onto the candidate with
-the Hessian of the tensor's input in the full-precision model on the same tokens (`gguf.grids.gptq_round`, as the
-pipeline rounds), so the prediction credits what GPTQ recovers. The embedding, a lookup without an input, is rounded
-by GPTQ on the Fisher information of the output with respect to its output (`quant/fisher.py`), measured once on the
-same tokens and kept beside the table (`embedding_hessian_path`) for the run that writes the allocation — when the
-tokens are enough to estimate it (`fisher.enough_samples`; else its data-free encoding, as the run then writes it).
+the Hessian of the tensor's input in the full-precision model (`gguf.grids.gptq_round`, as the pipeline rounds;
+lm_head's KL-weighted per row cluster, `quant/head_hessian.py`), so the prediction credits what GPTQ recovers. The
+Hessians come from other windows than the measured ones, as many as the run calibrates on: a written file is used
+on text it was not calibrated on. The embedding, a lookup without an input, is rounded by GPTQ on the Fisher
+information of the output with respect to its output (`quant/fisher.py`), measured once and kept beside the table
+(`embedding_hessian_path`) for the run that writes the allocation — when the tokens are enough to estimate it
+(`fisher.enough_samples`; else its data-free encoding, as the run then writes it).
 
 The table is saved after every tensor (an atomic rewrite of one JSON file), so an interrupted measurement resumes
 and several byte budgets cost one measurement. A file made for another model, other tokens or another imatrix is
@@ -219,13 +221,20 @@ def scheme_candidates(schemes: dict[str, Any], gptq: dict[str, Any] | None = Non
 
 
 class _InputHessians:
-    """The Hessian of each linear's input in the full-precision model on the reference's tokens, as GPTQ objects
-    (one shared by the linears that read the same input), collected one layer (or the head) at a time."""
+    """The Hessian of each linear's input in the full-precision model on `tokens`, as GPTQ objects (one shared by
+    the linears that read the same input; lm_head's the KL-weighted ones of `head_clusters` row clusters), collected
+    one layer (or the head) at a time: only the current layer's input is held, so the tokens may be as many as a
+    run's calibration."""
 
-    def __init__(self, ref: _Reference, n_layers: int, embedding: torch.Tensor | None):
+    def __init__(self, model, tokens: torch.Tensor, embedding: torch.Tensor | None, head_clusters: int = 1):
         from quantkit.quant.fisher import embedding_gptq
 
-        self.ref, self.n_layers = ref, n_layers
+        self.model, self.tokens, self.head_clusters = model, tokens, head_clusters
+        self.n_layers = len(model.model.layers)
+        t = tokens.shape[1]
+        self.positions = torch.arange(t)
+        self.rope, self.mask = model.rope(self.positions, torch.float32), model.mask(self.positions, t)
+        self.hidden, self.next_layer = None, 0  # the input of layer `next_layer`
         self.first: int | None = None
         self.by_name: dict[str, GPTQ] = {}
         # the embedding's Fisher matrix stands for its input's Hessian
@@ -240,17 +249,27 @@ class _InputHessians:
             self.by_name, self.first = self._collect(first), first
         return self.by_name.get(name)
 
+    def _run_layer(self) -> None:
+        layer = self.model.model.layers[self.next_layer]
+        self.hidden = layer(self.hidden, self.positions, self.rope, self.mask)
+        self.next_layer += 1
+
     def _collect(self, first: int) -> dict[str, GPTQ]:
         from quantkit.model import arch
         from quantkit.quant.gptq import GPTQ
+        from quantkit.quant.head_hessian import HeadHessians
 
-        model, ref = self.ref.model, self.ref
+        model = self.model
         with torch.no_grad():
+            if self.hidden is None or first < self.next_layer:
+                self.hidden, self.next_layer = model.embed(self.tokens), 0
+            while self.next_layer < first:
+                self._run_layer()
             if first == self.n_layers:
-                gptq = GPTQ(model.lm_head.in_features, name="lm_head")
-                for x in ref._chunks(ref.final):
-                    gptq.add_batch(model.model.norm(x))
-                return {"lm_head.weight": gptq}
+                head = HeadHessians(model.lm_head.weight.data, self.head_clusters)
+                for x in self.hidden.reshape(-1, self.hidden.shape[-1]).split(CHUNK_TOKENS):
+                    head.add_batch(model.model.norm(x))
+                return {"lm_head.weight": head}
             layer, prefix = model.model.layers[first], arch.layer_prefix(first)
             modules = dict(layer.named_modules())
             found, handles = {}, []
@@ -260,7 +279,7 @@ class _InputHessians:
                     lambda _module, args, g=gptq: g.add_batch(args[0])))
                 found.update({f"{prefix}{local}.weight": gptq for local in group})
             try:
-                layer(ref.layer_inputs[first], ref.positions, ref.rope, ref.mask)
+                self._run_layer()
             finally:
                 for h in handles:
                     h.remove()
@@ -270,33 +289,41 @@ class _InputHessians:
 def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encoder], units: dict[str, list[str]],
                         cache: Path, identity: dict[str, Any],
                         progress: Callable[[Iterable], Iterable] | None = None,
-                        hessians: bool = False) -> SensitivityTable:
+                        hessians: bool = False, head_clusters: int = 1,
+                        hessian_tokens: torch.Tensor | None = None) -> SensitivityTable:
     """The sensitivity of every unit (a group of tensors that is stored alike, e.g. one tensor, or q/k/v of a
     layer) to every candidate that can store all its tensors, on `tokens` [n, seqlen]; measurements already in
     `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels.
-    `hessians`: hand each encoder the Hessian of its tensor's input (for candidates that round with GPTQ)."""
+    `hessians`: hand each encoder the Hessian of its tensor's input (for candidates that round with GPTQ); lm_head's
+    are the KL-weighted Hessians of `head_clusters` row clusters (`quant.head_hessian`). They are collected on
+    `hessian_tokens` (default `tokens`): other windows than the measured ones keep GPTQ's gain out of sample, as a
+    written file's is on text other than its calibration (in sample it is overestimated by up to a third); as many
+    as the run calibrates on, so that the rounding is as good as the run's. The embedding's Fisher matrix comes from
+    as many of their tokens as `tokens` has (one backward pass per draw and window)."""
     from quantkit.model.reference import Transformer
     from quantkit.quant.fisher import embedding_fisher, enough_samples
 
     table = SensitivityTable.load(cache, identity)
     todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)]
     fisher_path = embedding_hessian_path(cache)
+    seen_tokens = tokens if hessian_tokens is None else hessian_tokens
+    fisher_tokens = seen_tokens[:tokens.shape[0], :tokens.shape[1]]
     wants_fisher = (hessians and any(EMBEDDING in names for names in units.values())
-                    and enough_samples(int(tokens.numel()), ckpt.config.hidden_size))
+                    and enough_samples(int(fisher_tokens.numel()), ckpt.config.hidden_size))
     fisher = load_embedding_hessian(fisher_path, identity) if wants_fisher and fisher_path.exists() else None
     table.embedding_hessian = fisher_path if fisher is not None else None
     if not todo and (fisher is not None or not wants_fisher):
         return table
     model = Transformer.from_checkpoint(ckpt, torch.float32)
     if wants_fisher and fisher is None:
-        fisher = embedding_fisher(model, tokens)
+        fisher = embedding_fisher(model, fisher_tokens)
         with atomic_cache_file(fisher_path) as tmp:
             save_file({"fisher": fisher.contiguous()}, str(tmp), metadata={"identity": _identity_text(identity)})
         table.embedding_hessian = fisher_path
     tied = ckpt.config.tie_word_embeddings
     ref = _Reference(model, tokens)
     n_layers = ckpt.config.num_hidden_layers
-    inputs = _InputHessians(ref, n_layers, fisher) if hessians else None
+    inputs = _InputHessians(model, seen_tokens, fisher, head_clusters) if hessians else None
     for unit in (progress(todo) if progress else todo):
         names = units[unit]
         params = {n: [model.get_parameter(n)] for n in names}

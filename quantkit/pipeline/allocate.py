@@ -107,9 +107,13 @@ class Allocation:
         return self.measured_kld
 
 
-def _identity(ckpt, tokens_sha: str, imatrix_sha: str, gptq: dict[str, Any] | None = None) -> dict[str, Any]:
+def _identity(ckpt, tokens_sha: str, imatrix_sha: str, gptq: dict[str, Any] | None = None,
+              head_clusters: int = 1, hessian_tokens_sha: str | None = None) -> dict[str, Any]:
     identity = {"model": ckpt.fingerprint(), "tokens_sha256": tokens_sha, "imatrix_sha256": imatrix_sha}
-    return identity if gptq is None else {**identity, "gptq": dict(sorted(gptq.items()))}
+    if gptq is None:
+        return identity
+    gptq = {**gptq, "head_clusters": head_clusters, "hessian_tokens_sha256": hessian_tokens_sha}
+    return {**identity, "gptq": dict(sorted(gptq.items()))}
 
 
 def _key(identity: dict[str, Any]) -> str:
@@ -172,11 +176,14 @@ def _int_units(entries) -> dict[str, list[str]]:
 def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, target_bytes: int | None = None,
                    candidates: Iterable[str] | None = None, calib: str = "builtin", calib_samples: int = 16,
                    calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
-                   sensitivity: Path | None = None, gptq: dict[str, Any] | None = None,
+                   sensitivity: Path | None = None, gptq: dict[str, Any] | None = None, head_clusters: int = 1,
+                   gptq_samples: int = 128, gptq_seqlen: int = 512,
                    progress: Callable[[Iterable], Iterable] | None = None) -> Allocation:
     """Measure (or reuse) the sensitivity of `ckpt` to every candidate and choose the targets for the budget.
     `gptq`: the run rounds with GPTQ, with these options of `GPTQ.quantize` (damp, block_size, group_aware), and
-    each candidate is measured rounded so (on the full-precision model's Hessians of the same tokens).
+    each candidate is measured rounded so, on the full-precision model's Hessians of `gptq_samples` × `gptq_seqlen`
+    tokens of `calib` (the run's calibration size; other windows than the run's and the measured ones: those of the
+    next seed), lm_head's with `head_clusters` KL-weighted row clusters as the run rounds it.
 
     GGUF: a ggml type per 2-D tensor (embedding and lm_head included). gptq / compressed-tensors: an integer
     preset per fused group of decoder linears (written as GPTQ `dynamic` rules / compressed-tensors config groups);
@@ -205,7 +212,11 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     budget = budget_bytes(parameters, target_bpw, target_bytes)
     if ckpt.tokenizer_path is None:
         raise SchemeError(f"{ckpt.path}: no tokenizer file; measuring tensor sensitivity needs calibration text")
-    calib_set = load_calibration(calib, load_tokenizer(ckpt.tokenizer_path), calib_samples, calib_seqlen, seed)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    calib_set = load_calibration(calib, tokenizer, calib_samples, calib_seqlen, seed)
+    # GPTQ's Hessians from other windows (the next seed's): measured on its own Hessian's tokens, GPTQ looks better
+    # than it does on any other text
+    hessian_set = load_calibration(calib, tokenizer, gptq_samples, gptq_seqlen, seed + 1) if gptq else None
 
     imatrix_path, imatrix_sha, importance = None, "none", {}
     if gguf and imatrix is None:
@@ -220,7 +231,8 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         imatrix_path, imatrix_sha = Path(imatrix), sha256_file(imatrix)
     if imatrix_path is not None:
         importance = read_imatrix(imatrix_path).to_canonical()
-    identity = _identity(ckpt, calib_set.sha256, imatrix_sha, gptq)
+    identity = _identity(ckpt, calib_set.sha256, imatrix_sha, gptq, head_clusters,
+                         hessian_set.sha256 if hessian_set else None)
     table_path = Path(sensitivity) if sensitivity else cache_dir() / "sensitivity" / f"{_key(identity)}.json"
 
     by_name = {e.name: e for e in entries}
@@ -237,7 +249,8 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     in_units = {n for names in units.values() for n in names}
     fixed = sum(e.bytes_out[fmt] for e in entries if e.name not in in_units)  # what stays float (GGUF: F32 norms)
     table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress,
-                                hessians=gptq is not None)
+                                hessians=gptq is not None, head_clusters=head_clusters,
+                                hessian_tokens=hessian_set.tokens if hessian_set else None)
 
     options = {}
     for unit, names in units.items():

@@ -61,6 +61,7 @@ class PipelineOptions:
     block_size: int = 128
     static_groups: bool = True
     group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
+    head_clusters: int = 1  # GPTQ of lm_head: KL-weighted Hessians of this many row clusters (quant/head_hessian)
     device: str = "cpu"
     compute_dtype: str = "float32"  # GPTQ's calibration forwards and Hessian products, AWQ's scale search forwards
     batch_size: int = 8  # calibration samples per forward pass
@@ -301,12 +302,12 @@ class LayerwiseQuantizer:
         if self.method != "gptq" or acts is None or not any(wanted):
             return None, None
         from quantkit.model.reference import RMSNorm
-        from quantkit.quant.gptq import GPTQ
+        from quantkit.quant.head_hessian import HeadHessians
 
         dev = self.device
         norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps).to(dev)
         norm.weight.data = self.ckpt.get_tensor("model.norm.weight").to(dev, torch.float32)
-        gptq = GPTQ(w.shape[1], name="lm_head", device=dev)
+        gptq = HeadHessians(w, self.options.head_clusters, device=dev)
         bs = max(1, self.options.batch_size)
         with torch.no_grad():
             for a in range(0, acts.shape[0], bs):
@@ -323,7 +324,8 @@ class LayerwiseQuantizer:
             row = {"layer": self.config.num_hidden_layers, "module": "lm_head",
                    **({"output": output} if output else {}), "target": target_label(target), "method": "imatrix"}
             if info is not None:
-                row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens})
+                row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens,
+                            "hessian": f"KL, {gptq.clusters} row clusters" if gptq.clusters > 1 else "input"})
             self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
             heads.append(qt)
         return heads[0], heads[1]

@@ -27,6 +27,7 @@ from quantkit.formats.sizes import bits_per_weight, file_bytes, stored_tensor_by
 from quantkit.pipeline.outputs import log_path, output_paths, stored_size, write_log
 from quantkit.pipeline.plan import DTYPE_BYTES, Plan, build_plan
 from quantkit.pipeline.workdir import MARKER as WORK_MARKER
+from quantkit.quant.head_hessian import CLUSTERS as HEAD_CLUSTERS
 
 
 @dataclass
@@ -41,6 +42,7 @@ class QuantizeOptions:
     damp: float = 0.1  # GPTQ damping, fraction of mean(diag H) (why 0.1: README, "GPTQ's defaults")
     block_size: int = 128  # GPTQ lazy-batch block size
     group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
+    head_clusters: int = HEAD_CLUSTERS  # GPTQ of lm_head: KL-weighted Hessians of this many row clusters
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
     embedding_hessian: Path | None = None  # GPTQ: round the embedding against this Fisher matrix (an allocation's)
@@ -196,7 +198,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
                   "source_fingerprint": ckpt.fingerprint(), "quantkit_version": __version__}
     if plan.method == "gptq":
         provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True,
-                              "group_aware": o.group_aware,
+                              "group_aware": o.group_aware, "head_clusters": o.head_clusters,
                               "compute_dtype": plan.compute_dtype}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
@@ -221,7 +223,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
 
     targets = plan.targets()
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size,
-                                       group_aware=o.group_aware, device=o.device,
+                                       group_aware=o.group_aware, head_clusters=o.head_clusters, device=o.device,
                                        compute_dtype=plan.compute_dtype,
                                        collect_imatrix=o.imatrix_out is not None)
     # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only
