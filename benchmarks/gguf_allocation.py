@@ -8,6 +8,8 @@ Variants (one calibration text for every tool: *The Hound of the Baskervilles*, 
                                sensitivities measured once on 16 x 256 tokens of it, cached)
   quantkit GPTQ alloc B        quantize --target-bpw B --method gptq (GPTQ-calibrated blocks on CALIB windows x 512;
                                the sensitivities measured GPTQ-rounded on the same 16 x 256 tokens, cached apart)
+  quantkit GPTQ +refineN alloc with --refine-sweeps N (N > 0): the same, each GPTQ solve followed by N sweeps of
+                               coordinate descent on its codes (its own files and table)
   AutoRound SCHEME             auto-round --format gguf:SCHEME (SignRound-tuned k-quants, CALIB windows x 512), when
                                installed in --autoround-venv
 Evaluation: *Pride and Prejudice* (first 200k characters), llama.cpp convention (ctx 512), CHUNKS chunks, against
@@ -15,6 +17,7 @@ llama.cpp's F32 GGUF of the model. For each target the ratio compares quantkit's
 llama.cpp (and AutoRound) file of the same or larger size.
 
 Usage: python benchmarks/gguf_allocation.py [--work /tmp/gguf_alloc] [--targets 2.5,3.5,4.5,5.5] [--chunks 40]
+       [--methods rtn,gptq] [--refine-sweeps N]
 Prints a Markdown table, writes <work>/results.json and benchmarks/results/gguf_allocation.png. Steps are cached.
 """
 
@@ -58,6 +61,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
     ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (imatrix, GPTQ)")
     ap.add_argument("--methods", default="rtn,gptq", help="quantkit's methods to allocate with (rtn, gptq)")
+    ap.add_argument("--refine-sweeps", type=int, default=0,
+                    help="GPTQ allocations also written with `--refine-sweeps N` (their own files and table)")
     ap.add_argument("--autoround-venv", default="~/.cache/quantkit/autoround-venv",
                     help="a venv with `pip install auto-round` (0.16.1 here); its GGUF exports join the comparison")
     args = ap.parse_args()
@@ -100,18 +105,24 @@ def main() -> None:
                 budgets[f"={'AutoRound-' if tool == 'AutoRound' else ''}{mix}"] = ["--target-size",
                                                                                   str(tensor_bytes(path))]
     predicted: dict[str, dict] = {}
+    runs = [(m, 0) for m in args.methods.split(",")]  # (method, refine sweeps)
+    if args.refine_sweeps and "gptq" in args.methods.split(","):
+        runs.append(("gptq", args.refine_sweeps))
     for target, budget in budgets.items():
-        for method in args.methods.split(","):
-            out = work / f"quantkit-{method}-{target.lstrip('=')}{'' if target.startswith('=') else 'bpw'}.gguf"
-            label = f"quantkit {'GPTQ ' if method == 'gptq' else ''}alloc {target}"
+        for method, sweeps in runs:
+            variant = method + (f"-refine{sweeps}" if sweeps else "")
+            out = work / f"quantkit-{variant}-{target.lstrip('=')}{'' if target.startswith('=') else 'bpw'}.gguf"
+            label = (f"quantkit {'GPTQ ' if method == 'gptq' else ''}{f'+refine{sweeps} ' if sweeps else ''}"
+                     f"alloc {target}")
             log = work / f"{out.stem}.json"
             if not out.exists() or not log.exists():
                 cmd = qk + ["quantize", str(NANO_PATH), *budget, "--method", method,
                             "--calib", str(env.calib_txt),
-                            "--sensitivity", str(work / f"sensitivity{'' if method == 'rtn' else '-' + method}.json"),
+                            "--sensitivity", str(work / f"sensitivity{'' if method == 'rtn' else '-' + variant}.json"),
                             "--imatrix", str(env.quantkit_imatrix), "-o", str(out), "--force", "--json"]
                 if method == "gptq":
-                    cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX)]
+                    cmd += ["--calib-samples", str(args.calib_chunks), "--calib-seqlen", str(CTX),
+                            "--refine-sweeps", str(sweeps)]
                 log.write_text(run(cmd, work / f"{out.stem}.log").strip().splitlines()[-1])
             predicted[label] = json.loads(log.read_text())["allocation"]
             variants[label] = ("quantkit", out)
@@ -166,7 +177,9 @@ def main() -> None:
     for name, pick, style in (("llama.cpp + imatrix", lambda r: r["tool"] == "llama.cpp", "o--"),
                               ("AutoRound", lambda r: r["tool"] == "AutoRound", "d:"),
                               ("quantkit alloc (RTN)", lambda r: r["label"].startswith("quantkit alloc"), "s-"),
-                              ("quantkit alloc (GPTQ)", lambda r: r["label"].startswith("quantkit GPTQ"), "^-")):
+                              ("quantkit alloc (GPTQ)", lambda r: r["label"].startswith("quantkit GPTQ alloc"), "^-"),
+                              ("quantkit alloc (GPTQ + refine)", lambda r: r["label"].startswith("quantkit GPTQ +"),
+                               "v-")):
         pts = [r for r in rows if pick(r)]
         if pts:
             ax.plot([r["bpw"] for r in pts], [r["llamacpp"]["kld_mean"] for r in pts], style, label=name)

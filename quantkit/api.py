@@ -56,7 +56,8 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
              formats: str | Sequence[str] | None = None, gguf_type: str | None = None, overrides: Sequence[str] = (),
              act_order: bool | None = None, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, device: str = "cpu", damp: float = 0.1, block_size: int = 128,
-             group_aware: bool = True, head_clusters: int = HEAD_CLUSTERS, compute_dtype: str = "auto",
+             group_aware: bool = True, head_clusters: int = HEAD_CLUSTERS, refine_sweeps: int = 0,
+             compute_dtype: str = "auto",
              imatrix: str | Path | None = None, imatrix_out: str | Path | None = None,
              shard_size: str | int = "5GB",
              work_dir: str | Path | None = None, resume: bool = True, force: bool = False, progress: bool = False,
@@ -64,26 +65,27 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
              target_size: str | int | None = None, candidates: str | Sequence[str] | None = None,
              sensitivity: str | Path | None = None, sensitivity_samples: int = 16,
              sensitivity_seqlen: int = 256) -> QuantizeResult:
-    """Quantize `model` layer by layer and write every requested format under `output` (one format: `output`
-    itself; several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet
-    file or directory; default builtin for gptq/awq), damp/block_size/group_aware (GPTQ; group_aware: groups and
-    their columns in order of importance unless act_order), head_clusters (GPTQ of a quantized lm_head: its rows
-    in this many clusters, each rounded against the KL divergence's Hessian of its contexts; 1: the shared input
-    Hessian of every linear), compute_dtype (auto, float32 or bfloat16: what GPTQ's
-    calibration forwards and Hessian products, and AWQ's scale-search forwards, run in; auto = bfloat16 for a bf16
-    checkpoint), imatrix (GGUF: a llama.cpp importance matrix to use), imatrix_out (save the collected one),
-    shard_size (largest safetensors shard of the HF-layout outputs, "5GB" or bytes), work_dir/resume (an
+    """Quantize `model` layer by layer and write every requested format under `output` (one format: `output` itself;
+    several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet file or
+    directory; default builtin for gptq/awq), damp/block_size/group_aware (GPTQ; group_aware: groups and their
+    columns in order of importance unless act_order), head_clusters (GPTQ of a quantized lm_head: its rows in this
+    many clusters, each rounded against the KL divergence's Hessian of its contexts; 1: the shared input Hessian of
+    every linear), refine_sweeps (GPTQ: sweeps of coordinate descent on the codes after the solve, each weight moved
+    one code when that lowers GPTQ's loss; 0: none, GPTQModel's result), compute_dtype (auto, float32 or bfloat16:
+    what GPTQ's calibration forwards and Hessian products, and AWQ's scale-search forwards, run in; auto = bfloat16
+    for a bf16 checkpoint), imatrix (GGUF: a llama.cpp importance matrix to use), imatrix_out (save the collected
+    one), shard_size (largest safetensors shard of the HF-layout outputs, "5GB" or bytes), work_dir/resume (an
     interrupted run with the same arguments continues from its last completed layer), force (replace an existing
     output), log (receives one-line notices such as "resuming from layer 3/6").
 
     Under a size budget: target_bpw (bits per weight) or target_size ("3.9GB", bytes), instead of gguf_type /
     preset, measures the KLD of each tensor (GGUF) or fused group of linears (gptq, compressed-tensors) in each of
     `candidates` (GGUF default `pipeline.allocate.DEFAULT_CANDIDATES`, IQ1_M to Q8_0; presets default w2a16-g64,
-    w3a16-g128, w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen`
-    tokens of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit; with method gptq each candidate
-    is measured GPTQ-rounded, with the run's damp/block_size/group_aware/head_clusters, on Hessians of as many
-    tokens as the run's calibration, from other windows), chooses the targets with the least predicted KLD that
-    fit, writes them, and reports predicted against measured KLD (`result.allocation`)."""
+    w3a16-g128, w4a16-g128, w4a16-g32, w8a16-g128) on `sensitivity_samples` windows of `sensitivity_seqlen` tokens
+    of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit; with method gptq each candidate is
+    measured GPTQ-rounded, with the run's GPTQ options, on Hessians of as many tokens as the run's calibration, from
+    other windows), chooses the targets with the least predicted KLD that fit, writes them, and reports predicted
+    against measured KLD (`result.allocation`)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
 
@@ -101,7 +103,8 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
             candidates=candidates, calib=calib or "builtin", calib_samples=sensitivity_samples,
             calib_seqlen=sensitivity_seqlen, seed=seed, imatrix=Path(imatrix) if imatrix is not None else None,
             sensitivity=Path(sensitivity) if sensitivity is not None else None,
-            gptq={"damp": damp, "block_size": block_size, "group_aware": group_aware} if method == "gptq" else None,
+            gptq={"damp": damp, "block_size": block_size, "group_aware": group_aware,
+                  "refine_sweeps": refine_sweeps} if method == "gptq" else None,
             head_clusters=head_clusters, gptq_samples=calib_samples, gptq_seqlen=calib_seqlen,
             progress=progress_wrapper(progress, "sensitivity"))
         formats, overrides = fmt, allocation.overrides()
@@ -115,7 +118,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
                          compute_dtype=compute_dtype)
     options = QuantizeOptions(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                               device=device, damp=damp, block_size=block_size, group_aware=group_aware,
-                              head_clusters=head_clusters,
+                              head_clusters=head_clusters, refine_sweeps=refine_sweeps,
                               imatrix=Path(imatrix) if imatrix is not None else None,
                               imatrix_out=Path(imatrix_out) if imatrix_out is not None else None,
                               max_shard_bytes=parse_size(shard_size),

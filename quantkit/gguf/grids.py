@@ -210,6 +210,20 @@ class GGMLGrid:
         s, m = self._select(params, offset, w.shape[1])
         return self._codes(w, s, m)[1].to(w_cols.dtype)
 
+    def neighbours(self, q_cols: torch.Tensor, params: GGMLParams, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid values one code below and one above each value of `q_cols` (values on this grid), NaN where
+        there is none (the code's end, or a step of 0)."""
+        w = q_cols.to(torch.float32)
+        s, m = self._select(params, offset, w.shape[1])
+        c = self._codes(w, s, m)[0]
+        lo, hi = (0, len(IQ4_VALUES) - 1) if self.spec.kind == "table" else (self.spec.lo, self.spec.hi)
+        nan = torch.full_like(w, float("nan"))
+        live = (s != 0).expand_as(w)
+        down = torch.where((c > lo) & live, self._values((c - 1).clamp(min=lo), s, m), nan)
+        up = torch.where((c < hi) & live, self._values((c + 1).clamp(max=hi), s, m), nan)
+        return down, up
+
     def encode(self, weight_hat: torch.Tensor, params_list: list[GGMLParams],
                g_idx: torch.Tensor | None = None) -> GGMLTensor:
         out_f, in_f = weight_hat.shape

@@ -62,6 +62,7 @@ class PipelineOptions:
     static_groups: bool = True
     group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
     head_clusters: int = 1  # GPTQ of lm_head: KL-weighted Hessians of this many row clusters (quant/head_hessian)
+    refine_sweeps: int = 0  # GPTQ: sweeps of coordinate descent on the codes afterwards (quant/gptq.refine_codes)
     device: str = "cpu"
     compute_dtype: str = "float32"  # GPTQ's calibration forwards and Hessian products, AWQ's scale search forwards
     batch_size: int = 8  # calibration samples per forward pass
@@ -290,7 +291,8 @@ class LayerwiseQuantizer:
         computed)."""
         o = self.options
         return gptq_round(gptq, weight, target, name, damp=o.damp, block_size=o.block_size,
-                          static_groups=o.static_groups, group_aware=o.group_aware, last=last)
+                          static_groups=o.static_groups, group_aware=o.group_aware, last=last,
+                          refine_sweeps=o.refine_sweeps)
 
     def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None) -> tuple[Any, Any]:
         """GPTQ for a quantized lm_head (and for its companion target, from the same Hessian), on the final norm's

@@ -43,6 +43,7 @@ class QuantizeOptions:
     block_size: int = 128  # GPTQ lazy-batch block size
     group_aware: bool = True  # GPTQ without act-order: groups, and each group's columns, by importance
     head_clusters: int = HEAD_CLUSTERS  # GPTQ of lm_head: KL-weighted Hessians of this many row clusters
+    refine_sweeps: int = 0  # GPTQ: sweeps of coordinate descent on the codes after the solve
     imatrix: Path | None = None  # GGUF: use this llama.cpp importance matrix
     imatrix_out: Path | None = None  # also save the collected importance matrix here
     embedding_hessian: Path | None = None  # GPTQ: round the embedding against this Fisher matrix (an allocation's)
@@ -199,6 +200,7 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
     if plan.method == "gptq":
         provenance["gptq"] = {"damp": o.damp, "block_size": o.block_size, "static_groups": True,
                               "group_aware": o.group_aware, "head_clusters": o.head_clusters,
+                              "refine_sweeps": o.refine_sweeps,
                               "compute_dtype": plan.compute_dtype}
     provenance = {k: v for k, v in provenance.items() if v is not None}
 
@@ -223,7 +225,8 @@ def quantize_checkpoint(ckpt, plan: Plan, output: str | Path, options: QuantizeO
 
     targets = plan.targets()
     pipeline_options = PipelineOptions(method=plan.method, damp=o.damp, block_size=o.block_size,
-                                       group_aware=o.group_aware, head_clusters=o.head_clusters, device=o.device,
+                                       group_aware=o.group_aware, head_clusters=o.head_clusters,
+                                       refine_sweeps=o.refine_sweeps, device=o.device,
                                        compute_dtype=plan.compute_dtype,
                                        collect_imatrix=o.imatrix_out is not None)
     # Every output is built inside one staging directory beside OUT (`.OUT.tmp-PID-XXXX`) and moved into place only

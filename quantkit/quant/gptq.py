@@ -166,13 +166,14 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, grid: Grid | Scheme, damp: float = 0.01, block_size: int = 128,
                  act_order: bool | None = None, static_groups: bool = True, group_aware: bool = False,
-                 max_damp: float = 1.0, name: str | None = None,
-                 last: bool = False) -> tuple[QuantTensor | GGMLTensor, GPTQInfo]:
+                 max_damp: float = 1.0, name: str | None = None, last: bool = False,
+                 refine_sweeps: int = 0) -> tuple[QuantTensor | GGMLTensor, GPTQInfo]:
         """GPTQ-quantize `weight` [out, in]. `act_order=None` takes the Scheme's act_order (False for a Grid).
         `group_aware` (without act-order): groups by descending largest H_ii, each group's columns by descending
         H_ii; groups stay contiguous, so the output needs no g_idx. `last`: no other weight will be quantized with
         this Hessian, which is freed once its factor is computed (at 7B's down_proj, 0.8 GB less while the weight
-        is solved); the object then answers nothing else."""
+        is solved); the object then answers nothing else. `refine_sweeps`: sweeps of coordinate descent on the codes
+        afterwards (`refine_codes`; not with act-order's permuted groups)."""
         t0 = time.perf_counter()
         name = name or self.name
         if weight.dim() != 2 or weight.shape[1] != self.in_features:
@@ -214,7 +215,7 @@ class GPTQ:
 
         importance_full = diag.clone()
         importance_full[dead] = 0
-        if last:
+        if last and not refine_sweeps:
             del H, diag, diag_live
             self.release()
         n_groups = n // gs
@@ -291,12 +292,23 @@ class GPTQ:
         else:
             Q = Qt.t()
             g_idx = None
+        moved = 0
+        if refine_sweeps and g_idx is None:
+            live = torch.where(dead, torch.ones_like(diag), diag)  # dead columns as GPTQ saw them: H_ii 1, W 0
+            damped = H + torch.diag(live - diag + damp_used * float(live.mean()))
+            target = weight.to(self.device, torch.float32).masked_fill(dead, 0.0)
+            Q, moved = refine_codes(target, Q, damped, grid, params_list, refine_sweeps, block_size)
+            del damped, target
+        if last and refine_sweeps:
+            del H
+            self.release()
         tensor = grid.encode(Q.contiguous(), params_list, g_idx)
         seconds = time.perf_counter() - t0
         info = GPTQInfo(loss=float(loss), damp=damp_used, damp_retries=retries, fp64=used64, dead_columns=n_dead,
                         seconds=seconds, n_tokens=self.n_tokens,
                         extra={"act_order": act_order, "static_groups": static, "group_aware": group_aware,
-                               "block_size": block_size})
+                               "block_size": block_size, **({"refine_sweeps": refine_sweeps, "refine_moved": moved}
+                                                            if refine_sweeps else {})})
         if hasattr(tensor, "error"):
             tensor.error.update({"gptq_loss": info.loss, "damp": damp_used, "seconds": round(seconds, 3)})
         return tensor, info
@@ -329,6 +341,67 @@ class GPTQ:
                           stacklevel=3)
             d = nxt
             retries += 1
+
+
+def refine_codes(weight: torch.Tensor, q: torch.Tensor, H: torch.Tensor, grid: Grid, params_list: list[Any],
+                 sweeps: int, block_size: int = 128) -> tuple[torch.Tensor, int]:
+    """Coordinate descent on GPTQ's result: each weight may move to the grid value one code below or above (the
+    group's parameters fixed) when that lowers tr((W−Q) H (W−Q)ᵀ); column by column, `sweeps` times or until none
+    moves. GPTQ decides each column once, against the columns after it still unrounded; here every column is
+    decided again against all the others as rounded. H: the damped Hessian in column order, `params_list` per
+    contiguous group. Returns (Q, moves).
+
+    With Δ = W − Q and G = H Δᵀ, moving q[r, j] by d changes the loss by d (d H_jj − 2 G[j, r]). Lazy like GPTQ:
+    inside a block of columns, G[j] is corrected for the block's earlier moves, and one product applies the block's
+    moves to G afterwards."""
+    qt = q.t().contiguous()  # [in, out]: one column of W per row
+    G = H @ (weight - q).t()
+    diag = H.diagonal()
+    inf = torch.tensor(float("inf"), device=qt.device)
+    threads = torch.get_num_threads()
+    if qt.device.type == "cpu" and qt.shape[1] <= _SMALL_OP_ELEMENTS:
+        torch.set_num_threads(1)  # the per-column ops are too small to gain from threads (as in GPTQ.quantize)
+    try:
+        moves = _descend(qt, G, H, diag, grid, params_list, sweeps, block_size, inf)
+    finally:
+        torch.set_num_threads(threads)
+    return qt.t(), moves
+
+
+def _descend(qt, G, H, diag, grid, params_list, sweeps, block_size, inf) -> int:
+    gs, n, moves = grid.group_size, qt.shape[0], 0
+    for _ in range(sweeps):
+        moved = 0
+        for b1 in range(0, n, block_size):
+            b2 = min(b1 + block_size, n)
+            D = torch.zeros((b2 - b1, qt.shape[1]), dtype=qt.dtype, device=qt.device)
+            # the block's neighbour values, a group's part at a time (a move changes no other weight's neighbours)
+            downs, ups, c1 = [], [], b1
+            while c1 < b2:
+                c2 = min(b2, (c1 // gs + 1) * gs)
+                down, up = grid.neighbours(qt[c1:c2].t(), params_list[c1 // gs], c1 % gs)
+                downs.append(down.t())
+                ups.append(up.t())
+                c1 = c2
+            downs, ups = torch.cat(downs), torch.cat(ups)
+            for j in range(b1, b2):
+                g = G[j] - H[j, b1:j] @ D[:j - b1] if j > b1 else G[j]
+                down, up = downs[j - b1], ups[j - b1]
+                d_down, d_up = down - qt[j], up - qt[j]
+                cost_down = torch.where(torch.isnan(d_down), inf, d_down * (d_down * diag[j] - 2 * g))
+                cost_up = torch.where(torch.isnan(d_up), inf, d_up * (d_up * diag[j] - 2 * g))
+                go_down = cost_down <= cost_up
+                take = torch.minimum(cost_down, cost_up) < 0
+                if bool(take.any()):
+                    new = torch.where(take, torch.where(go_down, down, up), qt[j])
+                    D[j - b1] = new - qt[j]
+                    qt[j] = new
+                    moved += int(take.sum())
+            G.sub_(H[:, b1:b2] @ D)
+        moves += moved
+        if not moved:
+            break
+    return moves
 
 
 def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, list[int]]:

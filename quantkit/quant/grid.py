@@ -46,6 +46,9 @@ class Grid(Protocol):
 
     def fake_quant(self, w_cols: torch.Tensor, params: Any, offset: int = 0) -> torch.Tensor: ...
 
+    def neighbours(self, q_cols: torch.Tensor, params: Any, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def encode(self, weight_hat: torch.Tensor, params_list: list[Any],
                g_idx: torch.Tensor | None = None) -> QuantTensor | GGMLTensor: ...
 
@@ -96,6 +99,15 @@ class IntGrid:
         s = params.scale[:, None]
         z = params.zero[:, None]
         return s * (torch.clamp(torch.round(w_cols / s) + z, 0, self.maxq) - z)
+
+    def neighbours(self, q_cols: torch.Tensor, params: IntParams, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid values one code below and one above each value of `q_cols` (values on this grid), NaN at the
+        code range's ends."""
+        s, z = params.scale[:, None], params.zero[:, None]
+        c = self.codes(q_cols, params)
+        nan = torch.full_like(c, float("nan"))
+        return (torch.where(c > 0, s * (c - 1 - z), nan), torch.where(c < self.maxq, s * (c + 1 - z), nan))
 
     def codes(self, w_cols: torch.Tensor, params: IntParams) -> torch.Tensor:
         s = params.scale[:, None]
