@@ -271,14 +271,8 @@ class LayerwiseQuantizer:
         if target is None or is_float_type(target):
             return w
         if name == EMBEDDING and self.embedding_gptq is not None:  # `_embed` has checked it is finite
-            t0 = time.perf_counter()
-            qt, info = self._gptq_quantize(self.embedding_gptq, w.to(self.device, torch.float32), target, name)
-            qt.error.pop("seconds", None)
-            self.log.append({"layer": -1, "module": "embed_tokens", "target": target_label(target),
-                             "method": "gptq" if info is not None else "imatrix", "hessian": "output fisher",
-                             **({"loss": info.loss, "damp": info.damp} if info is not None else {}),
-                             "seconds": round(time.perf_counter() - t0, 4)})
-            return qt
+            return self._gptq_logged(self.embedding_gptq, w.to(self.device, torch.float32), target, name,
+                                     {"layer": -1, "module": "embed_tokens", "hessian": "output fisher"})
         if isinstance(target, Scheme):
             check_finite(name, w)
             return quantize_rtn(w, target)
@@ -293,6 +287,19 @@ class LayerwiseQuantizer:
         return gptq_round(gptq, weight, target, name, damp=o.damp, block_size=o.block_size,
                           static_groups=o.static_groups, group_aware=o.group_aware, last=last,
                           refine_sweeps=o.refine_sweeps)
+
+    def _gptq_logged(self, gptq, weight: torch.Tensor, target: Target, name: str, row: dict[str, Any],
+                     gptq_row: dict[str, Any] | None = None):
+        """`_gptq_quantize` of a whole-model tensor (embedding, lm_head), logged: `row` says where, `gptq_row` what
+        applies only when GPTQ ran (not for a lattice i-quant's imatrix search); the quantized tensor."""
+        t0 = time.perf_counter()
+        qt, info = self._gptq_quantize(gptq, weight, target, name)
+        qt.error.pop("seconds", None)
+        row = {**row, "target": target_label(target), "method": "imatrix"}
+        if info is not None:
+            row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, **(gptq_row or {})})
+        self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
+        return qt
 
     def _gptq_head(self, w: torch.Tensor, acts: torch.Tensor | None) -> tuple[Any, Any]:
         """GPTQ for a quantized lm_head (and for its companion target, from the same Hessian), on the final norm's
@@ -320,16 +327,11 @@ class LayerwiseQuantizer:
             if not want:
                 heads.append(None)
                 continue
-            t0 = time.perf_counter()
-            qt, info = self._gptq_quantize(gptq, w32, target, name)
-            qt.error.pop("seconds", None)
-            row = {"layer": self.config.num_hidden_layers, "module": "lm_head",
-                   **({"output": output} if output else {}), "target": target_label(target), "method": "imatrix"}
-            if info is not None:
-                row.update({"method": "gptq", "loss": info.loss, "damp": info.damp, "n_tokens": info.n_tokens,
-                            "hessian": f"KL, {gptq.clusters} row clusters" if gptq.clusters > 1 else "input"})
-            self.log.append({**row, "seconds": round(time.perf_counter() - t0, 4)})
-            heads.append(qt)
+            heads.append(self._gptq_logged(
+                gptq, w32, target, name,
+                {"layer": self.config.num_hidden_layers, "module": "lm_head", **({"output": output} if output else {})},
+                {"n_tokens": gptq.n_tokens,
+                 "hessian": f"KL, {gptq.clusters} row clusters" if gptq.clusters > 1 else "input"}))
         return heads[0], heads[1]
 
     def _build_layer(self, tensors: dict[str, torch.Tensor], prefix: str) -> DecoderLayer:

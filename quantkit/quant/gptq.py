@@ -294,8 +294,8 @@ class GPTQ:
             g_idx = None
         moved = 0
         if refine_sweeps and g_idx is None:
-            live = torch.where(dead, torch.ones_like(diag), diag)  # dead columns as GPTQ saw them: H_ii 1, W 0
-            damped = H + torch.diag(live - diag + damp_used * float(live.mean()))
+            # dead columns as GPTQ saw them (H_ii 1, W 0), damped as its factor was
+            damped = H + torch.diag(diag_live - diag + damp_used * float(diag_live.mean()))
             target = weight.to(self.device, torch.float32).masked_fill(dead, 0.0)
             Q, moved = refine_codes(target, Q, damped, grid, params_list, refine_sweeps, block_size)
             del damped, target
@@ -356,20 +356,21 @@ def refine_codes(weight: torch.Tensor, q: torch.Tensor, H: torch.Tensor, grid: G
     moves to G afterwards."""
     qt = q.t().contiguous()  # [in, out]: one column of W per row
     G = H @ (weight - q).t()
-    diag = H.diagonal()
-    inf = torch.tensor(float("inf"), device=qt.device)
     threads = torch.get_num_threads()
     if qt.device.type == "cpu" and qt.shape[1] <= _SMALL_OP_ELEMENTS:
         torch.set_num_threads(1)  # the per-column ops are too small to gain from threads (as in GPTQ.quantize)
     try:
-        moves = _descend(qt, G, H, diag, grid, params_list, sweeps, block_size, inf)
+        moves = _descend(qt, G, H, grid, params_list, sweeps, block_size)
     finally:
         torch.set_num_threads(threads)
     return qt.t(), moves
 
 
-def _descend(qt, G, H, diag, grid, params_list, sweeps, block_size, inf) -> int:
+def _descend(qt, G, H, grid, params_list, sweeps, block_size) -> int:
+    """`refine_codes`' sweeps, in place on qt [in, out] and G; the number of moves."""
     gs, n, moves = grid.group_size, qt.shape[0], 0
+    diag = H.diagonal()
+    inf = torch.tensor(float("inf"), device=qt.device)
     for _ in range(sweeps):
         moved = 0
         for b1 in range(0, n, block_size):

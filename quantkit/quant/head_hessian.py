@@ -63,14 +63,14 @@ class HeadHessians:
                  name: str = "lm_head", device: torch.device | str | None = None):
         self.name = name
         self.device = torch.device(device) if device is not None else weight.device
-        self.weight = weight.to(self.device, torch.float32)
-        self.in_features = weight.shape[1]
-        self.labels = row_clusters(self.weight, clusters)
-        self.clusters = int(self.labels.max()) + 1
+        self.in_features = n = weight.shape[1]
+        self.shared = GPTQ(n, name=name, device=self.device)
         self.shrink = shrink
-        self.shared = GPTQ(self.in_features, name=name, device=self.device)
-        n = self.in_features
-        self._sums = torch.zeros(self.clusters, n, n, dtype=torch.float32, device=self.device)
+        # one cluster is the shared Hessian: neither the weight (for the probabilities) nor per-cluster sums
+        self.weight = weight.to(self.device, torch.float32) if clusters > 1 else None
+        self.labels = row_clusters(weight if self.weight is None else self.weight, clusters)
+        self.clusters = int(self.labels.max()) + 1
+        self._sums = torch.zeros(self.clusters, n, n, device=self.device) if self.clusters > 1 else None
         self._mass = torch.zeros(self.clusters, dtype=torch.float64, device=self.device)
 
     @property
@@ -124,7 +124,7 @@ class HeadHessians:
             parts.append((rows.cpu(), tensor))
             infos.append(info)
         if last:
-            self._sums = torch.empty(0)
+            self._sums = None
             self.shared.release()
         info = GPTQInfo(loss=sum(i.loss for i in infos), damp=max(i.damp for i in infos),
                         damp_retries=sum(i.damp_retries for i in infos), fp64=any(i.fp64 for i in infos),
