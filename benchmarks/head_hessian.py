@@ -7,7 +7,10 @@ divergence is measured on 16 x 256 windows of it (the allocation's default, seed
 16 x 256 other windows (seed 1) and on held-out text (*Pride and Prejudice*). Only lm_head changes, so the final
 hidden states are computed once and each variant costs one GPTQ and three head products.
 
-Usage: python benchmarks/head_hessian.py [--types Q4_K,Q5_K,Q6_K] [--clusters 1,16,64,256]
+With --refine-sweeps N, each rounding is also followed by N sweeps of coordinate descent on its codes
+(`--refine-sweeps`, `quant/gptq.refine_codes`), one more row each.
+
+Usage: python benchmarks/head_hessian.py [--types Q4_K,Q5_K,Q6_K] [--clusters 1,16,64,256] [--refine-sweeps N]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K")
     ap.add_argument("--clusters", default="1,16,64,256", help="the first is the baseline")
     ap.add_argument("--calib-chunks", type=int, default=64)
+    ap.add_argument("--refine-sweeps", type=int, default=0, help="also each rounding refined with N sweeps")
     args = ap.parse_args()
     ckpt, model, windows = nano_windows()
     calib_txt = str(shared_data("pg-english", "calib") / "the-hound-of-the-baskervilles.txt")
@@ -59,9 +63,9 @@ def main() -> None:
 
     print(f"mistral-nano lm_head {list(weight.shape)}; Hessians from {calib.shape[0]} calibration tokens; mean KLD "
           "with only lm_head quantized\n")
-    print("| type | clusters | collect (s) | round (s) | calib windows | other windows | held-out | "
+    print("| type | clusters | refine sweeps | collect (s) | round (s) | calib windows | other windows | held-out | "
           "held-out / baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for type_name in args.types.split(","):
         base = None
         for clusters in (int(c) for c in args.clusters.split(",")):
@@ -69,13 +73,15 @@ def main() -> None:
             hessians = HeadHessians(weight, clusters)
             hessians.add_batch(calib)
             t1 = time.perf_counter()
-            stored = gptq_round(hessians, weight, type_name, "lm_head", damp=0.1, block_size=128,
-                                group_aware=True)[0].dequantize(torch.float32)
-            t2 = time.perf_counter()
-            k = {name: kld(stored, x) for name, x in h.items()}
-            base = base or k["held-out"]
-            print(f"| {type_name} | {clusters} | {t1 - t0:.1f} | {t2 - t1:.1f} | {k['calib']:.6f} | "
-                  f"{k['calib-other']:.6f} | {k['held-out']:.6f} | {k['held-out'] / base:.3f} |", flush=True)
+            for sweeps in sorted({0, args.refine_sweeps}):
+                t2 = time.perf_counter()
+                stored = gptq_round(hessians, weight, type_name, "lm_head", damp=0.1, block_size=128,
+                                    group_aware=True, refine_sweeps=sweeps)[0].dequantize(torch.float32)
+                t3 = time.perf_counter()
+                k = {name: kld(stored, x) for name, x in h.items()}
+                base = base or k["held-out"]
+                print(f"| {type_name} | {clusters} | {sweeps} | {t1 - t0:.1f} | {t3 - t2:.1f} | {k['calib']:.6f} | "
+                      f"{k['calib-other']:.6f} | {k['held-out']:.6f} | {k['held-out'] / base:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
