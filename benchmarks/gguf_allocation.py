@@ -1,13 +1,16 @@
 """KL divergence against size on mistral-nano: quantkit's measured allocation (`quantize --target-bpw`) against
 llama.cpp's stock mixes with `llama-imatrix`, all judged by `llama-perplexity --kl-divergence` on held-out text.
 
-Variants (one calibration text for every tool: *The Hound of the Baskervilles*, pg-english calib):
+Variants (one calibration text for every tool: --calib-text mix, the five pg-english calib books other than the
+evaluation book, interleaved, or hound, *The Hound of the Baskervilles* alone (the tables before the fourteenth
+session); see nano_gguf_setup):
   llama.cpp MIX + imatrix      llama-imatrix (CALIB windows x 512), llama-quantize --imatrix, for every k-quant
                                and i-quant mix
   quantkit alloc B             quantize --target-bpw B (RTN blocks with quantkit's imatrix of the same text; the
                                sensitivities measured once on 16 x 256 tokens of it, cached)
   quantkit GPTQ alloc B        quantize --target-bpw B --method gptq (GPTQ-calibrated blocks on CALIB windows x 512;
-                               the sensitivities measured GPTQ-rounded on the same 16 x 256 tokens, cached apart)
+                               the sensitivities measured on the same 16 x 256 tokens, GPTQ-rounded on Hessians of
+                               other windows of the text, cached apart)
   quantkit GPTQ +refineN alloc with --refine-sweeps N (N > 0): the same, each GPTQ solve followed by N sweeps of
                                coordinate descent on its codes (its own files and table)
   AutoRound SCHEME             auto-round --format gguf:SCHEME (SignRound-tuned k-quants, CALIB windows x 512), when
@@ -16,8 +19,8 @@ Evaluation: *Pride and Prejudice* (first 200k characters), llama.cpp convention 
 llama.cpp's F32 GGUF of the model. For each target the ratio compares quantkit's best file with the smallest
 llama.cpp (and AutoRound) file of the same or larger size.
 
-Usage: python benchmarks/gguf_allocation.py [--work /tmp/gguf_alloc] [--targets 2.5,3.5,4.5,5.5] [--chunks 40]
-       [--methods rtn,gptq] [--refine-sweeps N]
+Usage: python benchmarks/gguf_allocation.py [--calib-text mix|hound] [--work /tmp/gguf_alloc-mix]
+       [--targets 2.5,3.5,4.5,5.5] [--chunks 40] [--methods rtn,gptq] [--refine-sweeps N]
 Prints a Markdown table, writes <work>/results.json and benchmarks/results/gguf_allocation.png. Steps are cached.
 """
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nano_gguf_setup import CTX, QUANTKIT, prepare, run  # noqa: E402
+from nano_gguf_setup import CALIB_TEXTS, CTX, QUANTKIT, prepare, run  # noqa: E402
 
 from quantkit.gguf.llamacpp import parse_kld_summary, run_perplexity  # noqa: E402
 from quantkit.gguf.reader import parse_gguf  # noqa: E402
@@ -56,17 +59,20 @@ def bpw(path: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/gguf_alloc")
+    ap.add_argument("--work", help="cache directory (default /tmp/gguf_alloc-CALIB_TEXT)")
     ap.add_argument("--targets", default="2.5,3.5,4.5,5.5")
     ap.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens")
     ap.add_argument("--calib-chunks", type=int, default=64, help="calibration windows of 512 tokens (imatrix, GPTQ)")
+    ap.add_argument("--calib-text", default="mix", choices=CALIB_TEXTS,
+                    help="the calibration text of every tool (a --work directory holds one)")
     ap.add_argument("--methods", default="rtn,gptq", help="quantkit's methods to allocate with (rtn, gptq)")
     ap.add_argument("--refine-sweeps", type=int, default=0,
                     help="GPTQ allocations also written with `--refine-sweeps N` (their own files and table)")
     ap.add_argument("--autoround-venv", default="~/.cache/quantkit/autoround-venv",
                     help="a venv with `pip install auto-round` (0.16.1 here); its GGUF exports join the comparison")
     args = ap.parse_args()
-    env = prepare(Path(args.work), args.chunks, args.calib_chunks)
+    env = prepare(Path(args.work or f"/tmp/gguf_alloc-{args.calib_text}"), args.chunks, args.calib_chunks,
+                  args.calib_text)
     work, qk = env.work, QUANTKIT
 
     variants: dict[str, tuple[str, Path]] = {}  # label -> (tool, file)
@@ -141,7 +147,7 @@ def main() -> None:
                    for label, (tool, path) in variants.items()), key=lambda r: r["bpw"])
 
     print(f"\nmistral-nano; eval: pride-and-prejudice (first 200k chars), {args.chunks} x {CTX} tokens, "
-          f"llama-perplexity --kl-divergence against the F32 GGUF; calibration: the-hound-of-the-baskervilles "
+          f"llama-perplexity --kl-divergence against the F32 GGUF; calibration: {args.calib_text} "
           f"({args.calib_chunks} x {CTX} tokens for the imatrix files and GPTQ).\n")
     print("| file | BPW | bytes | mean KLD | same top % | PPL | predicted KLD (calib) | measured KLD (calib) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -2,15 +2,17 @@
 (`quant/head_hessian.py`, what `--method gptq` writes) and against the one shared input Hessian (the baseline,
 `--head-clusters 1`), by the KL divergence of the model with only lm_head quantized.
 
-The Hessians come from the run's calibration: 64 x 512 tokens of *The Hound of the Baskervilles* (seed 0); the
-divergence is measured on 16 x 256 windows of it (the allocation's default, seed 0: inside the calibration), on
-16 x 256 other windows (seed 1) and on held-out text (*Pride and Prejudice*). Only lm_head changes, so the final
+The Hessians come from the run's calibration: 64 x 512 tokens (seed 0) of *The Hound of the Baskervilles*
+(--calib-text hound) or of the five-book mix of `gguf_allocation.py --calib-text mix`; the divergence is measured on
+16 x 256 windows of it (the allocation's default, seed 0: inside the calibration), on 16 x 256 other windows
+(seed 1) and on held-out text (*Pride and Prejudice*). Only lm_head changes, so the final
 hidden states are computed once and each variant costs one GPTQ and three head products.
 
 With --refine-sweeps N, each rounding is also followed by N sweeps of coordinate descent on its codes
 (`--refine-sweeps`, `quant/gptq.refine_codes`), one more row each.
 
 Usage: python benchmarks/head_hessian.py [--types Q4_K,Q5_K,Q6_K] [--clusters 1,16,64,256] [--refine-sweeps N]
+       [--calib-text hound|mix]
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nano_gguf_setup import CTX, nano_windows  # noqa: E402
+from nano_gguf_setup import CALIB_TEXTS, nano_windows  # noqa: E402
 
-from quantkit.calib import load_calibration  # noqa: E402
 from quantkit.gguf.grids import gptq_round  # noqa: E402
-from quantkit.model.tokenizer import load_tokenizer  # noqa: E402
 from quantkit.quant.head_hessian import HeadHessians  # noqa: E402
-from quantkit.testing import shared_data  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +38,9 @@ def main() -> None:
     ap.add_argument("--clusters", default="1,16,64,256", help="the first is the baseline")
     ap.add_argument("--calib-chunks", type=int, default=64)
     ap.add_argument("--refine-sweeps", type=int, default=0, help="also each rounding refined with N sweeps")
+    ap.add_argument("--calib-text", default="hound", choices=CALIB_TEXTS)
     args = ap.parse_args()
-    ckpt, model, windows = nano_windows()
-    calib_txt = str(shared_data("pg-english", "calib") / "the-hound-of-the-baskervilles.txt")
-    windows["GPTQ calibration"] = load_calibration(calib_txt, load_tokenizer(ckpt.tokenizer_path), args.calib_chunks,
-                                                   CTX, 0).tokens
+    _, model, windows = nano_windows(calib_text=args.calib_text, calib_chunks=args.calib_chunks)
     weight = model.lm_head.weight.data
 
     def contexts(tokens: torch.Tensor) -> torch.Tensor:
@@ -61,7 +58,8 @@ def main() -> None:
             total += float((logp.exp() * (logp - logq)).sum(dtype=torch.float64))
         return total / x.shape[0]
 
-    print(f"mistral-nano lm_head {list(weight.shape)}; Hessians from {calib.shape[0]} calibration tokens; mean KLD "
+    print(f"mistral-nano lm_head {list(weight.shape)}; Hessians from {calib.shape[0]} calibration tokens "
+          f"({args.calib_text}); mean KLD "
           "with only lm_head quantized\n")
     print("| type | clusters | refine sweeps | collect (s) | round (s) | calib windows | other windows | held-out | "
           "held-out / baseline |")

@@ -1,7 +1,11 @@
 """What the GGUF quality benchmarks share: the texts, llama.cpp's tools, the F32 reference GGUF with its logits, and
 one importance matrix from each tool, all on the same calibration text (cached in the work directory).
 
-  calibration: *The Hound of the Baskervilles* (pg-english calib), `calib_chunks` windows of 512 tokens
+  calibration: `calib_chunks` windows of 512 tokens of one of
+    "hound"  *The Hound of the Baskervilles* (pg-english calib)
+    "mix"    the five pg-english calib books other than the evaluation book, interleaved piece by piece (about 4,000
+             characters each, cut at paragraph ends) until the shortest ends, so that any prefix of it, which is
+             what llama-imatrix reads, is as mixed as the random windows quantkit draws
   evaluation:  *Pride and Prejudice*, first 200k characters (held out)
 """
 
@@ -20,6 +24,31 @@ from quantkit.testing import NANO_PATH, llamacpp_bin, shared_data
 
 CTX = 512
 QUANTKIT = [sys.executable, "-m", "quantkit"]
+EVAL_BOOK = "pride-and-prejudice.txt"
+CALIB_TEXTS = ("hound", "mix")
+
+
+def calibration_text(pg: Path, kind: str, piece: int = 4000) -> str:
+    """The calibration text called `kind` (see the module's docstring) from the pg-english calib folder `pg`."""
+    if kind == "hound":
+        return (pg / "the-hound-of-the-baskervilles.txt").read_text()
+    if kind != "mix":
+        raise SystemExit(f"error: calibration text {kind!r}: expected one of {', '.join(CALIB_TEXTS)}")
+    books = [(pg / name).read_text() for name in sorted(f.name for f in pg.glob("*.txt")) if name != EVAL_BOOK]
+    cut = [_pieces(text, piece) for text in books]
+    rounds = min(len(c) for c in cut)
+    return "".join(c[i] for i in range(rounds) for c in cut)
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` in consecutive pieces of about `size` characters, each ending after a blank line where one is near."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n\n", start + size)
+        end = len(text) if end < 0 or end > start + 2 * size else end + 2
+        out.append(text[start:end])
+        start = end
+    return out
 
 
 @dataclass
@@ -46,14 +75,19 @@ def run(cmd: list[str], log: Path) -> str:
     return proc.stdout
 
 
-def prepare(work: Path, chunks: int, calib_chunks: int) -> NanoSetup:
+def prepare(work: Path, chunks: int, calib_chunks: int, calib_text: str = "hound") -> NanoSetup:
+    """Everything in `work`; a work directory made with another calibration text is refused, not mixed."""
     work.mkdir(parents=True, exist_ok=True)
     pg = shared_data("pg-english", "calib")
     if pg is None:
         raise SystemExit("needs ../shared/data/pg-english/calib")
     calib_txt, eval_txt = work / "calib.txt", work / "eval.txt"
-    calib_txt.write_text((pg / "the-hound-of-the-baskervilles.txt").read_text())
-    eval_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
+    text = calibration_text(pg, calib_text)
+    if calib_txt.exists() and calib_txt.read_text() != text:
+        raise SystemExit(f"error: {work} holds results calibrated on other text than {calib_text!r}; "
+                         f"give another --work")
+    calib_txt.write_text(text)
+    eval_txt.write_text((pg / EVAL_BOOK).read_text()[:200_000])
     quantize, imatrix_tool, perplexity = (llamacpp_bin(t)
                                           for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
     if None in (quantize, imatrix_tool, perplexity):
@@ -74,10 +108,11 @@ def prepare(work: Path, chunks: int, calib_chunks: int) -> NanoSetup:
     return NanoSetup(work, calib_txt, eval_txt, f32, base, lc_imx, qk_imx, quantize, perplexity)
 
 
-def nano_windows(n: int = 16, seqlen: int = 256):
+def nano_windows(n: int = 16, seqlen: int = 256, calib_text: str = "hound", calib_chunks: int = 0):
     """mistral-nano (opened, and as a float32 model) with `n` x `seqlen` token windows of the same texts as
     `prepare`: "calib" (the allocation's default windows, seed 0), "calib-other" (other windows of it, seed 1) and
-    "held-out" (the evaluation text, seed 0)."""
+    "held-out" (the evaluation text, seed 0); with `calib_chunks`, also "GPTQ calibration": that many windows of
+    CTX tokens of the calibration text (a run's calibration, seed 0)."""
     import tempfile
 
     import torch
@@ -91,11 +126,13 @@ def nano_windows(n: int = 16, seqlen: int = 256):
         raise SystemExit("needs ../shared/data/pg-english/calib")
     ckpt = open_checkpoint(str(NANO_PATH))
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
-    calib_txt = str(pg / "the-hound-of-the-baskervilles.txt")
     with tempfile.TemporaryDirectory() as tmp:
-        held_txt = Path(tmp) / "held.txt"
-        held_txt.write_text((pg / "pride-and-prejudice.txt").read_text()[:200_000])
-        windows = {"held-out": load_calibration(str(held_txt), tokenizer, n, seqlen, 0).tokens}
-    windows["calib"] = load_calibration(calib_txt, tokenizer, n, seqlen, 0).tokens
-    windows["calib-other"] = load_calibration(calib_txt, tokenizer, n, seqlen, 1).tokens
+        held_txt, calib_txt = Path(tmp) / "held.txt", str(Path(tmp) / "calib.txt")
+        held_txt.write_text((pg / EVAL_BOOK).read_text()[:200_000])
+        Path(calib_txt).write_text(calibration_text(pg, calib_text))
+        windows = {"held-out": load_calibration(str(held_txt), tokenizer, n, seqlen, 0).tokens,
+                   "calib": load_calibration(calib_txt, tokenizer, n, seqlen, 0).tokens,
+                   "calib-other": load_calibration(calib_txt, tokenizer, n, seqlen, 1).tokens}
+        if calib_chunks:
+            windows["GPTQ calibration"] = load_calibration(calib_txt, tokenizer, calib_chunks, CTX, 0).tokens
     return ckpt, Transformer.from_checkpoint(ckpt, torch.float32), windows
