@@ -41,11 +41,12 @@ def calibration_text(pg: Path, kind: str, piece: int = 4000) -> str:
 
 
 def _pieces(text: str, size: int) -> list[str]:
-    """`text` in consecutive pieces of about `size` characters, each ending after a blank line where one is near."""
+    """`text` in consecutive pieces of `size` to `2 * size` characters, each ending after a blank line where one
+    is that near, else cut at `2 * size` (the last piece may be shorter)."""
     out, start = [], 0
     while start < len(text):
-        end = text.find("\n\n", start + size)
-        end = len(text) if end < 0 or end > start + 2 * size else end + 2
+        blank = text.find("\n\n", start + size, start + 2 * size)
+        end = blank + 2 if blank >= 0 else start + 2 * size
         out.append(text[start:end])
         start = end
     return out
@@ -113,11 +114,9 @@ def nano_windows(n: int = 16, seqlen: int = 256, calib_text: str = "hound", cali
     `prepare`: "calib" (the allocation's default windows, seed 0), "calib-other" (other windows of it, seed 1) and
     "held-out" (the evaluation text, seed 0); with `calib_chunks`, also "GPTQ calibration": that many windows of
     CTX tokens of the calibration text (a run's calibration, seed 0)."""
-    import tempfile
-
     import torch
 
-    from quantkit.calib import load_calibration
+    from quantkit.calib.sampling import sample_windows, tokenize_documents
     from quantkit.model.reference import Transformer
     from quantkit.model.tokenizer import load_tokenizer
 
@@ -126,13 +125,12 @@ def nano_windows(n: int = 16, seqlen: int = 256, calib_text: str = "hound", cali
         raise SystemExit("needs ../shared/data/pg-english/calib")
     ckpt = open_checkpoint(str(NANO_PATH))
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        held_txt, calib_txt = Path(tmp) / "held.txt", str(Path(tmp) / "calib.txt")
-        held_txt.write_text((pg / EVAL_BOOK).read_text()[:200_000])
-        Path(calib_txt).write_text(calibration_text(pg, calib_text))
-        windows = {"held-out": load_calibration(str(held_txt), tokenizer, n, seqlen, 0).tokens,
-                   "calib": load_calibration(calib_txt, tokenizer, n, seqlen, 0).tokens,
-                   "calib-other": load_calibration(calib_txt, tokenizer, n, seqlen, 1).tokens}
-        if calib_chunks:
-            windows["GPTQ calibration"] = load_calibration(calib_txt, tokenizer, calib_chunks, CTX, 0).tokens
+    # each text tokenized once (as `--calib FILE` tokenizes it), its windows drawn as `load_calibration` draws them
+    held = tokenize_documents([(pg / EVAL_BOOK).read_text()[:200_000]], tokenizer)
+    calib = tokenize_documents([calibration_text(pg, calib_text)], tokenizer)
+    windows = {"held-out": sample_windows(held, n, seqlen, 0, tokenizer.bos_id),
+               "calib": sample_windows(calib, n, seqlen, 0, tokenizer.bos_id),
+               "calib-other": sample_windows(calib, n, seqlen, 1, tokenizer.bos_id)}
+    if calib_chunks:
+        windows["GPTQ calibration"] = sample_windows(calib, calib_chunks, CTX, 0, tokenizer.bos_id)
     return ckpt, Transformer.from_checkpoint(ckpt, torch.float32), windows
