@@ -64,7 +64,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
              log: Callable[[str], None] | None = None, target_bpw: float | None = None,
              target_size: str | int | None = None, candidates: str | Sequence[str] | None = None,
              sensitivity: str | Path | None = None, sensitivity_samples: int = 16,
-             sensitivity_seqlen: int = 256) -> QuantizeResult:
+             sensitivity_seqlen: int = 256, activation_rounding: str = "llama.cpp-cpu") -> QuantizeResult:
     """Quantize `model` layer by layer and write every requested format under `output` (one format: `output` itself;
     several: `output/<format>`). Arguments as in `plan`, plus: calib (builtin, a .txt/.jsonl/.parquet file or
     directory; default builtin for gptq/awq), damp/block_size/group_aware (GPTQ; group_aware: groups and their
@@ -85,7 +85,9 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
     of `calib` (cached in `sensitivity`, default under ~/.cache/quantkit; with method gptq each candidate is
     measured GPTQ-rounded, with the run's GPTQ options, on Hessians of as many tokens as the run's calibration, from
     other windows), chooses the targets with the least predicted KLD that fit, writes them, and reports predicted
-    against measured KLD (`result.allocation`)."""
+    against measured KLD (`result.allocation`). GGUF products are measured as `activation_rounding` says:
+    "llama.cpp-cpu" (each input rounded to the weight type's vec_dot_type, as llama.cpp's CPU backend does) or
+    "none" (exact float products)."""
     from quantkit.io import parse_size
     from quantkit.model.checkpoint import open_checkpoint
 
@@ -106,7 +108,7 @@ def quantize(model: str | Path, output: str | Path, *, method: str = "rtn", pres
             gptq={"damp": damp, "block_size": block_size, "group_aware": group_aware,
                   "refine_sweeps": refine_sweeps} if method == "gptq" else None,
             head_clusters=head_clusters, gptq_samples=calib_samples, gptq_seqlen=calib_seqlen,
-            progress=progress_wrapper(progress, "sensitivity"))
+            activation_rounding=activation_rounding, progress=progress_wrapper(progress, "sensitivity"))
         formats, overrides = fmt, allocation.overrides()
         if fmt == "gguf":
             gguf_type, imatrix = allocation.base, allocation.imatrix_path

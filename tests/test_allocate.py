@@ -116,11 +116,25 @@ def test_target_bpw_meets_the_budget_and_predicts_the_measured_kld(small, tmp_pa
     assert all(v >= 0 for row in table["kld"].values() for v in row.values())
     for row in table["kld"].values():  # more bits, less divergence
         assert row["Q8_0"] < row["Q4_K"] < row["Q2_K"]
+    # measured as llama.cpp's CPU backend multiplies: every matrix but the (looked-up) embedding has the penalty of
+    # its input rounded to Q8_K (k-quants) and to Q8_0 / Q8_1 (the legacy candidates)
+    assert a["activation_rounding"] == "llama.cpp-cpu"
+    matrices = set(table["kld"]) - {"model.embed_tokens.weight"}
+    assert set(table["activation"]) == matrices
+    assert all(set(row) == {"Q8_0", "Q8_1", "Q8_K"} and min(row.values()) > 0 for row in table["activation"].values())
     # a second budget reuses every measurement
     code, out, err = _quantize(capsys, small, tmp_path / "b.gguf", cache, "--target-bpw", "6.0")
     assert code == 0, err
     b = json.loads(out.strip().splitlines()[-1])["allocation"]
     assert b["measured_pairs"] == 0 and b["predicted_kld"] < a["predicted_kld"]
+    # exact products: the same measurements without the penalties, predicting and measuring less
+    code, out, err = _quantize(capsys, small, tmp_path / "c.gguf", cache, "--target-bpw", "4.0",
+                               "--activation-rounding", "none")
+    assert code == 0, err
+    c = json.loads(out.strip().splitlines()[-1])["allocation"]
+    assert c["measured_pairs"] == 0 and c["activation_rounding"] == "none"
+    assert c["predicted_kld"] < a["predicted_kld"] and c["measured_kld"] < a["measured_kld"]
+    assert abs(c["predicted_kld"] / c["measured_kld"] - 1) <= 0.25
 
 
 def test_one_tensor_sensitivity_equals_the_kld_of_a_file_holding_only_that_change(small, tmp_path):
@@ -147,6 +161,54 @@ def test_one_tensor_sensitivity_equals_the_kld_of_a_file_holding_only_that_chang
     with pytest.raises(QuantkitError, match="another model, calibration or imatrix"):
         measure_sensitivity(ckpt, tokens, ggml_candidates(["Q2_K"], {}), {name: [name]}, tmp_path / "s.json",
                             {"test": 2})
+
+
+def test_activation_penalty_equals_the_kld_of_that_input_rounded_as_llamacpp_cpu(small, tmp_path):
+    """A tensor's activation penalty is the KLD of the full-precision model whose product with that tensor alone is
+    computed as llama.cpp's CPU backend computes it (`GGMLNumericsLinear`: the input rounded to the vec_dot_type
+    of a weight type that pairs with it); with the weight quantized too, the file multiplied that way measures
+    about the sum of its two sensitivities."""
+    import torch
+
+    from quantkit.calib import load_calibration
+    from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, model_kld
+    from quantkit.gguf.activations import GGMLNumericsLinear
+    from quantkit.model.checkpoint import open_checkpoint
+    from quantkit.model.reference import Transformer
+    from quantkit.model.tokenizer import load_tokenizer
+
+    ckpt = open_checkpoint(small)
+    tokens = load_calibration("builtin", load_tokenizer(ckpt.tokenizer_path), 2, 48, 0).tokens
+    names = ["model.layers.1.mlp.down_proj.weight", "lm_head.weight", "model.embed_tokens.weight"]
+    table = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q3_K"], {}), {n: [n] for n in names},
+                                tmp_path / "s.json", {"test": 1}, activation_types=["Q8_K", "Q8_0", "F32"])
+    assert "model.embed_tokens.weight" not in table.activation  # a lookup: nothing is multiplied
+    for name in names[:2]:
+        assert set(table.activation[name]) == {"Q8_K", "Q8_0"}  # F32 rounds nothing
+        for vec_dot_type, weight_type in (("Q8_K", "Q3_K"), ("Q8_0", "Q5_0")):
+            model = Transformer.from_checkpoint(ckpt, torch.float32)
+            parent, _, child = name.removesuffix(".weight").rpartition(".")
+            module = model.get_submodule(name.removesuffix(".weight"))
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    GGMLNumericsLinear(module.weight.detach(), weight_type))
+            measured = model_kld(ckpt, tokens, model)
+            assert measured > 1e-7
+            assert table.activation[name][vec_dot_type] == pytest.approx(measured, rel=1e-3), (name, vec_dot_type)
+            if vec_dot_type == "Q8_K":  # the weight's rounding and its input's add up
+                from quantkit.gguf.codec import encode
+
+                weight = encode(module.weight.detach(), "Q3_K", name=name).dequantize(torch.float32)
+                setattr(model.get_submodule(parent) if parent else model, child, GGMLNumericsLinear(weight, "Q3_K"))
+                both = table.kld[name]["Q3_K"] + table.activation[name]["Q8_K"]
+                assert model_kld(ckpt, tokens, model) == pytest.approx(both, rel=0.2), name
+    again = measure_sensitivity(ckpt, tokens, ggml_candidates(["Q3_K"], {}), {n: [n] for n in names},
+                                tmp_path / "s.json", {"test": 1}, activation_types=["Q8_K", "Q8_0"])
+    assert again.activation == table.activation and again.measured == 0  # saved with the table
+    saved = json.loads((tmp_path / "s.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**saved, "activation": {names[0]: "Q8_K"}}))
+    with pytest.raises(QuantkitError, match="bad.json: field 'activation' must map tensor names"):
+        measure_sensitivity(ckpt, tokens, ggml_candidates(["Q3_K"], {}), {n: [n] for n in names},
+                            tmp_path / "bad.json", {"test": 1}, activation_types=["Q8_K"])
 
 
 def test_target_errors_are_one_line(small, tmp_path, capsys):

@@ -9,6 +9,7 @@ import click
 
 from quantkit.commands._plan_options import model_options
 from quantkit.commands._types import COUNT, SIZE, FiniteFloatRange
+from quantkit.pipeline.allocate import ACTIVATION_ROUNDINGS
 from quantkit.quant.head_hessian import CLUSTERS as HEAD_CLUSTERS
 
 
@@ -56,8 +57,14 @@ from quantkit.quant.head_hessian import CLUSTERS as HEAD_CLUSTERS
               help="GGUF: as --target-bpw, with the budget as tensor bytes (e.g. 3.9GB).")
 @click.option("--candidates", default=None, metavar="TYPES",
               help="Types the allocation chooses from, comma-separated (default IQ1_M,IQ2_XXS,IQ2_S,Q2_K,IQ3_XXS,"
-              "IQ3_S,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0; IQ1_M and IQ2_XXS only for tensors with an imatrix entry, "
-              "or, with --method gptq, a Hessian).")
+              "IQ3_S,Q3_K,IQ4_XS,IQ4_NL,Q4_K,Q4_1,Q5_0,Q5_K,Q5_1,Q6_K,Q8_0; IQ1_M and IQ2_XXS only for tensors with "
+              "an imatrix entry, or, with --method gptq, a Hessian).")
+@click.option("--activation-rounding", type=click.Choice(ACTIVATION_ROUNDINGS), default="llama.cpp-cpu",
+              show_default=True,
+              help="GGUF allocation: how each product is measured. llama.cpp-cpu: as llama.cpp's CPU backend "
+              "computes it, the input rounded to the weight type's dot-product type first (blocks of 256 for the "
+              "k- and i-quants, of 32 for Q4_0..Q8_0 and IQ4_NL), so the choice and the prediction count that "
+              "rounding; none: exact float products (backends that dequantize and multiply in float).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File that caches the measured sensitivities (default: under ~/.cache/quantkit/sensitivity, "
               "keyed by model, tokens, imatrix and GPTQ options; with --method gptq the embedding's Fisher matrix "
@@ -71,8 +78,8 @@ from quantkit.quant.head_hessian import CLUSTERS as HEAD_CLUSTERS
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(model, preset, method, formats, gguf_type, overrides, act_order, calib, calib_samples, calib_seqlen,
             seed, device, as_json, output, damp, block_size, group_aware, head_clusters, refine_sweeps, compute_dtype,
-            imatrix_in, imatrix_out, shard_size, work_dir, resume, target_bpw, target_size, candidates, sensitivity,
-            sensitivity_samples, sensitivity_seqlen, force, dry_run, no_progress):
+            imatrix_in, imatrix_out, shard_size, work_dir, resume, target_bpw, target_size, candidates,
+            activation_rounding, sensitivity, sensitivity_samples, sensitivity_seqlen, force, dry_run, no_progress):
     """Quantize MODEL layer by layer (only one decoder layer in memory) and write the requested format(s).
 
     \b
@@ -104,5 +111,5 @@ def command(model, preset, method, formats, gguf_type, overrides, act_order, cal
                           progress=not (no_progress or as_json), log=lambda m: click.echo(m, err=True),
                           target_bpw=target_bpw, target_size=target_size, candidates=candidates,
                           sensitivity=sensitivity, sensitivity_samples=sensitivity_samples,
-                          sensitivity_seqlen=sensitivity_seqlen)
+                          sensitivity_seqlen=sensitivity_seqlen, activation_rounding=activation_rounding)
     click.echo(json.dumps(result.to_dict()) if as_json else result.render())

@@ -19,6 +19,12 @@ information of the output with respect to its output (`quant/fisher.py`), measur
 (`embedding_hessian_path`) for the run that writes the allocation — when the tokens are enough to estimate it
 (`fisher.enough_samples`; else its data-free encoding, as the run then writes it).
 
+With `activation_types`, each matrix's input is also measured rounded the way llama.cpp's CPU backend rounds a
+product's activations (`gguf.activations`: Q8_K blocks for the k- and i-quants, Q8_0 / Q8_1 for the legacy types),
+the weight kept in full precision: a penalty per (tensor, vec_dot_type) that adds to every candidate of that
+vec_dot_type. On mistral-nano the rounding of down_proj's input costs more than its Q6_K weight; measuring it lets
+the allocation prefer a type with finer activation blocks where that pays (the embedding, a row lookup, has none).
+
 The table is saved after every tensor (an atomic rewrite of one JSON file), so an interrupted measurement resumes
 and several byte budgets cost one measurement. A file made for another model, other tokens or another imatrix is
 refused (its `identity` differs).
@@ -52,11 +58,13 @@ FILE_VERSION = 1
 class SensitivityTable:
     identity: dict[str, Any]
     kld: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> mean KLD (nats/token)
+    # tensor -> vec_dot_type -> mean KLD of the full-precision model with only that tensor's input so rounded
+    activation: dict[str, dict[str, float]] = field(default_factory=dict)
     measured: int = 0  # (unit, candidate) pairs `measure_sensitivity` added (not saved)
     embedding_hessian: Path | None = None  # GPTQ measurements: the embedding's Fisher matrix (a file beside it)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": FILE_VERSION, "identity": self.identity, "kld": self.kld}
+        return {"version": FILE_VERSION, "identity": self.identity, "kld": self.kld, "activation": self.activation}
 
     @classmethod
     def load(cls, path: Path, identity: dict[str, Any]) -> SensitivityTable:
@@ -68,11 +76,15 @@ class SensitivityTable:
             raise QuantkitError(f"{path}: sensitivity table of another model, calibration or imatrix "
                                 f"(saved identity {obj.get('identity')}, this run {identity}); remove it or name "
                                 "another file")
-        kld = obj.get("kld")
-        if not isinstance(kld, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in kld.values()):
-            raise QuantkitError(f"{path}: field 'kld' must map tensor names to {{type: number}}")
-        return cls(identity, {k: {t: float(x) for t, x in v.items()} for k, v in kld.items()})
+        fields = {}
+        for key in ("kld", "activation"):
+            value = obj.get(key, {} if key == "activation" else None)  # tables saved before penalties lack it
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+                    for v in value.values()):
+                raise QuantkitError(f"{path}: field {key!r} must map tensor names to {{type: number}}")
+            fields[key] = {k: {t: float(x) for t, x in v.items()} for k, v in value.items()}
+        return cls(identity, **fields)
 
     def save(self, path: Path) -> None:
         """Write (or replace: `load` accepted it as this table's file) atomically."""
@@ -290,7 +302,8 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
                         cache: Path, identity: dict[str, Any],
                         progress: Callable[[Iterable], Iterable] | None = None,
                         hessians: bool = False, head_clusters: int = 1,
-                        hessian_tokens: torch.Tensor | None = None) -> SensitivityTable:
+                        hessian_tokens: torch.Tensor | None = None,
+                        activation_types: Iterable[str] = ()) -> SensitivityTable:
     """The sensitivity of every unit (a group of tensors that is stored alike, e.g. one tensor, or q/k/v of a
     layer) to every candidate that can store all its tensors, on `tokens` [n, seqlen]; measurements already in
     `cache` are reused, new ones are added to it. Keys of the table: unit names, then candidate labels.
@@ -299,12 +312,17 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
     `hessian_tokens` (default `tokens`): other windows than the measured ones keep GPTQ's gain out of sample, as a
     written file's is on text other than its calibration (in sample it is overestimated by up to a third); as many
     as the run calibrates on, so that the rounding is as good as the run's. The embedding's Fisher matrix comes from
-    as many of their tokens as `tokens` has (one backward pass per draw and window)."""
+    as many of their tokens as `tokens` has (one backward pass per draw and window). `activation_types`: also the
+    penalty of rounding each unit's matrix input to each of these vec_dot_types (`table.activation`; F32 rounds
+    nothing)."""
     from quantkit.model.reference import Transformer
     from quantkit.quant.fisher import embedding_fisher, enough_samples
 
     table = SensitivityTable.load(cache, identity)
-    todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)]
+    rounded = [t for t in dict.fromkeys(activation_types) if t != "F32"]
+    todo = [u for u in units if any(c not in table.kld.get(u, {}) for c in candidates)
+            or (_matrix_input(units[u], ckpt.config.tie_word_embeddings)
+                and any(t not in table.activation.get(u, {}) for t in rounded))]
     fisher_path = embedding_hessian_path(cache)
     seen_tokens = tokens if hessian_tokens is None else hessian_tokens
     fisher_tokens = seen_tokens[:tokens.shape[0], :tokens.shape[1]]
@@ -348,5 +366,32 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
                 for n, ps in params.items():
                     for prm in ps:
                         prm.data = originals[n]
+        module = _matrix_input(names, tied)
+        penalties = table.activation.setdefault(unit, {}) if module else {}
+        for vec_dot_type in rounded if module else ():
+            if vec_dot_type not in penalties:
+                penalties[vec_dot_type] = _rounded_input_kld(ref, model.get_submodule(module), vec_dot_type,
+                                                             n_layers if module == "lm_head" else first)
         table.save(cache)
     return table
+
+
+def _matrix_input(names: list[str], tied: bool) -> str | None:
+    """The module whose input a one-tensor unit multiplies (None: several tensors, or the untied embedding, which
+    is looked up, not multiplied)."""
+    if len(names) != 1:
+        return None
+    if names[0] == EMBEDDING:
+        return "lm_head" if tied else None
+    return names[0].removesuffix(".weight")
+
+
+def _rounded_input_kld(ref: _Reference, module: torch.nn.Module, vec_dot_type: str, first: int) -> float:
+    """KL(full || full with `module`'s input rounded to `vec_dot_type`), running from layer `first`."""
+    from quantkit.gguf.activations import round_input
+
+    handle = round_input(module, vec_dot_type)
+    try:
+        return ref.kld_from_layer(first)
+    finally:
+        handle.remove()

@@ -140,6 +140,17 @@ def quantize_activations(x: torch.Tensor, vec_dot_type: str, rounding: str = "x8
     return (q * d).reshape(x.shape)
 
 
+def round_input(module: nn.Module, vec_dot_type: str) -> torch.utils.hooks.RemovableHandle:
+    """Make `module` (any linear: nn.Linear, a runtime GGMLLinear) multiply its input rounded to `vec_dot_type`, as
+    ggml's CPU backend does: a forward pre-hook, whose handle is returned. The rounding of `GGMLNumericsLinear`
+    without Q8_1's fp16 sum term (a Q4_1/Q5_1 weight's min times a rounding of a rounding), and without a copy of
+    the weight: what a measurement of a whole model can afford."""
+    def hook(_module, args):
+        return (quantize_activations(args[0], vec_dot_type).to(args[0].dtype), *args[1:])
+
+    return module.register_forward_pre_hook(hook)
+
+
 def block_mins(tensor) -> torch.Tensor | None:
     """Per-block mins m [rows, cols/32] float32 of a Q4_1/Q5_1 `GGMLTensor` (None for other types)."""
     type_name = getattr(tensor, "type_name", None)

@@ -9,6 +9,13 @@ integer presets per fused group of linears for gptq / compressed-tensors.
 3. the assignment with the least predicted KLD (the sum of the per-tensor KLDs) whose tensor bytes fit the budget
    (`quant/allocate.py`); 1-D tensors stay F32 and count against the budget.
 
+GGUF is measured as llama.cpp's CPU backend computes it (`activation_rounding="llama.cpp-cpu"`, the default): that
+backend rounds the input of every product to the weight type's vec_dot_type first — blocks of 256 (Q8_K) for the
+k- and i-quants, of 32 (Q8_0 / Q8_1) for Q4_0 .. Q8_0 and IQ4_NL — so a candidate costs its weight's KLD plus the
+measured KLD of its input's rounding. On mistral-nano that rounding is a sixth of a 5.5 BPW file's divergence
+in llama-perplexity, most of it in down_proj, whose input Q8_K rounds coarsely. "none" measures exact float
+products (what a backend that dequantizes weights and multiplies in float computes).
+
 The result is an ordinary `quantize` run with one override per tensor and the same imatrix, so every tensor is
 encoded as it was when it was measured.
 """
@@ -28,13 +35,16 @@ from quantkit.cache import cache_dir
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import check_type, is_float_type
 from quantkit.gguf.mixes import FILE_TYPES
+from quantkit.model.arch import EMBEDDING, LAYER_LINEARS
 from quantkit.quant.allocate import Option, allocate
 
 # GGUF: from 1.75 to 8.5 bits per weight (IQ1_M, IQ2_XXS and IQ2_S only where the tensor has an imatrix entry)
-DEFAULT_CANDIDATES = ("IQ1_M", "IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K",
-                      "Q8_0")
+# (IQ4_NL, Q4_1, Q5_0 and Q5_1: finer activation blocks on llama.cpp's CPU backend)
+DEFAULT_CANDIDATES = ("IQ1_M", "IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_K",
+                      "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
 DEFAULT_PRESETS = ("w2a16-g64", "w3a16-g128", "w4a16-g128", "w4a16-g32", "w8a16-g128")  # gptq, compressed-tensors
 ALLOCATABLE_FORMATS = ("gguf", "gptq", "compressed-tensors")
+ACTIVATION_ROUNDINGS = ("llama.cpp-cpu", "none")  # how GGUF products are measured (module docstring)
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Allocation:
     tokens: Any = field(default=None, repr=False)  # the calibration windows measured on (int64 [n, seqlen])
     embedding_hessian: Path | None = None  # GPTQ: the embedding's Fisher matrix it was measured with (and is written)
     measured_kld: float | None = None  # of the written file, on the same tokens (set after the run)
+    activation_rounding: str = "none"  # GGUF: "llama.cpp-cpu" measures each product as that backend rounds it
 
     @property
     def bpw(self) -> float:
@@ -82,28 +93,42 @@ class Allocation:
                 "imatrix": None if self.imatrix_path is None else str(self.imatrix_path),
                 "embedding_hessian": None if self.embedding_hessian is None else str(self.embedding_hessian),
                 "measured_pairs": self.measured,
-                "measured_kld": self.measured_kld}
+                "measured_kld": self.measured_kld, "activation_rounding": self.activation_rounding}
 
     def render(self) -> str:
         hist = ", ".join(f"{t} {n}" for t, n in self.histogram().items())
         lines = [f"allocation: {self.bpw:.3f} BPW for a budget of {self.target_bpw:.3f} ({self.tensor_bytes:,} of "
                  f"{self.budget_bytes:,} bytes); tensors: {hist}",
-                 f"KLD on the {self.n_tokens} calibration tokens: predicted {self.predicted_kld:.6f}"]
+                 f"KLD on the {self.n_tokens} calibration tokens{self._numerics()}: predicted "
+                 f"{self.predicted_kld:.6f}"]
         if self.measured_kld is not None:
             ratio = self.predicted_kld / self.measured_kld if self.measured_kld > 0 else float("inf")
             lines[-1] += f", measured {self.measured_kld:.6f} (predicted/measured {ratio:.2f})"
         return "\n".join(lines)
+
+    def _numerics(self) -> str:
+        return " (products as llama.cpp's CPU backend rounds them)" if self.activation_rounding != "none" else ""
 
     @property
     def n_tokens(self) -> int:
         return 0 if self.tokens is None else int(self.tokens.numel())
 
     def measure(self, ckpt, output: Path) -> float:
-        """Load the written output and set `measured_kld`: its KLD from `ckpt` on the tokens measured on."""
+        """Load the written output and set `measured_kld`: its KLD from `ckpt` on the tokens measured on, with the
+        products computed as they were measured (`activation_rounding`)."""
         from quantkit.eval.sensitivity import model_kld
         from quantkit.runtime.model import load_model
 
-        self.measured_kld = model_kld(ckpt, self.tokens, load_model(output))
+        model = load_model(output, fuse=self.activation_rounding == "none")  # rounded: q, k, v each by its type
+        if self.activation_rounding == "llama.cpp-cpu":
+            from quantkit.gguf.activations import VEC_DOT_TYPE, round_input
+
+            for name, module in model.named_modules():
+                if name == "lm_head":  # tied: llama.cpp multiplies by the embedding
+                    round_input(module, VEC_DOT_TYPE[self.targets.get("lm_head.weight", self.targets[EMBEDDING])])
+                elif name.startswith("model.layers.") and name.split(".", 3)[-1] in LAYER_LINEARS:
+                    round_input(module, VEC_DOT_TYPE[self.targets[f"{name}.weight"]])
+        self.measured_kld = model_kld(ckpt, self.tokens, model)
         return self.measured_kld
 
 
@@ -177,7 +202,7 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
                    candidates: Iterable[str] | None = None, calib: str = "builtin", calib_samples: int = 16,
                    calib_seqlen: int = 256, seed: int = 0, imatrix: Path | None = None,
                    sensitivity: Path | None = None, gptq: dict[str, Any] | None = None, head_clusters: int = 1,
-                   gptq_samples: int = 128, gptq_seqlen: int = 512,
+                   gptq_samples: int = 128, gptq_seqlen: int = 512, activation_rounding: str = "llama.cpp-cpu",
                    progress: Callable[[Iterable], Iterable] | None = None) -> Allocation:
     """Measure (or reuse) the sensitivity of `ckpt` to every candidate and choose the targets for the budget.
     `gptq`: the run rounds with GPTQ, with these options of `GPTQ.quantize` (damp, block_size, group_aware), and
@@ -185,12 +210,14 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     tokens of `calib` (the run's calibration size; other windows than the run's and the measured ones: those of the
     next seed), lm_head's with `head_clusters` KL-weighted row clusters as the run rounds it.
 
-    GGUF: a ggml type per 2-D tensor (embedding and lm_head included). gptq / compressed-tensors: an integer
+    GGUF: a ggml type per 2-D tensor (embedding and lm_head included), each product measured as
+    `activation_rounding` says (module docstring). gptq / compressed-tensors: an integer
     preset per fused group of decoder linears (written as GPTQ `dynamic` rules / compressed-tensors config groups);
     embeddings, lm_head and norms stay float there and count against the budget."""
     from quantkit.calib import load_calibration
     from quantkit.eval.sensitivity import ggml_candidates, measure_sensitivity, scheme_candidates
     from quantkit.formats.base import get_format
+    from quantkit.gguf.activations import VEC_DOT_TYPE
     from quantkit.gguf.imatrix import read_imatrix, write_imatrix
     from quantkit.io import sha256_file
     from quantkit.model.tokenizer import load_tokenizer
@@ -206,6 +233,11 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     labels = [check_type(c.upper(), "--candidates") for c in labels] if gguf else [c.lower() for c in labels]
     if not labels:
         raise SchemeError("--candidates: name at least one")
+    if activation_rounding not in ACTIVATION_ROUNDINGS:
+        raise SchemeError(f"--activation-rounding {activation_rounding}: expected one of "
+                          f"{', '.join(ACTIVATION_ROUNDINGS)}")
+    rounding = activation_rounding if gguf else "none"  # vLLM and transformers multiply in float: nothing to add
+    vec_dot = {label: VEC_DOT_TYPE.get(label, "F32") for label in labels} if rounding != "none" else {}
     form = get_format(fmt)
     entries = _plan_entries(ckpt, fmt)
     parameters = sum(e.numel for e in entries)
@@ -250,14 +282,15 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
     fixed = sum(e.bytes_out[fmt] for e in entries if e.name not in in_units)  # what stays float (GGUF: F32 norms)
     table = measure_sensitivity(ckpt, calib_set.tokens, encoders, units, table_path, identity, progress=progress,
                                 hessians=gptq is not None, head_clusters=head_clusters,
-                                hessian_tokens=hessian_set.tokens if hessian_set else None)
+                                hessian_tokens=hessian_set.tokens if hessian_set else None,
+                                activation_types=sorted(set(vec_dot.values())))
 
     options = {}
     for unit, names in units.items():
-        row = table.kld.get(unit, {})
+        row, penalty = table.kld.get(unit, {}), table.activation.get(unit, {})
         opts = [Option(label, sum(form.stored_nbytes(target_of[label], by_name[n].shape,
                                                      DTYPE_BYTES.get(by_name[n].source_dtype, 2)) for n in names),
-                       row[label]) for label in labels if label in row]
+                       row[label] + penalty.get(vec_dot.get(label, "F32"), 0.0)) for label in labels if label in row]
         if not opts:
             raise SchemeError(f"{unit}: none of the candidates ({', '.join(labels)}) can store it")
         options[unit] = opts
@@ -272,7 +305,8 @@ def allocate_types(ckpt, fmt: str = "gguf", *, target_bpw: float | None = None, 
         targets = {e.name: targets.get(e.name, "F32") for e in entries}
     base = _base(fmt, targets, {e.name: e.numel for e in entries})
     return Allocation(fmt, targets, budget, fixed + chosen.nbytes, parameters, chosen.cost, base, table_path,
-                      imatrix_path, table.measured, tokens=calib_set.tokens, embedding_hessian=table.embedding_hessian)
+                      imatrix_path, table.measured, tokens=calib_set.tokens, embedding_hessian=table.embedding_hessian,
+                      activation_rounding=rounding)
 
 
 def check_target_arguments(formats, gguf_type: str | None, preset: str | None, overrides) -> str:
