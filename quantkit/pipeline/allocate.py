@@ -125,9 +125,12 @@ class Allocation:
 
             for name, module in model.named_modules():
                 if name == "lm_head":  # tied: llama.cpp multiplies by the embedding
-                    round_input(module, VEC_DOT_TYPE[self.targets.get("lm_head.weight", self.targets[EMBEDDING])])
+                    weight_type = self.targets.get("lm_head.weight", self.targets[EMBEDDING])
                 elif name.startswith("model.layers.") and name.split(".", 3)[-1] in LAYER_LINEARS:
-                    round_input(module, VEC_DOT_TYPE[self.targets[f"{name}.weight"]])
+                    weight_type = self.targets[f"{name}.weight"]
+                else:
+                    continue
+                round_input(module, VEC_DOT_TYPE.get(weight_type, "F32"))  # as the costs counted it
         self.measured_kld = model_kld(ckpt, self.tokens, model)
         return self.measured_kld
 
