@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nano_gguf_setup import CTX  # noqa: E402
 
-from quantkit.eval.perplexity import iter_windows  # noqa: E402
+from quantkit.eval.compare import compare_models  # noqa: E402
+from quantkit.eval.perplexity import tokenize_for_convention  # noqa: E402
 from quantkit.formats.base import read_checkpoint  # noqa: E402
 from quantkit.formats.dequantized import dequantized_model  # noqa: E402
 from quantkit.gguf.activations import apply_ggml_numerics  # noqa: E402
@@ -37,16 +38,6 @@ from quantkit.model.checkpoint import open_checkpoint  # noqa: E402
 from quantkit.model.reference import Transformer  # noqa: E402
 from quantkit.model.tokenizer import load_tokenizer  # noqa: E402
 from quantkit.testing import NANO_PATH, llamacpp_bin  # noqa: E402
-
-
-def mean_kld(ref_logp: list[torch.Tensor], model, windows) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for logp, w in zip(ref_logp, windows):
-            logq = torch.log_softmax(model(w.tokens)[0, w.first:-1].float(), -1)
-            total += float((logp.exp() * (logp - logq)).sum(dtype=torch.float64))
-            count += logp.shape[0]
-    return total / count
 
 
 def main() -> None:
@@ -63,20 +54,22 @@ def main() -> None:
         raise SystemExit("needs llama.cpp's tools (bash scripts/build_llamacpp.sh)")
     ckpt = open_checkpoint(str(NANO_PATH))
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
-    ids = tokenizer.encode(eval_txt.read_text(), bos=True)
-    windows = list(iter_windows(ids, "llamacpp", CTX, tokenizer.bos_id, args.chunks))
+    ids = tokenize_for_convention(tokenizer, eval_txt.read_text(), "llamacpp")
     full = Transformer.from_checkpoint(ckpt, torch.float32)
-    with torch.no_grad():
-        ref_logp = [torch.log_softmax(full(w.tokens)[0, w.first:-1].float(), -1) for w in windows]
-    print(f"mistral-nano, {len(windows)} x {CTX} tokens of {eval_txt} (llama-perplexity's convention); mean KLD\n")
+
+    def mean_kld(model) -> float:  # as `quantkit eval --ref`, on llama-perplexity's first `chunks` windows
+        return compare_models(full, model, ids, "llamacpp", CTX, progress=False, bos_id=tokenizer.bos_id,
+                              max_windows=args.chunks)["kld"]["mean"]
+
+    print(f"mistral-nano, {args.chunks} x {CTX} tokens of {eval_txt} (llama-perplexity's convention); mean KLD\n")
     print("| file | exact | rounded as llama.cpp's CPU | llama.cpp | rounding's share |")
     print("|---|---:|---:|---:|---:|")
     for path in args.files:
         written = read_checkpoint(path)
         model = dequantized_model(written)
-        exact = mean_kld(ref_logp, model, windows)
+        exact = mean_kld(model)
         apply_ggml_numerics(model, written.metadata["tensor_types"], written.get)
-        rounded = mean_kld(ref_logp, model, windows)
+        rounded = mean_kld(model)
         out = run_perplexity(perplexity, path, eval_txt, ctx=CTX, chunks=args.chunks, kld_base_in=base)
         llamacpp = parse_kld_summary(out)["kld_mean"]
         print(f"| {path.name} | {exact:.6f} | {rounded:.6f} | {llamacpp:.6f} | {(rounded - exact) / llamacpp:.0%} |",

@@ -367,11 +367,12 @@ def measure_sensitivity(ckpt, tokens: torch.Tensor, candidates: dict[str, Encode
                     for prm in ps:
                         prm.data = originals[n]
         module = _matrix_input(names, tied)
-        penalties = table.activation.setdefault(unit, {}) if module else {}
-        for vec_dot_type in rounded if module else ():
-            if vec_dot_type not in penalties:
-                penalties[vec_dot_type] = _rounded_input_kld(ref, model.get_submodule(module), vec_dot_type,
-                                                             n_layers if module == "lm_head" else first)
+        if module:
+            penalties = table.activation.setdefault(unit, {})
+            for vec_dot_type in rounded:
+                if vec_dot_type not in penalties:
+                    penalties[vec_dot_type] = _rounded_input_kld(ref, model.get_submodule(module), vec_dot_type,
+                                                                 _first_layer(f"{module}.weight", n_layers))
         table.save(cache)
     return table
 

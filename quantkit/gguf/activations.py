@@ -49,6 +49,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.ggml_types import block_size, f16_to_f32, type_size
+from quantkit.model.arch import EMBEDDING, is_quantizable_linear
 
 # ggml-cpu.c type_traits_cpu[...].vec_dot_type, for the weight types a GGUF of a Mistral/Llama model holds
 VEC_DOT_TYPE = {
@@ -193,26 +194,43 @@ class GGMLNumericsLinear(nn.Module):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, {self.weight_type} x {self.vec_dot_type}"
 
 
+def products(model: nn.Module, tensor_types: dict[str, str]) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, the stored tensor it multiplies by) for every matrix product of a `Transformer`,
+    reference or runtime (module names = canonical tensor names): the decoder layers' linears and lm_head. A tied
+    `lm_head` multiplies by the embedding, as llama.cpp multiplies by token_embd then. QuantkitError when
+    `tensor_types` has no type for one of them."""
+    found = []
+    for name, module in model.named_modules():
+        if name != "lm_head" and not is_quantizable_linear(f"{name}.weight"):
+            continue
+        key = f"{name}.weight"
+        if key not in tensor_types and name == "lm_head":
+            key = EMBEDDING
+        if key not in tensor_types:
+            raise QuantkitError(f"{name}: no GGUF tensor type given for {key!r}")
+        found.append((name, module, key))
+    return found
+
+
+def round_inputs(model: nn.Module, tensor_types: dict[str, str]) -> list[torch.utils.hooks.RemovableHandle]:
+    """`round_input` on every product of `model` (`products`), to its weight type's vec_dot_type (a type without
+    one rounds nothing); the hooks' handles."""
+    return [round_input(module, VEC_DOT_TYPE.get(tensor_types[key], "F32"))
+            for _, module, key in products(model, tensor_types)]
+
+
 def apply_ggml_numerics(model: nn.Module, tensor_types: dict[str, str], get_tensor=None,
                         rounding: str = "x86", accumulate: torch.dtype | None = None) -> nn.Module:
-    """Swap every `nn.Linear` of a reference `Transformer` (module names = canonical tensor names) for a
-    `GGMLNumericsLinear` keyed by that tensor's GGUF type (`QuantizedCheckpoint.metadata["tensor_types"]`).
+    """Swap every linear of a reference `Transformer` (`products`) for a `GGMLNumericsLinear` keyed by that tensor's
+    GGUF type (`QuantizedCheckpoint.metadata["tensor_types"]`).
 
     `get_tensor(name)` (e.g. `QuantizedCheckpoint.get`) supplies the GGMLTensor of Q4_1/Q5_1 weights for their
-    block mins. A tied `lm_head` takes the embedding's type, as llama.cpp multiplies by token_embd then.
-    `accumulate=torch.float64` sums the products exactly rounded instead of in float32 (a different summation
-    order from ggml's, like float32's own): the spread between the two measures how far the rounding chain
+    block mins. `accumulate=torch.float64` sums the products exactly rounded instead of in float32 (a different
+    summation order from ggml's, like float32's own): the spread between the two measures how far the rounding chain
     amplifies summation-order noise. Returns the model (modified in place).
     """
     replacements = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        key = name + ".weight"
-        if key not in tensor_types and name == "lm_head":
-            key = "model.embed_tokens.weight"
-        if key not in tensor_types:
-            raise QuantkitError(f"{name}: no GGUF tensor type given for {key!r}")
+    for name, module, key in products(model, tensor_types):
         wtype = tensor_types[key]
         mins = None
         if VEC_DOT_TYPE.get(wtype) == "Q8_1":

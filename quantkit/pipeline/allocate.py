@@ -35,7 +35,6 @@ from quantkit.cache import cache_dir
 from quantkit.errors import SchemeError
 from quantkit.ggml_types import check_type, is_float_type
 from quantkit.gguf.mixes import FILE_TYPES
-from quantkit.model.arch import EMBEDDING, LAYER_LINEARS
 from quantkit.quant.allocate import Option, allocate
 
 # GGUF: from 1.75 to 8.5 bits per weight (IQ1_M, IQ2_XXS and IQ2_S only where the tensor has an imatrix entry)
@@ -121,16 +120,9 @@ class Allocation:
 
         model = load_model(output, fuse=self.activation_rounding == "none")  # rounded: q, k, v each by its type
         if self.activation_rounding == "llama.cpp-cpu":
-            from quantkit.gguf.activations import VEC_DOT_TYPE, round_input
+            from quantkit.gguf.activations import round_inputs
 
-            for name, module in model.named_modules():
-                if name == "lm_head":  # tied: llama.cpp multiplies by the embedding
-                    weight_type = self.targets.get("lm_head.weight", self.targets[EMBEDDING])
-                elif name.startswith("model.layers.") and name.split(".", 3)[-1] in LAYER_LINEARS:
-                    weight_type = self.targets[f"{name}.weight"]
-                else:
-                    continue
-                round_input(module, VEC_DOT_TYPE.get(weight_type, "F32"))  # as the costs counted it
+            round_inputs(model, self.targets)
         self.measured_kld = model_kld(ckpt, self.tokens, model)
         return self.measured_kld
 
